@@ -1,0 +1,49 @@
+# OWCA: `make run` installs and runs the pipeline on this machine's cgroups;
+# `make test` installs and runs every test.  Both start from a fresh machine.
+PYTHON   ?= python3
+VENV     ?= .venv
+PY       := $(VENV)/bin/python
+PIP      := $(VENV)/bin/pip
+CC       ?= cc
+CFLAGS   ?= -O2 -Wall -Wextra -Werror -std=gnu11
+PYTEST_ARGS ?=
+
+.PHONY: run test deps venv helper docs check-docs bench clean
+
+run: venv helper
+	$(VENV)/bin/owca-discover --interval 2 | $(VENV)/bin/owca-measure \
+	  | $(VENV)/bin/owca-detect | $(VENV)/bin/owca-allocate | $(VENV)/bin/owca-ship
+
+test: deps venv helper
+	$(PIP) install -q -r requirements/test.txt
+	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# Debian packages the tests use; only the missing ones are installed.
+deps:
+	@missing=$$(grep -v '^\s*#' requirements/apt.txt | grep -v '^\s*$$' | while read p; do \
+	  dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(VENV)/.installed: setup.py lib/owca/__init__.py
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+# The C perf helper, for runs from the source tree (pip builds its own copy).
+helper:
+	@if [ -f bin/owca-perf.c ]; then mkdir -p build && $(CC) $(CFLAGS) -o build/owca-perf bin/owca-perf.c; fi
+
+docs: venv
+	$(PY) -m owca.docs > docs/metrics.md
+
+bench: venv helper
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf build dist $(VENV) lib/*.egg-info

@@ -1,0 +1,232 @@
+"""owca-discover: which tasks run on this node, one `tasks` frame per interval.
+
+A source lists the tasks (`TaskSource.list_tasks()`); this module validates what
+it returns, keeps ids stable, drops tasks whose cgroup does not exist on this
+node, and writes the frame.  Sources: `CgroupDiscovery` and `StaticDiscovery`
+here; Mesos and Kubernetes in their own modules.
+"""
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import yaml
+
+from owca import frames
+from owca.config import ConfigError, register
+from owca.paths import CGROUP_V1_CONTROLLERS, Paths
+from owca.stage import Stage
+
+log = logging.getLogger("owca.discover")
+
+
+class DiscoveryError(Exception):
+    """The source could not list its tasks this cycle (one line, counted)."""
+
+
+class TaskSource:
+    """A source of tasks.  list_tasks() returns task dicts as in a `tasks` frame."""
+
+    def list_tasks(self, paths: Paths) -> List[dict]:
+        raise NotImplementedError
+
+
+_LABEL_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_]")
+
+
+def sanitize_label_name(name: str) -> str:
+    """Orchestrator label keys (`app.kubernetes.io/name`) as Prometheus label names."""
+    clean = _LABEL_BAD_CHARS.sub("_", name)
+    return clean if clean and not clean[0].isdigit() else "_" + clean
+
+
+def cgroup_exists(paths: Paths, cgroup_path: str) -> bool:
+    """Whether the cgroup exists in any hierarchy OWCA measures."""
+    if os.path.isdir(paths.cgroup_v2(cgroup_path)) and \
+            os.path.exists(os.path.join(paths.cgroup_v2(cgroup_path), "cgroup.procs")):
+        return True
+    return any(os.path.isdir(paths.cgroup_v1(c, cgroup_path)) for c in CGROUP_V1_CONTROLLERS)
+
+
+@register
+@dataclass
+class CgroupDiscovery(TaskSource):
+    """Every cgroup under `root` that holds processes is a task, its path its id.
+
+    hierarchies: which trees to scan: v1 controller names and/or `unified`
+    (cgroup v2); the union of what they hold is reported.
+    """
+    root: str = "/"
+    max_depth: int = 3
+    hierarchies: List[str] = field(default_factory=lambda: ["cpuacct", "memory", "unified"])
+    include_root: bool = False
+    include_empty: bool = False
+    labels: Dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self):
+        try:
+            frames.check_cgroup_path(self.root, "root")
+        except frames.FrameError as e:
+            raise ValueError(str(e)) from None
+        if self.max_depth < 0:
+            raise ValueError("max_depth: expected 0 or more")
+        for h in self.hierarchies:
+            if h != "unified" and h not in CGROUP_V1_CONTROLLERS:
+                raise ValueError(f"hierarchies: unknown hierarchy {h!r}")
+
+    def _mount(self, paths: Paths, hierarchy: str) -> str:
+        return paths.cgroup_v2_root if hierarchy == "unified" else paths.cgroup_v1(hierarchy)
+
+    def list_tasks(self, paths: Paths) -> List[dict]:
+        found = set()
+        for hierarchy in self.hierarchies:
+            mount = self._mount(paths, hierarchy)
+            top = os.path.join(mount, self.root.lstrip("/"))
+            if not os.path.isdir(top):
+                continue
+            for cgroup_path in _walk(top, mount, self.max_depth):
+                if cgroup_path == self.root and not self.include_root:
+                    continue
+                if self.include_empty or _has_processes(os.path.join(mount,
+                                                                     cgroup_path.lstrip("/"))):
+                    found.add(cgroup_path)
+        return [{"id": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or "root",
+                 "cgroup_path": p, "labels": dict(self.labels), "resources": {}}
+                for p in sorted(found)]
+
+
+def _walk(top: str, mount: str, max_depth: int):
+    """Cgroup paths (relative to the mount, absolute form) of `top` and below."""
+    base_depth = top.rstrip("/").count("/")
+    for dirpath, dirnames, _files in os.walk(top):
+        depth = dirpath.rstrip("/").count("/") - base_depth
+        if depth >= max_depth:
+            dirnames[:] = []
+        rel = "/" + os.path.relpath(dirpath, mount).lstrip(".").lstrip("/")
+        yield rel if rel != "/" else "/"
+
+
+def _has_processes(cgroup_dir: str) -> bool:
+    try:
+        with open(os.path.join(cgroup_dir, "cgroup.procs"), "rb") as f:
+            return bool(f.read(1))
+    except OSError:
+        return False
+
+
+@dataclass
+class StaticTask:
+    cgroup_path: str
+    name: Optional[str] = None
+    id: Optional[str] = None
+    labels: Dict[str, str] = field(default_factory=dict)
+    resources: Dict[str, float] = field(default_factory=dict)
+    subcgroup_paths: List[str] = field(default_factory=list)
+
+
+@register
+@dataclass
+class StaticDiscovery(TaskSource):
+    """A fixed list of tasks, given inline (`tasks:`) or in a YAML file (`file:`)."""
+    tasks: List[StaticTask] = field(default_factory=list)
+    file: Optional[str] = None
+
+    def __post_init__(self):
+        if self.tasks and self.file:
+            raise ValueError("give either tasks or file, not both")
+        for t in self.tasks:
+            frames.check_cgroup_path(t.cgroup_path, "tasks[].cgroup_path")
+
+    def list_tasks(self, paths: Paths) -> List[dict]:
+        tasks = self.tasks
+        if self.file:
+            tasks = load_static_tasks(self.file)
+        return [{"id": t.id or t.cgroup_path, "name": t.name or t.cgroup_path.rsplit("/", 1)[-1],
+                 "cgroup_path": t.cgroup_path, "subcgroup_paths": list(t.subcgroup_paths),
+                 "labels": dict(t.labels), "resources": dict(t.resources)} for t in tasks]
+
+
+def load_static_tasks(path: str) -> List[StaticTask]:
+    """Tasks from a YAML file holding a list of StaticTask mappings (re-read each cycle)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or []
+    except (OSError, yaml.YAMLError) as e:
+        raise DiscoveryError(f"{path}: {e}") from None
+    if not isinstance(data, list):
+        raise DiscoveryError(f"{path}: expected a list of tasks")
+    try:
+        return [StaticTask(**item) for item in data]
+    except TypeError as e:
+        raise DiscoveryError(f"{path}: {e}") from None
+
+
+@dataclass
+class DiscoverConfig:
+    source: TaskSource = field(default_factory=lambda: CgroupDiscovery(include_root=True))
+    interval: float = 5.0
+    # Labels added to every task (for example the node's role).
+    labels: Dict[str, str] = field(default_factory=dict)
+    # Tasks whose cgroup is missing on this node are dropped unless false.
+    require_cgroup: bool = True
+
+
+class Discover(Stage):
+    name = "discover"
+
+    def __init__(self, cfg: DiscoverConfig, options: dict):
+        super().__init__(cfg, options)
+        from owca.paths import paths_from_options
+        self.paths = paths_from_options(cgroupfs=options.get("--cgroupfs"))
+        self.seq = 0
+        self.errors = 0
+        self.dropped = 0
+        self.last_tasks = []
+
+    def produce(self) -> list:
+        self.seq += 1
+        try:
+            tasks = self.cfg.source.list_tasks(self.paths)
+        except DiscoveryError as e:
+            self.errors += 1
+            log.error("%s: %s (keeping the %d tasks of the last good cycle)",
+                      type(self.cfg.source).__name__, e, len(self.last_tasks))
+            tasks = self.last_tasks
+        else:
+            tasks = self._checked(tasks)
+            self.last_tasks = tasks
+        return [frames.tasks_frame(self.seq, tasks, metrics=self._samples(len(tasks)))]
+
+    def _checked(self, tasks: List[dict]) -> List[dict]:
+        good, seen = [], set()
+        for task in tasks:
+            if self.cfg.labels:
+                task["labels"] = {**self.cfg.labels, **task.get("labels", {})}
+            try:
+                frames.check_task_id(task.get("id"))
+                frames.check_cgroup_path(task.get("cgroup_path"), "cgroup_path")
+                frames.check_labels(task.get("labels", {}), "labels")
+                frames.check_resources(task.get("resources", {}), "resources")
+                if task["id"] in seen:
+                    raise frames.FrameError(f"duplicate task id {task['id']!r}")
+            except frames.FrameError as e:
+                self.dropped += 1
+                log.warning("task %r left out: %s", task.get("id"), e)
+                continue
+            if self.cfg.require_cgroup and not cgroup_exists(self.paths, task["cgroup_path"]):
+                self.dropped += 1
+                log.warning("task %s left out: its cgroup %s does not exist on this node",
+                            task["id"], task["cgroup_path"])
+                continue
+            seen.add(task["id"])
+            good.append(task)
+        return good
+
+    def _samples(self, ntasks: int) -> list:
+        labels = {"stage": self.name}
+        return self.stats.samples() + [
+            frames.sample("owca_tasks", ntasks, labels),
+            frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
+            frames.sample("owca_discovery_errors_total", self.errors, labels, "counter"),
+        ]

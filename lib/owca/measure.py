@@ -1,0 +1,130 @@
+"""owca-measure: a `measurements` frame for each `tasks` frame (or each interval).
+
+Per task it reads the task's cgroup (lib/owca/cgroups.py, v1 or v2) and, when
+configured, its perf counters (lib/owca/perf.py); once per cycle it reads the
+platform (lib/owca/platform.py).  Readers are kept between cycles, so that their
+files stay open and a cycle costs reads, not opens.  A task whose cgroup
+vanishes is dropped from that cycle with a warning.
+"""
+import logging
+import time
+from dataclasses import dataclass
+from typing import Dict, Literal, Optional
+
+from owca import frames
+from owca.cgroups import CgroupGone, TaskCgroup, raise_fd_limit
+from owca.paths import paths_from_options
+from owca.platform import PlatformReader
+from owca.stage import Stage
+
+log = logging.getLogger("owca.measure")
+
+
+@dataclass
+class MeasureConfig:
+    # Re-measure the latest task list every `interval` seconds, whatever the
+    # pace of discovery; without it, one measurement per tasks frame.
+    interval: Optional[float] = None
+    # Which cgroup hierarchy to read a task from: auto takes v1 where the task's
+    # cgroup exists in a v1 hierarchy, else v2.
+    cgroup_version: Literal["auto", "v1", "v2"] = "auto"
+    # --- perf counters: the perf section (lib/owca/perf.py) plugs in here ---
+    perf_events: Optional[list] = None
+    perf_helper: Optional[str] = None
+    perf_cgroup_root: Optional[str] = None
+
+
+class Measure(Stage):
+    name = "measure"
+    consumes = ("tasks",)
+    forward_consumed = False
+
+    def __init__(self, cfg: MeasureConfig, options: dict):
+        super().__init__(cfg, options)
+        self.paths = paths_from_options(procfs=options.get("--procfs"),
+                                        sysfs=options.get("--sysfs"),
+                                        cgroupfs=options.get("--cgroupfs"))
+        raise_fd_limit()
+        self.platform = PlatformReader(self.paths)
+        self.readers: Dict[str, TaskCgroup] = {}
+        self.tasks: Dict[str, dict] = {}
+        self.upstream_metrics = []
+        self.dropped = 0
+        self.seq = 0
+        self.perf = self._start_perf()
+
+    def _start_perf(self):
+        if not self.cfg.perf_events:
+            return None
+        from owca.perf import PerfCounters
+        return PerfCounters(self.cfg.perf_events, helper_path=self.cfg.perf_helper,
+                            paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
+
+    def process(self, frame: dict) -> list:
+        self.update(frame["tasks"])
+        self.upstream_metrics = frame.get("metrics", [])
+        if self.interval:
+            return []
+        return [self.measure(frame["seq"])]
+
+    def idle(self) -> list:
+        if not self.interval:
+            return []
+        self.seq += 1
+        return [self.measure(self.seq)]
+
+    def update(self, tasks: list) -> None:
+        """Open readers for new tasks, close those of tasks that went."""
+        current = {t["id"]: t for t in tasks}
+        for task_id in list(self.readers):
+            task = current.get(task_id)
+            if task is None or task["cgroup_path"] != self.tasks[task_id]["cgroup_path"]:
+                self.readers.pop(task_id).close()
+                del self.tasks[task_id]
+        for task_id, task in current.items():
+            self.tasks[task_id] = task
+            if task_id not in self.readers:
+                self.readers[task_id] = TaskCgroup(self.paths, task["cgroup_path"],
+                                                   self.cfg.cgroup_version)
+        if self.perf is not None:
+            self.perf.update({i: t["cgroup_path"] for i, t in current.items()})
+
+    def measure(self, seq: int) -> dict:
+        started = time.monotonic()
+        ts = time.time()
+        platform = self.platform.read()
+        perf = self.perf.read() if self.perf is not None else {}
+        out = {}
+        for task_id, reader in self.readers.items():
+            try:
+                metrics = reader.read()
+            except CgroupGone as e:
+                self.dropped += 1
+                log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
+                continue
+            metrics.update(perf.get(task_id, ()))
+            metrics["task_up"] = 1
+            metrics["task_last_seen"] = ts
+            task = self.tasks[task_id]
+            out[task_id] = {"name": task.get("name", task_id),
+                            "cgroup_path": task["cgroup_path"],
+                            "labels": task.get("labels", {}),
+                            "resources": task.get("resources", {}),
+                            "metrics": metrics}
+        self.stats.cycle_duration = time.monotonic() - started
+        labels = {"stage": self.name}
+        own = self.stats.samples() + [
+            frames.sample("owca_tasks", len(out), labels),
+            frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
+        ]
+        return frames.measurements_frame(seq, platform, out, ts=ts,
+                                         metrics=list(self.upstream_metrics) + own)
+
+    def close(self) -> list:
+        for reader in self.readers.values():
+            reader.close()
+        self.readers.clear()
+        self.platform.close()
+        if self.perf is not None:
+            self.perf.close()
+        return []

@@ -1,0 +1,207 @@
+"""Every metric OWCA emits: name, type, unit, levels, source.
+
+docs/metrics.md is generated from this registry (`make docs`), and a test
+checks both that the generated file is current and that every metric the tools
+emit is registered here.  A metric with extra dimensions (per CPU, per NUMA
+node) is nested in frames one level per dimension,
+`{"platform_cpu_usage": {"0": 123, "1": 456}}`, and exported to Prometheus with
+one label per level, named by `levels`.
+
+Plug-ins may emit metrics that are not registered here; they are exported as
+gauges, nested levels labelled `level1`, `level2`, ...
+"""
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+GAUGE, COUNTER = "gauge", "counter"
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    name: str
+    type: str
+    unit: str
+    help: str
+    source: str
+    levels: Tuple[str, ...] = ()
+    scope: str = "task"  # task, platform, internal, anomaly, allocation, apm
+
+
+def _specs(*specs: MetricSpec) -> Dict[str, MetricSpec]:
+    return {s.name: s for s in specs}
+
+
+M = MetricSpec
+
+# -- tasks: cgroups (owca-measure) ----------------------------------------------------
+TASK_CGROUP = _specs(
+    M("task_cpu_usage_seconds", COUNTER, "seconds", "CPU time consumed by the task's cgroup.",
+      "v1: cpuacct.usage; v2: cpu.stat usage_usec"),
+    M("task_cpu_periods", COUNTER, "periods", "CFS enforcement periods that have elapsed.",
+      "v1: cpu.stat nr_periods; v2: cpu.stat nr_periods"),
+    M("task_cpu_throttled_periods", COUNTER, "periods",
+      "CFS periods in which the cgroup was throttled.",
+      "v1: cpu.stat nr_throttled; v2: cpu.stat nr_throttled"),
+    M("task_cpu_throttled_seconds", COUNTER, "seconds",
+      "Time the cgroup's tasks spent throttled.",
+      "v1: cpu.stat throttled_time (ns); v2: cpu.stat throttled_usec"),
+    M("task_mem_usage_bytes", GAUGE, "bytes", "Memory charged to the cgroup.",
+      "v1: memory.usage_in_bytes; v2: memory.current"),
+    M("task_mem_max_usage_bytes", GAUGE, "bytes", "Highest memory usage recorded.",
+      "v1: memory.max_usage_in_bytes; v2: memory.peak (kernel 5.19+)"),
+    M("task_mem_limit_bytes", GAUGE, "bytes",
+      "Memory limit (hard); absent when unlimited.",
+      "v1: memory.limit_in_bytes; v2: memory.max"),
+    M("task_mem_soft_limit_bytes", GAUGE, "bytes",
+      "Memory soft limit (v2: the low protection); absent when unlimited.",
+      "v1: memory.soft_limit_in_bytes; v2: memory.low"),
+    M("task_mem_page_faults", COUNTER, "faults", "Page faults of the cgroup's tasks.",
+      "v1 and v2: memory.stat pgfault"),
+    M("task_mem_numa_pages", GAUGE, "pages", "Pages of the cgroup per NUMA node.",
+      "v1: memory.numa_stat total=; v2: memory.numa_stat anon+file", levels=("numa_node",)),
+    M("task_pressure_avg10_percent", GAUGE, "percent",
+      "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
+      "resource (pressure stall information).",
+      "v2: cpu.pressure, memory.pressure, io.pressure avg10",
+      levels=("resource", "stall")),
+    M("task_pressure_stall_seconds", COUNTER, "seconds",
+      "Total time some (or all) of the cgroup's tasks stalled on a resource.",
+      "v2: cpu.pressure, memory.pressure, io.pressure total (us)",
+      levels=("resource", "stall")),
+)
+
+# -- tasks: bookkeeping (owca-measure) -------------------------------------------------
+TASK_INTERNAL = _specs(
+    M("task_up", GAUGE, "boolean", "1 for every task measured in this cycle.", "owca-measure"),
+    M("task_last_seen", GAUGE, "seconds since the epoch",
+      "When the task was last measured.", "owca-measure"),
+)
+
+# -- platform (owca-measure) -----------------------------------------------------------
+PLATFORM = _specs(
+    M("platform_topology_cpus", GAUGE, "cpus", "Online logical CPUs.",
+      "/sys/devices/system/cpu/online", scope="platform"),
+    M("platform_topology_cores", GAUGE, "cores", "Physical cores.",
+      "/sys/devices/system/cpu/cpuN/topology", scope="platform"),
+    M("platform_topology_sockets", GAUGE, "sockets", "Processor packages.",
+      "/sys/devices/system/cpu/cpuN/topology/physical_package_id", scope="platform"),
+    M("platform_topology_numa_nodes", GAUGE, "nodes", "NUMA nodes with CPUs or memory.",
+      "/sys/devices/system/node/online", scope="platform"),
+    M("platform_cpu_usage", COUNTER, "USER_HZ ticks (1/100 s)",
+      "Time each logical CPU spent busy (user, nice, system, irq, softirq, steal).",
+      "/proc/stat cpuN", levels=("cpu",), scope="platform"),
+    M("platform_mem_usage_bytes", GAUGE, "bytes",
+      "Memory in use: MemTotal - MemFree - Buffers - Cached.", "/proc/meminfo",
+      scope="platform"),
+    M("platform_mem_total_bytes", GAUGE, "bytes", "Memory installed (MemTotal).",
+      "/proc/meminfo", scope="platform"),
+    M("platform_mem_numa_free_bytes", GAUGE, "bytes", "Free memory per NUMA node.",
+      "/sys/devices/system/node/nodeN/meminfo MemFree", levels=("numa_node",),
+      scope="platform"),
+    M("platform_mem_numa_used_bytes", GAUGE, "bytes", "Used memory per NUMA node.",
+      "/sys/devices/system/node/nodeN/meminfo MemUsed", levels=("numa_node",),
+      scope="platform"),
+)
+
+# -- the tools' own counters ------------------------------------------------------------
+INTERNAL = _specs(
+    M("owca_cycle_duration_seconds", GAUGE, "seconds",
+      "Wall time a stage spent on its last cycle.", "every tool", levels=(),
+      scope="internal"),
+    M("owca_frames_read_total", COUNTER, "frames", "Lines a stage read from its input.",
+      "every tool", scope="internal"),
+    M("owca_frames_written_total", COUNTER, "frames", "Frames a stage wrote to its output.",
+      "every tool", scope="internal"),
+    M("owca_bad_frames_total", COUNTER, "frames",
+      "Lines a stage reported and skipped: invalid JSON, bad fields, too long, truncated.",
+      "every tool", scope="internal"),
+    M("owca_skipped_frames_total", COUNTER, "frames",
+      "Frames of an unknown kind or version that owca-ship could not store.",
+      "owca-ship", scope="internal"),
+    M("owca_tasks", GAUGE, "tasks", "Tasks a stage handled in its last cycle.",
+      "owca-discover, owca-measure", scope="internal"),
+    M("owca_tasks_dropped_total", COUNTER, "tasks",
+      "Tasks left out of a cycle: cgroup missing or vanished, invalid orchestrator data.",
+      "owca-discover, owca-measure", scope="internal"),
+    M("owca_discovery_errors_total", COUNTER, "errors",
+      "Failed attempts to list the tasks from a source.", "owca-discover", scope="internal"),
+    M("owca_detector_errors_total", COUNTER, "errors",
+      "Cycles in which the detector raised an error.", "owca-detect", scope="internal"),
+    M("owca_allocator_errors_total", COUNTER, "errors",
+      "Cycles in which the allocator raised an error.", "owca-allocate", scope="internal"),
+    M("owca_storage_errors_total", COUNTER, "errors",
+      "Failed writes to a storage.", "owca-ship", scope="internal"),
+)
+
+# -- anomalies (owca-detect, owca-ship) ------------------------------------------------------
+ANOMALY = _specs(
+    M("anomaly", GAUGE, "boolean",
+      "1 for each anomaly of the cycle; labels type, resource, contended_task_id, "
+      "contending_task_id (one sample per contending task) and uuid.", "owca-detect",
+      scope="anomaly"),
+    M("anomaly_count", GAUGE, "anomalies", "Anomalies the detector found in the cycle.",
+      "owca-detect", scope="anomaly"),
+)
+
+# -- perf counters (owca-measure, owca-perf) ----------------------------------------------
+# (section of lib/owca/perf.py's engineer)
+PERF = _specs()
+
+# -- allocations (owca-allocate) ----------------------------------------------------------
+# (section of the allocation engineer)
+ALLOCATION = _specs()
+
+# -- shipping (owca-ship) --------------------------------------------------------------------
+# (section of the storage engineer)
+SHIP = _specs()
+
+# -- discovery from orchestrators (owca-discover) --------------------------------------------
+# (section of the orchestrator engineer)
+ORCHESTRATOR = _specs()
+
+# -- application performance metrics (workloads/) ---------------------------------------------
+# (section of the workloads engineer)
+APM = _specs()
+
+SECTIONS = {
+    "Tasks: cgroups": TASK_CGROUP,
+    "Tasks: bookkeeping": TASK_INTERNAL,
+    "Tasks: perf counters": PERF,
+    "Platform": PLATFORM,
+    "Anomalies": ANOMALY,
+    "Allocations": ALLOCATION,
+    "Application performance (workload wrappers)": APM,
+    "Internal: every tool": INTERNAL,
+    "Internal: discovery from orchestrators": ORCHESTRATOR,
+    "Internal: shipping": SHIP,
+}
+
+REGISTRY: Dict[str, MetricSpec] = {}
+for _section in SECTIONS.values():
+    for _name, _spec in _section.items():
+        assert _name not in REGISTRY, f"metric {_name} registered twice"
+        REGISTRY[_name] = _spec
+
+
+def spec_for(name: str) -> MetricSpec:
+    """The registered spec, or a gauge with generic level names for a plug-in's metric."""
+    spec = REGISTRY.get(name)
+    if spec is None:
+        spec = MetricSpec(name, GAUGE, "", "", "plug-in", scope="plugin")
+    return spec
+
+
+def render_markdown() -> str:
+    """docs/metrics.md's tables, one per section."""
+    out = []
+    for title, section in SECTIONS.items():
+        if not section:
+            continue
+        out.append(f"## {title}\n")
+        out.append("| name | type | unit | levels (labels) | source | description |")
+        out.append("|---|---|---|---|---|---|")
+        for s in section.values():
+            levels = ", ".join(s.levels) or "—"
+            out.append(f"| `{s.name}` | {s.type} | {s.unit} | {levels} | {s.source} | {s.help} |")
+        out.append("")
+    return "\n".join(out)

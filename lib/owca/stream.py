@@ -1,0 +1,173 @@
+"""The pipe contract every tool shares: reading lines, writing frames, stopping.
+
+- Input is read with os.read into one buffer and split on newlines, so that a
+  line's size is bounded before it is parsed, and so that select() can wait on
+  the input, a timer and the signals at once.
+- Output is one os.write per frame: nothing sits in a userspace buffer when a
+  stage is killed, and a reader downstream never waits on a flush.
+- SIGTERM and SIGINT only set a flag (and wake select through a pipe): the frame
+  in hand is finished and written before the tool exits.
+"""
+import errno
+import logging
+import os
+import select
+import signal
+import time
+
+from owca import frames
+
+log = logging.getLogger("owca")
+
+# What LineReader.read returns besides a line.
+LINE, EOF, TIMEOUT, STOP, BAD = "line", "eof", "timeout", "stop", "bad"
+
+READ_CHUNK = 1 << 20
+
+
+class OutputClosed(Exception):
+    """The reader of our stdout went away (`| head -1`)."""
+
+
+class Signals:
+    """SIGTERM/SIGINT set `stop`; `fileno()` becomes readable when one arrives."""
+
+    def __init__(self):
+        self.stop = False
+        self.signum = None
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def _handle(self, signum, _frame):
+        self.stop = True
+        self.signum = signum
+
+    def fileno(self) -> int:
+        return self._r
+
+    def drain(self):
+        try:
+            while os.read(self._r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def sleep(self, seconds: float) -> bool:
+        """Sleep up to `seconds`; False when a stop signal cut it short."""
+        deadline = time.monotonic() + seconds
+        while not self.stop:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            select.select([self._r], [], [], remaining)
+            self.drain()
+        return False
+
+    def close(self):
+        signal.set_wakeup_fd(self._old_fd)
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+        os.close(self._r)
+        os.close(self._w)
+
+
+class LineReader:
+    """Newline-terminated lines from a file descriptor, each at most `max_bytes`.
+
+    read() returns (event, payload): (LINE, bytes) for a line, including its
+    newline; (BAD, reason) for a line that was too long or cut off by the end
+    of input (it is consumed, so reading goes on); (TIMEOUT, None),
+    (STOP, None) after a signal, (EOF, None) at the end.
+    """
+
+    def __init__(self, fd: int, signals: Signals = None, max_bytes: int = frames.MAX_FRAME_BYTES):
+        self.fd = fd
+        self.signals = signals
+        self.max_bytes = max_bytes
+        self.lineno = 0
+        self._buf = bytearray()
+        self._pos = 0          # start of the unread part of _buf
+        self._scan = 0         # where the newline search resumes
+        self._eof = False
+        self._skipping = False  # inside an over-long line, dropping until its newline
+
+    def read(self, timeout: float = None):
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            nl = self._buf.find(b"\n", self._scan)
+            if nl >= 0:
+                line = bytes(self._buf[self._pos:nl + 1])
+                self._pos = self._scan = nl + 1
+                if self._pos > READ_CHUNK and self._pos * 2 > len(self._buf):
+                    del self._buf[:self._pos]
+                    self._pos = self._scan = 0
+                self.lineno += 1
+                if self._skipping:
+                    self._skipping = False
+                    return BAD, f"frame exceeds the limit of {self.max_bytes} bytes"
+                return LINE, line
+            self._scan = len(self._buf)
+            if self._scan - self._pos > self.max_bytes:
+                # Keep nothing of an over-long line: memory stays bounded.
+                self._skipping = True
+                del self._buf[:]
+                self._pos = self._scan = 0
+            if self._eof:
+                if self._pos < len(self._buf) or self._skipping:
+                    self.lineno += 1
+                    del self._buf[:]
+                    self._pos = self._scan = 0
+                    self._skipping = False
+                    return BAD, "truncated frame: input ended without a newline"
+                return EOF, None
+            if self.signals is not None and self.signals.stop:
+                return STOP, None
+            wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+            fds = [self.fd] if self.signals is None else [self.fd, self.signals.fileno()]
+            ready, _, _ = select.select(fds, [], [], wait)
+            if not ready:
+                return TIMEOUT, None
+            if self.signals is not None and self.signals.fileno() in ready:
+                self.signals.drain()
+            if self.fd in ready:
+                try:
+                    data = os.read(self.fd, READ_CHUNK)
+                except BlockingIOError:
+                    continue
+                if data:
+                    self._buf += data
+                else:
+                    self._eof = True
+
+
+class FrameWriter:
+    """Writes whole frames to a file descriptor, one write per frame."""
+
+    def __init__(self, fd: int = 1):
+        self.fd = fd
+        self.frames_written = 0
+
+    def write(self, data) -> None:
+        if isinstance(data, dict):
+            data = frames.encode(data)
+        view = memoryview(data)
+        try:
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except BrokenPipeError:
+            raise OutputClosed() from None
+        except OSError as e:
+            if e.errno == errno.EPIPE:
+                raise OutputClosed() from None
+            raise
+        self.frames_written += 1
+
+    def silence(self):
+        """Point the fd at /dev/null so that nothing at exit writes to a closed pipe."""
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.fd)
+        os.close(devnull)
