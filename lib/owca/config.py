@@ -46,17 +46,35 @@ def registered(tag: str):
 
 def register_external(spec: str) -> type:
     """`module:Class` (the `-r` option): import the module, register the class."""
-    module_name, sep, class_name = spec.partition(":")
+    module_name, sep, class_name = spec.rpartition(":")
     if not sep or not module_name or not class_name:
-        raise ConfigError(f"-r {spec}: expected module:Class")
+        raise ConfigError(f"-r {spec}: expected module:Class or path/to/file.py:Class")
     try:
-        module = importlib.import_module(module_name)
+        if module_name.endswith(".py"):
+            module = _import_file(module_name)
+        else:
+            module = importlib.import_module(module_name)
     except Exception as e:  # any import-time failure of a plug-in is a usage error
         raise ConfigError(f"-r {spec}: cannot import {module_name}: {e}") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ConfigError(f"-r {spec}: {module_name} has no class {class_name}")
     return register(cls)
+
+
+def _import_file(path: str):
+    """A plug-in given as a file: imported under its base name."""
+    import importlib.util
+    import os
+    import sys
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None:
+        raise ImportError(f"not a Python file: {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 # -- loading ----------------------------------------------------------------------
@@ -196,14 +214,15 @@ class _Builder:
         return self.construct(cls, node, where)
 
     def construct(self, cls, node, where):
-        hints = typing.get_type_hints(cls)
         if dataclasses.is_dataclass(cls):
+            hints = typing.get_type_hints(cls)
             fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
             required = {n for n, f in fields.items()
                         if f.default is dataclasses.MISSING
                         and f.default_factory is dataclasses.MISSING}
         else:
             import inspect
+            hints = typing.get_type_hints(cls.__init__)
             params = list(inspect.signature(cls).parameters.values())
             fields = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                                p.KEYWORD_ONLY)}

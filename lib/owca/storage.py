@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from owca.config import register
+from owca.stream import FrameWriter
 
 CATEGORIES = ("metrics", "anomalies", "allocations")
 
@@ -64,7 +65,12 @@ class StdoutStorage(Storage):
     """Each cycle's block on standard output, for shells (`owca-ship | less`)."""
 
     def store(self, cycle: Cycle) -> None:
-        _write_all(1, _block(cycle).encode())
+        # A closed stdout (`| head`) ends owca-ship quietly: OutputClosed, not an error.
+        self._out.write(_block(cycle).encode())
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._out = FrameWriter(1)
 
 
 @register

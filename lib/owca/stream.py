@@ -105,7 +105,7 @@ class LineReader:
                     del self._buf[:self._pos]
                     self._pos = self._scan = 0
                 self.lineno += 1
-                if self._skipping:
+                if self._skipping or len(line) > self.max_bytes:
                     self._skipping = False
                     return BAD, f"frame exceeds the limit of {self.max_bytes} bytes"
                 return LINE, line

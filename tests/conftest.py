@@ -1,0 +1,44 @@
+"""Shared test helpers: the tools as modules, and the tree's own paths."""
+import importlib.machinery
+import importlib.util
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "bin")
+FIXTURES = os.path.join(ROOT, "tests", "fixtures")
+TOOLS = ("discover", "measure", "detect", "allocate", "ship")
+
+# Tests run from the tree: lib/ and the tree's root (for configs/ plug-ins) first.
+for p in (os.path.join(ROOT, "lib"), ROOT):
+    if p not in sys.path:
+        sys.path.insert(0, p)
+
+
+def load_tool(name: str):
+    """bin/owca-<name> as a module, so that tests can call its main(argv)."""
+    path = os.path.join(BIN, f"owca-{name}")
+    loader = importlib.machinery.SourceFileLoader(f"owca_tool_{name}", path)
+    spec = importlib.util.spec_from_loader(loader.name, loader)
+    module = importlib.util.module_from_spec(spec)
+    loader.exec_module(module)
+    return module
+
+
+def tool_command(name: str, *args) -> list:
+    """The argv that runs bin/owca-<name> with this interpreter (a real process)."""
+    return [sys.executable, os.path.join(BIN, f"owca-{name}"), *args]
+
+
+def tool_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "lib"), ROOT,
+                                         env.get("PYTHONPATH", "")])
+    return env
+
+
+@pytest.fixture
+def fixtures_dir():
+    return FIXTURES
