@@ -1,0 +1,570 @@
+"""owca-perf (bin/owca-perf.c) and its Python side (lib/owca/perf.py).
+
+The parsers are tested on a recorded helper session; everything else runs the
+real helper on real cgroups with real processes: the perf_event v1 controller
+is mounted in a temporary directory for the module (and released afterwards,
+so that perf_event goes back to the cgroup2 hierarchy), cpuacct comes from the
+host's v1 mount.  Tests that need a hardware PMU are skipped where the machine
+has none (a VM without PMU passthrough answers ENOENT).
+"""
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from owca import perf
+from owca.paths import DEFAULT_PATHS
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCE = REPO / 'bin' / 'owca-perf.c'
+FIXTURES = Path(__file__).resolve().parent / 'fixtures' / 'perf_session'
+CFLAGS = ['-O2', '-Wall', '-Wextra', '-Werror', '-std=gnu11']
+
+BURN = 'while True: pass'
+SLEEP_100HZ = 'import time\nwhile True: time.sleep(0.01)'
+# The child waits for a line on stdin, so that it works only once it sits in
+# its cgroups.
+CHILD = 'import sys\nsys.stdin.readline()\n%s\n'
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0,
+                                reason='needs root: mounts perf_event, creates cgroups')
+
+
+# -- parsers, on the recorded session and literal strings ------------------------------
+
+def split_session(data):
+    hello_end = data.index(b'ready\n') + len(b'ready\n')
+    hello, rest = data[:hello_end].decode(), data[hello_end:]
+    lines = []
+    for _ in range(3):
+        line, rest = rest.split(b'\n', 1)
+        lines.append(line.decode())
+    header, rest = rest.split(b'\n', 1)
+    ntasks, nbytes = perf.parse_values_header(header.decode())
+    return hello, lines, (ntasks, nbytes), rest[:nbytes], rest[nbytes:].decode().splitlines()
+
+
+@pytest.mark.skipif(sys.byteorder != 'little', reason='the sample was recorded little-endian')
+def test_parsers_decode_the_recorded_session():
+    expected = json.loads((FIXTURES / 'expected.json').read_text())
+    hello, open_lines, header, blob, after = split_session((FIXTURES / 'stdout.bin').read_bytes())
+
+    parsed = perf.parse_hello(hello)
+    assert parsed.version == expected['hello']['version']
+    assert parsed.ncpus == expected['hello']['ncpus']
+    assert parsed.events == expected['hello']['events']
+    assert [list(s) for s in parsed.skipped] == expected['hello']['skipped']
+    assert [list(perf.parse_reply(line)) for line in open_lines] == expected['open_replies']
+    assert list(header) == expected['values_header']
+    records = perf.parse_values(blob, len(parsed.events), header[0])
+    assert [r._asdict() | {'values': list(r.values)} for r in records] == expected['records']
+    assert [list(perf.parse_reply(line)) for line in after] == expected['after_read']
+
+
+def test_parse_hello_rejects_what_is_not_a_hello():
+    with pytest.raises(perf.HelperGone):
+        perf.parse_hello('owca-perf 1 2\nevent 0 task-clock\n')  # no "ready"
+    with pytest.raises(perf.HelperGone):
+        perf.parse_hello('something else 1\nready\n')
+    with pytest.raises(perf.HelperGone):
+        perf.parse_hello('owca-perf 1 2\nevent 1 task-clock\nready\n')  # index out of order
+
+
+def test_parse_reply_and_values_reject_garbage():
+    assert perf.parse_reply('ok 12') == perf.Reply(12, None, '')
+    assert perf.parse_reply('error - EINVAL unknown request') == \
+        perf.Reply(None, 'EINVAL', 'unknown request')
+    for line in ('ok', 'ok x', 'fine 1', 'error 1', ''):
+        with pytest.raises(perf.HelperGone):
+            perf.parse_reply(line)
+    with pytest.raises(perf.HelperGone):
+        perf.parse_values_header('values 2')
+    with pytest.raises(perf.HelperGone):
+        perf.parse_values(b'\0' * 39, 2, 1)
+
+
+def test_parse_events_orders_hardware_first_and_names_metrics():
+    events = perf.parse_events(['task-clock', 'instructions', 'stalled_mem_loads=0x14a3',
+                                'cycles'])
+    assert [e.name for e in events] == ['instructions', 'stalled_mem_loads', 'cycles',
+                                        'task-clock']
+    assert [e.metric for e in events] == ['task_instructions', 'task_stalled_mem_loads',
+                                          'task_cycles', 'task_task_clock_seconds']
+    assert events[1].spec == 'stalled_mem_loads=0x14a3'
+    assert events[3].scale == 1e-9
+
+
+@pytest.mark.parametrize('specs, reason', [
+    (['instruction'], 'unknown perf event'),
+    (['Stalls=0x1'], 'unknown perf event'),
+    (['stalls=0xzz'], 'unknown perf event'),
+    (['cycles', 'cycles'], 'given twice'),
+    (['cycles', 'cycles=0x3c'], 'given twice'),
+    ([1], 'must be a string'),
+])
+def test_parse_events_rejects_bad_config(specs, reason):
+    with pytest.raises(ValueError, match=reason):
+        perf.parse_events(specs)
+
+
+def test_counter_metrics_are_absent_rather_than_an_undercount():
+    events = perf.parse_events(['instructions', 'task-clock'])
+    whole = perf.Record(0, 2, 0, (5000, 2_000_000_000), 1.25, 1.5)
+    assert perf.counter_metrics(whole, events) == {
+        'task_instructions': 5000, 'task_task_clock_seconds': 2.0,
+        'task_scaling_factor_avg': 1.25, 'task_scaling_factor_max': 1.5}
+    assert perf.counter_metrics(perf.Record(0, 1, 1, (5000, 1), 1.0, 1.0), events) == {}
+    never_ran = perf.counter_metrics(perf.Record(0, 0, 0, (0, 0), 0.0, 0.0), events)
+    assert never_ran == {'task_instructions': 0, 'task_task_clock_seconds': 0.0}
+
+
+def test_derive_from_deltas():
+    previous = {'task_instructions': 1000, 'task_cycles': 2000, 'task_cache_misses': 10,
+                'task_cache_references': 100}
+    current = {'task_instructions': 5000, 'task_cycles': 4000, 'task_cache_misses': 30,
+               'task_cache_references': 180}
+    assert perf.derive(previous, current, 2.0) == {
+        'task_ipc': 2.0, 'task_ips': 2000.0, 'task_cache_hit_ratio': 0.75,
+        'task_cache_misses_per_kilo_instructions': 5.0}
+
+
+def test_derive_leaves_out_what_it_cannot_compute():
+    previous = {'task_instructions': 1000, 'task_cycles': 2000}
+    # cycles did not move: no IPC; no cache events: no cache ratios
+    assert perf.derive(previous, {'task_instructions': 1000, 'task_cycles': 2000}, 1.0) == \
+        {'task_ips': 0.0}
+    # a counter went backwards (helper restarted): nothing from it
+    assert perf.derive(previous, {'task_instructions': 10, 'task_cycles': 3000}, 1.0) == {}
+    # software events only: no ratios at all
+    assert perf.derive({'task_task_clock_seconds': 1.0}, {'task_task_clock_seconds': 2.0},
+                       1.0) == {}
+
+
+def test_parse_perf_event_hierarchy():
+    text = ('#subsys_name\thierarchy\tnum_cgroups\tenabled\n'
+            'cpu\t1\t1\t1\nperf_event\t0\t1\t1\n')
+    assert perf.parse_perf_event_hierarchy(text) == 0
+    assert perf.parse_perf_event_hierarchy(text.replace('perf_event\t0', 'perf_event\t9')) == 9
+    assert perf.parse_perf_event_hierarchy('cpu\t1\t1\t1\n') is None
+
+
+def test_configured_helper_must_be_executable(tmp_path):
+    script = tmp_path / 'owca-perf'
+    script.write_text('')
+    with pytest.raises(FileNotFoundError, match='not an executable'):
+        perf.find_helper(str(script))
+
+
+# -- the real helper ---------------------------------------------------------------------
+
+def test_helper_compiles_without_warnings(tmp_path):
+    cc = shutil.which('cc')
+    if cc is None:
+        pytest.skip('no C compiler')
+    result = subprocess.run([cc, *CFLAGS, '-o', str(tmp_path / 'owca-perf'), str(SOURCE)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0 and result.stderr == ''
+
+
+@pytest.fixture(scope='session')
+def helper_binary(tmp_path_factory):
+    cc = shutil.which('cc')
+    if cc is None:
+        pytest.skip('no C compiler to build the helper')
+    binary = tmp_path_factory.mktemp('helper') / 'owca-perf'
+    subprocess.run([cc, *CFLAGS, '-o', str(binary), str(SOURCE)], check=True)
+    return str(binary)
+
+
+@pytest.fixture(scope='session')
+def software_events(helper_binary):
+    helper = perf.Helper([helper_binary, 'task-clock', 'context-switches'])
+    helper.close()
+    if helper.hello.events != ['task-clock', 'context-switches']:
+        pytest.skip('perf_event_open refuses software events here: %s' % (helper.hello.skipped,))
+    return helper.hello
+
+
+@pytest.fixture(scope='session')
+def hardware_pmu(helper_binary):
+    """Whether this machine counts hardware events (None) or why not."""
+    helper = perf.Helper([helper_binary, 'instructions', 'cycles'])
+    helper.close()
+    if helper.hello.skipped:
+        return 'no hardware PMU here: %s' % ', '.join(
+            '%s: %s' % (s.name, s.errno) for s in helper.hello.skipped)
+    return None
+
+
+def perf_event_hierarchy(fields=1):
+    """/proc/cgroups' hierarchy id of perf_event (0: on cgroup2), or (id, cgroups)."""
+    with open(DEFAULT_PATHS.proc('cgroups')) as f:
+        text = f.read()
+    if fields == 1:
+        return perf.parse_perf_event_hierarchy(text)
+    line = next(l for l in text.splitlines() if l.startswith('perf_event'))
+    return tuple(int(v) for v in line.split()[1:3])
+
+# Before any test mounts perf_event on v1 (module fixture below).
+@needs_root
+def test_cgroup_v2_fds_count_where_perf_event_is_not_bound_to_v1(helper_binary, software_events):
+    if perf_event_hierarchy() != 0:
+        pytest.skip('perf_event is bound to a cgroup v1 hierarchy: cgroup2 fds get ENOENT')
+    root = DEFAULT_PATHS.cgroup_v2_root
+    name = 'owca-test-perf-v2-%s' % uuid.uuid4().hex[:8]
+    task = Task([os.path.join(root, name)], BURN)
+    counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary)
+    try:
+        assert counting.cgroup_root == root
+        counting.update({'burner': name})
+        time.sleep(0.3)
+        assert counting.read()['burner']['task_task_clock_seconds'] > 0.1
+    finally:
+        counting.close()
+        task.stop()
+
+
+def release_perf_mount(mountpoint, hierarchy_before):
+    subprocess.run(['umount', mountpoint], check=False)
+    if hierarchy_before != 0:
+        return
+    # A v1 hierarchy outlives its mount while removed child cgroups are still
+    # being freed, and stays after that: perf_event then remains bound to v1
+    # and cgroup2 fds get ENOENT.  Mounting and unmounting it once it holds only
+    # its root releases it.
+    remounted = None
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        hierarchy, cgroups = perf_event_hierarchy(fields=2)
+        if hierarchy == 0:
+            return
+        if cgroups == 1 and remounted != hierarchy:
+            subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
+                           check=True)
+            subprocess.run(['umount', mountpoint], check=True)
+            remounted = hierarchy
+        time.sleep(0.05)
+    raise AssertionError('perf_event is still bound to cgroup v1 hierarchy %d (%d cgroups)'
+                         % perf_event_hierarchy(fields=2))
+
+
+@pytest.fixture(scope='module')
+def perf_root(tmp_path_factory, software_events):
+    """The root of a perf_event v1 hierarchy, mounted for this module."""
+    if os.geteuid() != 0:
+        pytest.skip('needs root to mount perf_event')
+    before = perf_event_hierarchy()
+    mountpoint = str(tmp_path_factory.mktemp('perf_event'))
+    mounted = subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        # Bound to a v1 hierarchy with other controllers: use the host's mount.
+        try:
+            yield perf.default_cgroup_root(DEFAULT_PATHS)
+        except ValueError as e:
+            pytest.skip('no perf_event hierarchy: %s; %s' % (mounted.stderr.strip(), e))
+        return
+    try:
+        yield mountpoint
+    finally:
+        release_perf_mount(mountpoint, before)
+
+
+def remove_cgroup(path):
+    for _ in range(100):
+        try:
+            os.rmdir(path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError:
+            time.sleep(0.02)  # its last process is still exiting
+    os.rmdir(path)
+
+
+class Task:
+    """One process in its own cgroups (the perf hierarchy and cpuacct)."""
+
+    def __init__(self, dirs, code):
+        self.dirs = dirs
+        for d in dirs:
+            os.mkdir(d)
+        self.process = subprocess.Popen([sys.executable, '-c', CHILD % code],
+                                        stdin=subprocess.PIPE)
+        for d in dirs:
+            with open(os.path.join(d, 'cgroup.procs'), 'w') as f:
+                f.write(str(self.process.pid))
+        self.process.stdin.write(b'go\n')
+        self.process.stdin.flush()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.process.stdin.close()
+        for d in self.dirs:
+            remove_cgroup(d)
+
+
+@pytest.fixture
+def tasks(perf_root):
+    """make(code, cpuacct=False) -> (name, Task): a process in a new cgroup."""
+    started = []
+    prefix = 'owca-test-perf-%s' % uuid.uuid4().hex[:8]
+
+    def make(code, cpuacct=False):
+        name = '%s-%d' % (prefix, len(started))
+        dirs = [os.path.join(perf_root, name)]
+        if cpuacct:
+            cpuacct_root = DEFAULT_PATHS.cgroup_v1('cpuacct')
+            if not os.path.exists(os.path.join(cpuacct_root, 'cpuacct.usage')):
+                pytest.skip('no cgroup v1 cpuacct hierarchy to compare with')
+            dirs.append(DEFAULT_PATHS.cgroup_v1('cpuacct', name))
+        task = Task(dirs, code)
+        started.append(task)
+        return name, task
+
+    yield make
+    for task in reversed(started):
+        task.stop()
+
+
+@pytest.fixture
+def counters(helper_binary, perf_root):
+    made = []
+
+    def make(events=('task-clock', 'context-switches'), **kwargs):
+        counting = perf.PerfCounters(list(events), helper_path=helper_binary,
+                                     cgroup_root=perf_root, **kwargs)
+        made.append(counting)
+        return counting
+
+    yield make
+    for counting in made:
+        counting.close()
+
+
+def read_cpuacct_seconds(name):
+    with open(os.path.join(DEFAULT_PATHS.cgroup_v1('cpuacct', name), 'cpuacct.usage')) as f:
+        return int(f.read()) / 1e9
+
+
+@needs_root
+def test_task_clock_matches_cpuacct_usage(tasks, counters):
+    name, _ = tasks(BURN, cpuacct=True)
+    counting = counters()
+    counting.update({'burner': name})
+    time.sleep(0.2)
+    first, usage_first = counting.read()['burner'], read_cpuacct_seconds(name)
+    time.sleep(1.0)
+    second, usage_second = counting.read()['burner'], read_cpuacct_seconds(name)
+
+    task_clock = second['task_task_clock_seconds'] - first['task_task_clock_seconds']
+    usage = usage_second - usage_first
+    assert usage > 0.3, 'the burner hardly ran (%.3f s): machine overloaded?' % usage
+    assert task_clock == pytest.approx(usage, rel=0.05)
+    assert second['task_scaling_factor_avg'] == pytest.approx(1.0)
+    assert not any(m in second for m in perf.DERIVED_METRICS)  # no hardware inputs
+
+
+@needs_root
+def test_context_switches_of_a_task_waking_100_times_a_second(tasks, counters):
+    name, _ = tasks(SLEEP_100HZ)
+    counting = counters()
+    counting.update({'sleeper': name})
+    time.sleep(0.3)
+    started, first = time.monotonic(), counting.read()['sleeper']
+    time.sleep(1.0)
+    elapsed, second = time.monotonic() - started, counting.read()['sleeper']
+    rate = (second['task_context_switches'] - first['task_context_switches']) / elapsed
+    assert 80 <= rate <= 110
+
+
+@needs_root
+def test_missing_hardware_event_is_warned_once_and_the_others_flow(
+        tasks, counters, hardware_pmu, caplog):
+    if hardware_pmu is None:
+        pytest.skip('this machine counts instructions: nothing is missing')
+    name, _ = tasks(BURN)
+    caplog.set_level(logging.WARNING, logger='owca.perf')
+    counting = counters(['instructions', 'task-clock'])
+    counting.update({'burner': name})
+    time.sleep(0.2)
+    counting.read()
+    time.sleep(0.2)
+    metrics = counting.read()['burner']
+    warnings = [r.getMessage() for r in caplog.records if 'instructions' in r.getMessage()]
+    assert len(warnings) == 1 and 'not available' in warnings[0]
+    assert metrics['task_task_clock_seconds'] > 0
+    assert 'task_instructions' not in metrics and 'task_ipc' not in metrics
+
+
+@needs_root
+def test_hardware_counters_and_ratios(tasks, counters, hardware_pmu):
+    if hardware_pmu is not None:
+        pytest.skip(hardware_pmu)
+    name, _ = tasks(BURN)
+    counting = counters(['instructions', 'cycles', 'cache-misses', 'cache-references',
+                         'task-clock'])
+    counting.update({'burner': name})
+    time.sleep(0.2)
+    counting.read()
+    time.sleep(0.5)
+    metrics = counting.read()['burner']
+    assert metrics['task_instructions'] > 0 and metrics['task_cycles'] > 0
+    assert 0 < metrics['task_ipc'] < 10
+    assert metrics['task_ips'] > 1e6
+    assert metrics['task_cache_hit_ratio'] <= 1
+    assert metrics['task_scaling_factor_max'] >= 1
+
+
+@needs_root
+def test_killed_helper_is_restarted_and_metrics_come_back(tasks, counters, caplog):
+    name, _ = tasks(BURN)
+    counting = counters()
+    counting.update({'burner': name})
+    assert 'burner' in counting.read()
+    old_pid = counting.helper.pid
+    os.kill(old_pid, signal.SIGKILL)
+    caplog.set_level(logging.WARNING, logger='owca.perf')
+    assert counting.read() == {}  # the cycle of the death: absent, not wrong
+    assert counting.restarts == 1 and counting.helper.pid != old_pid
+    assert any('restarting' in r.getMessage() for r in caplog.records)
+    time.sleep(0.2)
+    metrics = counting.read()['burner']
+    assert metrics['task_task_clock_seconds'] > 0.05
+
+
+@needs_root
+def test_hung_helper_is_replaced_within_the_timeout(tasks, counters):
+    name, _ = tasks(SLEEP_100HZ)
+    counting = counters(timeout=0.5)
+    counting.update({'sleeper': name})
+    stopped = counting.helper.pid
+    os.kill(stopped, signal.SIGSTOP)
+    started = time.monotonic()
+    assert counting.read() == {}
+    assert time.monotonic() - started < 3
+    assert counting.helper.pid != stopped and counting.restarts == 1
+    with pytest.raises(ProcessLookupError):
+        os.kill(stopped, 0)  # killed and reaped, not left behind
+    assert 'sleeper' in counting.read()
+
+
+@needs_root
+def test_removed_cgroup_costs_that_task_only(tasks, counters, perf_root):
+    kept, _ = tasks(SLEEP_100HZ)
+    removed, removed_task = tasks(SLEEP_100HZ)
+    counting = counters()
+    counting.update({'kept': kept, 'removed': removed})
+    assert set(counting.read()) == {'kept', 'removed'}
+    removed_task.stop()  # its process exits and its cgroup goes, while counted
+    assert 'kept' in counting.read()
+    counting.update({'kept': kept, 'removed': removed, 'never': 'owca-test-perf-absent'})
+    assert counting.failed_tasks == {'never': 'ENOENT'}
+    assert 'kept' in counting.read()
+    counting.update({'kept': kept})
+    assert set(counting.read()) == {'kept'} and counting.failed_tasks == {}
+
+
+def open_fds(pid):
+    return len(os.listdir(DEFAULT_PATHS.proc(str(pid), 'fd')))
+
+
+@needs_root
+def test_tasks_that_go_have_their_descriptors_closed(tasks, counters):
+    names = [tasks(SLEEP_100HZ)[0] for _ in range(3)]
+    counting = counters()
+    counting.update({})
+    baseline = open_fds(counting.helper.pid)
+    counting.update({n: n for n in names})
+    per_task = len(counting.active_events) * counting.helper.hello.ncpus
+    assert open_fds(counting.helper.pid) == baseline + 3 * per_task
+    counting.update({names[0]: names[0]})
+    assert open_fds(counting.helper.pid) == baseline + per_task
+    counting.update({})
+    assert open_fds(counting.helper.pid) == baseline
+
+
+@needs_root
+def test_low_soft_fd_limit_is_raised(tasks, counters):
+    prlimit = shutil.which('prlimit')
+    if prlimit is None:
+        pytest.skip('no prlimit (util-linux) to start the helper under a low limit')
+    names = [tasks(SLEEP_100HZ)[0] for _ in range(12)]
+    counting = counters(wrapper=[prlimit, '--nofile=16:4096', '--'])
+    counting.update({n: n for n in names})
+    assert counting.failed_tasks == {}
+    assert set(counting.read()) == set(names)
+
+
+@needs_root
+def test_fd_limit_that_cannot_be_raised_is_reported(tasks, counters, caplog):
+    prlimit, setpriv = shutil.which('prlimit'), shutil.which('setpriv')
+    if prlimit is None or setpriv is None:
+        pytest.skip('no prlimit/setpriv (util-linux) to start the helper under a hard limit')
+    names = [tasks(SLEEP_100HZ)[0] for _ in range(12)]
+    caplog.set_level(logging.WARNING, logger='owca.perf')
+    # Without CAP_SYS_RESOURCE the hard limit of 16 stays.
+    counting = counters(wrapper=[setpriv, '--bounding-set', '-sys_resource', '--inh-caps',
+                                 '-sys_resource', prlimit, '--nofile=16:16', '--'])
+    counting.update({n: n for n in names})
+    failed = counting.failed_tasks
+    counted = counting.read()
+    assert failed and set(failed.values()) == {'EMFILE'}
+    assert counted and set(counted) | set(failed) == set(names)
+    assert any('%d tasks could not be counted' % len(failed) in r.getMessage()
+               and 'EMFILE' in r.getMessage() for r in caplog.records)
+
+
+@needs_root
+def test_helper_is_clean_under_valgrind_with_tasks_coming_and_going(
+        tasks, helper_binary, perf_root):
+    valgrind = shutil.which('valgrind')
+    if valgrind is None:
+        pytest.skip('valgrind is not installed')
+    started = [tasks(SLEEP_100HZ) for _ in range(4)]
+    path = [os.path.join(perf_root, name) for name, _ in started]
+    helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
+                          '--show-leak-kinds=all', '--errors-for-leak-kinds=all',
+                          helper_binary, 'task-clock', 'context-switches', 'page-faults'],
+                         timeout=60)
+    try:
+        opens = helper.request(['open %d %s' % (i, p) for i, p in enumerate(path[:3])])
+        assert [r.errno for r in opens] == [None] * 3
+        assert len(helper.read()) == 3
+        replies = helper.request(['close 1', 'open 1 %s' % path[3], 'open 9 %s-gone' % path[0],
+                                  'close 0', 'open 0', 'close 5', 'nonsense', 'x' * 5000,
+                                  'open 1048576 %s' % path[0]])
+        assert [r.errno for r in replies] == [None, None, 'ENOENT', None, 'EINVAL', 'ENOENT',
+                                              'EINVAL', 'E2BIG', 'EINVAL']
+        assert [r.slot for r in helper.read()] == [1, 2]
+        started[3][1].stop()  # slot 1's cgroup goes while it is open
+        assert [r.slot for r in helper.read()] == [1, 2]
+        assert helper.request(['close 1'])[0].errno is None
+    finally:
+        helper.close()
+    assert helper.process.returncode == 0  # 99: valgrind found an error or a leak
+
+
+@needs_root
+def test_helper_exits_at_end_of_input_with_tasks_open(tasks, helper_binary, perf_root):
+    valgrind = shutil.which('valgrind')
+    if valgrind is None:
+        pytest.skip('valgrind is not installed')
+    name, _ = tasks(SLEEP_100HZ)
+    helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
+                          '--errors-for-leak-kinds=all', helper_binary, 'task-clock'],
+                         timeout=60)
+    assert helper.request(['open 0 %s' % os.path.join(perf_root, name)])[0].errno is None
+    helper.process.stdin.close()
+    assert helper.process.wait(timeout=60) == 0
+    helper.process.stdout.close()
