@@ -17,8 +17,6 @@ import importlib
 import types
 import typing
 
-import yaml
-
 _REGISTRY: typing.Dict[str, type] = {}
 
 
@@ -78,9 +76,15 @@ def _import_file(path: str):
 
 
 # -- loading ----------------------------------------------------------------------
+# PyYAML is imported only when a file is loaded: a tool run on its embedded
+# defaults stays a few MB smaller, and five of them run on every node.
 
-class _Loader(yaml.SafeLoader):
-    pass
+def _loader_class():
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+    return _Loader
 
 
 def load_section(path: str, section: str, schema: type, text: str = None):
@@ -98,8 +102,9 @@ def load_section(path: str, section: str, schema: type, text: str = None):
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     where = path or "<config>"
+    import yaml
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        root = yaml.compose(text, Loader=_loader_class())
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -130,12 +135,13 @@ SECTIONS = ("discover", "measure", "detect", "allocate", "ship")
 class _Builder:
     def __init__(self, filename: str):
         self.filename = filename
-        self.scalars = _Loader("")
+        self.scalars = _loader_class()("")
 
     def error(self, node, message):
         raise ConfigError(f"{self.filename}:{node.start_mark.line + 1}: {message}")
 
     def build(self, node, expected, where):
+        import yaml
         if node.tag.startswith("!"):
             return self.build_tagged(node, expected, where)
         origin = typing.get_origin(expected)
@@ -184,6 +190,7 @@ class _Builder:
                    f"{where}: matches none of {', '.join(_type_name(a) for a in args)}")
 
     def build_any(self, node, where):
+        import yaml
         if node.tag.startswith("!"):
             return self.build_tagged(node, typing.Any, where)
         if isinstance(node, yaml.SequenceNode):
@@ -197,6 +204,7 @@ class _Builder:
             self.error(node, f"{where}: {getattr(e, 'problem', e)}")
 
     def build_tagged(self, node, expected, where):
+        import yaml
         cls = _REGISTRY.get(node.tag[1:])
         if cls is None:
             self.error(node, f"{where}: unknown tag {node.tag} (register the class, or load it "

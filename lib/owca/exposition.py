@@ -5,6 +5,10 @@ Every sample carries the cycle's timestamp in milliseconds.  Labels:
 - task metrics: `task_id`, `task_name` and the task's own labels;
 - nested metrics: one label per level, named by the metric's spec;
 - anomalies: `anomaly{type, resource, contended_task_id, contending_task_id, uuid} 1`.
+
+This is owca-ship's hot path (a hundred tasks are a few thousand samples per
+cycle): label strings are rendered once and cached, numbers are checked by
+exact type, and each sample is one f-string.
 """
 from typing import Dict, List
 
@@ -12,6 +16,8 @@ from owca.metrics import spec_for
 
 CATEGORY_OF_KIND = {"measurements": "metrics", "tasks": "metrics",
                     "anomalies": "anomalies", "allocations": "allocations"}
+
+_CACHE_LIMIT = 100000  # rendered label strings kept; tasks come and go
 
 
 def escape(value: str) -> str:
@@ -23,51 +29,82 @@ def label_string(labels: Dict[str, str]) -> str:
     return ",".join(f'{k}="{escape(str(v))}"' for k, v in labels.items())
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v \
-        and v not in (float("inf"), float("-inf"))
-
-
 class Block:
-    """Samples grouped by metric name, rendered in one go."""
+    """Samples grouped by metric name (the format wants a name's samples together)."""
 
-    def __init__(self, ts_ms: int):
+    def __init__(self, ts_ms: int, level_labels: Dict[tuple, str]):
         self.ts = f" {ts_ms}\n"
         self.lines: Dict[str, List[str]] = {}
         self.types: Dict[str, str] = {}
         self.bad_values = 0
+        self._level_labels = level_labels
 
-    def add_value(self, name: str, prefix: str, value, levels=(), type_=None):
+    def add_value(self, name: str, prefix: str, value, type_=None):
         """`prefix` is the rendered label string shared by the sample's labels."""
-        if isinstance(value, dict):
-            spec = spec_for(name)
-            self._add_nested(name, prefix, value, spec.levels, 0, type_)
-            return
-        if not _is_number(value):
+        t = type(value)
+        if t is int or (t is float and value - value == 0):  # finite numbers, not bools
+            lines = self.lines.get(name)
+            if lines is None:
+                lines = self.lines[name] = []
+                if type_:
+                    self.types[name] = type_
+            lines.append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix else
+                         f"{name} {value}{self.ts}")
+        elif t is dict:
+            self._add_nested(name, prefix, value, spec_for(name).levels, 0, type_)
+        else:
             self.bad_values += 1
-            return
+
+    def _add_nested(self, name, prefix, value: dict, levels, depth, type_):
+        level = levels[depth] if depth < len(levels) else f"level{depth + 1}"
+        cache = self._level_labels
+        lines = None
+        ts = self.ts
+        for key, sub in value.items():
+            label = cache.get((level, key))
+            if label is None:
+                if len(cache) > _CACHE_LIMIT:
+                    cache.clear()
+                label = cache[(level, key)] = f'{level}="{escape(str(key))}"'
+            inner = f"{prefix},{label}" if prefix else label
+            t = type(sub)
+            if t is int or (t is float and sub - sub == 0):
+                if lines is None:
+                    lines = self.lines_for(name, type_)
+                lines.append(f"{name}{{{inner}}} {sub}{ts}")
+            elif t is dict:
+                self._add_nested(name, inner, sub, levels, depth + 1, type_)
+            else:
+                self.bad_values += 1
+
+    def lines_for(self, name: str, type_=None) -> List[str]:
         lines = self.lines.get(name)
         if lines is None:
             lines = self.lines[name] = []
             if type_:
                 self.types[name] = type_
-        lines.append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix else
-                     f"{name} {value}{self.ts}")
+        return lines
 
-    def _add_nested(self, name, prefix, value: dict, levels, depth, type_):
-        level = levels[depth] if depth < len(levels) else f"level{depth + 1}"
-        for key, sub in value.items():
-            label = f'{level}="{escape(str(key))}"'
-            inner = f"{prefix},{label}" if prefix else label
-            if isinstance(sub, dict):
-                self._add_nested(name, inner, sub, levels, depth + 1, type_)
+    def add_task_metrics(self, prefix: str, metrics: dict):
+        """add_value() for each of a task's metrics, inlined: the hottest loop."""
+        ts = self.ts
+        lines_of = self.lines
+        for name, value in metrics.items():
+            t = type(value)
+            if t is int or (t is float and value - value == 0):
+                lines = lines_of.get(name)
+                if lines is None:
+                    lines = lines_of[name] = []
+                lines.append(f"{name}{{{prefix}}} {value}{ts}")
+            elif t is dict:
+                self._add_nested(name, prefix, value, spec_for(name).levels, 0, None)
             else:
-                self.add_value(name, inner, sub, type_=type_)
+                self.bad_values += 1
 
     def add_sample(self, sample: dict, host_prefix: str):
         labels = sample.get("labels") or {}
         prefix = f"{host_prefix},{label_string(labels)}" if labels else host_prefix
-        self.add_value(sample["name"], prefix, sample["value"], type_=sample.get("type"))
+        self.add_value(sample["name"], prefix, sample["value"], sample.get("type"))
 
     def render(self) -> str:
         out = []
@@ -85,13 +122,14 @@ class Formatter:
 
     def __init__(self):
         self._task_prefixes: Dict[tuple, str] = {}
+        self._level_labels: Dict[tuple, str] = {}
 
     def task_prefix(self, host: str, task_id: str, task: dict) -> str:
         labels = task.get("labels") or {}
         key = (host, task_id, task.get("name"), tuple(labels.items()))
         prefix = self._task_prefixes.get(key)
         if prefix is None:
-            if len(self._task_prefixes) > 100000:  # tasks come and go: stay bounded
+            if len(self._task_prefixes) > _CACHE_LIMIT:
                 self._task_prefixes.clear()
             ordered = {"host": host, "task_id": task_id, "task_name": task.get("name", task_id)}
             for k, v in labels.items():
@@ -100,24 +138,24 @@ class Formatter:
         return prefix
 
     def format(self, frame: dict, extra_samples: List[dict] = ()) -> Block:
-        block = Block(int(round(frame["ts"] * 1000)))
+        block = Block(int(round(frame["ts"] * 1000)), self._level_labels)
         host = frame["host"]
         host_prefix = label_string({"host": host})
         kind = frame["kind"]
+        add = block.add_value
         if kind == "measurements":
             for name, value in frame["platform"].items():
-                block.add_value(name, host_prefix, value)
+                add(name, host_prefix, value)
             for task_id, task in frame["tasks"].items():
-                prefix = self.task_prefix(host, task_id, task)
-                for name, value in task.get("metrics", {}).items():
-                    block.add_value(name, prefix, value)
+                block.add_task_metrics(self.task_prefix(host, task_id, task),
+                                       task.get("metrics", {}))
         elif kind == "anomalies":
             for a in frame["anomalies"]:
                 for contending in a["contending_task_ids"] or [""]:
                     labels = {"host": host, "type": a["type"], "resource": a["resource"],
                               "contended_task_id": a["contended_task_id"],
                               "contending_task_id": contending, "uuid": a["uuid"]}
-                    block.add_value("anomaly", label_string(labels), 1)
+                    add("anomaly", label_string(labels), 1)
                 for s in a.get("metrics", []):
                     block.add_sample(s, host_prefix)
         for s in frame.get("metrics", []):

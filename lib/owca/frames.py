@@ -8,8 +8,8 @@ parsing it.
 """
 import json
 import math
+import os
 import re
-import socket
 import time
 
 VERSION = 1
@@ -37,7 +37,7 @@ class FrameError(ValueError):
 
 
 def hostname() -> str:
-    return socket.gethostname()
+    return os.uname().nodename
 
 
 def new_frame(kind: str, seq: int, ts: float = None, host: str = None, **fields) -> dict:
@@ -172,13 +172,22 @@ def check_task_id(task_id, where="id"):
                          f"{MAX_ID_LENGTH} characters, got {task_id!r:.80}")
 
 
+# Label names recur in every frame: remember the good ones (bounded) so that
+# each is matched against the pattern once, not once per task per cycle.
+_GOOD_LABEL_NAMES = set()
+
+
 def check_labels(labels, where):
-    if not isinstance(labels, dict):
+    if type(labels) is not dict:
         raise FrameError(f"field '{where}': expected an object of strings")
     for key, value in labels.items():
-        if not LABEL_NAME.match(key):
-            raise FrameError(f"field '{where}': label name {key!r:.80} is not [a-zA-Z_][a-zA-Z0-9_]*")
-        if not isinstance(value, str) or len(value) > MAX_LABEL_VALUE_LENGTH:
+        if key not in _GOOD_LABEL_NAMES:
+            if not LABEL_NAME.match(key):
+                raise FrameError(f"field '{where}': label name {key!r:.80} is not "
+                                 f"[a-zA-Z_][a-zA-Z0-9_]*")
+            if len(_GOOD_LABEL_NAMES) < 10000:
+                _GOOD_LABEL_NAMES.add(key)
+        if type(value) is not str or len(value) > MAX_LABEL_VALUE_LENGTH:
             raise FrameError(f"field '{where}.{key}': expected a string of at most "
                              f"{MAX_LABEL_VALUE_LENGTH} characters")
 
@@ -236,14 +245,22 @@ def _check_measurements(frame):
     platform = _need(frame, "platform", lambda x: isinstance(x, dict), "an object")
     check_metric_values(platform, "platform")
     tasks = _need(frame, "tasks", lambda x: isinstance(x, dict), "an object keyed by task id")
+    empty = {}
     for task_id, task in tasks.items():
-        where = f"tasks.{task_id}"
-        check_task_id(task_id, where)
-        if not isinstance(task, dict):
-            raise FrameError(f"field '{where}': expected a task object")
-        check_labels(task.get("labels", {}), where + ".labels")
-        check_resources(task.get("resources", {}), where + ".resources")
-        check_metric_values(task.get("metrics", {}), where + ".metrics")
+        # The hot path of every consuming stage: names are built only for errors.
+        if type(task_id) is not str or not 0 < len(task_id) <= MAX_ID_LENGTH \
+                or not task_id.isprintable():
+            check_task_id(task_id, f"tasks.{task_id}")
+        if type(task) is not dict:
+            raise FrameError(f"field 'tasks.{task_id}': expected a task object")
+        labels = task.get("labels", empty)
+        if labels is not empty:
+            check_labels(labels, f"tasks.{task_id}.labels")
+        resources = task.get("resources", empty)
+        if resources is not empty:
+            check_resources(resources, f"tasks.{task_id}.resources")
+        if type(task.get("metrics", empty)) is not dict:
+            raise FrameError(f"field 'tasks.{task_id}.metrics': expected an object of metrics")
 
 
 def _check_anomalies(frame):

@@ -14,7 +14,6 @@ import logging
 import os
 import sys
 import time
-import traceback
 
 from docopt import DocoptExit, docopt
 
@@ -268,6 +267,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         return EXIT_OK
     except Exception as e:  # the last line of defence: one line, unless --debug
         if debug:
+            import traceback
             traceback.print_exc()
         print(f"{tool}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR

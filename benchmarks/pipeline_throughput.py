@@ -1,0 +1,237 @@
+#!/usr/bin/env python3
+"""Throughput and memory of the pipeline's stages.
+
+Part 1 (replay): a stream of CYCLES measurements frames of TASKS tasks each is
+replayed through `owca-detect | owca-allocate | owca-ship` (ship to stdout, into
+/dev/null); it reports cycles per second and each stage's peak RSS and PSS.
+
+Part 2 (live, needs root): TASKS real cgroups (cpuacct, memory) with a sleeping
+process in each; the five stages run on them for a few seconds at a short
+interval; it reports each stage's peak RSS and PSS.
+
+RSS counts the interpreter's shared pages once per process; PSS divides shared
+pages among the processes that map them, so the sum of PSS is the memory the
+five stages really take together.
+
+Usage: python3 benchmarks/pipeline_throughput.py [--tasks 100] [--cycles 3000]
+       [--live-seconds 10] [--no-live]
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+
+from owca import frames  # noqa: E402
+from owca.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
+
+BIN = os.path.join(ROOT, "bin")
+
+
+def tool(name, *args):
+    return [sys.executable, os.path.join(BIN, f"owca-{name}"), *args]
+
+
+def env():
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.path.join(ROOT, "lib")
+    return e
+
+
+def synthetic_task_metrics(rng: random.Random) -> dict:
+    """Every registered task metric, shaped as owca-measure emits it on a 2-node box."""
+    metrics = {}
+    for spec in list(TASK_CGROUP.values()) + list(TASK_INTERNAL.values()):
+        if spec.levels == ("numa_node",):
+            metrics[spec.name] = {"0": rng.randrange(1 << 20), "1": rng.randrange(1 << 20)}
+        elif len(spec.levels) == 2:
+            metrics[spec.name] = {r: {"some": round(rng.random() * 5, 2),
+                                      "full": round(rng.random(), 2)}
+                                  for r in ("cpu", "memory", "io")}
+        else:
+            metrics[spec.name] = round(rng.random() * 1e6, 3)
+    return metrics
+
+
+def write_stream(path: str, ntasks: int, ncycles: int) -> int:
+    rng = random.Random(42)
+    platform = {}
+    for spec in PLATFORM.values():
+        platform[spec.name] = {str(c): rng.randrange(1 << 30) for c in range(16)} \
+            if spec.levels else rng.randrange(1 << 30)
+    tasks = {}
+    for i in range(ntasks):
+        task_id = f"/kubepods/burstable/pod{i:04d}-5f4e-4c1b-9a7e-3b2d1c0e9f8a"
+        tasks[task_id] = {"name": f"task-{i}", "cgroup_path": task_id,
+                          "labels": {"priority": "hp" if i % 4 == 0 else "be",
+                                     "app": f"app{i % 10}", "namespace": "default"},
+                          "resources": {"cpus": 1.0, "mem_bytes": 1 << 30},
+                          "metrics": synthetic_task_metrics(rng)}
+    size = 0
+    with open(path, "wb") as f:
+        for seq in range(1, ncycles + 1):
+            line = frames.encode(frames.measurements_frame(seq, platform, tasks,
+                                                           ts=1.7e9 + seq, host="node-1"))
+            size = len(line)
+            f.write(line)
+    return size
+
+
+class MemoryWatch:
+    """Peak RSS and PSS of a set of pids, sampled every few milliseconds."""
+
+    def __init__(self, pids: dict):
+        self.pids = pids
+        self.peak = {name: {"rss_kb": 0, "pss_kb": 0} for name in pids}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.is_set():
+            for name, pid in self.pids.items():
+                try:
+                    with open(f"/proc/{pid}/smaps_rollup") as f:
+                        for line in f:
+                            key, _, rest = line.partition(":")
+                            if key in ("Rss", "Pss"):
+                                field = key.lower() + "_kb"
+                                value = int(rest.split()[0])
+                                if value > self.peak[name][field]:
+                                    self.peak[name][field] = value
+                except OSError:
+                    pass
+            self._stop.wait(0.005)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def replay(stream: str, ncycles: int) -> dict:
+    with open(stream, "rb") as src, open(os.devnull, "wb") as sink:
+        started = time.monotonic()
+        detect = subprocess.Popen(tool("detect"), stdin=src, stdout=subprocess.PIPE, env=env())
+        allocate = subprocess.Popen(tool("allocate"), stdin=detect.stdout,
+                                    stdout=subprocess.PIPE, env=env())
+        ship = subprocess.Popen(tool("ship"), stdin=allocate.stdout, stdout=sink, env=env())
+        detect.stdout.close()
+        allocate.stdout.close()
+        procs = {"detect": detect, "allocate": allocate, "ship": ship}
+        with MemoryWatch({n: p.pid for n, p in procs.items()}) as watch:
+            maxrss = {}
+            for name, p in procs.items():
+                _, status, usage = os.wait4(p.pid, 0)
+                p.returncode = os.waitstatus_to_exitcode(status)
+                maxrss[name] = usage.ru_maxrss
+        elapsed = time.monotonic() - started
+    for name, p in procs.items():
+        if p.returncode:
+            raise SystemExit(f"owca-{name} exited with {p.returncode}")
+    for name in procs:  # wait4's peak covers what sampling may have missed
+        watch.peak[name]["rss_kb"] = max(watch.peak[name]["rss_kb"], maxrss[name])
+    return {"cycles": ncycles, "seconds": round(elapsed, 3),
+            "cycles_per_second": round(ncycles / elapsed, 1), "memory": watch.peak}
+
+
+def make_cgroups(n: int, parent: str):
+    """n task cgroups in cpuacct and memory, a `sleep` in each; returns (paths, pids)."""
+    created, pids = [], []
+    for controller in ("cpuacct", "memory"):
+        os.makedirs(f"/sys/fs/cgroup/{controller}{parent}", exist_ok=True)
+    for i in range(n):
+        path = f"{parent}/task-{i:04d}"
+        for controller in ("cpuacct", "memory"):
+            os.mkdir(f"/sys/fs/cgroup/{controller}{path}")
+        created.append(path)
+        proc = subprocess.Popen(["sleep", "3600"])
+        pids.append(proc)
+        for controller in ("cpuacct", "memory"):
+            with open(f"/sys/fs/cgroup/{controller}{path}/cgroup.procs", "w") as f:
+                f.write(str(proc.pid))
+    return created, pids
+
+
+def remove_cgroups(parent: str, created, procs):
+    for p in procs:
+        p.kill()
+        p.wait()
+    for path in created:
+        for controller in ("cpuacct", "memory"):
+            try:
+                os.rmdir(f"/sys/fs/cgroup/{controller}{path}")
+            except OSError:
+                pass
+    for controller in ("cpuacct", "memory"):
+        try:
+            os.rmdir(f"/sys/fs/cgroup/{controller}{parent}")
+        except OSError:
+            pass
+
+
+def live(ntasks: int, seconds: float) -> dict:
+    parent = f"/owca-bench-{os.getpid()}"
+    created, procs = make_cgroups(ntasks, parent)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            cfg = os.path.join(tmp, "owca.yaml")
+            with open(cfg, "w") as f:
+                f.write(f"discover:\n  source: !CgroupDiscovery\n    root: {parent}\n"
+                        f"    hierarchies: [cpuacct]\n")
+            stages = ["discover", "measure", "detect", "allocate", "ship"]
+            running, upstream = {}, None
+            with open(os.devnull, "wb") as sink:
+                for name in stages:
+                    args = ["--config", cfg, "--interval", "0.2"] if name == "discover" else []
+                    p = subprocess.Popen(tool(name, *args), stdin=upstream,
+                                         stdout=sink if name == "ship" else subprocess.PIPE,
+                                         env=env())
+                    if upstream is not None:
+                        upstream.close()
+                    upstream = p.stdout
+                    running[name] = p
+                with MemoryWatch({n: p.pid for n, p in running.items()}) as watch:
+                    time.sleep(seconds)
+                    running["discover"].terminate()
+                    for p in running.values():
+                        p.wait(30)
+        return {"tasks": ntasks, "seconds": seconds, "memory": watch.peak}
+    finally:
+        remove_cgroups(parent, created, procs)
+
+
+def summary(memory: dict) -> dict:
+    return {"rss_total_mb": round(sum(m["rss_kb"] for m in memory.values()) / 1024, 1),
+            "pss_total_mb": round(sum(m["pss_kb"] for m in memory.values()) / 1024, 1)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", type=int, default=100)
+    parser.add_argument("--cycles", type=int, default=3000)
+    parser.add_argument("--live-seconds", type=float, default=10.0)
+    parser.add_argument("--no-live", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        stream = os.path.join(tmp, "stream.jsonl")
+        frame_bytes = write_stream(stream, args.tasks, args.cycles)
+        result = {"replay": replay(stream, args.cycles), "frame_bytes": frame_bytes}
+    result["replay"].update(summary(result["replay"]["memory"]))
+    if not args.no_live:
+        result["live"] = live(args.tasks, args.live_seconds)
+        result["live"].update(summary(result["live"]["memory"]))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
