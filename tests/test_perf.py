@@ -92,13 +92,13 @@ def test_parse_reply_and_values_reject_garbage():
 
 
 def test_parse_events_orders_hardware_first_and_names_metrics():
-    events = perf.parse_events(['task-clock', 'instructions', 'stalled_mem_loads=0x14a3',
+    events = perf.parse_events(['task-clock', 'instructions', 'stalled_mem_loads=0x140014a3',
                                 'cycles'])
     assert [e.name for e in events] == ['instructions', 'stalled_mem_loads', 'cycles',
                                         'task-clock']
     assert [e.metric for e in events] == ['task_instructions', 'task_stalled_mem_loads',
                                           'task_cycles', 'task_task_clock_seconds']
-    assert events[1].spec == 'stalled_mem_loads=0x14a3'
+    assert events[1].spec == 'stalled_mem_loads=0x140014a3'
     assert events[3].scale == 1e-9
 
 

@@ -144,8 +144,58 @@ ANOMALY = _specs(
 )
 
 # -- perf counters (owca-measure, owca-perf) ----------------------------------------------
-# (section of lib/owca/perf.py's engineer)
-PERF = _specs()
+# Counted per task cgroup on every CPU by the owca-perf helper (docs/perf.md);
+# counters are cumulative since owca-measure opened the task (they restart from
+# zero when the helper is restarted), scaled by time_enabled / time_running.
+_PERF = "perf_event_open, cgroup mode, via owca-perf"
+_PERF_DELTA = "owca-measure, from the deltas of two cycles; absent when an input is missing"
+PERF = _specs(
+    M("task_instructions", COUNTER, "instructions", "Instructions retired.",
+      _PERF + ": instructions"),
+    M("task_cycles", COUNTER, "cycles", "CPU cycles while the task ran.", _PERF + ": cycles"),
+    M("task_cache_misses", COUNTER, "misses", "Last-level cache misses.",
+      _PERF + ": cache-misses"),
+    M("task_cache_references", COUNTER, "references", "Last-level cache references.",
+      _PERF + ": cache-references"),
+    M("task_branch_misses", COUNTER, "branches", "Mispredicted branches.",
+      _PERF + ": branch-misses"),
+    M("task_branch_instructions", COUNTER, "branches", "Branch instructions retired.",
+      _PERF + ": branch-instructions"),
+    M("task_stalled_mem_loads", COUNTER, "cycles",
+      "Cycles stalled on memory loads: a raw event, configured as "
+      "stalled_mem_loads=CONFIG for the CPU model (any raw NAME=CONFIG becomes task_NAME).",
+      _PERF + ": raw event"),
+    M("task_task_clock_seconds", COUNTER, "seconds", "CPU time of the task, as perf counts it.",
+      _PERF + ": task-clock (ns)"),
+    M("task_context_switches", COUNTER, "switches", "Context switches of the task's threads.",
+      _PERF + ": context-switches"),
+    M("task_cpu_migrations", COUNTER, "migrations",
+      "Moves of the task's threads from one CPU to another.", _PERF + ": cpu-migrations"),
+    M("task_page_faults", COUNTER, "faults", "Page faults, as perf counts them.",
+      _PERF + ": page-faults"),
+    M("task_scaling_factor_avg", GAUGE, "ratio",
+      "Mean over the CPUs that counted of time_enabled / time_running: 1 when the "
+      "task's group was never multiplexed off the PMU.", _PERF),
+    M("task_scaling_factor_max", GAUGE, "ratio",
+      "Largest time_enabled / time_running over the CPUs that counted.", _PERF),
+    M("task_ipc", GAUGE, "instructions per cycle", "Instructions per cycle over the last cycle.",
+      _PERF_DELTA),
+    M("task_ips", GAUGE, "instructions per second",
+      "Instructions per second of wall time over the last cycle.", _PERF_DELTA),
+    M("task_cache_hit_ratio", GAUGE, "ratio",
+      "(cache references - cache misses) / cache references over the last cycle.", _PERF_DELTA),
+    M("task_cache_misses_per_kilo_instructions", GAUGE, "misses per 1000 instructions",
+      "Cache misses per thousand instructions over the last cycle.", _PERF_DELTA),
+    M("owca_perf_helper_restarts_total", COUNTER, "restarts",
+      "Times owca-measure restarted its perf helper (it died, hung or spoke out of protocol).",
+      "owca-measure", scope="internal"),
+    M("owca_perf_tasks_not_counted", GAUGE, "tasks",
+      "Tasks whose perf counters could not be opened, one sample per errno label (EMFILE: "
+      "open file limit, ENOENT: no perf cgroup).", "owca-measure", scope="internal"),
+    M("owca_perf_events_missing", GAUGE, "events",
+      "Configured perf events this machine lacks (left out, warned once).", "owca-measure",
+      scope="internal"),
+)
 
 # -- allocations (owca-allocate) ----------------------------------------------------------
 # (section of the allocation engineer)

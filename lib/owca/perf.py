@@ -34,6 +34,7 @@ import sys
 import time
 from pathlib import Path
 
+from owca import frames
 from owca.paths import DEFAULT_PATHS
 
 log = logging.getLogger(__name__)
@@ -403,6 +404,7 @@ class PerfCounters:
         self.helper = Helper(self.argv, self.timeout)
         by_name = {event.name: event for event in self.events}
         self.active_events = [by_name[name] for name in self.helper.hello.events]
+        self.missing_events = [skipped.name for skipped in self.helper.hello.skipped]
         for skipped in self.helper.hello.skipped:
             if skipped.name not in self._warned_events:
                 self._warned_events.add(skipped.name)
@@ -444,6 +446,15 @@ class PerfCounters:
 
     def close(self):
         self._stop()
+
+    def samples(self, labels):
+        """The counters' own health, as owca_perf_* samples of owca-measure."""
+        not_counted = collections.Counter(self.failed_tasks.values())
+        return [
+            frames.sample('owca_perf_helper_restarts_total', self.restarts, labels, 'counter'),
+            frames.sample('owca_perf_events_missing', len(self.missing_events), labels),
+        ] + [frames.sample('owca_perf_tasks_not_counted', count, dict(labels, errno=errno))
+             for errno, count in sorted(not_counted.items())]
 
     # -- tasks --------------------------------------------------------------
 
