@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """Throughput and memory of the pipeline's stages.
 
-Part 1 (replay): a stream of CYCLES measurements frames of TASKS tasks each is
-replayed through `owca-detect | owca-allocate | owca-ship` (ship to stdout, into
-/dev/null); it reports cycles per second and each stage's peak RSS and PSS.
+Part 1 (live, needs root): TASKS real cgroups (cpu, cpuacct, memory) with a
+sleeping process in each; the five stages run on them for a few seconds at a
+short interval, measure's output recorded with tee; it reports each stage's
+peak RSS and PSS.
 
-Part 2 (live, needs root): TASKS real cgroups (cpuacct, memory) with a sleeping
-process in each; the five stages run on them for a few seconds at a short
-interval; it reports each stage's peak RSS and PSS.
+Part 2 (replay): the recording, repeated to CYCLES measurements frames, is
+replayed through `owca-detect | owca-allocate | owca-ship` (ship to stdout,
+into /dev/null); it reports cycles per second and each stage's peak RSS and
+PSS.  With --synthetic, frames carrying every registered task metric stand in
+for the recording (no root needed).
 
 RSS counts the interpreter's shared pages once per process; PSS divides shared
 pages among the processes that map them, so the sum of PSS is the memory the
 five stages really take together.
 
 Usage: python3 benchmarks/pipeline_throughput.py [--tasks 100] [--cycles 3000]
-       [--live-seconds 10] [--no-live]
+       [--live-seconds 10] [--synthetic]
 """
 import argparse
 import json
@@ -33,6 +36,7 @@ from owca import frames  # noqa: E402
 from owca.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
 
 BIN = os.path.join(ROOT, "bin")
+CONTROLLERS = ("cpu", "cpuacct", "memory")
 
 
 def tool(name, *args):
@@ -128,35 +132,32 @@ def replay(stream: str, ncycles: int) -> dict:
         detect.stdout.close()
         allocate.stdout.close()
         procs = {"detect": detect, "allocate": allocate, "ship": ship}
+        # Sampled, not wait4's ru_maxrss: that counts the benchmark's own pages,
+        # which the child holds between fork and exec.
         with MemoryWatch({n: p.pid for n, p in procs.items()}) as watch:
-            maxrss = {}
-            for name, p in procs.items():
-                _, status, usage = os.wait4(p.pid, 0)
-                p.returncode = os.waitstatus_to_exitcode(status)
-                maxrss[name] = usage.ru_maxrss
+            for p in procs.values():
+                p.wait()
         elapsed = time.monotonic() - started
     for name, p in procs.items():
         if p.returncode:
             raise SystemExit(f"owca-{name} exited with {p.returncode}")
-    for name in procs:  # wait4's peak covers what sampling may have missed
-        watch.peak[name]["rss_kb"] = max(watch.peak[name]["rss_kb"], maxrss[name])
     return {"cycles": ncycles, "seconds": round(elapsed, 3),
             "cycles_per_second": round(ncycles / elapsed, 1), "memory": watch.peak}
 
 
 def make_cgroups(n: int, parent: str):
-    """n task cgroups in cpuacct and memory, a `sleep` in each; returns (paths, pids)."""
+    """n task cgroups in cpu, cpuacct and memory, a `sleep` in each; (paths, processes)."""
     created, pids = [], []
-    for controller in ("cpuacct", "memory"):
+    for controller in CONTROLLERS:
         os.makedirs(f"/sys/fs/cgroup/{controller}{parent}", exist_ok=True)
     for i in range(n):
         path = f"{parent}/task-{i:04d}"
-        for controller in ("cpuacct", "memory"):
+        for controller in CONTROLLERS:
             os.mkdir(f"/sys/fs/cgroup/{controller}{path}")
         created.append(path)
         proc = subprocess.Popen(["sleep", "3600"])
         pids.append(proc)
-        for controller in ("cpuacct", "memory"):
+        for controller in CONTROLLERS:
             with open(f"/sys/fs/cgroup/{controller}{path}/cgroup.procs", "w") as f:
                 f.write(str(proc.pid))
     return created, pids
@@ -167,19 +168,19 @@ def remove_cgroups(parent: str, created, procs):
         p.kill()
         p.wait()
     for path in created:
-        for controller in ("cpuacct", "memory"):
+        for controller in CONTROLLERS:
             try:
                 os.rmdir(f"/sys/fs/cgroup/{controller}{path}")
             except OSError:
                 pass
-    for controller in ("cpuacct", "memory"):
+    for controller in CONTROLLERS:
         try:
             os.rmdir(f"/sys/fs/cgroup/{controller}{parent}")
         except OSError:
             pass
 
 
-def live(ntasks: int, seconds: float) -> dict:
+def live(ntasks: int, seconds: float, recording: str) -> dict:
     parent = f"/owca-bench-{os.getpid()}"
     created, procs = make_cgroups(ntasks, parent)
     try:
@@ -188,19 +189,22 @@ def live(ntasks: int, seconds: float) -> dict:
             with open(cfg, "w") as f:
                 f.write(f"discover:\n  source: !CgroupDiscovery\n    root: {parent}\n"
                         f"    hierarchies: [cpuacct]\n")
-            stages = ["discover", "measure", "detect", "allocate", "ship"]
+            commands = {"discover": tool("discover", "--config", cfg, "--interval", "0.1"),
+                        "measure": tool("measure"), "tee": ["tee", recording],
+                        "detect": tool("detect"), "allocate": tool("allocate"),
+                        "ship": tool("ship")}
             running, upstream = {}, None
             with open(os.devnull, "wb") as sink:
-                for name in stages:
-                    args = ["--config", cfg, "--interval", "0.2"] if name == "discover" else []
-                    p = subprocess.Popen(tool(name, *args), stdin=upstream,
+                for name, command in commands.items():
+                    p = subprocess.Popen(command, stdin=upstream,
                                          stdout=sink if name == "ship" else subprocess.PIPE,
                                          env=env())
                     if upstream is not None:
                         upstream.close()
                     upstream = p.stdout
                     running[name] = p
-                with MemoryWatch({n: p.pid for n, p in running.items()}) as watch:
+                stages = {n: p.pid for n, p in running.items() if n != "tee"}
+                with MemoryWatch(stages) as watch:
                     time.sleep(seconds)
                     running["discover"].terminate()
                     for p in running.values():
@@ -208,6 +212,17 @@ def live(ntasks: int, seconds: float) -> dict:
         return {"tasks": ntasks, "seconds": seconds, "memory": watch.peak}
     finally:
         remove_cgroups(parent, created, procs)
+
+
+def repeat_recording(recording: str, path: str, ncycles: int) -> int:
+    with open(recording, "rb") as f:
+        lines = [line for line in f if line.endswith(b"\n")]
+    if not lines:
+        raise SystemExit("the live run recorded nothing")
+    with open(path, "wb") as f:
+        for i in range(ncycles):
+            f.write(lines[i % len(lines)])
+    return len(lines[0])
 
 
 def summary(memory: dict) -> dict:
@@ -220,16 +235,22 @@ def main():
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--cycles", type=int, default=3000)
     parser.add_argument("--live-seconds", type=float, default=10.0)
-    parser.add_argument("--no-live", action="store_true")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="replay synthetic frames; skip the live run (no root needed)")
     args = parser.parse_args()
+    result = {}
     with tempfile.TemporaryDirectory() as tmp:
         stream = os.path.join(tmp, "stream.jsonl")
-        frame_bytes = write_stream(stream, args.tasks, args.cycles)
-        result = {"replay": replay(stream, args.cycles), "frame_bytes": frame_bytes}
-    result["replay"].update(summary(result["replay"]["memory"]))
-    if not args.no_live:
-        result["live"] = live(args.tasks, args.live_seconds)
-        result["live"].update(summary(result["live"]["memory"]))
+        if args.synthetic:
+            frame_bytes = write_stream(stream, args.tasks, args.cycles)
+        else:
+            recording = os.path.join(tmp, "recording.jsonl")
+            result["live"] = live(args.tasks, args.live_seconds, recording)
+            result["live"].update(summary(result["live"]["memory"]))
+            frame_bytes = repeat_recording(recording, stream, args.cycles)
+        result["replay"] = replay(stream, args.cycles)
+        result["replay"]["frame_bytes"] = frame_bytes
+        result["replay"].update(summary(result["replay"]["memory"]))
     print(json.dumps(result, indent=2))
 
 

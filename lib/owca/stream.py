@@ -22,7 +22,7 @@ log = logging.getLogger("owca")
 # What LineReader.read returns besides a line.
 LINE, EOF, TIMEOUT, STOP, BAD = "line", "eof", "timeout", "stop", "bad"
 
-READ_CHUNK = 1 << 20
+READ_CHUNK = 1 << 16  # 64 KiB: one read per typical frame, and a small buffer
 
 
 class OutputClosed(Exception):
