@@ -60,6 +60,10 @@ class Measure(Stage):
         return PerfCounters(self.cfg.perf_events, helper_path=self.cfg.perf_helper,
                             paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
 
+    @property
+    def paced_by_interval(self) -> bool:
+        return bool(self.interval)
+
     def process(self, frame: dict) -> list:
         self.update(frame["tasks"])
         self.upstream_metrics = frame.get("metrics", [])

@@ -18,7 +18,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from owca import config, frames
-from owca.stream import (BAD, EOF, LINE, STOP, TIMEOUT, FrameWriter, LineReader,
+from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, LineReader,
                          OutputClosed, Signals)
 
 log = logging.getLogger("owca")
@@ -70,6 +70,7 @@ class Stage:
     name = "stage"
     consumes = ()          # kinds this stage parses; every other frame is forwarded
     forward_consumed = True  # write the consumed frame on before what process() adds
+    paced_by_interval = False  # cycles come from idle() on the clock, not from input
 
     def __init__(self, cfg, options: dict):
         self.cfg = cfg
@@ -129,17 +130,27 @@ def parse_interval(value) -> float:
 
 def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool,
                strict: bool, interval: float = None) -> int:
-    """Read frames, hand the consumed kinds to the stage, forward the rest."""
+    """Read frames, hand the consumed kinds to the stage, forward the rest.
+
+    With an interval, stage.idle() runs every `interval` seconds whether or not
+    input arrives (owca-measure measures on that clock), and a stage warns when
+    three intervals pass with no input.  With `once`, the loop ends after the
+    first cycle: the first consumed frame, or for a stage paced by its
+    interval, the first idle() that wrote a frame.
+    """
     stats = stage.stats
     stats.writer = writer
     consumes = set(stage.consumes)
     warned = set()
-    idle_since = time.monotonic()
+    last_input = time.monotonic()
+    next_tick = None if not interval else last_input + interval
     while True:
-        event, line = reader.read(timeout=interval)
+        timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
+        event, line = reader.read(timeout=timeout)
+        wrote = False
         if event == LINE:
             stats.frames_read += 1
-            idle_since = time.monotonic()
+            last_input = time.monotonic()
             sniffed = frames.sniff(line)
             if sniffed is not None and (sniffed[1] not in consumes
                                         or not frames.is_known(*sniffed)):
@@ -160,20 +171,24 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
                 writer.write(line)
             for out in stage.process(frame):
                 writer.write(out)
+            wrote = not stage.paced_by_interval
             stats.cycle_duration = time.monotonic() - started
-            if once:
-                break
         elif event == BAD:
             stats.frames_read += 1
             _bad_line(stats, reader.lineno, line, strict)
-        elif event == TIMEOUT:
+        elif event in (EOF, STOP):
+            break
+        if next_tick is not None and time.monotonic() >= next_tick:
             for out in stage.idle():
                 writer.write(out)
-            if time.monotonic() - idle_since >= 3 * interval:
+                wrote = stage.paced_by_interval
+            now = time.monotonic()
+            next_tick = max(next_tick + interval, now)
+            if now - last_input >= 3 * interval:
                 log.warning("no input for %.0f s (3 intervals): is the stage upstream running?",
-                            time.monotonic() - idle_since)
-                idle_since = time.monotonic()
-        elif event in (EOF, STOP):
+                            now - last_input)
+                last_input = now
+        if once and wrote:
             break
     for out in stage.close():
         writer.write(out)

@@ -1,0 +1,77 @@
+"""owca-measure as a stage: tasks in, measurements out, tasks that vanish dropped."""
+import json
+import subprocess
+import time
+
+from cgroup_helpers import needs_v1, v1_cgroup
+from conftest import ROOT, tool_command, tool_env
+from owca import frames
+from owca.measure import Measure, MeasureConfig
+
+SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
+
+
+def tasks_frame(seq, *paths):
+    return frames.tasks_frame(seq, [{"id": p, "name": p.rsplit("/", 1)[-1], "cgroup_path": p,
+                                     "labels": {"priority": "be"}, "resources": {"cpus": 1}}
+                                    for p in paths], ts=1.0, host="h")
+
+
+@needs_v1
+def test_a_task_whose_cgroup_vanishes_is_dropped_from_that_cycle(caplog):
+    with v1_cgroup() as stays:
+        child = stays.start_python(SLEEP)
+        assert child.stdout.readline().strip() == "running"
+        with v1_cgroup() as goes:
+            stage = Measure(MeasureConfig(), {})
+            first = stage.process(tasks_frame(1, stays.path, goes.path))[0]
+            assert set(first["tasks"]) == {stays.path, goes.path}
+        # `goes` is removed now, but the next tasks frame still lists it
+        second = stage.process(tasks_frame(2, stays.path, goes.path))[0]
+        stage.close()
+    assert set(second["tasks"]) == {stays.path}
+    counters = {s["name"]: s["value"] for s in second["metrics"]}
+    assert counters["owca_tasks"] == 1 and counters["owca_tasks_dropped_total"] == 1
+    assert any(f"task {goes.path} left out of cycle 2" in r.getMessage() for r in caplog.records)
+    frames.validate(second)
+    task = first["tasks"][stays.path]
+    assert task["labels"] == {"priority": "be"} and task["resources"] == {"cpus": 1}
+    assert task["metrics"]["task_up"] == 1 and "task_cpu_usage_seconds" in task["metrics"]
+
+
+@needs_v1
+def test_interval_measures_the_latest_tasks_between_tasks_frames():
+    with v1_cgroup() as cg:
+        child = cg.start_python(SLEEP)
+        assert child.stdout.readline().strip() == "running"
+        proc = subprocess.Popen(tool_command("measure", "--interval", "0.2"),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT)
+        proc.stdin.write(frames.encode(tasks_frame(1, cg.path)))
+        proc.stdin.flush()
+        started = time.monotonic()
+        seen = [json.loads(proc.stdout.readline()) for _ in range(4)]  # one tasks frame only
+        elapsed = time.monotonic() - started
+        proc.stdin.close()
+        assert proc.wait(20) == 0
+    assert [f["seq"] for f in seen] == [1, 2, 3, 4]
+    assert all(cg.path in f["tasks"] for f in seen)
+    assert elapsed >= 0.5  # paced by the interval, not by input
+    usage = [f["tasks"][cg.path]["metrics"]["task_cpu_usage_seconds"] for f in seen]
+    assert usage == sorted(usage)
+
+
+@needs_v1
+def test_measure_carries_discovery_counters_and_adds_its_own():
+    upstream = frames.sample("owca_tasks", 1, {"stage": "discover"})
+    with v1_cgroup() as cg:
+        frame = tasks_frame(7, cg.path)
+        frame["metrics"] = [upstream]
+        stage = Measure(MeasureConfig(), {})
+        out = stage.process(frame)[0]
+        stage.close()
+    assert out["seq"] == 7 and out["kind"] == "measurements"
+    assert out["metrics"][0] == upstream
+    stages = {s["labels"].get("stage") for s in out["metrics"]}
+    assert stages == {"discover", "measure"}
+    assert out["platform"]["platform_topology_cpus"] >= 1
