@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Literal, Optional
 
 from owca import frames
-from owca.cgroups import CgroupGone, TaskCgroup, raise_fd_limit
+from owca.cgroups import CgroupGone, TaskCgroup, fd_usage, raise_fd_limit
 from owca.paths import paths_from_options
 from owca.platform import PlatformReader
 from owca.stage import Stage
@@ -120,6 +120,7 @@ class Measure(Stage):
         own = self.stats.samples() + [
             frames.sample("owca_tasks", len(out), labels),
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
+            frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
         ]
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)

@@ -56,9 +56,10 @@ TASK_CGROUP = _specs(
       "Memory soft limit (v2: the low protection); absent when unlimited.",
       "v1: memory.soft_limit_in_bytes; v2: memory.low"),
     M("task_mem_page_faults", COUNTER, "faults", "Page faults of the cgroup's tasks.",
-      "v1 and v2: memory.stat pgfault"),
+      "v1: memory.stat total_pgfault (hierarchical); v2: memory.stat pgfault"),
     M("task_mem_numa_pages", GAUGE, "pages", "Pages of the cgroup per NUMA node.",
-      "v1: memory.numa_stat total=; v2: memory.numa_stat anon+file", levels=("numa_node",)),
+      "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page size",
+      levels=("numa_node",)),
     M("task_pressure_avg10_percent", GAUGE, "percent",
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
@@ -68,6 +69,10 @@ TASK_CGROUP = _specs(
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
       "v2: cpu.pressure, memory.pressure, io.pressure total (us)",
       levels=("resource", "stall")),
+    M("owca_files_not_kept_open", GAUGE, "files",
+      "Kernel files (cgroup, /proc) opened, read and closed each cycle instead of held "
+      "open, because the soft RLIMIT_NOFILE left no descriptors for them (slower).",
+      "owca-measure", scope="internal"),
 )
 
 # -- tasks: bookkeeping (owca-measure) -------------------------------------------------

@@ -1,0 +1,484 @@
+"""A task's cgroup metrics, read from cgroup v1 or v2.
+
+Interface: `TaskCgroup(paths, cgroup_path, version).read() -> {metric: value}`
+with the names of `metrics.TASK_CGROUP`; `close()` releases its files.  A
+metric whose file is absent (controller not enabled, older kernel) is absent
+from the result, never zero.  `CgroupGone` is the one error that says the
+task's cgroup went away.
+
+Speed: owca-measure reads every task every cycle, so the files stay open
+between cycles and each read is one pread(fd, size, 0): at offset 0 a cgroup
+(seq) file regenerates its content.  Files are opened on the first read.  Open
+files are bounded by the soft RLIMIT_NOFILE (`raise_fd_limit()` lifts it to the
+hard limit): past the budget a file is opened, read and closed each cycle
+instead, slower but correct, and `fd_usage()` counts them.
+
+Files read (v1 from the cpuacct, cpu and memory hierarchies; v2 from the
+task's directory in the unified hierarchy):
+
+| metric | v1 | v2 |
+|---|---|---|
+| task_cpu_usage_seconds | cpuacct.usage (ns) | cpu.stat usage_usec |
+| task_cpu_periods, _throttled_periods | cpu.stat nr_periods, nr_throttled | cpu.stat |
+| task_cpu_throttled_seconds | cpu.stat throttled_time (ns) | cpu.stat throttled_usec |
+| task_mem_usage_bytes | memory.usage_in_bytes | memory.current |
+| task_mem_max_usage_bytes | memory.max_usage_in_bytes | memory.peak |
+| task_mem_limit_bytes | memory.limit_in_bytes | memory.max |
+| task_mem_soft_limit_bytes | memory.soft_limit_in_bytes | memory.low |
+| task_mem_page_faults | memory.stat total_pgfault | memory.stat pgfault |
+| task_mem_numa_pages | memory.numa_stat hierarchical_total | memory.numa_stat anon + file |
+| task_pressure_* | — | cpu.pressure, memory.pressure, io.pressure |
+
+The v1 page faults and NUMA pages are the hierarchical ones, like
+memory.usage_in_bytes, so that a task whose cgroup has children (a pod and its
+containers) is measured whole.
+"""
+import errno
+import logging
+import os
+import resource
+from typing import Dict, List, Optional
+
+from owca.paths import Paths
+
+log = logging.getLogger("owca.cgroups")
+
+VERSIONS = ("auto", "v1", "v2")
+V1_CONTROLLERS = ("cpuacct", "cpu", "memory")
+
+# v1 reports "no limit" as the largest page-aligned counter (9223372036854771712
+# with 4 KiB pages); anything from 4 EiB up is read as unlimited.
+V1_UNLIMITED_FROM = 1 << 62
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+# A file that is absent (controller not enabled yet) is tried again after this
+# many reads: controllers can be enabled while a task runs.
+RETRY_ABSENT_AFTER = 60
+
+# Errors that say the open file no longer stands for a live kernel object:
+# open it again once, and if that fails the cgroup is gone.
+_REOPEN_ERRNOS = frozenset((errno.ENODEV, errno.ESTALE))
+# Errors that, for a file of a cgroup, say "not there".
+_MISSING_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ESTALE, errno.ENOTDIR))
+_NO_FDS_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE))
+
+
+class CgroupGone(Exception):
+    """The task's cgroup disappeared (its directory is gone)."""
+
+
+# -- file descriptors -------------------------------------------------------------------
+
+class FdBudget:
+    """How many kernel files may stay open: the soft RLIMIT_NOFILE less a reserve
+    for everything else the process opens (pipes, sockets, transient reads)."""
+
+    def __init__(self):
+        self.kept = 0        # files held open between reads
+        self.not_kept = 0    # files opened, read and closed on each read
+        self._warned = False
+
+    @staticmethod
+    def limit() -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return soft - max(32, soft // 8)
+
+    def may_keep(self) -> bool:
+        return self.kept < self.limit()
+
+    def note_not_kept(self, path: str, reason: str) -> None:
+        self.not_kept += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("%d kernel files held open, soft RLIMIT_NOFILE %d (%s): %s and files "
+                        "after it are opened for each read (slower)", self.kept,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0], reason, path)
+
+    def note_released(self) -> None:
+        self.not_kept -= 1
+        if self.not_kept == 0:
+            self._warned = False
+
+
+FDS = FdBudget()
+
+
+def fd_usage() -> Dict[str, int]:
+    """Kernel files held open, and those read by open-read-close for want of fds."""
+    return {"kept_open": FDS.kept, "not_kept_open": FDS.not_kept}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.debug("RLIMIT_NOFILE: soft limit already at the hard limit %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("RLIMIT_NOFILE: cannot raise the soft limit %d to %d: %s", soft, hard, e)
+        return soft
+    log.info("RLIMIT_NOFILE: soft limit raised from %d to the hard limit %d", soft, hard)
+    return hard
+
+
+class KeptFile:
+    """A kernel file held open and re-read whole with pread at offset 0.
+
+    read() returns its text or raises OSError (FileNotFoundError when it is not
+    there).  An fd that went stale (ENODEV, ESTALE) is reopened once.  When the
+    fd budget is spent the file is opened, read and closed on every read.
+    """
+    __slots__ = ("path", "fd", "size", "kept")
+
+    def __init__(self, path: str, size: int = 4096):
+        self.path = path
+        self.fd = None
+        self.size = size     # grows to fit the file, so that one pread reads it all
+        self.kept = None     # None: not opened yet; True: held open; False: transient
+
+    def read(self) -> str:
+        fd = self.fd
+        if fd is None:
+            fd = self._open()
+            if fd is None:
+                return self._read_transient()
+        try:
+            data = os.pread(fd, self.size, 0)
+        except OSError as e:
+            if e.errno not in _REOPEN_ERRNOS:
+                raise
+            self.close()
+            fd = self._open()
+            if fd is None:
+                return self._read_transient()
+            data = os.pread(fd, self.size, 0)
+        if len(data) >= self.size:
+            data = self._read_whole(fd)
+        return data.decode()
+
+    def _open(self) -> Optional[int]:
+        """Open and keep the file; None when it must be read transiently."""
+        if self.kept is False:
+            if not FDS.may_keep():
+                return None
+            FDS.note_released()  # fds came back: keep it from now on
+            self.kept = None
+        if not FDS.may_keep():
+            self.kept = False
+            FDS.note_not_kept(self.path, "budget spent")
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in _NO_FDS_ERRNOS:
+                raise
+            self.kept = False
+            FDS.note_not_kept(self.path, os.strerror(e.errno))
+            return None
+        self.fd, self.kept = fd, True
+        FDS.kept += 1
+        return fd
+
+    def _read_whole(self, fd: int) -> bytes:
+        while True:
+            self.size *= 2
+            data = os.pread(fd, self.size, 0)
+            if len(data) < self.size:
+                return data
+
+    def _read_transient(self) -> str:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, self.size, 0)
+            if len(data) >= self.size:
+                data = self._read_whole(fd)
+        finally:
+            os.close(fd)
+        return data.decode()
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            FDS.kept -= 1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        elif self.kept is False:
+            FDS.note_released()
+        self.kept = None
+
+
+# -- parsers: file text -> task metrics ---------------------------------------------------
+
+def _keyed_int(text: str, key: str) -> Optional[int]:
+    """The value of the `key value` line of a flat keyed file, None if absent."""
+    start = 0
+    probe = key + " "
+    while True:
+        i = text.find(probe, start)
+        if i < 0:
+            return None
+        if i == 0 or text[i - 1] == "\n":
+            j = text.find("\n", i)
+            return int(text[i + len(probe):j if j >= 0 else len(text)])
+        start = i + 1
+
+
+# cpu.stat key -> (metric, divisor to seconds or 1); v1 and v2 keys never clash.
+_CPU_STAT = {
+    "usage_usec": ("task_cpu_usage_seconds", 1e6),
+    "nr_periods": ("task_cpu_periods", 1),
+    "nr_throttled": ("task_cpu_throttled_periods", 1),
+    "throttled_time": ("task_cpu_throttled_seconds", 1e9),
+    "throttled_usec": ("task_cpu_throttled_seconds", 1e6),
+}
+
+
+def parse_cpu_stat(text: str) -> Dict[str, float]:
+    """cpu.stat (v1: nr_periods, nr_throttled, throttled_time ns; v2: usage_usec,
+    and with the cpu controller nr_periods, nr_throttled, throttled_usec)."""
+    out = {}
+    fields = iter(text.split())
+    for key, value in zip(fields, fields):
+        spec = _CPU_STAT.get(key)
+        if spec is not None:
+            name, divisor = spec
+            out[name] = int(value) / divisor if divisor != 1 else int(value)
+    return out
+
+
+def parse_cpuacct_usage(text: str) -> Dict[str, float]:
+    """v1 cpuacct.usage: nanoseconds of CPU time."""
+    return {"task_cpu_usage_seconds": int(text) / 1e9}
+
+
+def parse_memory_limit(text: str) -> Optional[int]:
+    """A memory limit in bytes; None for unlimited (v2 `max`, v1 the counter's maximum)."""
+    text = text.strip()
+    if text == "max":
+        return None
+    value = int(text)
+    return None if value >= V1_UNLIMITED_FROM else value
+
+
+def parse_memory_stat(text: str) -> Dict[str, int]:
+    """memory.stat: the page faults, hierarchical (v1 total_pgfault; v2's pgfault is)."""
+    faults = _keyed_int(text, "total_pgfault")
+    if faults is None:
+        faults = _keyed_int(text, "pgfault")
+    return {} if faults is None else {"task_mem_page_faults": faults}
+
+
+def parse_numa_stat(text: str, page_size: int = PAGE_SIZE) -> Dict[str, Dict[str, int]]:
+    """memory.numa_stat as pages per node.
+
+    v1: `hierarchical_total=P N0=P N1=P` (pages; `total=` where the kernel has no
+    hierarchical lines).  v2: `anon N0=B ...` and `file N0=B ...` in bytes,
+    summed and turned into pages.
+    """
+    first = text.split(" ", 1)[0]
+    if "=" in first:  # v1
+        line = _line_starting(text, "hierarchical_total=") or _line_starting(text, "total=")
+        if line is None:
+            return {}
+        return {"task_mem_numa_pages": _per_node(line.split()[1:])}
+    pages = {}
+    for kind in ("anon", "file"):
+        line = _line_starting(text, kind + " ")
+        if line is None:
+            continue
+        for node, value in _per_node(line.split()[1:]).items():
+            pages[node] = pages.get(node, 0) + value
+    if not pages:
+        return {}
+    return {"task_mem_numa_pages": {n: b // page_size for n, b in pages.items()}}
+
+
+def _line_starting(text: str, prefix: str) -> Optional[str]:
+    if text.startswith(prefix):
+        i = 0
+    else:
+        i = text.find("\n" + prefix)
+        if i < 0:
+            return None
+        i += 1
+    j = text.find("\n", i)
+    return text[i:j if j >= 0 else len(text)]
+
+
+def _per_node(fields: List[str]) -> Dict[str, int]:
+    """["N0=12", "N1=3"] -> {"0": 12, "1": 3}"""
+    out = {}
+    for field in fields:
+        node, _, value = field.partition("=")
+        out[node[1:]] = int(value)
+    return out
+
+
+def parse_pressure(text: str) -> Dict[str, Dict[str, float]]:
+    """A PSI file (cpu.pressure ...): {"task_pressure_avg10_percent": {"some": x,
+    "full": y}, "task_pressure_stall_seconds": {...}}; `full` only where the
+    kernel writes it."""
+    avg10, stall = {}, {}
+    for line in text.splitlines():
+        # "some avg10=0.12 avg60=0.05 avg300=0.01 total=12345" (total in us)
+        f = line.split()
+        if len(f) == 5 and f[1].startswith("avg10=") and f[4].startswith("total="):
+            avg10[f[0]] = float(f[1][6:])
+            stall[f[0]] = int(f[4][6:]) / 1e6
+    return {"task_pressure_avg10_percent": avg10, "task_pressure_stall_seconds": stall}
+
+
+def _single(name: str, parse=int):
+    def parse_single(text: str) -> dict:
+        value = parse(text)
+        return {} if value is None else {name: value}
+    parse_single.__name__ = f"parse_{name}"
+    return parse_single
+
+
+# (controller or None for v2, file, parser, PSI resource or None)
+V1_FILES = (
+    ("cpuacct", "cpuacct.usage", parse_cpuacct_usage, None),
+    ("cpu", "cpu.stat", parse_cpu_stat, None),
+    ("memory", "memory.usage_in_bytes", _single("task_mem_usage_bytes"), None),
+    ("memory", "memory.max_usage_in_bytes", _single("task_mem_max_usage_bytes"), None),
+    ("memory", "memory.limit_in_bytes",
+     _single("task_mem_limit_bytes", parse_memory_limit), None),
+    ("memory", "memory.soft_limit_in_bytes",
+     _single("task_mem_soft_limit_bytes", parse_memory_limit), None),
+    ("memory", "memory.stat", parse_memory_stat, None),
+    ("memory", "memory.numa_stat", parse_numa_stat, None),
+)
+V2_FILES = (
+    (None, "cpu.stat", parse_cpu_stat, None),
+    (None, "memory.current", _single("task_mem_usage_bytes"), None),
+    (None, "memory.peak", _single("task_mem_max_usage_bytes"), None),
+    (None, "memory.max", _single("task_mem_limit_bytes", parse_memory_limit), None),
+    (None, "memory.low", _single("task_mem_soft_limit_bytes", parse_memory_limit), None),
+    (None, "memory.stat", parse_memory_stat, None),
+    (None, "memory.numa_stat", parse_numa_stat, None),
+    (None, "cpu.pressure", parse_pressure, "cpu"),
+    (None, "memory.pressure", parse_pressure, "memory"),
+    (None, "io.pressure", parse_pressure, "io"),
+)
+
+
+class _Source(KeptFile):
+    """One file of a task's cgroup and what it yields."""
+    __slots__ = ("directory", "parse", "resource", "dir_existed", "retry_at", "warned")
+
+    def __init__(self, directory, name, parse, resource_):
+        super().__init__(os.path.join(directory, name))
+        self.directory = directory
+        self.parse = parse
+        self.resource = resource_
+        self.dir_existed = os.path.isdir(directory)
+        self.retry_at = 0
+        self.warned = False
+
+
+class TaskCgroup:
+    """Reads one task's cgroup, v1 or v2, each cycle; files held open between reads."""
+
+    def __init__(self, paths: Paths, cgroup_path: str, version: str = "auto"):
+        if version not in VERSIONS:
+            raise ValueError(f"cgroup version: expected one of {', '.join(VERSIONS)}, "
+                             f"got {version!r}")
+        self.paths = paths
+        self.cgroup_path = cgroup_path
+        self.requested_version = version
+        self.version = None           # v1 or v2, once the first read found the cgroup
+        self._sources = None
+        self._reads = 0
+
+    def _setup(self) -> None:
+        paths, cgroup_path = self.paths, self.cgroup_path
+        version = self.requested_version
+        if version in ("auto", "v1"):
+            dirs = {c: paths.cgroup_v1(c, cgroup_path) for c in V1_CONTROLLERS}
+            if any(os.path.isdir(d) for d in dirs.values()):
+                version = "v1"
+            elif version == "v1":
+                raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
+                                 f"{', '.join(V1_CONTROLLERS)}")
+        if version == "v1":
+            table = [(dirs[c], *rest) for c, *rest in V1_FILES]
+        else:
+            directory = paths.cgroup_v2(cgroup_path)
+            if not os.path.isdir(directory):
+                where = "v1 or v2" if self.requested_version == "auto" else "v2"
+                raise CgroupGone(f"cgroup {cgroup_path}: not in the {where} hierarchy")
+            version = "v2"
+            table = [(directory, *rest) for _, *rest in V2_FILES]
+        self._sources = [_Source(*row) for row in table]
+        self.version = version
+
+    def read(self) -> dict:
+        """This cycle's metrics; raises CgroupGone when the cgroup went away."""
+        if self._sources is None:
+            self._setup()
+        self._reads = reads = self._reads + 1
+        out = {}
+        pread = os.pread
+        for src in self._sources:
+            if src.retry_at > reads:
+                continue
+            # The common case inline (a whole cycle is a few microseconds per
+            # file); KeptFile.read() handles the rest: first open, a stale fd,
+            # a file larger than its buffer, no fds left.
+            fd = src.fd
+            try:
+                if fd is not None:
+                    data = pread(fd, src.size, 0)
+                    text = data.decode() if len(data) < src.size else src.read()
+                else:
+                    text = src.read()
+            except OSError:
+                try:
+                    text = src.read()
+                except OSError as e:
+                    self._unreadable(src, e)
+                    continue
+            try:
+                parsed = src.parse(text)
+            except (ValueError, IndexError) as e:
+                self._warn_once(src, f"cannot parse: {e}")
+                continue
+            if src.resource is None:
+                out.update(parsed)
+            else:
+                for name, value in parsed.items():
+                    if value:
+                        out.setdefault(name, {})[src.resource] = value
+        return out
+
+    def _unreadable(self, src: _Source, e: OSError) -> None:
+        src.close()
+        if e.errno in _MISSING_ERRNOS:
+            if src.dir_existed and not os.path.isdir(src.directory):
+                self.close()
+                raise CgroupGone(f"cgroup {self.cgroup_path}: {src.directory} was removed")
+        else:
+            self._warn_once(src, e.strerror or str(e))
+        src.retry_at = self._reads + RETRY_ABSENT_AFTER
+
+    def _warn_once(self, src: _Source, reason: str) -> None:
+        if not src.warned:
+            src.warned = True
+            log.warning("%s: %s (left out; tried again every %d reads)",
+                        src.path, reason, RETRY_ABSENT_AFTER)
+
+    def close(self) -> None:
+        """Release every file; a later read() starts afresh."""
+        if self._sources is not None:
+            for src in self._sources:
+                src.close()
+        self._sources = None
+        self.version = None
