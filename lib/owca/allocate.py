@@ -1,88 +1,572 @@
-"""owca-allocate: hands each `measurements` frame to an allocator plug-in.
+"""owca-allocate: hands each `measurements` frame to an allocator plug-in and applies
+what it decides to the tasks' own cgroups and OWCA's own resctrl groups.
 
 The measurements frame is forwarded unchanged, followed by an `allocations`
 frame of the same cycle (and an `anomalies` frame when the allocator reports
-any).
+any).  The allocator API is in lib/owca/allocators.py, the allocation types in
+lib/owca/allocation.py, the writers in lib/owca/cgroup_allocation.py and
+lib/owca/resctrl.py; docs/allocation.md is the user's description.
 
-Allocator API (DESIGN.md):
+A cycle:
+1. read what every task has now (its cgroup files, its resctrl group);
+2. ask the allocator; validate each (task, type) it sets; an invalid one is
+   reported (one line, `allocation_error{task_id,type,reason} 1`) and the
+   others go on;
+3. restore the types withdrawn (None) and those of tasks that went;
+4. compare what is wanted with what was read; write the differences, at most
+   `max_changes_per_cycle` of them (restores are never held back);
+5. write the allocations frame: what changed (in --dry-run: what would have),
+   the errors, and the allocation metrics of every task.
 
-    allocate(platform, tasks_measurements, tasks_resources, tasks_labels,
-             tasks_allocations) -> (allocations, anomalies, extra_metrics)
-
-`tasks_allocations` is what the tasks have now, read back from the system each
-cycle; `allocations` maps task ids to the allocations wanted (only the changes
-need be given).
+What OWCA wants for a task is kept until it is withdrawn or the task goes, and
+re-applied when something else changes it.  Before its first write of a type to
+a task OWCA records the file's content; that is what a withdrawal, the task's
+disappearance (if its cgroup is still the same one) and shutdown write back.
 """
+import atexit
 import logging
+import os
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Callable, Dict, List, Optional, Tuple
 
-from owca import frames
-from owca.config import register
+from owca import allocation, frames
+from owca.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, TYPES,
+                             InvalidAllocation, Topology, parse_list)
+from owca.allocators import Allocator, NOPAllocator, StaticAllocator, StaticRule  # noqa: F401
+from owca.cgroup_allocation import (CgroupMissing, CgroupRefused, Reading, TaskCgroupFiles,
+                                    current_allocations, write_file)
 from owca.detect import anomaly_dicts, plugin_inputs
+from owca.paths import paths_from_options
+from owca.resctrl import (DEFAULT_GROUP, Group, Resctrl, ResctrlFS, is_owca_group,
+                          schemata_matches, schemata_of, validate_on_platform)
 from owca.stage import Stage
 
 log = logging.getLogger("owca.allocate")
 
-
-class Allocator:
-    """Base class of allocator plug-ins."""
-
-    def allocate(self, platform, tasks_measurements: Dict[str, dict],
-                 tasks_resources: Dict[str, dict], tasks_labels: Dict[str, dict],
-                 tasks_allocations: Dict[str, dict]):
-        raise NotImplementedError
-
-
-@register
-@dataclass
-class NOPAllocator(Allocator):
-    """Allocates nothing."""
-
-    def allocate(self, platform, tasks_measurements, tasks_resources, tasks_labels,
-                 tasks_allocations):
-        return {}, [], []
+ANY_TYPE = "*"  # the `type` of an error about a task's whole allocation
 
 
 @dataclass
 class AllocateConfig:
     allocator: Allocator = field(default_factory=NOPAllocator)
     interval: float = None
-    # --- actuation (cgroup and resctrl writers) plugs in here ---
+    # At most this many changes (one type of one task) are written per cycle; the
+    # rest wait for the next cycle, so that one bad decision cannot rewrite a
+    # whole node at once.  Restores are never held back.
+    max_changes_per_cycle: int = 20
+
+    def __post_init__(self):
+        if not isinstance(self.max_changes_per_cycle, int) or self.max_changes_per_cycle < 1:
+            raise ValueError(f"max_changes_per_cycle: expected a positive integer, got "
+                             f"{self.max_changes_per_cycle!r}")
+
+
+@dataclass
+class Op:
+    """One write to the system, described for logs and --dry-run."""
+    what: str
+    run: Callable[[], None]
+
+
+@dataclass
+class Change:
+    task_id: str
+    type: str
+    value: object       # what the task gets (None: withdrawn, its original restored)
+    ops: List[Op]
+    original: "Original" = None   # the restore this change performs
+
+
+@dataclass
+class Original:
+    """A type's file as it was before OWCA's first write to it."""
+    text: str                      # written back on restore ("" for rdt: the default group)
+    value: object                  # the same, normalised (for the frame and the metrics)
+    path: str = None
+    identity: Tuple[int, int] = None
+
+
+@dataclass
+class Cycle:
+    """What one cycle read from the system."""
+    topology: Topology
+    files: Dict[str, TaskCgroupFiles]
+    readings: Dict[str, Dict[str, Reading]]
+    groups: Optional[Dict[str, Group]]          # None: resctrl not mounted
+    threads: Dict[str, List[int]] = field(default_factory=dict)
+    claims: Dict[str, tuple] = field(default_factory=dict)   # rdt group: (task, schemata)
+    errors: List[Tuple[str, str, str]] = field(default_factory=list)
+
+    def error(self, task_id: str, type_: str, reason: str) -> None:
+        self.errors.append((task_id, type_, reason))
 
 
 class Allocate(Stage):
     name = "allocate"
     consumes = ("measurements",)
 
-    def __init__(self, cfg: AllocateConfig, options: dict):
+    def __init__(self, cfg: AllocateConfig, options: dict, resctrl_fs: ResctrlFS = None):
         super().__init__(cfg, options)
-        self.errors = 0
+        self.errors = 0                 # cycles the allocator failed
         self.dry_run = bool(options.get("--dry-run"))
+        self.paths = paths_from_options(sysfs=options.get("--sysfs"),
+                                        cgroupfs=options.get("--cgroupfs"),
+                                        resctrlfs=options.get("--resctrlfs"))
+        self.resctrl = Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs))
+        self.desired: Dict[str, Dict[str, object]] = {}
+        self.originals: Dict[str, Dict[str, Original]] = {}
+        self.cgroup_paths: Dict[str, str] = {}
+        self.changes_total = 0
+        self.allocation_errors_total = 0
+        self._logged = set()
+        self._last = (0, None, None)    # seq, ts, host of the last cycle
+        self._closed = False
+        # A stage that ends by an exception (a closed stdout mid-cycle) skips
+        # close(); the node must still get its values back.
+        atexit.register(self._restore_everything)
 
-    def current_allocations(self, frame: dict) -> Dict[str, dict]:
-        """What each task has now, read from its cgroup (actuation fills this in)."""
-        return {task_id: {} for task_id in frame["tasks"]}
+    # -- reading -----------------------------------------------------------------------
+
+    def topology(self, frame: dict) -> Topology:
+        """Online CPUs and NUMA nodes from sysfs; the frame's CPU count if it is unreadable."""
+        try:
+            cpus = parse_list(_read(self.paths.sys("devices", "system", "cpu", "online")))
+        except (OSError, ValueError):
+            cpus = frozenset(range(int(frame.get("platform", {})
+                                       .get("platform_topology_cpus", 0) or 0)))
+        try:
+            nodes = parse_list(_read(self.paths.sys("devices", "system", "node", "online")))
+        except (OSError, ValueError):
+            nodes = frozenset((0,))   # a kernel without NUMA support has node 0 only
+        return Topology(cpus=cpus, numa_nodes=nodes)
+
+    def read_cycle(self, frame: dict) -> Cycle:
+        topology = self.topology(frame)
+        files, readings = {}, {}
+        for task_id, task in frame["tasks"].items():
+            path = task.get("cgroup_path")
+            if not isinstance(path, str):
+                continue
+            self.cgroup_paths[task_id] = path
+            files[task_id] = TaskCgroupFiles(self.paths, path)
+            readings[task_id] = current_allocations(files[task_id], topology)
+        groups = self.resctrl.groups() if self.resctrl.available() else None
+        return Cycle(topology, files, readings, groups)
+
+    def current_allocations(self, frame: dict, cycle: Cycle = None) -> Dict[str, dict]:
+        """What each task has now, read from its cgroup and resctrl group this cycle."""
+        cycle = cycle or self.read_cycle(frame)
+        out = {}
+        for task_id in frame["tasks"]:
+            values = {t: r.value for t, r in cycle.readings.get(task_id, {}).items()}
+            rdt = self._current_rdt(task_id, cycle)
+            if rdt is not None:
+                values[RDT] = rdt
+            out[task_id] = values
+        return out
+
+    def _threads(self, task_id: str, cycle: Cycle) -> List[int]:
+        if task_id not in cycle.threads:
+            cycle.threads[task_id] = cycle.files[task_id].thread_ids()
+        return cycle.threads[task_id]
+
+    def _current_rdt(self, task_id: str, cycle: Cycle) -> Optional[dict]:
+        if not cycle.groups or task_id not in cycle.files:
+            return None
+        try:
+            threads = set(self._threads(task_id, cycle))
+        except (CgroupMissing, CgroupRefused, OSError, ValueError):
+            return None
+        # The group holding most of the task's threads (all of them, once OWCA moved them).
+        held = max(cycle.groups.values(), key=lambda g: len(g.thread_ids & threads))
+        if not held.thread_ids & threads:
+            return None
+        value = {"name": held.name}
+        if "L3" in held.schemata:
+            value["l3"] = dict(held.schemata["L3"])
+        if "MB" in held.schemata:
+            value["mb"] = {i: int(v) for i, v in held.schemata["MB"].items()}
+        return value
+
+    # -- the cycle ---------------------------------------------------------------------
 
     def process(self, frame: dict) -> list:
-        allocator = self.cfg.allocator
-        anomalies, extra, allocations = [], [], {}
-        try:
-            current = self.current_allocations(frame)
-            allocations, anomalies, extra = allocator.allocate(*plugin_inputs(frame), current)
-            anomalies = anomaly_dicts(anomalies)
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
-            self.errors += 1
-            log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
-                      type(e).__name__, e)
-            allocations, anomalies, extra = {}, [], []
-        metrics = list(extra) + [
-            frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
-                          "counter")] + self.stats.samples()
-        out = [frames.allocations_frame(frame["seq"], allocations, ts=frame["ts"],
-                                        host=frame["host"], metrics=metrics,
-                                        dry_run=self.dry_run)]
+        self._last = (frame["seq"], frame["ts"], frame["host"])
+        tasks = frame["tasks"]
+        cycle = self.read_cycle(frame)
+        current = self.current_allocations(frame, cycle)
+        allocations, anomalies, extra = self._ask_allocator(frame, current)
+
+        withdrawn = self._merge(allocations, tasks, cycle)
+        restores = []
+        for task_id in sorted(set(self.desired) | set(self.originals)):
+            if task_id not in tasks:
+                self.desired.pop(task_id, None)
+                restores += self._restores(task_id, list(self.originals.get(task_id, ())))
+        for task_id in set(self.cgroup_paths) - set(tasks) - set(self.originals):
+            del self.cgroup_paths[task_id]
+        for task_id, type_ in withdrawn:
+            restores += self._restores(task_id, [type_], cycle)
+
+        changes = self._plan(cycle)
+        limit = self.cfg.max_changes_per_cycle
+        deferred = changes[limit:]
+        if deferred:
+            log.info("cycle %s: %d changes wait for the next cycle (max_changes_per_cycle %d)",
+                     frame["seq"], len(deferred), limit)
+        done = self._apply(restores + changes[:limit], cycle)
+        self._remove_unused_groups(cycle)
+
+        for task_id, type_, reason in cycle.errors:
+            self._report(frame["seq"], task_id, type_, reason)
+        self._forget_cleared_errors(cycle.errors)
+        self.allocation_errors_total += len(cycle.errors)
+
+        metrics = list(extra) + self._samples(current, done, cycle) + self.stats.samples()
+        out_allocations, restored = {}, {}
+        for change in done:
+            out_allocations.setdefault(change.task_id, {})[change.type] = change.value
+            if change.original is not None:
+                restored.setdefault(change.task_id, {})[change.type] = change.original.value
+        out = [frames.allocations_frame(
+            frame["seq"], out_allocations, ts=frame["ts"], host=frame["host"], metrics=metrics,
+            dry_run=self.dry_run, restored=restored, deferred=len(deferred),
+            errors=[{"task_id": t, "type": ty, "reason": r} for t, ty, r in cycle.errors])]
         if anomalies:
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))
         return out
+
+    def _ask_allocator(self, frame: dict, current: dict):
+        allocator = self.cfg.allocator
+        try:
+            allocations, anomalies, extra = allocator.allocate(*plugin_inputs(frame), current)
+            if not isinstance(allocations, dict):
+                raise TypeError(f"allocations: expected {{task_id: {{type: value}}}}, got "
+                                f"{type(allocations).__name__}")
+            return allocations, anomaly_dicts(anomalies), list(extra)
+        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self.errors += 1
+            log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
+                      type(e).__name__, e)
+            return {}, [], []
+
+    def _merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
+        """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
+        withdrawn = []
+        for task_id, wanted in allocations.items():
+            task_id = str(task_id)
+            if task_id not in tasks:
+                cycle.error(task_id, ANY_TYPE, "no such task in this cycle")
+                continue
+            if not isinstance(wanted, dict):
+                cycle.error(task_id, ANY_TYPE, f"expected {{type: value}}, got "
+                                               f"{type(wanted).__name__}")
+                continue
+            for type_, value in wanted.items():
+                if type_ not in TYPES:
+                    cycle.error(task_id, str(type_), f"unknown allocation type (types: "
+                                                     f"{', '.join(TYPES)})")
+                    continue
+                if value is None:
+                    self.desired.get(task_id, {}).pop(type_, None)
+                    withdrawn.append((task_id, type_))
+                    continue
+                try:
+                    value = allocation.validate(type_, value, cycle.topology)
+                    if type_ == RDT:
+                        value = self._rdt_on_platform(value, cycle)
+                except InvalidAllocation as e:
+                    cycle.error(task_id, str(type_), str(e))
+                    continue
+                self.desired.setdefault(task_id, {})[type_] = value
+        return withdrawn
+
+    def _rdt_on_platform(self, value: dict, cycle: Cycle) -> dict:
+        if cycle.groups is None:
+            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
+        return validate_on_platform(value, self.resctrl.info())
+
+    def _plan(self, cycle: Cycle) -> List[Change]:
+        changes = []
+        for task_id in sorted(self.desired):
+            for type_ in TYPES:
+                if type_ not in self.desired[task_id]:
+                    continue
+                value = self.desired[task_id][type_]
+                try:
+                    if task_id not in cycle.files:
+                        raise CgroupMissing("the task has no cgroup_path")
+                    change = (self._plan_rdt(task_id, value, cycle) if type_ == RDT
+                              else self._plan_cgroup(task_id, type_, value, cycle))
+                except InvalidAllocation as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except (CgroupMissing, CgroupRefused) as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except OSError as e:
+                    cycle.error(task_id, type_, f"{e.filename or ''}: {e.strerror}")
+                    continue
+                if change is not None:
+                    changes.append(change)
+        return changes
+
+    def _plan_cgroup(self, task_id: str, type_: str, value, cycle: Cycle) -> Optional[Change]:
+        files = cycle.files[task_id]
+        reading = cycle.readings[task_id].get(type_)
+        if reading is None:
+            reading = files.read(type_, cycle.topology)   # raises why it is not there
+            cycle.readings[task_id][type_] = reading
+        text = files.target(type_, value, cycle.topology, reading)
+        if text == reading.text:
+            return None
+        path = reading.path
+        return Change(task_id, type_, value,
+                      [Op(f"write {text!r} to {path}", lambda: write_file(path, text))])
+
+    def _plan_rdt(self, task_id: str, value: dict, cycle: Cycle) -> Optional[Change]:
+        if cycle.groups is None:
+            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
+        threads = self._threads(task_id, cycle)
+        name = value["name"]
+        for group in cycle.groups.values():
+            if not is_owca_group(group.name) and group.thread_ids.intersection(threads):
+                raise InvalidAllocation(f"{RDT}: the task's threads are in resctrl group "
+                                        f"{group.name!r}, which is not OWCA's")
+        wanted = schemata_of(value)
+        claim = cycle.claims.setdefault(name, (task_id, wanted))
+        if claim[1] != wanted:
+            raise InvalidAllocation(f"{RDT}: group {name} is given other values by task "
+                                    f"{claim[0]} in this cycle")
+        ops = []
+        group = cycle.groups.get(name)
+        if group is None:
+            num_closids = self.resctrl.info().num_closids
+            if len(cycle.groups) >= num_closids - 1:
+                raise InvalidAllocation(
+                    f"{RDT}: no CLOSID left for group {name}: num_closids {num_closids} "
+                    f"allows {num_closids - 1} groups besides the default one, and these exist: "
+                    f"{', '.join(sorted(cycle.groups)) or 'none'}")
+            ops.append(Op(f"create resctrl group {name}",
+                          lambda: self.resctrl.create_group(name)))
+            # Planned, not yet made: later tasks of this cycle join it.
+            group = cycle.groups[name] = Group(name, set(), {})
+        if not schemata_matches(wanted, group.schemata):
+            ops.append(Op(f"write {wanted} to resctrl group {name}'s schemata",
+                          lambda: self.resctrl.write_schemata(name, wanted)))
+            for resource, domains in wanted.items():
+                group.schemata.setdefault(resource, {}).update(
+                    {i: str(v) for i, v in domains.items()})
+        for thread_id in threads:
+            if thread_id not in group.thread_ids:
+                ops.append(Op(f"move thread {thread_id} to resctrl group {name}",
+                              lambda t=thread_id: self._move_thread(t, name)))
+        group.thread_ids.update(threads)
+        if not ops:
+            return None
+        return Change(task_id, RDT, value, ops)
+
+    def _move_thread(self, thread_id: int, name: str) -> None:
+        try:
+            self.resctrl.move_thread(thread_id, name)
+        except ProcessLookupError:
+            pass  # the thread ended: nothing to move
+
+    # -- writing -------------------------------------------------------------------
+
+    def _apply(self, changes: List[Change], cycle: Cycle) -> List[Change]:
+        """Write (or, in --dry-run, report) each change; returns those done."""
+        done = []
+        for change in changes:
+            if self.dry_run:
+                for op in change.ops:
+                    log.info("dry-run: task %s: would %s", change.task_id, op.what)
+                done.append(change)
+                continue
+            if change.original is None:
+                self._remember_original(change, cycle)
+            try:
+                for op in change.ops:
+                    log.debug("task %s: %s", change.task_id, op.what)
+                    op.run()
+            except OSError as e:
+                cycle.error(change.task_id, change.type,
+                            f"{op.what}: {e.strerror or e}")
+                continue
+            done.append(change)
+        self.changes_total += len(done)
+        return done
+
+    def _remember_original(self, change: Change, cycle: Cycle) -> None:
+        originals = self.originals.setdefault(change.task_id, {})
+        if change.type in originals:
+            return
+        if change.type == RDT:
+            originals[RDT] = Original(text=DEFAULT_GROUP, value=None)
+            return
+        files = cycle.files[change.task_id]
+        reading = cycle.readings[change.task_id][change.type]
+        originals[change.type] = Original(text=reading.text, value=reading.value,
+                                          path=reading.path,
+                                          identity=files.identity(change.type))
+
+    def _restores(self, task_id: str, types: List[str], cycle: Cycle = None) -> List[Change]:
+        """Changes that write back the originals of `types` (forgotten here)."""
+        originals = self.originals.get(task_id, {})
+        out = []
+        for type_ in types:
+            original = originals.pop(type_, None)
+            if original is None:
+                continue
+            try:
+                files = (cycle.files.get(task_id) if cycle else None) or \
+                    TaskCgroupFiles(self.paths, self.cgroup_paths[task_id])
+                ops = (self._restore_rdt_ops(task_id, files, cycle) if type_ == RDT
+                       else self._restore_cgroup_ops(task_id, type_, files, original))
+            except (CgroupMissing, CgroupRefused, OSError) as e:
+                log.info("task %s: %s not restored: %s", task_id, type_,
+                         getattr(e, "strerror", None) or e)
+                continue
+            if ops:
+                out.append(Change(task_id, type_, None, ops, original=original))
+        if not originals:
+            self.originals.pop(task_id, None)
+        return out
+
+    @staticmethod
+    def _restore_cgroup_ops(task_id, type_, files, original) -> List[Op]:
+        path = files.file(type_)
+        if path != original.path or files.identity(type_) != original.identity:
+            # Another cgroup now lives at that path: what it has is not ours to change.
+            log.info("task %s: %s not restored: %s is a new cgroup", task_id, type_,
+                     os.path.dirname(path))
+            return []
+        text = original.text
+        return [Op(f"restore {text!r} to {path}", lambda: write_file(path, text))]
+
+    def _restore_rdt_ops(self, task_id, files, cycle) -> List[Op]:
+        threads = (cycle.threads.get(task_id) if cycle else None) or files.thread_ids()
+        return [Op(f"move thread {t} back to the default resctrl group",
+                   lambda t=t: self._move_thread(t, DEFAULT_GROUP)) for t in threads]
+
+    def _remove_unused_groups(self, cycle: Cycle) -> None:
+        """OWCA's groups no task wants any more are removed (their threads go back to the
+        default group, which the kernel does on rmdir)."""
+        if cycle.groups is None:
+            return
+        wanted = {v[RDT]["name"] for v in self.desired.values() if RDT in v}
+        for name in sorted(cycle.groups):
+            if is_owca_group(name) and name not in wanted:
+                self._remove_group(name)
+
+    def _remove_group(self, name: str) -> None:
+        if self.dry_run:
+            log.info("dry-run: would remove resctrl group %s", name)
+            return
+        try:
+            self.resctrl.remove_group(name)
+            log.info("removed resctrl group %s", name)
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            log.error("cannot remove resctrl group %s: %s", name, e.strerror or e)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def _report(self, seq, task_id: str, type_: str, reason: str) -> None:
+        key = (task_id, type_, reason)
+        level = logging.DEBUG if key in self._logged else logging.ERROR
+        self._logged.add(key)
+        log.log(level, "cycle %s: task %s: %s: %s", seq, task_id, type_, reason)
+
+    def _forget_cleared_errors(self, errors) -> None:
+        self._logged.intersection_update(errors)
+
+    def _samples(self, current: dict, done: List[Change], cycle: Cycle) -> list:
+        now = {task_id: dict(values) for task_id, values in current.items()}
+        if not self.dry_run:
+            for change in done:
+                value = change.value if change.original is None else change.original.value
+                if value is None:
+                    now.get(change.task_id, {}).pop(change.type, None)
+                else:
+                    now.setdefault(change.task_id, {})[change.type] = value
+        out = []
+        for task_id in sorted(now):
+            out += allocation_samples(task_id, now[task_id])
+        for task_id, type_, reason in cycle.errors:
+            out.append(frames.sample("allocation_error", 1, {"task_id": task_id, "type": type_,
+                                                             "reason": reason[:1000]}))
+        out += [frames.sample("allocations_count", self.changes_total, type="counter"),
+                frames.sample("allocation_errors_count",
+                              self.allocation_errors_total, type="counter"),
+                frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
+                              "counter")]
+        return out
+
+    # -- the end -------------------------------------------------------------------
+
+    def close(self) -> list:
+        restored = self._restore_everything()
+        if not restored:
+            return []
+        seq, ts, host = self._last
+        return [frames.allocations_frame(
+            seq, {t: {ty: None for ty in types} for t, types in restored.items()}, ts=ts,
+            host=host, dry_run=self.dry_run, restored=restored, shutdown=True,
+            metrics=[frames.sample("allocations_count", self.changes_total, type="counter")])]
+
+    def _restore_everything(self) -> Dict[str, dict]:
+        """Every original written back, OWCA's resctrl groups removed; once."""
+        if self._closed:
+            return {}
+        self._closed = True
+        atexit.unregister(self._restore_everything)
+        restored = {}
+        for task_id in sorted(self.originals):
+            for change in self._restores(task_id, list(self.originals[task_id])):
+                try:
+                    for op in change.ops:
+                        op.run()
+                except OSError as e:
+                    log.error("task %s: %s: %s", task_id, op.what, e.strerror or e)
+                    continue
+                self.changes_total += 1
+                restored.setdefault(task_id, {})[change.type] = change.original.value
+                log.info("task %s: %s restored", task_id, change.type)
+        self.desired.clear()
+        if not self.dry_run and self.resctrl.available():
+            for name in sorted(self.resctrl.groups()):
+                if is_owca_group(name):
+                    self._remove_group(name)
+        return restored
+
+
+def allocation_samples(task_id: str, values: dict) -> list:
+    """The allocation_* gauges of one task's allocations."""
+    labels = {"task_id": task_id}
+    out = []
+    for type_ in (CPU_QUOTA, CPU_SHARES):
+        if values.get(type_) is not None:
+            out.append(frames.sample(f"allocation_{type_}", values[type_], labels))
+    for type_, label in ((CPUSET_CPUS, "cpus"), (CPUSET_MEMS, "mems")):
+        if values.get(type_) is not None:
+            ids = values[type_]
+            out.append(frames.sample(f"allocation_{type_}", len(parse_list(ids)),
+                                     {**labels, label: ids}))
+    rdt = values.get(RDT)
+    if rdt:
+        for key, name, base in (("l3", "allocation_rdt_l3_mask", 16),
+                                ("mb", "allocation_rdt_mb_percent", 10)):
+            for cache_id, v in sorted(rdt.get(key, {}).items()):
+                out.append(frames.sample(name, int(str(v), base),
+                                         {**labels, "group_name": rdt["name"],
+                                          "cache_id": str(cache_id)}))
+    return out
+
+
+def _read(path: str) -> str:
+    with open(path, encoding="ascii") as f:
+        return f.read()
+

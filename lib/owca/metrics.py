@@ -204,7 +204,35 @@ PERF = _specs(
 
 # -- allocations (owca-allocate) ----------------------------------------------------------
 # (section of the allocation engineer)
-ALLOCATION = _specs()
+ALLOCATION = _specs(
+    M("allocation_cpu_quota", GAUGE, "share of the platform (1.0 = every online CPU)",
+      "The task's CPU quota after the cycle; label task_id.",
+      "v1: cpu.cfs_quota_us / cpu.cfs_period_us; v2: cpu.max", scope="allocation"),
+    M("allocation_cpu_shares", GAUGE, "weight (1.0 = the kernel's default)",
+      "The task's CPU weight after the cycle; label task_id.",
+      "v1: cpu.shares / 1024; v2: cpu.weight / 100", scope="allocation"),
+    M("allocation_cpuset_cpus", GAUGE, "cpus",
+      "How many CPUs the task may run on; labels task_id, cpus (the list).",
+      "cpuset.cpus (v2: cpuset.cpus.effective when empty)", scope="allocation"),
+    M("allocation_cpuset_mems", GAUGE, "nodes",
+      "How many NUMA nodes the task may allocate from; labels task_id, mems (the list).",
+      "cpuset.mems (v2: cpuset.mems.effective when empty)", scope="allocation"),
+    M("allocation_rdt_l3_mask", GAUGE, "bit mask (cache ways)",
+      "L3 ways of the task's resctrl group; labels task_id, group_name, cache_id.",
+      "resctrl <group>/schemata L3", scope="allocation"),
+    M("allocation_rdt_mb_percent", GAUGE, "percent",
+      "Memory bandwidth of the task's resctrl group; labels task_id, group_name, cache_id.",
+      "resctrl <group>/schemata MB", scope="allocation"),
+    M("allocations_count", COUNTER, "changes",
+      "Allocation changes written (and restores), since the start; with --dry-run, the "
+      "changes that would have been written.", "owca-allocate", scope="allocation"),
+    M("allocation_errors_count", COUNTER, "errors",
+      "Allocations refused (invalid) or failed (write error), since the start.",
+      "owca-allocate", scope="allocation"),
+    M("allocation_error", GAUGE, "boolean",
+      "1 for each allocation refused or failed in the cycle; labels task_id, type, reason.",
+      "owca-allocate", scope="allocation"),
+)
 
 # -- shipping (owca-ship) --------------------------------------------------------------------
 # (section of the storage engineer)
