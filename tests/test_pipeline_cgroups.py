@@ -26,17 +26,24 @@ HOLD_MIB = 64
 CYCLES = 3
 
 
-def run_pipeline(config: str, cycles: int, timeout: float = 90.0) -> str:
-    """The four tools, piped, until owca-ship has written `cycles` measurements."""
+def run_pipeline(config: str, cycles: int, logs, timeout: float = 90.0) -> str:
+    """The four tools, piped, until owca-ship has written `cycles` measurements.
+    Their stderr goes to files in `logs` (a pipe nobody reads could fill up)."""
     env = tool_env()
-    stages = [tool_command("discover", "-c", config, "--interval", "0.4"),
-              tool_command("measure"), tool_command("detect"), tool_command("ship")]
+    stages = {"discover": tool_command("discover", "-c", config, "--interval", "0.4"),
+              "measure": tool_command("measure"), "detect": tool_command("detect"),
+              "ship": tool_command("ship")}
     procs = []
+
+    def stderr_of_all() -> str:
+        return "".join((logs / f"{name}.log").read_text() for name in stages)
+
     try:
-        for argv in stages:
+        for name, argv in stages.items():
             stdin = procs[-1].stdout if procs else subprocess.DEVNULL
-            procs.append(subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
-                                          stderr=subprocess.PIPE, env=env))
+            with open(logs / f"{name}.log", "wb") as log:
+                procs.append(subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                              stderr=log, env=env))
             if stdin is not subprocess.DEVNULL:
                 stdin.close()  # the next stage holds it now
         ship = procs[-1]
@@ -44,18 +51,17 @@ def run_pipeline(config: str, cycles: int, timeout: float = 90.0) -> str:
         deadline = time.monotonic() + timeout
         while out.count(b"\ntask_cpu_usage_seconds{") < 2 * cycles:  # two tasks a cycle
             left = deadline - time.monotonic()
-            assert left > 0, f"fewer than {cycles} cycles in {timeout} s: {out[-2000:]!r}"
+            assert left > 0, f"fewer than {cycles} cycles in {timeout} s: {stderr_of_all()}"
             ready, _, _ = select.select([ship.stdout], [], [], left)
             if ready:
                 chunk = os.read(ship.stdout.fileno(), 65536)
-                assert chunk, "owca-ship ended early: " + ship.stderr.read().decode()
+                assert chunk, "owca-ship ended early: " + stderr_of_all()
                 out += chunk
         # End as the pipeline is meant to: stop the source, the rest ends on EOF.
         procs[0].send_signal(signal.SIGTERM)
-        rest, errors = ship.communicate(timeout=60)
-        out += rest
+        out += ship.communicate(timeout=60)[0]
         for p in procs:
-            assert p.wait(timeout=60) == 0, p.args
+            assert p.wait(timeout=60) == 0, (p.args, stderr_of_all())
         return out.decode()
     finally:
         for p in procs:
@@ -94,7 +100,7 @@ def test_shipped_metrics_match_the_kernel_and_the_processes(tmp_path):
             "    tasks:\n"
             f"      - {{cgroup_path: '{burner.path}', name: burner}}\n"
             f"      - {{cgroup_path: '{holder.path}', name: holder}}\n")
-        text = run_pipeline(str(config), CYCLES)
+        text = run_pipeline(str(config), CYCLES, tmp_path)
 
         kernel_cpu = read_int(burner.file("cpuacct", "cpuacct.usage")) / 1e9
         kernel_mem = read_int(holder.file("memory", "memory.usage_in_bytes"))
