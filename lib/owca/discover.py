@@ -8,6 +8,7 @@ here; Mesos and Kubernetes in their own modules.
 import logging
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
@@ -30,6 +31,16 @@ class TaskSource:
 
     def list_tasks(self, paths: Paths) -> List[dict]:
         raise NotImplementedError
+
+    def samples(self) -> list:
+        """The source's own metric samples, added to each frame."""
+        return []
+
+
+def source_name(source: TaskSource) -> str:
+    """`mesos` for MesosDiscovery: the `source` label of the discovery metrics."""
+    name = type(source).__name__
+    return (name[:-len("Discovery")] if name.endswith("Discovery") else name).lower()
 
 
 _LABEL_BAD_CHARS = re.compile(r"[^a-zA-Z0-9_]")
@@ -170,6 +181,9 @@ class DiscoverConfig:
     labels: Dict[str, str] = field(default_factory=dict)
     # Tasks whose cgroup is missing on this node are dropped unless false.
     require_cgroup: bool = True
+    # While the source fails, the last good list is kept (its vanished
+    # cgroups dropped) for this many seconds, then emptied; null: kept forever.
+    max_staleness: Optional[float] = 60.0
 
 
 class Discover(Stage):
@@ -183,6 +197,8 @@ class Discover(Stage):
         self.errors = 0
         self.dropped = 0
         self.last_tasks = []
+        self.last_success = None  # monotonic time of the last good answer
+        self.fresh = False
 
     def produce(self) -> list:
         self.seq += 1
@@ -190,13 +206,41 @@ class Discover(Stage):
             tasks = self.cfg.source.list_tasks(self.paths)
         except DiscoveryError as e:
             self.errors += 1
-            log.error("%s: %s (keeping the %d tasks of the last good cycle)",
-                      type(self.cfg.source).__name__, e, len(self.last_tasks))
-            tasks = self.last_tasks
+            self.fresh = False
+            tasks = self._stale(str(e))
         else:
             tasks = self._checked(tasks)
             self.last_tasks = tasks
+            self.last_success = time.monotonic()
+            self.fresh = True
         return [frames.tasks_frame(self.seq, tasks, metrics=self._samples(len(tasks)))]
+
+    def _stale(self, error: str) -> List[dict]:
+        """The failure policy (docs/discovery.md): keep the last list, bounded, then empty."""
+        name = source_name(self.cfg.source)
+        if self.last_success is None:
+            log.error("%s: %s (no good answer yet: no tasks)", name, error)
+            return []
+        age = time.monotonic() - self.last_success
+        limit = self.cfg.max_staleness
+        if limit is not None and age > limit:
+            log.error("%s: %s (no good answer for %.0f s: no tasks until it recovers)",
+                      name, error, age)
+            self.last_tasks = []
+            return []
+        if self.cfg.require_cgroup:  # a task that ended meanwhile is not kept
+            kept = [t for t in self.last_tasks if cgroup_exists(self.paths, t["cgroup_path"])]
+            self.dropped += len(self.last_tasks) - len(kept)
+            self.last_tasks = kept
+        log.error("%s: %s (keeping the %d tasks of the last good answer, %.0f s old)",
+                  name, error, len(self.last_tasks), age)
+        return self.last_tasks
+
+    def _age(self) -> float:
+        """Seconds since the listed tasks were fetched: 0 when they are fresh."""
+        if self.fresh or self.last_success is None:
+            return 0.0
+        return round(time.monotonic() - self.last_success, 3)
 
     def _checked(self, tasks: List[dict]) -> List[dict]:
         good, seen = [], set()
@@ -225,8 +269,15 @@ class Discover(Stage):
 
     def _samples(self, ntasks: int) -> list:
         labels = {"stage": self.name}
+        source = {"stage": self.name, "source": source_name(self.cfg.source)}
         return self.stats.samples() + [
             frames.sample("owca_tasks", ntasks, labels),
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
-            frames.sample("owca_discovery_errors_total", self.errors, labels, "counter"),
-        ]
+            frames.sample("owca_discovery_errors_total", self.errors, source, "counter"),
+            frames.sample("owca_discovery_tasks_age_seconds", self._age(), source),
+        ] + self.cfg.source.samples()
+
+
+# The orchestrator sources register their configuration tags (!MesosDiscovery,
+# !KubernetesDiscovery, !PriorityRule); they import this module, hence last.
+from owca import kubernetes, mesos  # noqa: E402,F401

@@ -240,7 +240,25 @@ SHIP = _specs()
 
 # -- discovery from orchestrators (owca-discover) --------------------------------------------
 # (section of the orchestrator engineer)
-ORCHESTRATOR = _specs()
+ORCHESTRATOR = _specs(
+    M("owca_orchestrator_requests_total", COUNTER, "requests",
+      "HTTP requests (attempts, retries included) to the orchestrator's node agent; "
+      "label source (mesos, kubernetes).", "owca-discover", scope="internal"),
+    M("owca_orchestrator_request_failures_total", COUNTER, "requests",
+      "Attempts that failed: no connection, timeout, TLS, HTTP error status, malformed "
+      "or truncated answer.", "owca-discover", scope="internal"),
+    M("owca_orchestrator_retries_total", COUNTER, "requests",
+      "Attempts repeated after a backoff.", "owca-discover", scope="internal"),
+    M("owca_orchestrator_request_duration_seconds", GAUGE, "seconds",
+      "Wall time of the last successful request, retries included.", "owca-discover",
+      scope="internal"),
+    M("owca_orchestrator_invalid_entries_total", COUNTER, "entries",
+      "Tasks, containers or labels of the orchestrator's answers left out as invalid "
+      "(counted every cycle they recur).", "owca-discover", scope="internal"),
+    M("owca_discovery_tasks_age_seconds", GAUGE, "seconds",
+      "Age of the task list in the frame: 0 when fresh, else the time since the source's "
+      "last good answer (docs/discovery.md).", "owca-discover", scope="internal"),
+)
 
 # -- application performance metrics (workloads/) ---------------------------------------------
 # (section of the workloads engineer)

@@ -1,0 +1,344 @@
+"""Discovery from a Kubernetes kubelet (lib/owca/kubernetes.py).
+
+The pure parts (quantities, cgroup layouts, QoS, requests and limits) are
+tested on literal values; the recorded PodLists (tests/fixtures/kubelet_*/)
+against their expected task lists; then the whole source against a real HTTP
+server on loopback replaying them, and against an HTTPS one with a test CA,
+a bearer token and a client certificate.  Cgroup trees for the existence
+check are directories laid out like the v1 and v2 hierarchies (the real
+hierarchies are the end-to-end test's: tests/test_discovery_e2e.py).
+"""
+import logging
+import os
+import re
+
+import pytest
+
+from conftest import FIXTURES
+from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
+                                 pki, server_tls)  # noqa: F401 (pki: a fixture)
+from owca import config, frames
+from owca.discover import Discover, DiscoverConfig, DiscoveryError
+from owca.kubernetes import (KubernetesDiscovery, container_cgroup_path, parse_pods,
+                             parse_quantity, pod_cgroup_path, pod_resources, qos_class)
+from owca.orchestrator import InvalidEntry
+from owca.priority import PriorityRule
+
+DOCKER = os.path.join(FIXTURES, "kubelet_docker")
+CONTAINERD = os.path.join(FIXTURES, "kubelet_containerd")
+UID = "5a1e2c3d-4b5f-4a6e-8d7c-9e0f1a2b3c4d"
+CID = "c1bf9798c49a3d128bbf920781af5c745c7c28ce694be0245c092a487d73ab3f"
+
+
+# -- pure parts ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("100m", 0.1), ("2", 2), ("1.5", 1.5), ("250m", 0.25), ("64Mi", 64 * 2 ** 20),
+    ("1Gi", 2 ** 30), ("500M", 500_000_000), ("1k", 1000), ("2e3", 2000), ("1E3", 1000),
+    ("1E", 10 ** 18), ("12n", 12e-9), ("0", 0), (".5", 0.5), ("3Ki", 3072), (4, 4),
+])
+def test_quantities(text, value):
+    assert parse_quantity(text) == pytest.approx(value)
+
+
+@pytest.mark.parametrize("text", ["", "1.2.3", "10 Mi", "1e", "Mi", "0x10", "1Qi", None, "1e999"])
+def test_bad_quantities_are_invalid_entries(text):
+    with pytest.raises(InvalidEntry):
+        parse_quantity(text)
+
+
+@pytest.mark.parametrize("driver, qos, root, expected", [
+    ("cgroupfs", "Guaranteed", [], f"/kubepods/pod{UID}"),
+    ("cgroupfs", "Burstable", [], f"/kubepods/burstable/pod{UID}"),
+    ("cgroupfs", "BestEffort", [], f"/kubepods/besteffort/pod{UID}"),
+    ("cgroupfs", "Burstable", ["kube"], f"/kube/kubepods/burstable/pod{UID}"),
+    ("systemd", "Guaranteed", [], "/kubepods.slice/kubepods-pod5a1e2c3d_4b5f_4a6e_8d7c_"
+                                  "9e0f1a2b3c4d.slice"),
+    ("systemd", "Burstable", [], "/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-"
+                                 "pod5a1e2c3d_4b5f_4a6e_8d7c_9e0f1a2b3c4d.slice"),
+    ("systemd", "BestEffort", [], "/kubepods.slice/kubepods-besteffort.slice/kubepods-"
+                                  "besteffort-pod5a1e2c3d_4b5f_4a6e_8d7c_9e0f1a2b3c4d.slice"),
+    ("systemd", "Guaranteed", ["my-root"],
+     "/my_root.slice/my_root-kubepods.slice/my_root-kubepods-pod5a1e2c3d_4b5f_4a6e_8d7c_"
+     "9e0f1a2b3c4d.slice"),
+])
+def test_pod_cgroup_path_for_each_driver_and_qos(driver, qos, root, expected):
+    uid = UID.replace("-", "_") if driver == "systemd" else UID
+    assert pod_cgroup_path(uid, qos, driver, root) == expected
+
+
+@pytest.mark.parametrize("runtime, driver, name", [
+    ("docker", "cgroupfs", CID), ("containerd", "cgroupfs", CID),
+    ("cri-o", "cgroupfs", f"crio-{CID}"),
+    ("docker", "systemd", f"docker-{CID}.scope"),
+    ("containerd", "systemd", f"cri-containerd-{CID}.scope"),
+    ("cri-o", "systemd", f"crio-{CID}.scope"),
+])
+def test_container_cgroup_for_each_runtime_and_driver(runtime, driver, name):
+    assert container_cgroup_path("/p", f"{runtime}://{CID}", driver) == f"/p/{name}"
+
+
+@pytest.mark.parametrize("container_id", [
+    "rkt://abc", f"docker://{CID}/../../x", "docker://", CID, "docker://ab cd", "Docker://ab"])
+def test_unusable_container_ids_are_invalid(container_id):
+    with pytest.raises(InvalidEntry):
+        container_cgroup_path("/p", container_id, "cgroupfs")
+
+
+def c(requests=None, limits=None, name="c"):
+    return {"name": name, "resources": {k: v for k, v in (("requests", requests),
+                                                          ("limits", limits)) if v}}
+
+
+@pytest.mark.parametrize("containers, init, expected", [
+    ([c({"cpu": "1", "memory": "1Gi"}, {"cpu": "1", "memory": "1Gi"})], [], "Guaranteed"),
+    ([c(None, {"cpu": "1", "memory": "1Gi"})], [], "Guaranteed"),  # requests default to limits
+    ([c({"cpu": "1"}, {"cpu": "2", "memory": "1Gi"})], [], "Burstable"),
+    ([c({"cpu": "1", "memory": "1Gi"}, {"cpu": "1", "memory": "1Gi"}), c()], [], "Burstable"),
+    ([c(), c()], [], "BestEffort"),
+    ([c()], [c({"cpu": "100m"})], "Burstable"),  # init containers count
+    ([c({"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"})], [], "BestEffort"),
+])
+def test_qos_class_computed_as_the_kubelet_does(containers, init, expected):
+    assert qos_class({"containers": containers, "initContainers": init}, "spec") == expected
+
+
+def test_pod_requests_take_init_containers_and_overhead_into_account():
+    spec = {"containers": [c({"cpu": "500m", "memory": "512Mi"}, {"memory": "1Gi"}, "a"),
+                           c({"cpu": "250m"}, {"cpu": "1", "memory": "1Gi"}, "b")],
+            "initContainers": [c({"cpu": "2", "memory": "64Mi"}, {"cpu": "2"}, "init")],
+            "overhead": {"cpu": "100m", "memory": "10Mi"}}
+    assert pod_resources(spec, "spec") == {
+        "cpus": pytest.approx(2.1), "mem_bytes": (512 + 10) * 2 ** 20,
+        # cpu: container a has no limit, so the pod has none
+        "limit_mem_bytes": (2048 + 10) * 2 ** 20}
+    assert pod_resources(spec, "spec", only="b") == {
+        "cpus": 0.25, "limit_cpus": 1, "limit_mem_bytes": 2 ** 30}
+
+
+def test_extended_resources_keep_their_sanitised_names():
+    spec = {"containers": [c({"nvidia.com/gpu": "2", "hugepages-2Mi": "64Mi"},
+                             {"nvidia.com/gpu": "2", "hugepages-2Mi": "64Mi"})]}
+    assert pod_resources(spec, "spec") == {
+        "nvidia_com_gpu": 2, "hugepages_2Mi": 64 * 2 ** 20,
+        "limit_nvidia_com_gpu": 2, "limit_hugepages_2Mi": 64 * 2 ** 20}
+
+
+# -- recorded answers -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fixture, driver", [
+    (DOCKER, "cgroupfs"), (DOCKER, "systemd"), (CONTAINERD, "cgroupfs"), (CONTAINERD, "systemd")])
+def test_recorded_pod_lists_give_the_expected_tasks(fixture, driver):
+    tasks, problems = parse_pods(load_json(os.path.join(fixture, "pods.json")), driver=driver)
+    golden(os.path.join(fixture, f"expected_tasks_{driver}.json"),
+           {"tasks": tasks, "problems": problems})
+    # every task is a valid frame entry
+    frames.validate(frames.tasks_frame(1, tasks, ts=1.0, host="h"))
+
+
+def test_recorded_docker_pods_ids_paths_labels_resources():
+    tasks, problems = parse_pods(load_json(os.path.join(DOCKER, "pods.json")), driver="cgroupfs")
+    assert problems == []
+    by_name = {t["name"]: t for t in tasks}
+    # Pending static pods (no status, no containers) are not tasks
+    assert sorted(by_name) == ["default/test", "default/test2", "kube-system/calico-node-vz6m6",
+                               "kube-system/coredns-6fd7dbf94c-tf9zx",
+                               "kube-system/kube-proxy-hhxg5"]
+    test = by_name["default/test"]
+    assert test["id"] == "4d6a81df-3448-11e9-8e1d-246e96663c22"
+    assert test["cgroup_path"] == "/kubepods/burstable/pod4d6a81df-3448-11e9-8e1d-246e96663c22"
+    assert test["subcgroup_paths"] == [test["cgroup_path"] + "/eb9c378219b6a4efc034ea8898b19faa0e"
+                                                             "27c7b20b8eb254fda361cceacf8e90"]
+    assert test["labels"]["exampleKey"] == "value"
+    assert test["labels"]["qos_class"] == "Burstable"
+    assert test["resources"] == {"cpus": 0.25, "mem_bytes": 64 * 2 ** 20}
+    proxy = by_name["kube-system/kube-proxy-hhxg5"]
+    assert proxy["cgroup_path"].startswith("/kubepods/besteffort/pod650ef8d1")
+    assert proxy["labels"]["annotation_scheduler_alpha_kubernetes_io_critical_pod"] == ""
+    calico = by_name["kube-system/calico-node-vz6m6"]
+    assert calico["resources"] == {"cpus": 0.15, "mem_bytes": 64e6, "limit_cpus": 0.3,
+                                   "limit_mem_bytes": 500e6}
+
+
+def test_not_ready_pods_are_listed_with_their_running_containers_only():
+    tasks, _ = parse_pods(load_json(os.path.join(DOCKER, "pods_not_ready.json")))
+    # the pending pod "test" (containers waiting) is not a task yet
+    assert "default/test" not in [t["name"] for t in tasks]
+    assert len(tasks) == 3
+    web, _ = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")))
+    shop = next(t for t in web if t["name"] == "shop/web-6f7c9-ab12c")
+    assert len(shop["subcgroup_paths"]) == 1  # log-shipper is still waiting
+
+
+def test_recorded_invalid_types_are_reported_not_fatal():
+    tasks, problems = parse_pods(load_json(os.path.join(DOCKER, "pods_invalid_types.json")))
+    assert tasks == []
+    assert len(problems) == 5  # the five running pods, each with uid 0
+    assert all("metadata.uid: expected str, got int 0" in p for p in problems)
+
+
+def test_forged_uid_and_unknown_runtime_are_left_out_with_a_reason():
+    tasks, problems = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")))
+    assert "shop/forged" not in [t["name"] for t in tasks]
+    assert any("forged left out: metadata.uid" in p for p in problems)
+    legacy = next(t for t in tasks if t["name"] == "shop/legacy-rkt-0")
+    assert legacy["subcgroup_paths"] == []
+    assert any("'rkt' has no known cgroup layout" in p for p in problems)
+
+
+def test_long_annotations_are_not_labels():
+    tasks, _ = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")))
+    memcached = next(t for t in tasks if t["name"] == "cache/memcached-0")
+    assert "annotation_kubectl_kubernetes_io_last_applied_configuration" not in memcached["labels"]
+    assert memcached["labels"]["annotation_prometheus_io_port"] == "9150"
+    only, _ = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")), annotations=["none*"])
+    assert not any(k.startswith("annotation_") for t in only for k in t["labels"])
+
+
+def test_container_mode_lists_each_running_container():
+    tasks, problems = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")), task="container",
+                                 driver="systemd")
+    golden(os.path.join(CONTAINERD, "expected_tasks_container_systemd.json"),
+           {"tasks": tasks, "problems": problems})
+    memcached = [t for t in tasks if t["labels"]["pod_name"] == "memcached-0"]
+    uid = "8b5e1f4c-6a0d-4c2e-9f3b-2d7a1e5c9b40"
+    assert sorted(t["id"] for t in memcached) == [f"{uid}/exporter", f"{uid}/memcached"]
+    mc = next(t for t in memcached if t["labels"]["container_name"] == "memcached")
+    pod = "/kubepods.slice/kubepods-pod8b5e1f4c_6a0d_4c2e_9f3b_2d7a1e5c9b40.slice"
+    assert re.fullmatch(pod + r"/cri-containerd-[0-9a-f]{64}\.scope", mc["cgroup_path"])
+    assert mc["resources"] == {"cpus": 2, "mem_bytes": 2 ** 30, "limit_cpus": 2,
+                               "limit_mem_bytes": 2 ** 30}
+
+
+def test_namespaces_filter():
+    tasks, _ = parse_pods(load_json(os.path.join(DOCKER, "pods.json")), namespaces=["default"])
+    assert sorted(t["name"] for t in tasks) == ["default/test", "default/test2"]
+
+
+@pytest.mark.parametrize("answer", [[], {"items": {}}, {"kind": "Status", "items": []}, "x"])
+def test_an_answer_that_is_not_a_pod_list_is_a_discovery_error(answer):
+    with pytest.raises(DiscoveryError):
+        parse_pods(answer)
+
+
+# -- served over HTTP -----------------------------------------------------------------------
+
+def discover_stage(source, cgroupfs, **cfg):
+    return Discover(DiscoverConfig(source=source, **cfg), {"--cgroupfs": cgroupfs})
+
+
+@pytest.fixture
+def kubelet():
+    with ReplayServer({"GET /pods": load_json(os.path.join(CONTAINERD, "pods.json"))}) as server:
+        yield server
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+@pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
+def test_served_pods_become_a_tasks_frame_for_each_driver_and_cgroup_version(
+        kubelet, tmp_path, caplog, driver, version):
+    expected = load_json(os.path.join(CONTAINERD, f"expected_tasks_{driver}.json"))["tasks"]
+    present = [t for t in expected if t["name"] != "shop/legacy-rkt-0"]
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [t["cgroup_path"] for t in present], version)
+    source = KubernetesDiscovery(url=kubelet.url)  # driver: auto
+    stage = discover_stage(source, cgroupfs)
+    with caplog.at_level(logging.WARNING):
+        frame = stage.produce()[0]
+    frames.validate(frame)
+    assert [t["cgroup_path"] for t in frame["tasks"]] == [t["cgroup_path"] for t in present]
+    assert [t["id"] for t in frame["tasks"]] == [t["id"] for t in present]
+    # the pod whose cgroup is not on this node is reported and left out
+    assert "its cgroup" in caplog.text and "pod6b2f3d4e" in caplog.text.replace("_", "-")
+    for got, want in zip(frame["tasks"], present):
+        assert got["resources"] == want["resources"]
+        assert got["labels"] == {**want["labels"], "priority": got["labels"]["priority"]}
+    priorities = {t["name"]: t["labels"]["priority"] for t in frame["tasks"]}
+    assert priorities == {"cache/memcached-0": "hp", "batch/stress-batch-7d9f8-x2kqp": "be",
+                          "ml/trainer-5c6b7-9zt4m": "be", "shop/web-6f7c9-ab12c": "be"}
+    assert kubelet.requests[-1][:2] == ("GET", "/pods")
+    metrics = {s["name"]: s for s in frame["metrics"]}
+    assert metrics["owca_orchestrator_requests_total"]["labels"] == {"source": "kubernetes"}
+    assert metrics["owca_orchestrator_invalid_entries_total"]["value"] == 2
+    assert metrics["owca_tasks_dropped_total"]["value"] == 1
+
+
+def test_priority_rule_from_a_label(kubelet, tmp_path):
+    rule = PriorityRule(label="owca.io/priority", hp_values=["hp"], qos_classes=["Burstable"])
+    tasks = KubernetesDiscovery(url=kubelet.url, priority=rule).list_tasks(_paths(tmp_path))
+    got = {t["name"]: t["labels"]["priority"] for t in tasks}
+    assert got["batch/stress-batch-7d9f8-x2kqp"] == "be"   # label says be, BestEffort
+    assert got["shop/web-6f7c9-ab12c"] == "hp"             # Burstable
+    assert got["cache/memcached-0"] == "be"                # Guaranteed is not listed here
+
+
+def _paths(tmp_path):
+    from owca.paths import Paths
+    return Paths(cgroupfs=str(tmp_path))
+
+
+def test_config_builds_the_source_and_refuses_bad_options(tmp_path):
+    cfg_text = ("discover:\n"
+                "  source: !KubernetesDiscovery\n"
+                "    url: http://127.0.0.1:10255\n"
+                "    task: container\n"
+                "    cgroup_driver: systemd\n"
+                "    priority: !PriorityRule {label: tier, hp_values: [latency-critical]}\n")
+    cfg = config.load_section(None, "discover", DiscoverConfig, text=cfg_text)
+    assert cfg.source.task == "container" and cfg.source.priority.hp_values == ["latency-critical"]
+    token = tmp_path / "token"
+    token.write_text("t0k3n\n")
+    for bad, reason in [
+        (f"    token_file: {token}\n", "in clear"),
+        ("    cgroup_driver: upstart\n", "expected one of"),
+        ("    cgroup_root: /a/../b\n", "cannot be part of a cgroup path"),
+        ("    url: ftp://x\n", "expected http(s)://"),
+        ("    timeout: 0\n", "positive"),
+        ("    ca_bundle: /nonexistent/ca.pem\n", "cannot read"),
+        ("    priority: !PriorityRule {qos_classes: [Gold]}\n", "unknown class"),
+    ]:
+        text = "discover:\n  source: !KubernetesDiscovery\n" + bad
+        with pytest.raises(config.ConfigError) as e:
+            config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
+        assert str(e.value).startswith("owca.yaml:") and reason in str(e.value), str(e.value)
+
+
+# -- the secure port: TLS, bearer token, client certificate -----------------------------------
+
+def test_secure_port_with_ca_bearer_token_and_client_certificate(pki, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("first-token\n")
+    routes = {"GET /pods": load_json(os.path.join(DOCKER, "pods.json"))}
+    with ReplayServer(routes, tls=server_tls(pki, require_client_cert=True)) as server:
+        source = KubernetesDiscovery(url=server.url, ca_bundle=pki["ca"], token_file=str(token),
+                                     client_cert=pki["client_cert"], client_key=pki["client_key"],
+                                     cgroup_driver="cgroupfs")
+        tasks = source.list_tasks(_paths(tmp_path))
+        assert len(tasks) == 5
+        assert server.requests[-1][3]["Authorization"] == "Bearer first-token"
+        token.write_text("rotated-token\n")  # a projected token is rotated in place
+        source.list_tasks(_paths(tmp_path))
+        assert server.requests[-1][3]["Authorization"] == "Bearer rotated-token"
+
+
+def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):
+    with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
+                      tls=server_tls(pki)) as server:
+        source = KubernetesDiscovery(url=server.url, ca_bundle=pki["other_ca"])
+        with pytest.raises(DiscoveryError) as e:
+            source.list_tasks(_paths(tmp_path))
+        message = str(e.value)
+        assert "certificate verify failed" in message and "\n" not in message
+        assert server.requests == []  # not one request went to the unverified server
+        assert source._client.retries == 0  # a certificate does not fix itself
+        # default verification (the system's CAs) refuses the test CA too
+        with pytest.raises(DiscoveryError, match="certificate verify failed"):
+            KubernetesDiscovery(url=server.url).list_tasks(_paths(tmp_path))
+
+
+def test_secure_port_without_the_required_client_certificate_fails_in_one_line(pki, tmp_path):
+    with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
+                      tls=server_tls(pki, require_client_cert=True)) as server:
+        source = KubernetesDiscovery(url=server.url, ca_bundle=pki["ca"], retries=0)
+        with pytest.raises(DiscoveryError) as e:
+            source.list_tasks(_paths(tmp_path))
+        assert "\n" not in str(e.value) and server.url in str(e.value)
