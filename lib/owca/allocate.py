@@ -128,17 +128,7 @@ class Allocate(Stage):
     # -- reading -----------------------------------------------------------------------
 
     def topology(self, frame: dict) -> Topology:
-        """Online CPUs and NUMA nodes from sysfs; the frame's CPU count if it is unreadable."""
-        try:
-            cpus = parse_list(_read(self.paths.sys("devices", "system", "cpu", "online")))
-        except (OSError, ValueError):
-            cpus = frozenset(range(int(frame.get("platform", {})
-                                       .get("platform_topology_cpus", 0) or 0)))
-        try:
-            nodes = parse_list(_read(self.paths.sys("devices", "system", "node", "online")))
-        except (OSError, ValueError):
-            nodes = frozenset((0,))   # a kernel without NUMA support has node 0 only
-        return Topology(cpus=cpus, numa_nodes=nodes)
+        return read_topology(self.paths, frame.get("platform", {}).get("platform_topology_cpus"))
 
     def read_cycle(self, frame: dict) -> Cycle:
         topology = self.topology(frame)
@@ -536,7 +526,8 @@ class Allocate(Stage):
                 restored.setdefault(task_id, {})[change.type] = change.original.value
                 log.info("task %s: %s restored", task_id, change.type)
         self.desired.clear()
-        if not self.dry_run and self.resctrl.available():
+        ran = self._last[1] is not None   # a stage that saw no frame changed nothing
+        if ran and not self.dry_run and self.resctrl.available():
             for name in sorted(self.resctrl.groups()):
                 if is_owca_group(name):
                     self._remove_group(name)
@@ -564,6 +555,20 @@ def allocation_samples(task_id: str, values: dict) -> list:
                                          {**labels, "group_name": rdt["name"],
                                           "cache_id": str(cache_id)}))
     return out
+
+
+def read_topology(paths, platform_cpus=None) -> Topology:
+    """Online CPUs and NUMA nodes from sysfs; `platform_cpus` (the measured count) if the
+    CPU list is unreadable."""
+    try:
+        cpus = parse_list(_read(paths.sys("devices", "system", "cpu", "online")))
+    except (OSError, ValueError):
+        cpus = frozenset(range(int(platform_cpus or 0)))
+    try:
+        nodes = parse_list(_read(paths.sys("devices", "system", "node", "online")))
+    except (OSError, ValueError):
+        nodes = frozenset((0,))   # a kernel without NUMA support has node 0 only
+    return Topology(cpus=cpus, numa_nodes=nodes)
 
 
 def _read(path: str) -> str:

@@ -1,0 +1,219 @@
+"""owca-allocate on real cgroup v1 directories with real processes in them.
+
+Each test makes /owca-test-<random>/{task,sibling} in the cpu, cpuacct and cpuset
+hierarchies and removes them afterwards (tests/cgroup_helpers.py).  Skipped where
+the machine has no writable v1 hierarchies.
+"""
+import json
+import os
+import signal
+import subprocess
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from cgroup_helpers import (BURN_FOREVER, new_name, read_int, v1_cgroup, v1_missing,
+                            wait_line)
+from conftest import ROOT, tool_command, tool_env
+from owca import frames
+from owca.allocate import Allocate, AllocateConfig, read_topology
+from owca.paths import DEFAULT_PATHS
+from test_allocate import Scripted
+
+CONTROLLERS = ("cpu", "cpuacct", "cpuset")
+pytestmark = pytest.mark.skipif(v1_missing(controllers=CONTROLLERS) is not None,
+                                reason=str(v1_missing(controllers=CONTROLLERS)))
+SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
+
+
+def online_cpus():
+    return len(read_topology(DEFAULT_PATHS).cpus)
+
+
+def read(path):
+    with open(path) as f:
+        return f.read().strip()
+
+
+def init_cpuset(cg):
+    # A v1 cpuset takes no process until it has CPUs and memory nodes.
+    parent = os.path.dirname(cg.dirs["cpuset"])
+    for name in ("cpuset.cpus", "cpuset.mems"):
+        with open(cg.file("cpuset", name), "w") as f:
+            f.write(read(os.path.join(parent, name)))
+
+
+@pytest.fixture
+def family():
+    """A parent cgroup with two children, `task` and `sibling`, each running `SLEEP`."""
+    with ExitStack() as stack:
+        parent = stack.enter_context(v1_cgroup(CONTROLLERS))
+        init_cpuset(parent)
+        kids = {}
+        for name in ("task", "sibling"):
+            kid = stack.enter_context(v1_cgroup(CONTROLLERS, path=f"{parent.path}/{name}"))
+            init_cpuset(kid)
+            kids[name] = kid
+        yield parent, kids["task"], kids["sibling"]
+
+
+def start(cg, code=SLEEP):
+    child = cg.start_python(code)
+    wait_line(child, "running")
+    return child
+
+
+def settings(*cgroups):
+    """Every writable setting of these cgroups in the hierarchies OWCA writes (cpuacct's
+    only writable file is a counter)."""
+    out = {}
+    for cg in cgroups:
+        for c in ("cpu", "cpuset"):
+            d = cg.dirs[c]
+            for name in sorted(os.listdir(d)):
+                path = os.path.join(d, name)
+                if os.stat(path).st_mode & 0o200 and name not in ("release_agent",):
+                    try:
+                        out[path] = read(path)
+                    except OSError:
+                        continue  # write-only files
+    return out
+
+
+def measurements(seq, cgroup_path, labels=None):
+    frame = frames.measurements_frame(
+        seq, {"platform_topology_cpus": online_cpus()},
+        {"task": {"name": "task", "cgroup_path": cgroup_path, "labels": labels or {},
+                  "resources": {}, "metrics": {}}}, ts=time.time(), host="n1")
+    return frames.validate(frames.decode(frames.encode(frame)))
+
+
+def test_quota_shares_and_cpusets_are_written_and_read_back(family):
+    parent, task, sibling = family
+    child = start(task)
+    start(sibling)
+    others = settings(parent, sibling)
+    originals = settings(task)
+    s = Allocate(AllocateConfig(allocator=Scripted(
+        {"task": {"cpu_quota": 0.1, "cpu_shares": 0.5, "cpuset_cpus": "0",
+                  "cpuset_mems": "0"}})), {})
+    frame = s.process(measurements(1, task.path))[0]
+    assert frame["errors"] == []
+    ncpus = online_cpus()
+    period = read_int(task.file("cpu", "cpu.cfs_period_us"))
+    assert read_int(task.file("cpu", "cpu.cfs_quota_us")) == round(0.1 * period * ncpus)
+    assert read_int(task.file("cpu", "cpu.shares")) == 512
+    assert read(task.file("cpuset", "cpuset.cpus")) == "0"
+    assert read(task.file("cpuset", "cpuset.mems")) == "0"
+    # The kernel applied it to the process in the cgroup.
+    status = read(f"/proc/{child.pid}/status")
+    assert "Cpus_allowed_list:\t0\n" in status + "\n"
+    # Read back from the cgroup in the next cycle.
+    s.process(measurements(2, task.path))
+    assert s.cfg.allocator.seen[1]["task"] == {"cpu_quota": 0.1, "cpu_shares": 0.5,
+                                               "cpuset_cpus": "0", "cpuset_mems": "0"}
+    # The parent's and the sibling's files were not written.
+    assert settings(parent, sibling) == others
+    s.close()
+    assert settings(task) == originals
+    assert settings(parent, sibling) == others
+
+
+def test_a_cpuset_wider_than_the_parents_is_refused(family):
+    if online_cpus() < 2:
+        pytest.skip("needs two online CPUs")
+    parent, task, sibling = family
+    for cg in (task, sibling, parent):   # children first: v1 keeps them within the parent
+        with open(cg.file("cpuset", "cpuset.cpus"), "w") as f:
+            f.write("0")
+    s = Allocate(AllocateConfig(allocator=Scripted({"task": {"cpuset_cpus": "0-1"}})), {})
+    frame = s.process(measurements(1, task.path))[0]
+    assert "1 not in the parent cgroup's cpuset.cpus 0" in frame["errors"][0]["reason"]
+    s.close()
+
+
+def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family):
+    _, task, _ = family
+    ncpus = online_cpus()
+    # cpu_quota is a share of the whole platform: a fifth of ONE CPU is 0.2 / ncpus
+    # (0.1 on a 2-CPU node = 20 ms of CPU time per 100 ms period).  The top weight
+    # keeps the other work on this shared machine from starving it below its cap.
+    quota = 0.2 / ncpus
+    s = Allocate(AllocateConfig(allocator=Scripted(
+        {"task": {"cpu_quota": quota, "cpu_shares": 100}})), {})
+    start(task, BURN_FOREVER)
+    s.process(measurements(1, task.path))
+    throttled = _throttled(task)
+    usage0, t0 = read_int(task.file("cpuacct", "cpuacct.usage")), time.monotonic()
+    time.sleep(3)
+    usage1, t1 = read_int(task.file("cpuacct", "cpuacct.usage")), time.monotonic()
+    used = (usage1 - usage0) / 1e9 / (t1 - t0)
+    assert abs(used - 0.2) <= 0.05, f"used {used:.3f} of a CPU, expected 0.2 +- 0.05"
+    assert _throttled(task) > throttled   # the cap, not a lack of work, held it there
+    s.close()
+    assert read_int(task.file("cpu", "cpu.cfs_quota_us")) == -1
+
+
+def _throttled(cg):
+    stat = dict(line.split() for line in read(cg.file("cpu", "cpu.stat")).splitlines())
+    return int(stat["nr_throttled"])
+
+
+def test_dry_run_writes_nothing(family):
+    parent, task, sibling = family
+    start(task)
+    before = settings(parent, task, sibling)
+    s = Allocate(AllocateConfig(allocator=Scripted(
+        {"task": {"cpu_quota": 0.1, "cpu_shares": 0.5, "cpuset_cpus": "0"}})),
+        {"--dry-run": True})
+    frame = s.process(measurements(1, task.path))[0]
+    assert frame["dry_run"] is True and set(frame["allocations"]["task"]) == \
+        {"cpu_quota", "cpu_shares", "cpuset_cpus"}
+    s.close()
+    assert settings(parent, task, sibling) == before
+
+
+STATIC = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
+          "      - labels: {priority: be}\n"
+          "        allocations: {cpu_quota: 0.1, cpu_shares: 0.25, cpuset_cpus: '0'}\n")
+
+
+@pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed"])
+def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
+    parent, task, sibling = family
+    start(task)
+    before = settings(parent, task, sibling)
+    config = tmp_path / "owca.yaml"
+    config.write_text(STATIC)
+    tool = subprocess.Popen(tool_command("allocate", "-c", str(config)), stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(),
+                            cwd=ROOT)
+    try:
+        tool.stdin.write(frames.encode(measurements(1, task.path, {"priority": "be"})))
+        tool.stdin.flush()
+        assert json.loads(tool.stdout.readline())["kind"] == "measurements"
+        allocations = json.loads(tool.stdout.readline())
+        assert allocations["allocations"]["task"]["cpu_shares"] == 0.25
+        assert read_int(task.file("cpu", "cpu.shares")) == 256
+        assert read(task.file("cpuset", "cpuset.cpus")) == "0"
+        if stop == "eof":
+            tool.stdin.close()
+        elif stop == "stdout closed":
+            tool.stdout.close()   # `owca-allocate | head -2`: the next write fails
+            tool.stdin.write(frames.encode(measurements(2, task.path, {"priority": "be"})))
+            tool.stdin.close()
+        else:
+            os.kill(tool.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
+        assert tool.wait(timeout=30) == 0, tool.stderr.read()
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        for stream in (tool.stdin, tool.stdout, tool.stderr):
+            if not stream.closed:
+                try:
+                    stream.close()
+                except BrokenPipeError:
+                    pass
+    assert settings(parent, task, sibling) == before
