@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Dict, Literal, Optional
 
 from owca import frames
+from owca.apm import ApmReader
 from owca.cgroups import CgroupGone, TaskCgroup, fd_usage, raise_fd_limit
 from owca.paths import paths_from_options
 from owca.platform import PlatformReader
@@ -32,6 +33,11 @@ class MeasureConfig:
     perf_events: Optional[list] = None
     perf_helper: Optional[str] = None
     perf_cgroup_root: Optional[str] = None
+    # --- application performance metrics: workload wrappers' files (lib/owca/apm.py) ---
+    # Directory of the wrappers' APM files (/run/owca/apm is theirs by default);
+    # None reads none.  Files older than apm_max_age seconds are ignored.
+    apm_dir: Optional[str] = None
+    apm_max_age: float = 30.0
 
 
 class Measure(Stage):
@@ -52,6 +58,7 @@ class Measure(Stage):
         self.dropped = 0
         self.seq = 0
         self.perf = self._start_perf()
+        self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
 
     def _start_perf(self):
         if not self.cfg.perf_events:
@@ -98,6 +105,7 @@ class Measure(Stage):
         ts = time.time()
         platform = self.platform.read()
         perf = self.perf.read() if self.perf is not None else {}
+        apm = self.apm.read() if self.apm is not None else {}
         out = {}
         for task_id, reader in self.readers.items():
             try:
@@ -107,6 +115,7 @@ class Measure(Stage):
                 log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
                 continue
             metrics.update(perf.get(task_id, ()))
+            metrics.update(apm.get(task_id, ()))
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = self.tasks[task_id]
@@ -122,6 +131,8 @@ class Measure(Stage):
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
             frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
         ]
+        if self.apm is not None:
+            own += self.apm.samples(labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 

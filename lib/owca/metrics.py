@@ -262,7 +262,66 @@ ORCHESTRATOR = _specs(
 
 # -- application performance metrics (workloads/) ---------------------------------------------
 # (section of the workloads engineer)
-APM = _specs()
+# Written by workloads/owca-wrap into the APM directory, merged by owca-measure
+# into the task the wrapper measures (lib/owca/apm.py).
+_WRAP = "owca-wrap (APM file, merged by owca-measure)"
+APM = _specs(
+    M("apm_latency_p50_seconds", GAUGE, "seconds",
+      "Median request latency the load generator measured in its last report.", _WRAP,
+      scope="apm"),
+    M("apm_latency_p75_seconds", GAUGE, "seconds",
+      "75th percentile of request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_latency_p90_seconds", GAUGE, "seconds",
+      "90th percentile of request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_latency_p95_seconds", GAUGE, "seconds",
+      "95th percentile of request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_latency_p99_seconds", GAUGE, "seconds",
+      "99th percentile of request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_latency_avg_seconds", GAUGE, "seconds",
+      "Mean request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_latency_max_seconds", GAUGE, "seconds",
+      "Longest request latency in the last report.", _WRAP, scope="apm"),
+    M("apm_throughput_per_second", GAUGE, "requests per second",
+      "Requests (operations, transactions) completed per second in the last report.", _WRAP,
+      scope="apm"),
+    M("apm_errors_per_second", GAUGE, "errors per second",
+      "Failed requests (socket errors, error responses) per second in the last report.",
+      _WRAP, scope="apm"),
+    M("apm_load_target_rate_per_second", GAUGE, "requests per second",
+      "Request rate owca-sine asked of the load generator for the current step: "
+      "base + amplitude * sin(2*pi*t/period), averaged over the step.", _WRAP, scope="apm"),
+    M("apm_sli", GAUGE, "unit of the SLI metric",
+      "Service level indicator: the value of the metric named by owca-wrap --sli-metric.",
+      _WRAP, scope="apm"),
+    M("apm_slo", GAUGE, "unit of the SLI metric",
+      "Service level objective for apm_sli (owca-wrap --slo).", _WRAP, scope="apm"),
+    M("apm_sli_normalized", GAUGE, "ratio",
+      "apm_sli / apm_slo, inverted (apm_slo / apm_sli) where lower is better: "
+      "1 is the objective, below 1 violates it.", _WRAP, scope="apm"),
+    M("apm_unparsed_lines_total", COUNTER, "lines",
+      "Lines of the wrapped command's output that no parser understood.", _WRAP, scope="apm"),
+    M("apm_parse_errors_total", COUNTER, "lines",
+      "Lines a parser recognised but could not use (a value that is not a number).", _WRAP,
+      scope="apm"),
+    M("apm_child_exits_total", COUNTER, "exits",
+      "Times the wrapped command exited or crashed.", _WRAP, scope="apm"),
+    M("apm_child_restarts_total", COUNTER, "restarts",
+      "Times owca-wrap restarted the wrapped command (--restart).", _WRAP, scope="apm"),
+    M("apm_child_up", GAUGE, "boolean", "1 while the wrapped command runs.", _WRAP,
+      scope="apm"),
+    M("owca_apm_files", GAUGE, "files",
+      "Fresh APM files owca-measure merged in its last cycle.", "owca-measure",
+      scope="internal"),
+    M("owca_apm_stale_files", GAUGE, "files",
+      "APM files owca-measure ignored in its last cycle because they were older than "
+      "apm_max_age.", "owca-measure", scope="internal"),
+    M("owca_apm_malformed_files_total", COUNTER, "files",
+      "Versions of APM files owca-measure could not parse (each reported once).",
+      "owca-measure", scope="internal"),
+    M("owca_apm_read_errors_total", COUNTER, "errors",
+      "Failed reads of the APM directory or of one of its files.", "owca-measure",
+      scope="internal"),
+)
 
 SECTIONS = {
     "Tasks: cgroups": TASK_CGROUP,
