@@ -13,6 +13,7 @@ OWCA_UPDATE_GOLDEN=1 (review the diff).
 import http.server
 import json
 import os
+import socket
 import ssl
 import subprocess
 import threading
@@ -33,8 +34,10 @@ class ReplayServer:
         self.tls = tls
         self.port = port
         self.mode = NORMAL
+        self.hang = set()  # route keys that hang whatever the mode
         self.requests = []  # (method, path, call type, headers) of each request
         self.released = threading.Event()
+        self.connections = set()
         self.httpd = None
         self.thread = None
 
@@ -61,6 +64,11 @@ class ReplayServer:
             self.httpd.server_close()
             self.thread.join(5)
             self.httpd = None
+        for connection in list(self.connections):  # kept-alive ones too, as a dying agent
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def __enter__(self):
         return self.start()
@@ -92,6 +100,14 @@ def _handler(server: ReplayServer):
         def log_message(self, *args):  # the test's output stays the test's
             pass
 
+        def setup(self):
+            super().setup()
+            server.connections.add(self.connection)
+
+        def finish(self):
+            server.connections.discard(self.connection)
+            super().finish()
+
         def do_GET(self):
             self._serve(None)
 
@@ -106,7 +122,8 @@ def _handler(server: ReplayServer):
         def _serve(self, call):
             server.requests.append((self.command, self.path, call, dict(self.headers)))
             mode = server.mode
-            if mode == HANG:
+            key = f"{self.command} {self.path}" + (f" {call}" if call else "")
+            if mode == HANG or key in server.hang:
                 server.released.wait(60)
                 self.close_connection = True
                 return

@@ -211,7 +211,10 @@ class HttpClient:
                 method, url, json=body, headers=self._headers(), stream=True,
                 timeout=(timeout, timeout), allow_redirects=False)
         except self.requests.exceptions.Timeout:
-            raise _Retry(f"no answer within {timeout:.1f} s") from None
+            if timeout < self.options.timeout:
+                raise _Retry(f"no answer before the deadline ({self.options.deadline:g} s)") \
+                    from None
+            raise _Retry(f"no answer within {timeout:g} s") from None
         except self.requests.exceptions.RequestException as e:
             reason = short_reason(e)
             if reason.startswith("TLS") and "CERTIFICATE" in reason.upper():
