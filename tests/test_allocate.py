@@ -247,7 +247,8 @@ def test_a_cgroup_recreated_at_the_same_path_is_not_restored(node):
     # directory gets a new one too.
     fake_cgroup_v2(node["--cgroupfs"], {"/new": [6001]})
     shutil.rmtree(os.path.join(node["--cgroupfs"], "owca", "a"))
-    os.rename(os.path.join(node["--cgroupfs"], "new"), os.path.join(node["--cgroupfs"], "owca", "a"))
+    os.rename(os.path.join(node["--cgroupfs"], "new"),
+              os.path.join(node["--cgroupfs"], "owca", "a"))
     put(node, "/owca/a", "cpu.weight", "42")
     frame = cycle(s, 2, {})
     assert cg(node, "/owca/a", "cpu.weight") == "42"

@@ -13,8 +13,7 @@ from contextlib import ExitStack
 
 import pytest
 
-from cgroup_helpers import (BURN_FOREVER, new_name, read_int, v1_cgroup, v1_missing,
-                            wait_line)
+from cgroup_helpers import BURN_FOREVER, read_int, v1_cgroup, v1_missing, wait_line
 from conftest import ROOT, tool_command, tool_env
 from owca import frames
 from owca.allocate import Allocate, AllocateConfig, read_topology

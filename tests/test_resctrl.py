@@ -339,3 +339,14 @@ def test_dry_run_touches_nothing(node):
     assert out[0]["allocations"]["a"]["rdt"]["name"] == "owca-be"
     s.close()
     assert fs.calls == [] and changed_files(before, snapshot(fs.root)) == set()
+
+
+def test_an_unreadable_info_directory_costs_rdt_only(node):
+    options, fs = node()
+    with open(os.path.join(fs.root, "info", "L3", "cbm_mask"), "w") as f:
+        f.write("zz\n")
+    s, out = run(options, fs, {"a": {"rdt": BE, "cpu_shares": 2}})
+    assert "ValueError" in reasons(out[0])[("a", "rdt")]
+    assert out[0]["allocations"] == {"a": {"cpu_shares": 2.0}}
+    assert fs.calls == []
+    s.close()

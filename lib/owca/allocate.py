@@ -32,7 +32,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 from owca import allocation, frames
 from owca.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, TYPES,
                              InvalidAllocation, Topology, parse_list)
-from owca.allocators import Allocator, NOPAllocator, StaticAllocator, StaticRule  # noqa: F401
+from owca.allocators import Allocator, NOPAllocator
 from owca.cgroup_allocation import (CgroupMissing, CgroupRefused, Reading, TaskCgroupFiles,
                                     current_allocations, write_file)
 from owca.detect import anomaly_dicts, plugin_inputs
@@ -140,7 +140,13 @@ class Allocate(Stage):
             self.cgroup_paths[task_id] = path
             files[task_id] = TaskCgroupFiles(self.paths, path)
             readings[task_id] = current_allocations(files[task_id], topology)
-        groups = self.resctrl.groups() if self.resctrl.available() else None
+        groups = None
+        if self.resctrl.available():
+            try:
+                groups = self.resctrl.groups()
+            except (OSError, ValueError) as e:
+                log.warning("resctrl at %s unreadable, rdt left out this cycle: %s",
+                            self.paths.resctrlfs, getattr(e, "strerror", None) or e)
         return Cycle(topology, files, readings, groups)
 
     def current_allocations(self, frame: dict, cycle: Cycle = None) -> Dict[str, dict]:
@@ -266,8 +272,12 @@ class Allocate(Stage):
                     value = allocation.validate(type_, value, cycle.topology)
                     if type_ == RDT:
                         value = self._rdt_on_platform(value, cycle)
-                except InvalidAllocation as e:
-                    cycle.error(task_id, str(type_), str(e))
+                except (InvalidAllocation, TypeError) as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except (OSError, ValueError) as e:   # resctrl's info/ unreadable
+                    cycle.error(task_id, type_, f"{type(e).__name__}: "
+                                                f"{getattr(e, 'strerror', None) or e}")
                     continue
                 self.desired.setdefault(task_id, {})[type_] = value
         return withdrawn

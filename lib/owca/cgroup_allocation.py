@@ -159,9 +159,21 @@ class TaskCgroupFiles:
         else:
             self.version = "v2"
             self._roots = {t: paths.cgroup_v2_root for t in V2_FILES}
+        self._dirs = {}
 
     def directory(self, type_: str) -> str:
-        return cgroup_dir(self._roots[type_], self.cgroup_path)
+        # Resolved once per object: owca-allocate makes one per task per cycle, so a
+        # symlink put in place later is still caught by the next cycle's check.
+        root = self._roots[type_]
+        if root not in self._dirs:
+            try:
+                self._dirs[root] = cgroup_dir(root, self.cgroup_path)
+            except (CgroupRefused, CgroupMissing) as e:
+                self._dirs[root] = e
+        found = self._dirs[root]
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def file(self, type_: str) -> str:
         name = V1_FILES[type_][1] if self.version == "v1" else V2_FILES[type_]
