@@ -8,13 +8,14 @@ a bearer token and a client certificate.  Cgroup trees for the existence
 check are directories laid out like the v1 and v2 hierarchies (the real
 hierarchies are the end-to-end test's: tests/test_discovery_e2e.py).
 """
+import dataclasses
 import logging
 import os
 import re
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
                                  pki, server_tls)  # noqa: F401 (pki: a fixture)
 from owca import config, frames
@@ -342,3 +343,21 @@ def test_secure_port_without_the_required_client_certificate_fails_in_one_line(p
         with pytest.raises(DiscoveryError) as e:
             source.list_tasks(_paths(tmp_path))
         assert "\n" not in str(e.value) and server.url in str(e.value)
+
+
+def test_the_example_config_works_against_a_served_kubelet(tmp_path):
+    cfg = config.load_section(os.path.join(ROOT, "configs", "kubernetes.yaml"), "discover",
+                              DiscoverConfig)
+    with ReplayServer({"GET /pods": load_json(CONTAINERD, "pods.json")}) as server:
+        cfg.source = dataclasses.replace(cfg.source, url=server.url)
+        expected = load_json(CONTAINERD, "expected_tasks_cgroupfs.json")["tasks"]
+        cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [t["cgroup_path"] for t in expected], "v1")
+        frame = Discover(cfg, {"--cgroupfs": cgroupfs}).produce()[0]
+    got = {t["name"]: t["labels"]["priority"] for t in frame["tasks"]}
+    assert got == {"cache/memcached-0": "hp", "batch/stress-batch-7d9f8-x2kqp": "be",
+                   "ml/trainer-5c6b7-9zt4m": "be", "shop/web-6f7c9-ab12c": "be",
+                   "shop/legacy-rkt-0": "be"}
+    memcached = frame["tasks"][0]["labels"]
+    # only the annotations the example asks for
+    assert memcached["annotation_prometheus_io_port"] == "9150"
+    assert not any(k.startswith("annotation_kubectl") for k in memcached)

@@ -7,12 +7,13 @@ owca-discover stage.  Cgroup trees for the existence check are directories
 laid out like the v1 and v2 hierarchies.
 """
 import base64
+import dataclasses
 import logging
 import os
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, ROOT
 from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
                                  pki, server_tls)  # noqa: F401 (pki: a fixture)
 from owca import config, frames
@@ -230,3 +231,15 @@ def test_https_agent_with_an_unknown_ca_is_refused(pki, tmp_path):
         with pytest.raises(DiscoveryError, match="GET_CONTAINERS: TLS certificate verify failed"):
             source.list_tasks(Paths(cgroupfs=str(tmp_path)))
         assert agent.requests == []
+
+
+def test_the_example_config_works_against_a_served_agent(tmp_path):
+    cfg = config.load_section(os.path.join(ROOT, "configs", "mesos.yaml"), "discover",
+                              DiscoverConfig)
+    with ReplayServer(routes(AURORA)) as agent:
+        cfg.source = dataclasses.replace(cfg.source, url=agent.url)
+        cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [parse(AURORA)[0][0]["cgroup_path"]], "v2")
+        frame = Discover(cfg, {"--cgroupfs": cgroupfs}).produce()[0]
+    (task,) = frame["tasks"]
+    assert task["labels"]["priority"] == "be"  # Aurora tier preemptible
+    assert task["cgroup_path"] == "/mesos/ceab3bec-9282-43aa-b05f-095736cc169e"
