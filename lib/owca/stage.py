@@ -144,54 +144,55 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
     warned = set()
     last_input = time.monotonic()
     next_tick = None if not interval else last_input + interval
-    while True:
-        timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
-        event, line = reader.read(timeout=timeout)
-        wrote = False
-        if event == LINE:
-            stats.frames_read += 1
-            last_input = time.monotonic()
-            sniffed = frames.sniff(line)
-            if sniffed is not None and (sniffed[1] not in consumes
-                                        or not frames.is_known(*sniffed)):
-                _pass_on(stage, writer, line, sniffed, warned)
-                continue
-            try:
-                frame = frames.decode(line)
-                known = frames.is_known(frame["v"], frame["kind"])
-                if not known or frame["kind"] not in consumes:
-                    _pass_on(stage, writer, line, (frame["v"], frame["kind"]), warned)
+    try:
+        while True:
+            timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
+            event, line = reader.read(timeout=timeout)
+            wrote = False
+            if event == LINE:
+                stats.frames_read += 1
+                last_input = time.monotonic()
+                sniffed = frames.sniff(line)
+                if sniffed is not None and (sniffed[1] not in consumes
+                                            or not frames.is_known(*sniffed)):
+                    _pass_on(stage, writer, line, sniffed, warned)
                     continue
-                frames.validate(frame)
-            except frames.FrameError as e:
-                _bad_line(stats, reader.lineno, str(e), strict)
-                continue
-            started = time.monotonic()
-            if stage.forward_consumed:
-                writer.write(line)
-            for out in stage.process(frame):
-                writer.write(out)
-            wrote = not stage.paced_by_interval
-            stats.cycle_duration = time.monotonic() - started
-        elif event == BAD:
-            stats.frames_read += 1
-            _bad_line(stats, reader.lineno, line, strict)
-        elif event in (EOF, STOP):
-            break
-        if next_tick is not None and time.monotonic() >= next_tick:
-            for out in stage.idle():
-                writer.write(out)
-                wrote = stage.paced_by_interval
-            now = time.monotonic()
-            next_tick = max(next_tick + interval, now)
-            if now - last_input >= 3 * interval:
-                log.warning("no input for %.0f s (3 intervals): is the stage upstream running?",
-                            now - last_input)
-                last_input = now
-        if once and wrote:
-            break
-    for out in stage.close():
-        writer.write(out)
+                try:
+                    frame = frames.decode(line)
+                    known = frames.is_known(frame["v"], frame["kind"])
+                    if not known or frame["kind"] not in consumes:
+                        _pass_on(stage, writer, line, (frame["v"], frame["kind"]), warned)
+                        continue
+                    frames.validate(frame)
+                except frames.FrameError as e:
+                    _bad_line(stats, reader.lineno, str(e), strict)
+                    continue
+                started = time.monotonic()
+                if stage.forward_consumed:
+                    writer.write(line)
+                for out in stage.process(frame):
+                    writer.write(out)
+                wrote = not stage.paced_by_interval
+                stats.cycle_duration = time.monotonic() - started
+            elif event == BAD:
+                stats.frames_read += 1
+                _bad_line(stats, reader.lineno, line, strict)
+            elif event in (EOF, STOP):
+                break
+            if next_tick is not None and time.monotonic() >= next_tick:
+                for out in stage.idle():
+                    writer.write(out)
+                    wrote = stage.paced_by_interval
+                now = time.monotonic()
+                next_tick = max(next_tick + interval, now)
+                if now - last_input >= 3 * interval:
+                    log.warning("no input for %.0f s (3 intervals): is the stage upstream "
+                                "running?", now - last_input)
+                    last_input = now
+            if once and wrote:
+                break
+    finally:
+        finish(stage, writer)
     return EXIT_OK
 
 
@@ -222,17 +223,33 @@ def run_source(stage: Stage, writer: FrameWriter, signals: Signals, once: bool,
                interval: float) -> int:
     """Produce a cycle every `interval` seconds until stopped."""
     stage.stats.writer = writer
-    while not signals.stop:
-        started = time.monotonic()
-        for out in stage.produce():
-            writer.write(out)
-        stage.stats.cycle_duration = time.monotonic() - started
-        if once:
-            break
-        signals.sleep(max(0.0, interval - (time.monotonic() - started)))
-    for out in stage.close():
-        writer.write(out)
+    try:
+        while not signals.stop:
+            started = time.monotonic()
+            for out in stage.produce():
+                writer.write(out)
+            stage.stats.cycle_duration = time.monotonic() - started
+            if once:
+                break
+            signals.sleep(max(0.0, interval - (time.monotonic() - started)))
+    finally:
+        finish(stage, writer)
     return EXIT_OK
+
+
+def finish(stage: Stage, writer: FrameWriter) -> None:
+    """stage.close() whatever ended the loop: a stage restores and releases there.
+
+    Its last frames are written while the output is still open; a closed output
+    or an error while closing must not hide what ended the loop.
+    """
+    try:
+        for out in stage.close():
+            writer.write(out)
+    except OutputClosed:
+        pass
+    except Exception as e:  # the error that ended the loop, if any, is the one to report
+        log.error("while closing: %s: %s", type(e).__name__, e)
 
 
 def main(doc: str, stage_class, schema, argv=None, source: bool = False,
