@@ -74,7 +74,7 @@ def test_a_command_task_is_its_own_executor_and_mesos_units_are_converted():
     assert problems == []
     assert tasks == [{
         "id": "t1", "name": "job", "cgroup_path": "/sys/mesos/c9",
-        "labels": {"app_name": "x", "task_name": "job", "framework_id": "f1",
+        "labels": {"app_name": "x", "framework_id": "f1",
                    "executor_id": "t1", "container_id": "c9", "role": "b",
                    "revocable": "true"},
         "resources": {"cpus": 0.5, "mem_bytes": 128 * 2 ** 20, "disk_bytes": 1.5 * 2 ** 20,

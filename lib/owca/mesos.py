@@ -19,8 +19,8 @@ A task in TASK_RUNNING becomes one task dict:
     cgroup_path   /<cgroups_root>/<container id> (the Mesos containerizer's
                   layout; a task of a task group with its own nested cgroup:
                   /<cgroups_root>/<executor container>/mesos/<task container>)
-    labels        the task's labels (keys sanitised), and task_name,
-                  framework_id, framework_name, executor_id, container_id,
+    labels        the task's labels (keys sanitised), and framework_id,
+                  framework_name, executor_id, container_id,
                   role (of its resources), revocable (true/false), priority
     resources     cpus (cores), mem_bytes, disk_bytes, gpus, and any other
                   scalar resource under its sanitised name
@@ -182,7 +182,7 @@ def _task(t: dict, containers: Containers, frameworks: Dict[str, str], root: str
     resources, roles, revocable = _resources(t, where)
     task["resources"] = resources
     builtin = {
-        "task_name": task["name"], "framework_id": framework,
+        "framework_id": framework,
         "framework_name": frameworks.get(framework, ""), "executor_id": executor,
         "container_id": container, ROLE_LABEL: ",".join(sorted(roles)),
         "revocable": "true" if revocable else "false"}
