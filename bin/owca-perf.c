@@ -70,19 +70,20 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <linux/perf_event.h>
+#include <sched.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #define PROTOCOL_VERSION 1
 #define MAX_LINE 4096
+#define IN_BUFFER 65536
 #define MAX_EVENTS 16
 #define MAX_CPUS 4096
 #define MAX_SLOT (1u << 20)
@@ -108,8 +109,30 @@ static const struct event known_events[] = {
 };
 
 struct task {
-    int *fds; /* ncpus x nevents; the group leader of CPU i is fds[i * nevents] */
+    int *fds;    /* ncpus x nevents; the group leader of CPU i is fds[i * nevents] */
+    int closing; /* a close request for it waits in the batch */
+    /* what a read sums over the CPUs */
+    uint16_t cpus_counted, cpus_unknown;
+    double scale_sum, scale_max;
+    uint64_t exact[MAX_EVENTS];
+    double scaled[MAX_EVENTS];
 };
+
+/* Opens and closes are batched: consecutive requests are carried out CPU by
+ * CPU with the helper pinned to that CPU, so that the kernel installs and
+ * removes each event locally instead of sending an IPI per event (measured on
+ * a 2-vCPU VM: 12 instead of 44 us per task to open, 7 instead of 28 to
+ * close).  Replies still come in request order. */
+struct request {
+    int open;
+    uint32_t slot;
+    const char *path; /* into the input buffer, valid until the batch is done */
+    int cgroup_fd;
+    int *fds;
+    int err; /* errno of the first failure, 0 if none */
+    int err_event, err_cpu;
+};
+#define MAX_BATCH 128
 
 static struct event events[MAX_EVENTS];
 static int nevents;
@@ -118,6 +141,11 @@ static int ncpus;
 static struct task **tasks; /* indexed by slot */
 static uint32_t tasks_cap;
 static uint32_t tasks_open;
+static struct task pending_open; /* tasks[slot] while its open waits in the batch */
+static struct request batch[MAX_BATCH];
+static int batch_len;
+static cpu_set_t allowed_cpus;
+static int can_pin;
 
 static struct {
     char *buf;
@@ -256,8 +284,9 @@ static int perf_open(const struct event *ev, int leader, pid_t pid, int cpu, uns
     attr.type = ev->type;
     attr.config = ev->config;
     attr.read_format = PERF_FORMAT_GROUP | PERF_FORMAT_TOTAL_TIME_ENABLED | PERF_FORMAT_TOTAL_TIME_RUNNING;
-    /* The leader starts disabled so that the whole group starts at once. */
-    attr.disabled = leader < 0;
+    /* Enabled from the start: an ioctl to enable the group later would cost
+     * one more cross-CPU call per group.  Members join the counting group
+     * microseconds after its leader, which no delta between cycles sees. */
     return (int)syscall(__NR_perf_event_open, &attr, pid, cpu, leader, flags | PERF_FLAG_FD_CLOEXEC);
 }
 
@@ -328,73 +357,172 @@ static int parse_slot(const char *s, const char **rest, uint32_t *slot) {
     return 0;
 }
 
-static void open_task(uint32_t slot, const char *path) {
-    if (slot < tasks_cap && tasks[slot]) {
-        out_printf("error %u EEXIST slot in use\n", slot);
-        return;
-    }
-    int cg;
-    do {
-        cg = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    } while (cg < 0 && out_of_fds(errno));
-    if (cg < 0) {
-        int e = errno;
-        out_printf("error %u %s cgroup: %s\n", slot, errno_name(e), strerror(e));
-        return;
-    }
-    int nfds = ncpus * nevents;
-    int *fds = malloc(sizeof(int) * (size_t)(nfds ? nfds : 1));
-    if (!fds) die("out of memory");
-    for (int i = 0; i < nfds; i++) fds[i] = -1;
-    for (int c = 0; c < ncpus; c++) {
-        for (int e = 0; e < nevents; e++) {
-            int leader = e ? fds[c * nevents] : -1;
-            int fd;
-            do {
-                fd = perf_open(&events[e], leader, cg, cpus[c], PERF_FLAG_PID_CGROUP);
-            } while (fd < 0 && out_of_fds(errno));
-            if (fd < 0) {
-                int err = errno;
-                out_printf("error %u %s event %s on cpu %d: %s\n", slot, errno_name(err), events[e].name, cpus[c],
-                           strerror(err));
-                close_fds(fds, nfds);
-                free(fds);
-                close(cg);
-                return;
-            }
-            fds[c * nevents + e] = fd;
-        }
-    }
-    close(cg);
-    for (int c = 0; c < ncpus && nevents; c++) ioctl(fds[c * nevents], PERF_EVENT_IOC_ENABLE, 0);
-    if (slot >= tasks_cap) {
-        uint32_t cap = tasks_cap ? tasks_cap : 256;
-        while (cap <= slot) cap *= 2;
-        struct task **grown = realloc(tasks, sizeof *tasks * cap);
-        if (!grown) die("out of memory");
-        memset(grown + tasks_cap, 0, sizeof *tasks * (cap - tasks_cap));
-        tasks = grown;
-        tasks_cap = cap;
-    }
-    struct task *t = malloc(sizeof *t);
-    if (!t) die("out of memory");
-    t->fds = fds;
-    tasks[slot] = t;
-    tasks_open++;
-    out_printf("ok %u\n", slot);
+/* Runs the next calls on that CPU, where it may: the kernel then touches the
+ * CPU's perf context directly.  Best effort: a CPU outside the helper's
+ * affinity (a cpuset) is simply not pinned to. */
+static void pin_begin(void) {
+    can_pin = !sched_getaffinity(0, sizeof allowed_cpus, &allowed_cpus);
 }
 
-static void close_task(uint32_t slot) {
+static void pin(int cpu) {
+    if (!can_pin || cpu >= CPU_SETSIZE || !CPU_ISSET(cpu, &allowed_cpus)) return;
+    cpu_set_t one;
+    CPU_ZERO(&one);
+    CPU_SET(cpu, &one);
+    sched_setaffinity(0, sizeof one, &one);
+}
+
+static void pin_end(void) {
+    if (can_pin) sched_setaffinity(0, sizeof allowed_cpus, &allowed_cpus);
+}
+
+static void grow_tasks(uint32_t slot) {
+    if (slot < tasks_cap) return;
+    uint32_t cap = tasks_cap ? tasks_cap : 256;
+    while (cap <= slot) cap *= 2;
+    struct task **grown = realloc(tasks, sizeof *tasks * cap);
+    if (!grown) die("out of memory");
+    memset(grown + tasks_cap, 0, sizeof *tasks * (cap - tasks_cap));
+    tasks = grown;
+    tasks_cap = cap;
+}
+
+static void open_groups_on_cpu(struct request *r, int c) {
+    int nfds = ncpus * nevents;
+    for (int e = 0; e < nevents; e++) {
+        int leader = e ? r->fds[c * nevents] : -1;
+        int fd;
+        do {
+            fd = perf_open(&events[e], leader, r->cgroup_fd, cpus[c], PERF_FLAG_PID_CGROUP);
+        } while (fd < 0 && out_of_fds(errno));
+        if (fd < 0) {
+            r->err = errno;
+            r->err_event = e;
+            r->err_cpu = cpus[c];
+            close_fds(r->fds, nfds);
+            return;
+        }
+        r->fds[c * nevents + e] = fd;
+    }
+}
+
+static void close_groups_on_cpu(struct task *t, int c) {
+    close_fds(t->fds + c * nevents, nevents);
+}
+
+/* Opens the cgroups and the groups, closes what is to be closed; no replies. */
+static void run_batch(struct request *reqs, int n) {
+    int nfds = ncpus * nevents;
+    for (int i = 0; i < n; i++) {
+        struct request *r = &reqs[i];
+        if (!r->open) continue;
+        do {
+            r->cgroup_fd = open(r->path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        } while (r->cgroup_fd < 0 && out_of_fds(errno));
+        if (r->cgroup_fd < 0) {
+            r->err = errno;
+            continue;
+        }
+        r->fds = malloc(sizeof(int) * (size_t)(nfds ? nfds : 1));
+        if (!r->fds) die("out of memory");
+        for (int k = 0; k < nfds; k++) r->fds[k] = -1;
+    }
+    pin_begin();
+    for (int c = 0; c < ncpus; c++) {
+        pin(cpus[c]);
+        for (int i = 0; i < n; i++) {
+            struct request *r = &reqs[i];
+            if (r->open && !r->err) open_groups_on_cpu(r, c);
+            else if (!r->open) close_groups_on_cpu(tasks[r->slot], c);
+        }
+    }
+    pin_end();
+    for (int i = 0; i < n; i++) {
+        struct request *r = &reqs[i];
+        if (r->open && r->cgroup_fd >= 0) {
+            close(r->cgroup_fd);
+            r->cgroup_fd = -1;
+        }
+    }
+}
+
+static int out_of_fds_error(int e) {
+    return e == EMFILE || e == ENFILE;
+}
+
+static void flush_batch(void) {
+    if (!batch_len) return;
+    run_batch(batch, batch_len);
+    /* Under a limit that cannot be raised, the batch's cgroup fds took room:
+     * the opens that ran out are tried again one at a time, so that as many
+     * tasks are counted as the limit allows. */
+    for (int i = 0; i < batch_len; i++) {
+        struct request *r = &batch[i];
+        if (r->open && out_of_fds_error(r->err)) {
+            free(r->fds);
+            r->fds = NULL;
+            r->err = 0;
+            run_batch(r, 1);
+        }
+    }
+    for (int i = 0; i < batch_len; i++) {
+        struct request *r = &batch[i];
+        if (!r->open) {
+            free(tasks[r->slot]->fds);
+            free(tasks[r->slot]);
+            tasks[r->slot] = NULL;
+            tasks_open--;
+            out_printf("ok %u\n", r->slot);
+            continue;
+        }
+        if (r->err) {
+            free(r->fds);
+            tasks[r->slot] = NULL;
+            if (r->fds)
+                out_printf("error %u %s event %s on cpu %d: %s\n", r->slot, errno_name(r->err),
+                           events[r->err_event].name, r->err_cpu, strerror(r->err));
+            else
+                out_printf("error %u %s cgroup: %s\n", r->slot, errno_name(r->err), strerror(r->err));
+            continue;
+        }
+        struct task *t = calloc(1, sizeof *t);
+        if (!t) die("out of memory");
+        t->fds = r->fds;
+        tasks[r->slot] = t;
+        tasks_open++;
+        out_printf("ok %u\n", r->slot);
+    }
+    batch_len = 0;
+}
+
+static void add_to_batch(int open, uint32_t slot, const char *path) {
+    if (batch_len == MAX_BATCH) flush_batch();
+    batch[batch_len++] = (struct request){.open = open, .slot = slot, .path = path, .cgroup_fd = -1};
+}
+
+static void request_open(uint32_t slot, const char *path) {
+    grow_tasks(slot);
+    if (tasks[slot]) {
+        flush_batch(); /* a pending close of this slot goes first */
+        if (tasks[slot]) {
+            out_printf("error %u EEXIST slot in use\n", slot);
+            return;
+        }
+    }
+    add_to_batch(1, slot, path);
+    tasks[slot] = &pending_open;
+}
+
+static void request_close(uint32_t slot) {
+    if (slot < tasks_cap && tasks[slot] && (tasks[slot] == &pending_open || tasks[slot]->closing))
+        flush_batch(); /* its pending open (or close) goes first */
     if (slot >= tasks_cap || !tasks[slot]) {
+        flush_batch();
         out_printf("error %u ENOENT no such slot\n", slot);
         return;
     }
-    close_fds(tasks[slot]->fds, ncpus * nevents);
-    free(tasks[slot]->fds);
-    free(tasks[slot]);
-    tasks[slot] = NULL;
-    tasks_open--;
-    out_printf("ok %u\n", slot);
+    add_to_batch(0, slot, NULL);
+    tasks[slot]->closing = 1;
 }
 
 struct record_head {
@@ -403,55 +531,74 @@ struct record_head {
     uint16_t cpus_unknown;
 };
 
+static void add_group_values(struct task *t, const uint64_t *buf, ssize_t n, ssize_t want) {
+    if (n != want || buf[0] != (uint64_t)nevents) {
+        t->cpus_unknown++;
+        return;
+    }
+    uint64_t enabled = buf[1], running = buf[2];
+    if (!enabled) return; /* the cgroup never ran on this CPU */
+    if (!running) {
+        t->cpus_unknown++;
+        return;
+    }
+    double factor = (double)enabled / (double)running;
+    for (int e = 0; e < nevents; e++) {
+        if (enabled == running) t->exact[e] += buf[3 + e];
+        else t->scaled[e] += (double)buf[3 + e] * factor;
+    }
+    t->cpus_counted++;
+    t->scale_sum += factor;
+    if (factor > t->scale_max) t->scale_max = factor;
+}
+
+/* CPU by CPU, pinned there: an active event of another CPU would need an IPI
+ * to be read, and on its own CPU no task event is active while we run. */
 static void read_tasks(void) {
     size_t reclen = sizeof(struct record_head) + sizeof(uint64_t) * (size_t)nevents + 2 * sizeof(double);
-    out_printf("values %u %zu\n", tasks_open, reclen * tasks_open);
-    out_reserve(reclen * tasks_open);
     /* nr, time_enabled, time_running, then one value per event */
     uint64_t buf[3 + MAX_EVENTS];
-    size_t want = sizeof(uint64_t) * (size_t)(3 + nevents);
+    ssize_t want = (ssize_t)(sizeof(uint64_t) * (size_t)(3 + nevents));
     for (uint32_t slot = 0; slot < tasks_cap; slot++) {
         struct task *t = tasks[slot];
         if (!t) continue;
-        struct record_head head = {slot, 0, 0};
-        uint64_t exact[MAX_EVENTS] = {0};
-        double scaled[MAX_EVENTS] = {0};
-        double scale_sum = 0, scale_max = 0;
-        for (int c = 0; c < ncpus && nevents; c++) {
-            ssize_t n = read(t->fds[c * nevents], buf, want);
-            if (n != (ssize_t)want || buf[0] != (uint64_t)nevents) {
-                head.cpus_unknown++;
-                continue;
+        t->cpus_counted = t->cpus_unknown = 0;
+        t->scale_sum = t->scale_max = 0;
+        memset(t->exact, 0, sizeof t->exact);
+        memset(t->scaled, 0, sizeof t->scaled);
+    }
+    if (nevents) {
+        pin_begin();
+        for (int c = 0; c < ncpus; c++) {
+            pin(cpus[c]);
+            for (uint32_t slot = 0; slot < tasks_cap; slot++) {
+                struct task *t = tasks[slot];
+                if (t) add_group_values(t, buf, read(t->fds[c * nevents], buf, (size_t)want), want);
             }
-            uint64_t enabled = buf[1], running = buf[2];
-            if (!enabled) continue; /* the cgroup never ran on this CPU */
-            if (!running) {
-                head.cpus_unknown++;
-                continue;
-            }
-            double factor = (double)enabled / (double)running;
-            for (int e = 0; e < nevents; e++) {
-                if (enabled == running) exact[e] += buf[3 + e];
-                else scaled[e] += (double)buf[3 + e] * factor;
-            }
-            head.cpus_counted++;
-            scale_sum += factor;
-            if (factor > scale_max) scale_max = factor;
         }
-        double scale_avg = head.cpus_counted ? scale_sum / head.cpus_counted : 0;
+        pin_end();
+    }
+    out_printf("values %u %zu\n", tasks_open, reclen * tasks_open);
+    out_reserve(reclen * tasks_open);
+    for (uint32_t slot = 0; slot < tasks_cap; slot++) {
+        struct task *t = tasks[slot];
+        if (!t) continue;
+        struct record_head head = {slot, t->cpus_counted, t->cpus_unknown};
+        double scale_avg = t->cpus_counted ? t->scale_sum / t->cpus_counted : 0;
         out_bytes(&head, sizeof head);
         for (int e = 0; e < nevents; e++) {
-            uint64_t v = exact[e] + (uint64_t)(scaled[e] + 0.5);
+            uint64_t v = t->exact[e] + (uint64_t)(t->scaled[e] + 0.5);
             out_bytes(&v, sizeof v);
         }
         out_bytes(&scale_avg, sizeof scale_avg);
-        out_bytes(&scale_max, sizeof scale_max);
+        out_bytes(&t->scale_max, sizeof t->scale_max);
     }
 }
 
-static void free_tasks(void) {
+static void close_all_tasks(void) {
     for (uint32_t slot = 0; slot < tasks_cap; slot++)
-        if (tasks[slot]) close_task(slot);
+        if (tasks[slot]) request_close(slot);
+    flush_batch();
     free(tasks);
     tasks = NULL;
     tasks_cap = 0;
@@ -461,47 +608,58 @@ static void free_tasks(void) {
 static int handle_line(char *line) {
     const char *rest;
     uint32_t slot;
-    if (!strncmp(line, "open ", 5)) {
-        if (parse_slot(line + 5, &rest, &slot) || !*rest) out_printf("error - EINVAL usage: open SLOT PATH\n");
-        else open_task(slot, rest);
-    } else if (!strncmp(line, "close ", 6)) {
-        if (parse_slot(line + 6, &rest, &slot) || *rest) out_printf("error - EINVAL usage: close SLOT\n");
-        else close_task(slot);
-    } else if (!strcmp(line, "read")) {
-        read_tasks();
-    } else if (!strcmp(line, "quit")) {
-        return 1;
-    } else {
-        out_printf("error - EINVAL unknown request\n");
+    if (!strncmp(line, "open ", 5) && !parse_slot(line + 5, &rest, &slot) && *rest) {
+        request_open(slot, rest);
+        return 0;
     }
+    if (!strncmp(line, "close ", 6) && !parse_slot(line + 6, &rest, &slot) && !*rest) {
+        request_close(slot);
+        return 0;
+    }
+    flush_batch();
+    if (!strncmp(line, "open ", 5)) out_printf("error - EINVAL usage: open SLOT PATH\n");
+    else if (!strncmp(line, "close ", 6)) out_printf("error - EINVAL usage: close SLOT\n");
+    else if (!strcmp(line, "read")) read_tasks();
+    else if (!strcmp(line, "quit")) return 1;
+    else out_printf("error - EINVAL unknown request\n");
     return 0;
 }
 
 static void serve(void) {
-    static char in[MAX_LINE + 1];
+    static char in[IN_BUFFER];
     size_t len = 0;
     int discarding = 0; /* inside a line that was too long */
     for (;;) {
         out_flush();
-        ssize_t n = read(STDIN_FILENO, in + len, MAX_LINE - len);
+        ssize_t n = read(STDIN_FILENO, in + len, sizeof in - len);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0) die("stdin unreadable");
-        if (n == 0) return;
+        if (n == 0) {
+            flush_batch();
+            out_flush();
+            return;
+        }
         len += (size_t)n;
         size_t start = 0;
         char *nl;
         while ((nl = memchr(in + start, '\n', len - start))) {
             *nl = 0;
-            if (discarding) discarding = 0;
-            else if (handle_line(in + start)) {
+            if (discarding) {
+                discarding = 0;
+            } else if ((size_t)(nl - in) - start > MAX_LINE) {
+                flush_batch();
+                out_printf("error - E2BIG line longer than %d bytes\n", MAX_LINE);
+            } else if (handle_line(in + start)) {
+                flush_batch();
                 out_flush();
                 return;
             }
             start = (size_t)(nl - in) + 1;
         }
+        flush_batch(); /* before the paths it points to move */
         memmove(in, in + start, len - start);
         len -= start;
-        if (len == MAX_LINE) {
+        if (len > MAX_LINE) {
             if (!discarding) out_printf("error - E2BIG line longer than %d bytes\n", MAX_LINE);
             discarding = 1;
             len = 0;
@@ -537,7 +695,8 @@ int main(int argc, char **argv) {
     probe_events(argc - optind, argv + optind);
     serve();
     out.len = 0; /* replies to closes on the way out go nowhere */
-    free_tasks();
+    close_all_tasks();
+    out.len = 0;
     free(out.buf);
     return 0;
 }

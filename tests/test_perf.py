@@ -15,11 +15,11 @@ import signal
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import pytest
 
+from cgroup_helpers import TestCgroup, needs_v2, new_name, read_int, v1_missing, v2_cgroup
 from owca import perf
 from owca.paths import DEFAULT_PATHS
 
@@ -30,9 +30,6 @@ CFLAGS = ['-O2', '-Wall', '-Wextra', '-Werror', '-std=gnu11']
 
 BURN = 'while True: pass'
 SLEEP_100HZ = 'import time\nwhile True: time.sleep(0.01)'
-# The child waits for a line on stdin, so that it works only once it sits in
-# its cgroups.
-CHILD = 'import sys\nsys.stdin.readline()\n%s\n'
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0,
                                 reason='needs root: mounts perf_event, creates cgroups')
@@ -148,12 +145,11 @@ def test_derive_leaves_out_what_it_cannot_compute():
                        1.0) == {}
 
 
-def test_parse_perf_event_hierarchy():
+def test_parse_proc_cgroups():
     text = ('#subsys_name\thierarchy\tnum_cgroups\tenabled\n'
-            'cpu\t1\t1\t1\nperf_event\t0\t1\t1\n')
-    assert perf.parse_perf_event_hierarchy(text) == 0
-    assert perf.parse_perf_event_hierarchy(text.replace('perf_event\t0', 'perf_event\t9')) == 9
-    assert perf.parse_perf_event_hierarchy('cpu\t1\t1\t1\n') is None
+            'cpu\t1\t12\t1\nperf_event\t0\t4\t1\n')
+    assert perf.parse_proc_cgroups(text) == {'cpu': (1, 12, 1), 'perf_event': (0, 4, 1)}
+    assert perf.parse_proc_cgroups('') == {}
 
 
 def test_configured_helper_must_be_executable(tmp_path):
@@ -204,56 +200,24 @@ def hardware_pmu(helper_binary):
     return None
 
 
-def perf_event_hierarchy(fields=1):
-    """/proc/cgroups' hierarchy id of perf_event (0: on cgroup2), or (id, cgroups)."""
-    with open(DEFAULT_PATHS.proc('cgroups')) as f:
-        text = f.read()
-    if fields == 1:
-        return perf.parse_perf_event_hierarchy(text)
-    line = next(l for l in text.splitlines() if l.startswith('perf_event'))
-    return tuple(int(v) for v in line.split()[1:3])
+def perf_event_hierarchy():
+    return perf.perf_event_hierarchy(DEFAULT_PATHS)[0]
 
 # Before any test mounts perf_event on v1 (module fixture below).
-@needs_root
+@needs_v2
 def test_cgroup_v2_fds_count_where_perf_event_is_not_bound_to_v1(helper_binary, software_events):
     if perf_event_hierarchy() != 0:
         pytest.skip('perf_event is bound to a cgroup v1 hierarchy: cgroup2 fds get ENOENT')
-    root = DEFAULT_PATHS.cgroup_v2_root
-    name = 'owca-test-perf-v2-%s' % uuid.uuid4().hex[:8]
-    task = Task([os.path.join(root, name)], BURN)
-    counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary)
-    try:
-        assert counting.cgroup_root == root
-        counting.update({'burner': name})
-        time.sleep(0.3)
-        assert counting.read()['burner']['task_task_clock_seconds'] > 0.1
-    finally:
-        counting.close()
-        task.stop()
-
-
-def release_perf_mount(mountpoint, hierarchy_before):
-    subprocess.run(['umount', mountpoint], check=False)
-    if hierarchy_before != 0:
-        return
-    # A v1 hierarchy outlives its mount while removed child cgroups are still
-    # being freed, and stays after that: perf_event then remains bound to v1
-    # and cgroup2 fds get ENOENT.  Mounting and unmounting it once it holds only
-    # its root releases it.
-    remounted = None
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        hierarchy, cgroups = perf_event_hierarchy(fields=2)
-        if hierarchy == 0:
-            return
-        if cgroups == 1 and remounted != hierarchy:
-            subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
-                           check=True)
-            subprocess.run(['umount', mountpoint], check=True)
-            remounted = hierarchy
-        time.sleep(0.05)
-    raise AssertionError('perf_event is still bound to cgroup v1 hierarchy %d (%d cgroups)'
-                         % perf_event_hierarchy(fields=2))
+    with v2_cgroup() as cg:
+        cg.start_python(BURN)
+        counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary)
+        try:
+            assert counting.cgroup_root == DEFAULT_PATHS.cgroup_v2_root
+            counting.update({'burner': cg.path})
+            time.sleep(0.3)
+            assert counting.read()['burner']['task_task_clock_seconds'] > 0.1
+        finally:
+            counting.close()
 
 
 @pytest.fixture(scope='module')
@@ -263,78 +227,49 @@ def perf_root(tmp_path_factory, software_events):
         pytest.skip('needs root to mount perf_event')
     before = perf_event_hierarchy()
     mountpoint = str(tmp_path_factory.mktemp('perf_event'))
-    mounted = subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
-                             capture_output=True, text=True)
-    if mounted.returncode != 0:
+    try:
+        perf.mount_perf_event_v1(mountpoint)
+    except OSError as mount_error:
         # Bound to a v1 hierarchy with other controllers: use the host's mount.
         try:
             yield perf.default_cgroup_root(DEFAULT_PATHS)
         except ValueError as e:
-            pytest.skip('no perf_event hierarchy: %s; %s' % (mounted.stderr.strip(), e))
+            pytest.skip('no perf_event hierarchy: %s; %s' % (mount_error, e))
         return
     try:
         yield mountpoint
     finally:
-        release_perf_mount(mountpoint, before)
-
-
-def remove_cgroup(path):
-    for _ in range(100):
-        try:
-            os.rmdir(path)
-            return
-        except FileNotFoundError:
-            return
-        except OSError:
-            time.sleep(0.02)  # its last process is still exiting
-    os.rmdir(path)
-
-
-class Task:
-    """One process in its own cgroups (the perf hierarchy and cpuacct)."""
-
-    def __init__(self, dirs, code):
-        self.dirs = dirs
-        for d in dirs:
-            os.mkdir(d)
-        self.process = subprocess.Popen([sys.executable, '-c', CHILD % code],
-                                        stdin=subprocess.PIPE)
-        for d in dirs:
-            with open(os.path.join(d, 'cgroup.procs'), 'w') as f:
-                f.write(str(self.process.pid))
-        self.process.stdin.write(b'go\n')
-        self.process.stdin.flush()
-
-    def stop(self):
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
-        self.process.stdin.close()
-        for d in self.dirs:
-            remove_cgroup(d)
+        if before == 0:
+            assert perf.unmount_perf_event_v1(mountpoint, DEFAULT_PATHS), \
+                'perf_event is still bound to cgroup v1: %s' % (
+                    perf.perf_event_hierarchy(DEFAULT_PATHS),)
+        else:
+            subprocess.run(['umount', mountpoint], check=True)
 
 
 @pytest.fixture
 def tasks(perf_root):
-    """make(code, cpuacct=False) -> (name, Task): a process in a new cgroup."""
-    started = []
-    prefix = 'owca-test-perf-%s' % uuid.uuid4().hex[:8]
+    """make(code, cpuacct=False) -> (cgroup path, TestCgroup): a Python child
+    running `code` in a new cgroup of the perf hierarchy (and of cpuacct)."""
+    made = []
 
     def make(code, cpuacct=False):
-        name = '%s-%d' % (prefix, len(started))
-        dirs = [os.path.join(perf_root, name)]
+        cg = TestCgroup(new_name('owca-test-perf'), {})
+        made.append(cg)
+        cg.dirs['perf_event'] = os.path.join(perf_root, cg.path.lstrip('/'))
         if cpuacct:
-            cpuacct_root = DEFAULT_PATHS.cgroup_v1('cpuacct')
-            if not os.path.exists(os.path.join(cpuacct_root, 'cpuacct.usage')):
-                pytest.skip('no cgroup v1 cpuacct hierarchy to compare with')
-            dirs.append(DEFAULT_PATHS.cgroup_v1('cpuacct', name))
-        task = Task(dirs, code)
-        started.append(task)
-        return name, task
+            missing = v1_missing(controllers=('cpuacct',))
+            if missing:
+                pytest.skip('no cgroup v1 cpuacct to compare with: %s' % missing)
+            cg.dirs['cpuacct'] = DEFAULT_PATHS.cgroup_v1('cpuacct', cg.path)
+        for d in cg.dirs.values():
+            os.mkdir(d)
+        cg.start_python(code)
+        return cg.path, cg
 
     yield make
-    for task in reversed(started):
-        task.stop()
+    for cg in reversed(made):
+        cg.cleanup()
 
 
 @pytest.fixture
@@ -352,23 +287,18 @@ def counters(helper_binary, perf_root):
         counting.close()
 
 
-def read_cpuacct_seconds(name):
-    with open(os.path.join(DEFAULT_PATHS.cgroup_v1('cpuacct', name), 'cpuacct.usage')) as f:
-        return int(f.read()) / 1e9
-
-
 @needs_root
 def test_task_clock_matches_cpuacct_usage(tasks, counters):
-    name, _ = tasks(BURN, cpuacct=True)
+    name, cg = tasks(BURN, cpuacct=True)
     counting = counters()
     counting.update({'burner': name})
     time.sleep(0.2)
-    first, usage_first = counting.read()['burner'], read_cpuacct_seconds(name)
+    first, usage_first = counting.read()['burner'], read_int(cg.file('cpuacct', 'cpuacct.usage'))
     time.sleep(1.0)
-    second, usage_second = counting.read()['burner'], read_cpuacct_seconds(name)
+    second, usage_second = counting.read()['burner'], read_int(cg.file('cpuacct', 'cpuacct.usage'))
 
     task_clock = second['task_task_clock_seconds'] - first['task_task_clock_seconds']
-    usage = usage_second - usage_first
+    usage = (usage_second - usage_first) / 1e9
     assert usage > 0.3, 'the burner hardly ran (%.3f s): machine overloaded?' % usage
     assert task_clock == pytest.approx(usage, rel=0.05)
     assert second['task_scaling_factor_avg'] == pytest.approx(1.0)
@@ -446,14 +376,16 @@ def test_killed_helper_is_restarted_and_metrics_come_back(tasks, counters, caplo
 @needs_root
 def test_hung_helper_is_replaced_within_the_timeout(tasks, counters):
     name, _ = tasks(SLEEP_100HZ)
-    counting = counters(timeout=0.5)
+    counting = counters(timeout=2.0)
     counting.update({'sleeper': name})
-    stopped = counting.helper.pid
+    assert 'sleeper' in counting.read()
+    stopped, restarts = counting.helper.pid, counting.restarts
     os.kill(stopped, signal.SIGSTOP)
     started = time.monotonic()
     assert counting.read() == {}
-    assert time.monotonic() - started < 3
-    assert counting.helper.pid != stopped and counting.restarts == 1
+    # the read's timeout, then the same again for the quit that goes unanswered
+    assert time.monotonic() - started < 2 * 2.0 + 2
+    assert counting.helper.pid != stopped and counting.restarts == restarts + 1
     with pytest.raises(ProcessLookupError):
         os.kill(stopped, 0)  # killed and reaped, not left behind
     assert 'sleeper' in counting.read()
@@ -466,9 +398,9 @@ def test_removed_cgroup_costs_that_task_only(tasks, counters, perf_root):
     counting = counters()
     counting.update({'kept': kept, 'removed': removed})
     assert set(counting.read()) == {'kept', 'removed'}
-    removed_task.stop()  # its process exits and its cgroup goes, while counted
+    removed_task.cleanup()  # its process exits and its cgroup goes, while counted
     assert 'kept' in counting.read()
-    counting.update({'kept': kept, 'removed': removed, 'never': 'owca-test-perf-absent'})
+    counting.update({'kept': kept, 'removed': removed, 'never': new_name('owca-test-perf')})
     assert counting.failed_tasks == {'never': 'ENOENT'}
     assert 'kept' in counting.read()
     counting.update({'kept': kept})
@@ -527,12 +459,12 @@ def test_fd_limit_that_cannot_be_raised_is_reported(tasks, counters, caplog):
 
 @needs_root
 def test_helper_is_clean_under_valgrind_with_tasks_coming_and_going(
-        tasks, helper_binary, perf_root):
+        tasks, helper_binary):
     valgrind = shutil.which('valgrind')
     if valgrind is None:
         pytest.skip('valgrind is not installed')
     started = [tasks(SLEEP_100HZ) for _ in range(4)]
-    path = [os.path.join(perf_root, name) for name, _ in started]
+    path = [cg.dirs['perf_event'] for _, cg in started]
     helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
                           '--show-leak-kinds=all', '--errors-for-leak-kinds=all',
                           helper_binary, 'task-clock', 'context-switches', 'page-faults'],
@@ -547,7 +479,13 @@ def test_helper_is_clean_under_valgrind_with_tasks_coming_and_going(
         assert [r.errno for r in replies] == [None, None, 'ENOENT', None, 'EINVAL', 'ENOENT',
                                               'EINVAL', 'E2BIG', 'EINVAL']
         assert [r.slot for r in helper.read()] == [1, 2]
-        started[3][1].stop()  # slot 1's cgroup goes while it is open
+        # one batch, carried out in request order
+        replies = helper.request(['close 2', 'open 2 %s' % path[2], 'open 2 %s' % path[2],
+                                  'close 2', 'close 2', 'open 2 %s' % path[2]])
+        assert [(r.slot, r.errno) for r in replies] == [
+            (2, None), (2, None), (2, 'EEXIST'), (2, None), (2, 'ENOENT'), (2, None)]
+        assert [r.slot for r in helper.read()] == [1, 2]
+        started[3][1].cleanup()  # slot 1's cgroup goes while it is open
         assert [r.slot for r in helper.read()] == [1, 2]
         assert helper.request(['close 1'])[0].errno is None
     finally:
@@ -556,15 +494,15 @@ def test_helper_is_clean_under_valgrind_with_tasks_coming_and_going(
 
 
 @needs_root
-def test_helper_exits_at_end_of_input_with_tasks_open(tasks, helper_binary, perf_root):
+def test_helper_exits_at_end_of_input_with_tasks_open(tasks, helper_binary):
     valgrind = shutil.which('valgrind')
     if valgrind is None:
         pytest.skip('valgrind is not installed')
-    name, _ = tasks(SLEEP_100HZ)
+    _, cg = tasks(SLEEP_100HZ)
     helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
                           '--errors-for-leak-kinds=all', helper_binary, 'task-clock'],
                          timeout=60)
-    assert helper.request(['open 0 %s' % os.path.join(perf_root, name)])[0].errno is None
+    assert helper.request(['open 0 %s' % cg.dirs['perf_event']])[0].errno is None
     helper.process.stdin.close()
     assert helper.process.wait(timeout=60) == 0
     helper.process.stdout.close()

@@ -60,6 +60,8 @@ SOFTWARE_EVENTS = {
 EVENT_UNIT_SCALE = {'task-clock': 1e-9}
 SCALING_FACTOR_AVG = 'task_scaling_factor_avg'
 SCALING_FACTOR_MAX = 'task_scaling_factor_max'
+DERIVE_INPUTS = {'task_instructions', 'task_cycles', 'task_cache_misses',
+                 'task_cache_references'}
 DERIVED_METRICS = ('task_ipc', 'task_ips', 'task_cache_hit_ratio',
                    'task_cache_misses_per_kilo_instructions')
 
@@ -330,31 +332,70 @@ class Helper:
         self.process.stdout.close()
 
 
-def parse_perf_event_hierarchy(proc_cgroups):
-    """The v1 hierarchy id of perf_event from /proc/cgroups text: 0 when the
-    controller is on the cgroup2 hierarchy, None when the kernel lacks it."""
-    for line in proc_cgroups.splitlines():
+def parse_proc_cgroups(text):
+    """/proc/cgroups as {controller: (hierarchy id, cgroups, enabled)}; hierarchy
+    0 means the controller is on the cgroup2 hierarchy (or nowhere)."""
+    controllers = {}
+    for line in text.splitlines():
         fields = line.split()
-        if len(fields) >= 4 and fields[0] == 'perf_event' and fields[1].isdigit():
-            return int(fields[1])
-    return None
+        if len(fields) == 4 and not line.startswith('#') and all(f.isdigit() for f in fields[1:]):
+            controllers[fields[0]] = tuple(int(f) for f in fields[1:])
+    return controllers
+
+
+def perf_event_hierarchy(paths):
+    """(hierarchy id, cgroups) of perf_event, or None when the kernel lacks it."""
+    with open(paths.proc('cgroups')) as f:
+        found = parse_proc_cgroups(f.read()).get('perf_event')
+    return found[:2] if found else None
 
 
 def default_cgroup_root(paths):
     """Where task cgroups are found for perf: the v1 perf_event mount when the
     controller is bound to v1, else the cgroup2 mount (where perf_event is
     implicit).  Raises ValueError when neither can carry perf events."""
-    with open(paths.proc('cgroups')) as f:
-        hierarchy = parse_perf_event_hierarchy(f.read())
+    hierarchy = perf_event_hierarchy(paths)
     if hierarchy is None:
         raise ValueError('this kernel has no perf_event cgroup controller')
-    if hierarchy == 0:
+    if hierarchy[0] == 0:
         return paths.cgroup_v2_root
     root = paths.cgroup_v1('perf_event')
     if not os.path.isdir(root) or not os.path.exists(os.path.join(root, 'cgroup.procs')):
         raise ValueError('the perf_event controller is bound to a cgroup v1 hierarchy that '
                          'is not mounted at %s; set perf_cgroup_root' % root)
     return root
+
+
+def mount_perf_event_v1(mountpoint):
+    """Mounts the perf_event v1 controller (tests, benchmarks); raises OSError."""
+    done = subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise OSError('mount perf_event at %s: %s' % (mountpoint, done.stderr.strip()))
+
+
+def unmount_perf_event_v1(mountpoint, paths, timeout=20.0):
+    """Unmounts what mount_perf_event_v1 mounted and gives perf_event back to
+    cgroup2; returns False when it is still bound to v1 after `timeout`.
+
+    A v1 hierarchy outlives its mount while removed child cgroups are still
+    being freed, and stays after that: perf_event then remains bound to v1 and
+    cgroup2 fds get ENOENT.  Mounting and unmounting it once it holds only its
+    root releases it.  Call it only if perf_event was on cgroup2 before.
+    """
+    subprocess.run(['umount', mountpoint], check=True)
+    remounted = None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hierarchy, cgroups = perf_event_hierarchy(paths)
+        if hierarchy == 0:
+            return True
+        if cgroups == 1 and remounted != hierarchy:
+            mount_perf_event_v1(mountpoint)
+            subprocess.run(['umount', mountpoint], check=True)
+            remounted = hierarchy
+        time.sleep(0.05)
+    return False
 
 
 def online_cpus(paths):
@@ -384,12 +425,14 @@ class PerfCounters:
         self.timeout = timeout
         self.restarts = 0
         self.failed_tasks = {}     # task_id -> errno name of its last failed open
-        self._wanted = {}          # task_id -> cgroup path, from the last update()
+        self._wanted = {}          # task_id -> cgroup directory, from the last update()
+        self._dirs = {}            # cgroup path -> directory, checked once per task
         self._opened = {}          # task_id -> (slot, cgroup path)
         self._slot_task = {}       # helper slot -> task_id
         self._free_slots = []
         self._next_slot = 0
-        self._previous = {}        # task_id -> (monotonic time, counter metrics)
+        self._previous = {}        # task_id -> counter metrics of the last read
+        self._previous_time = 0.0  # time.monotonic() of the last read
         self._warned_events = set()
         self._warned_unknown = False
         self._reported_failures = None
@@ -405,6 +448,7 @@ class PerfCounters:
         by_name = {event.name: event for event in self.events}
         self.active_events = [by_name[name] for name in self.helper.hello.events]
         self.missing_events = [skipped.name for skipped in self.helper.hello.skipped]
+        self._derives = bool({e.metric for e in self.active_events} & DERIVE_INPUTS)
         for skipped in self.helper.hello.skipped:
             if skipped.name not in self._warned_events:
                 self._warned_events.add(skipped.name)
@@ -468,13 +512,17 @@ class PerfCounters:
         """Opens counters for new tasks (task_id -> cgroup path relative to the
         cgroup root), closes those of tasks that went, and retries opens that
         failed before."""
-        wanted = {}
+        wanted, dirs = {}, {}
         for task_id, cgroup_path in tasks.items():
-            try:
-                wanted[task_id] = self._cgroup_dir(cgroup_path)
-            except ValueError as e:
-                log.warning('perf: task %s: %s', task_id, e)
-        self._wanted = wanted
+            directory = self._dirs.get(cgroup_path)
+            if directory is None:
+                try:
+                    directory = self._cgroup_dir(cgroup_path)
+                except ValueError as e:
+                    log.warning('perf: task %s: %s', task_id, e)
+                    continue
+            wanted[task_id] = dirs[cgroup_path] = directory
+        self._wanted, self._dirs = wanted, dirs
         if self.helper is not None:
             try:
                 self._sync()
@@ -554,6 +602,8 @@ class PerfCounters:
             self._restart(e)
             return {}
         result, current = {}, {}
+        previous_all = self._previous
+        elapsed = now - self._previous_time
         for record in records:
             task_id = self._slot_task.get(record.slot)
             if task_id is None:
@@ -566,11 +616,11 @@ class PerfCounters:
                                 '(too many hardware events for the counters?); such tasks '
                                 'have no perf metrics', task_id, record.cpus_unknown)
                 continue
-            current[task_id] = (now, counters)
+            current[task_id] = counters
             metrics = dict(counters)
-            previous = self._previous.get(task_id)
+            previous = previous_all.get(task_id) if self._derives else None
             if previous is not None:
-                metrics.update(derive(previous[1], counters, now - previous[0]))
+                metrics.update(derive(previous, counters, elapsed))
             result[task_id] = metrics
-        self._previous = current
+        self._previous, self._previous_time = current, now
         return result

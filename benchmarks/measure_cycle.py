@@ -1,0 +1,386 @@
+#!/usr/bin/env python3
+"""CPU time of one owca-measure cycle against the number of tasks, with and without perf.
+
+For each N it creates N task cgroups, PREFIX/task-0000 ... (cgroup v1: cpu,
+cpuacct, memory and perf_event; perf_event is mounted at <cgroupfs>/perf_event
+for the run when it is not, and given back to cgroup2 afterwards), one light
+process in each, and times owca-measure's Measure stage in this process:
+
+  first cycle   the tasks frame decoded and validated, update() (opens the cgroup
+                files and the perf groups), measure(), the measurements frame encoded
+  steady cycle  the same with the files and groups already open (median, min, max
+                over --cycles after --warmup, --gap-ms apart)
+
+CPU time is this process's (user + system) plus, with perf, the owca-perf
+helper's (/proc/PID/schedstat).  "perf part" is PerfCounters.read() alone,
+Python and helper.  Everything is divided by N: microseconds per task.
+
+Beside it, on the same cgroups and in the same run:
+  --floor BINARY  a floor program taking `-n N -p PREFIX -k` and printing one JSON
+                  object with cycle_ms and open_ms (the reference floor.c: perf
+                  group reads plus five cgroup files kept open, in C)
+  --perf-stat     `perf stat -a -e EVENTS --for-each-cgroup ... -I 100`: its CPU
+                  time per interval, from the difference of a short and a long run
+
+The process limit on open files is set to --nofile (soft) first, so the run
+shows whether owca-measure copes with a 1024-file soft limit.
+
+The run re-executes itself in a private mount namespace (unshare(1)), so that
+its perf_event mount does not propagate into containers that share
+/sys/fs/cgroup; while it runs, perf_event is bound to cgroup v1 host-wide
+(cgroup2 fds get ENOENT from perf_event_open for everyone).
+
+Usage (root): python3 benchmarks/measure_cycle.py [--tasks 10,100,1000]
+              [--events task-clock,context-switches] [--cycles 20] [--warmup 3]
+              [--gap-ms 100] [--mode tick|sleep] [--nofile 1024] [--prefix P]
+              [--floor BINARY] [--perf-stat] [--json]
+"""
+import argparse
+import collections
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "lib"))
+
+from owca import frames, perf  # noqa: E402
+from owca.measure import Measure, MeasureConfig  # noqa: E402
+from owca.paths import DEFAULT_PATHS as PATHS  # noqa: E402
+
+CONTROLLERS = ("cpu", "cpuacct", "memory", "perf_event")
+PERF_STAT_INTERVAL_MS = 100
+PRIVATE_NAMESPACE_MARK = "OWCA_BENCH_PRIVATE_MOUNTS"
+
+
+# -- the task cgroups -------------------------------------------------------------------
+
+class TaskCgroups:
+    """N cgroups PREFIX/task-NNNN in every controller, one process each; the
+    processes are killed by the pids recorded here, never by name."""
+
+    def __init__(self, prefix, n, mode):
+        self.prefix, self.n = prefix, n
+        self.pids = []
+        self.roots = [PATHS.cgroup_v1(c) for c in CONTROLLERS]
+        for root in self.roots:
+            os.makedirs(os.path.join(root, prefix), exist_ok=True)
+        for i in range(n):
+            dirs = [os.path.join(root, self.name(i)) for root in self.roots]
+            for d in dirs:
+                os.mkdir(d)
+            self.pids.append(self._spawn(dirs, mode))
+
+    def name(self, i):
+        return "%s/task-%04d" % (self.prefix, i)
+
+    @staticmethod
+    def _spawn(dirs, mode):
+        pid = os.fork()
+        if pid:
+            return pid
+        try:  # the child: join the cgroups, then idle or tick
+            os.setsid()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            for d in dirs:
+                with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                    f.write(str(os.getpid()))
+            if mode == "sleep":
+                os.execvp("sleep", ["sleep", "infinity"])
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            while True:
+                time.sleep(0.1)
+        finally:
+            os._exit(1)
+
+    def wait_joined(self):
+        probe = os.path.join(self.roots[0], "%s", "cgroup.procs")
+        deadline = time.monotonic() + 60
+        for i, pid in enumerate(self.pids):
+            while time.monotonic() < deadline:
+                with open(probe % self.name(i)) as f:
+                    if str(pid) in f.read().split():
+                        break
+                time.sleep(0.01)
+
+    def tasks_frame(self, seq):
+        tasks = [{"id": "task-%04d" % i, "name": "task-%04d" % i,
+                  "cgroup_path": "/" + self.name(i), "labels": {}, "resources": {}}
+                 for i in range(self.n)]
+        return frames.tasks_frame(seq, tasks)
+
+    def remove(self):
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in self.pids:
+            try:
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+        # Reaped, the processes have left their cgroups; a directory the
+        # kernel still finds busy is tried again once everything else is gone.
+        dirs = [os.path.join(root, self.name(i)) for root in self.roots for i in range(self.n)]
+        dirs += [os.path.join(root, self.prefix) for root in self.roots]
+        for attempt in range(50):
+            busy = []
+            for d in dirs:
+                try:
+                    os.rmdir(d)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    busy.append(d)
+            if not busy:
+                return
+            dirs = busy
+            time.sleep(0.1)
+        print("warning: could not remove %d cgroups, e.g. %s" % (len(dirs), dirs[0]),
+              file=sys.stderr)
+
+
+class PerfEventMount:
+    """perf_event v1 at <cgroupfs>/perf_event for the run, unless it is there."""
+
+    def __init__(self):
+        self.point = PATHS.cgroup_v1("perf_event")
+        self.before = perf.perf_event_hierarchy(PATHS)
+        self.made_dir = self.mounted = False
+        if os.path.exists(os.path.join(self.point, "cgroup.procs")):
+            return
+        if not os.path.isdir(self.point):
+            os.mkdir(self.point)
+            self.made_dir = True
+        perf.mount_perf_event_v1(self.point)
+        self.mounted = True
+
+    def release(self):
+        if self.mounted:
+            if self.before[0] == 0:
+                if not perf.unmount_perf_event_v1(self.point, PATHS, timeout=120):
+                    print("warning: perf_event is still bound to cgroup v1", file=sys.stderr)
+            else:
+                subprocess.run(["umount", self.point], check=True)
+        if self.made_dir:
+            os.rmdir(self.point)
+
+
+# -- owca-measure -----------------------------------------------------------------------
+
+def schedstat_seconds(pid):
+    """CPU time of a process (all its threads), in seconds, from schedstat."""
+    total = 0
+    task_dir = PATHS.proc(str(pid), "task")
+    for tid in os.listdir(task_dir):
+        with open(os.path.join(task_dir, tid, "schedstat")) as f:
+            total += int(f.read().split()[0])
+    return total / 1e9
+
+
+def summary_us(seconds, n):
+    per_task = sorted(s * 1e6 / n for s in seconds)
+    return {"median": round(statistics.median(per_task), 2), "min": round(per_task[0], 2),
+            "max": round(per_task[-1], 2)}
+
+
+class TimedStage:
+    """A Measure stage and the CPU time it spends: this process's, plus its
+    perf helper's; perf_cpu collects PerfCounters.read() alone."""
+
+    def __init__(self, events):
+        self.stage = Measure(MeasureConfig(perf_events=list(events) or None),
+                             {"--no-timing": True})
+        self.perf = self.stage.perf
+        self.perf_cpu = []
+        if self.perf:
+            read = self.perf.read
+
+            def timed_read():
+                started = self.cpu()
+                values = read()
+                self.perf_cpu.append(self.cpu() - started)
+                return values
+            self.perf.read = timed_read
+
+    def cpu(self):
+        own = time.process_time()
+        return own + (schedstat_seconds(self.perf.helper.pid) if self.perf else 0)
+
+    def cycle(self, line):
+        """What owca-measure does with one tasks frame: decode and check it,
+        update and measure, encode the measurements frame."""
+        started = self.cpu()
+        out = self.stage.process(frames.validate(frames.decode(line)))
+        for produced in out:
+            frames.encode(produced)
+        return self.cpu() - started, out[0]
+
+
+def time_measure(cgroups, events, cycles, warmup, gap):
+    """Two Measure stages on the same cgroups, without and with perf: each one's
+    first cycle, then their steady cycles interleaved so that both see the same
+    machine."""
+    runs = {"without_perf": TimedStage([]), "with_perf": TimedStage(events)}
+    results = {}
+    try:
+        for name, run in runs.items():
+            first, _ = run.cycle(frames.encode(cgroups.tasks_frame(1)))
+            results[name] = {"first_us_per_task": round(first * 1e6 / cgroups.n, 2)}
+        steady = {name: [] for name in runs}
+        for seq in range(2, 2 + warmup + cycles):
+            line = frames.encode(cgroups.tasks_frame(seq))
+            for name, run in runs.items():
+                time.sleep(gap)
+                spent, frame = run.cycle(line)
+                steady[name].append(spent)
+                results[name]["tasks_measured"] = len(frame["tasks"])
+        for name, run in runs.items():
+            results[name]["cycle_us_per_task"] = summary_us(steady[name][warmup:], cgroups.n)
+        run = runs["with_perf"]
+        counted = run.perf.read()
+        results["with_perf"].update(
+            perf_part_us_per_task=summary_us(run.perf_cpu[1 + warmup:-1], cgroups.n),
+            perf_tasks_counted=len(counted),
+            perf_tasks_not_counted=dict(collections.Counter(run.perf.failed_tasks.values())),
+            helper_fds=len(os.listdir(PATHS.proc(str(run.perf.helper.pid), "fd"))))
+        return results
+    finally:
+        for run in runs.values():
+            run.stage.close()
+
+
+# -- the references ---------------------------------------------------------------------
+
+def hard_nofile():
+    """For the references: they get the hard limit, the 1024 test is owca-measure's."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def run_floor(binary, cgroups, cycles, warmup, gap_ms):
+    done = subprocess.run([binary, "-n", str(cgroups.n), "-p", cgroups.prefix, "-k",
+                           "-c", str(cycles), "-w", str(warmup), "-g", str(gap_ms)],
+                          capture_output=True, text=True, check=True, preexec_fn=hard_nofile)
+    out = json.loads(done.stdout)
+    return {"open_us_per_task": round(out["open_ms"] * 1e3 / cgroups.n, 2),
+            "cycle_us_per_task": round(out["cycle_ms"]["median"] * 1e3 / cgroups.n, 2),
+            "perf_us_per_task": round(out["perf_ms"]["median"] * 1e3 / cgroups.n, 2),
+            "files_us_per_task": round(out["files_ms"]["median"] * 1e3 / cgroups.n, 2)}
+
+
+def run_perf_stat(cgroups, events, settle=1.0, seconds=2.0):
+    """perf stat's CPU per interval, from its schedstat between two points of
+    one run (after `settle` seconds, when its events are open, and `seconds`
+    later); the first point also gives the opening cost (plus a few intervals)."""
+    binary = shutil.which("perf")
+    if binary is None:
+        return {"error": "perf not installed"}
+    names = ",".join(cgroups.name(i) for i in range(cgroups.n))
+    argv = [binary, "stat", "-a", "-e", ",".join(events), "--for-each-cgroup", names,
+            "-I", str(PERF_STAT_INTERVAL_MS), "-x", ",", "-o", os.devnull,
+            "--", "sleep", str(settle + seconds + 1)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               preexec_fn=hard_nofile)
+    try:
+        time.sleep(settle)
+        opened = schedstat_seconds(process.pid)
+        time.sleep(seconds)
+        running = schedstat_seconds(process.pid) - opened
+    finally:
+        process.wait()
+        error = process.stderr.read().decode()
+        process.stderr.close()
+    if process.returncode != 0:
+        return {"error": "perf stat failed: %s" % error.strip()[-300:]}
+    intervals = seconds * 1000 / PERF_STAT_INTERVAL_MS
+    return {"interval_us_per_task": round(running / intervals * 1e6 / cgroups.n, 2),
+            "first_second_us_per_task": round(opened * 1e6 / cgroups.n, 2)}
+
+
+# -- main -------------------------------------------------------------------------------
+
+def table(results):
+    rows = ["| N | measure first, no perf | measure first, perf | measure cycle, no perf | "
+            "measure cycle, perf | perf part | floor -k cycle | floor -k open | "
+            "perf stat interval |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        floor, stat = r.get("floor_k", {}), r.get("perf_stat", {})
+        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+            r["n"], r["without_perf"]["first_us_per_task"], r["with_perf"]["first_us_per_task"],
+            r["without_perf"]["cycle_us_per_task"]["median"],
+            r["with_perf"]["cycle_us_per_task"]["median"],
+            r["with_perf"]["perf_part_us_per_task"]["median"],
+            floor.get("cycle_us_per_task", "-"), floor.get("open_us_per_task", "-"),
+            stat.get("interval_us_per_task", "-")))
+    return "\n".join(rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tasks", default="10,100,1000")
+    ap.add_argument("--events", default="task-clock,context-switches")
+    ap.add_argument("--cycles", type=int, default=20)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--gap-ms", type=int, default=100)
+    ap.add_argument("--mode", choices=("tick", "sleep"), default="tick")
+    ap.add_argument("--nofile", type=int, default=1024)
+    ap.add_argument("--prefix", default="owcabench-measure")
+    ap.add_argument("--floor")
+    ap.add_argument("--perf-stat", action="store_true")
+    ap.add_argument("--json", action="store_true", help="JSON lines only, no table")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("must run as root: creates cgroups and mounts perf_event")
+    if os.environ.get(PRIVATE_NAMESPACE_MARK) != "1":
+        unshare = shutil.which("unshare")
+        if unshare is None:
+            sys.exit("needs unshare(1) (util-linux) for a private mount namespace")
+        os.environ[PRIVATE_NAMESPACE_MARK] = "1"
+        os.execv(unshare, [unshare, "--mount", "--propagation", "private", "--",
+                           sys.executable] + sys.argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.nofile, hard), hard))
+    events = [e for e in args.events.split(",") if e]
+    mount = PerfEventMount()
+    results = []
+    try:
+        for n in (int(x) for x in args.tasks.split(",")):
+            cgroups = TaskCgroups(args.prefix, n, args.mode)
+            try:
+                cgroups.wait_joined()
+                result = {"n": n, "cpus": os.cpu_count(), "mode": args.mode,
+                          "nofile_soft_at_start": min(args.nofile, hard),
+                          "events": events}
+                result.update(time_measure(cgroups, events, args.cycles, args.warmup,
+                                           args.gap_ms / 1000))
+                if args.floor:
+                    result["floor_k"] = run_floor(args.floor, cgroups, args.cycles, args.warmup,
+                                                  args.gap_ms)
+                if args.perf_stat:
+                    result["perf_stat"] = run_perf_stat(cgroups, events)
+            finally:
+                cgroups.remove()
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    finally:
+        mount.release()
+    if not args.json:
+        print("\nCPU time per task (µs), median of steady cycles; first = opening cycle")
+        print(table(results))
+
+
+if __name__ == "__main__":
+    main()
