@@ -9,7 +9,6 @@ exposition must carry task_cpu_usage_seconds for exactly the served tasks,
 with their labels.
 """
 import contextlib
-import os
 import re
 import subprocess
 import uuid

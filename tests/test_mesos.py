@@ -217,7 +217,8 @@ def test_https_agent_with_ca_and_basic_credentials(pki, tmp_path):
         source = MesosDiscovery(url=agent.url, ca_bundle=pki["ca"], username="owca",
                                 password_file=str(secret))
         tasks = source.list_tasks(Paths(cgroupfs=str(tmp_path)))
-        assert [t["id"] for t in tasks] == [parse(AURORA)[0][0]["id"]]
+        assert [t["labels"].pop("priority") for t in tasks] == ["hp"]  # not revocable
+        assert tasks == parse(AURORA)[0]
         sent = agent.requests[0][3]["Authorization"]
         assert sent == "Basic " + base64.b64encode(b"owca:s3cr3t").decode()
         secret.write_text("")

@@ -28,12 +28,10 @@ A failed request raises DiscoveryError with one line; the client counts
 attempts, failures and retries for the source's metrics.
 """
 import base64
-import http.client
 import json
 import logging
 import os
 import random
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Optional
@@ -295,6 +293,8 @@ def short_reason(error: BaseException) -> str:
     retries exceeded ... (Caused by NewConnectionError(...: [Errno 111]
     Connection refused'))`); the operator needs the last link.
     """
+    import http.client  # both load OpenSSL: only when there is an error to explain
+    import ssl
     seen, todo = set(), [error]
     while todo:
         e = todo.pop(0)
