@@ -18,9 +18,12 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
-from cgroup_helpers import TestCgroup, needs_v2, new_name, read_int, v1_missing, v2_cgroup
-from owca import perf
+from cgroup_helpers import (TestCgroup, needs_v1, needs_v2, new_name, read_int, v1_cgroup,
+                            v1_missing, v2_cgroup)
+from conftest import tool_command, tool_env
+from owca import frames, perf
 from owca.paths import DEFAULT_PATHS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -506,3 +509,76 @@ def test_helper_exits_at_end_of_input_with_tasks_open(tasks, helper_binary):
     helper.process.stdin.close()
     assert helper.process.wait(timeout=60) == 0
     helper.process.stdout.close()
+
+
+# -- through owca-measure -----------------------------------------------------------------
+
+def measure_config(tmp_path, **measure):
+    path = tmp_path / 'owca.yaml'
+    path.write_text(yaml.safe_dump({'measure': measure}))
+    return str(path)
+
+
+def child_pids(pid):
+    with open(DEFAULT_PATHS.proc(str(pid), 'task', str(pid), 'children')) as f:
+        return [int(p) for p in f.read().split()]
+
+
+@needs_root
+@needs_v1
+def test_owca_measure_goes_on_when_its_helper_is_killed(perf_root, helper_binary, tmp_path):
+    config = measure_config(tmp_path, perf_events=['task-clock', 'context-switches'],
+                            perf_helper=helper_binary, perf_cgroup_root=perf_root)
+    with v1_cgroup() as cg:
+        cg.dirs['perf_event'] = os.path.join(perf_root, cg.path.lstrip('/'))
+        os.mkdir(cg.dirs['perf_event'])
+        cg.start_python(SLEEP_100HZ)
+        measure = subprocess.Popen(tool_command('measure', '--config', config),
+                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=tool_env())
+
+        def cycle(seq):
+            task = {'id': 't', 'name': 't', 'cgroup_path': cg.path, 'labels': {},
+                    'resources': {}}
+            measure.stdin.write(frames.encode(frames.tasks_frame(seq, [task])))
+            measure.stdin.flush()
+            frame = json.loads(measure.stdout.readline())
+            own = {s['name']: s['value'] for s in frame['metrics']}
+            return frame['tasks']['t']['metrics'], own
+
+        try:
+            first, _ = cycle(1)
+            assert 'task_task_clock_seconds' in first
+            helper_pid, = child_pids(measure.pid)
+            os.kill(helper_pid, signal.SIGKILL)
+            second, own = cycle(2)
+            assert 'task_cpu_usage_seconds' in second  # the rest of the cycle went on
+            assert not any(m in second for m in ('task_task_clock_seconds',
+                                                 'task_context_switches'))
+            assert own['owca_perf_helper_restarts_total'] == 1
+            time.sleep(0.1)
+            third, _ = cycle(3)
+            assert third['task_context_switches'] > 0
+            assert child_pids(measure.pid) != [helper_pid]
+        finally:
+            measure.stdin.close()
+            assert measure.wait(20) == 0
+            stderr = measure.stderr.read().decode()
+            measure.stdout.close()
+            measure.stderr.close()
+    assert 'restarting it' in stderr
+
+
+@pytest.mark.parametrize('measure, reason', [
+    ({'perf_events': ['task-clock', 'instruction']}, "unknown perf event 'instruction'"),
+    ({'perf_events': ['task-clock'], 'perf_helper': '/nonexistent/owca-perf',
+      'perf_cgroup_root': '/nonexistent'},
+     'perf helper /nonexistent/owca-perf is not an executable file'),
+])
+def test_owca_measure_refuses_a_perf_configuration_it_cannot_use(tmp_path, measure, reason):
+    config = measure_config(tmp_path, **measure)
+    done = subprocess.run(tool_command('measure', '--config', config, '--once'),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          env=tool_env(), timeout=60)
+    assert done.returncode == 2
+    assert reason in done.stderr and done.stderr.count('\n') == 1

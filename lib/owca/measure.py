@@ -14,6 +14,7 @@ from typing import Dict, Literal, Optional
 from owca import frames
 from owca.apm import ApmReader
 from owca.cgroups import CgroupGone, TaskCgroup, fd_usage, raise_fd_limit
+from owca.config import ConfigError
 from owca.paths import paths_from_options
 from owca.platform import PlatformReader
 from owca.stage import Stage
@@ -30,14 +31,24 @@ class MeasureConfig:
     # cgroup exists in a v1 hierarchy, else v2.
     cgroup_version: Literal["auto", "v1", "v2"] = "auto"
     # --- perf counters: the perf section (lib/owca/perf.py) plugs in here ---
+    # Events counted per task (docs/perf.md), e.g. [instructions, cycles,
+    # task-clock, stalled_mem_loads=0x140014a3]; none: no perf helper at all.
     perf_events: Optional[list] = None
+    # The owca-perf binary; default beside the Python executable, else build/, else PATH.
     perf_helper: Optional[str] = None
+    # Where task cgroups are found for perf; default: the v1 perf_event mount when
+    # the controller is bound to v1, else the cgroup2 mount.
     perf_cgroup_root: Optional[str] = None
     # --- application performance metrics: workload wrappers' files (lib/owca/apm.py) ---
     # Directory of the wrappers' APM files (/run/owca/apm is theirs by default);
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
     apm_max_age: float = 30.0
+
+    def __post_init__(self):
+        if self.perf_events:
+            from owca.perf import parse_events
+            parse_events(self.perf_events)  # a ValueError is reported with file:line
 
 
 class Measure(Stage):
@@ -63,9 +74,12 @@ class Measure(Stage):
     def _start_perf(self):
         if not self.cfg.perf_events:
             return None
-        from owca.perf import PerfCounters
-        return PerfCounters(self.cfg.perf_events, helper_path=self.cfg.perf_helper,
-                            paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
+        from owca.perf import HelperGone, PerfCounters
+        try:
+            return PerfCounters(self.cfg.perf_events, helper_path=self.cfg.perf_helper,
+                                paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
+        except (OSError, ValueError, HelperGone) as e:
+            raise ConfigError(f"perf_events: cannot count perf events here: {e}") from None
 
     @property
     def paced_by_interval(self) -> bool:
@@ -131,6 +145,8 @@ class Measure(Stage):
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
             frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
         ]
+        if self.perf is not None:
+            own += self.perf.samples(labels)
         if self.apm is not None:
             own += self.apm.samples(labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,

@@ -359,7 +359,7 @@ def default_cgroup_root(paths):
         raise ValueError('this kernel has no perf_event cgroup controller')
     if hierarchy[0] == 0:
         return paths.cgroup_v2_root
-    root = paths.cgroup_v1('perf_event')
+    root = paths.cgroup_v1('perf_event').rstrip('/')
     if not os.path.isdir(root) or not os.path.exists(os.path.join(root, 'cgroup.procs')):
         raise ValueError('the perf_event controller is bound to a cgroup v1 hierarchy that '
                          'is not mounted at %s; set perf_cgroup_root' % root)
@@ -419,8 +419,9 @@ class PerfCounters:
                  wrapper=(), timeout=10.0):
         paths = paths or DEFAULT_PATHS
         self.events = parse_events(events)
+        helper = find_helper(helper_path)
         self.cgroup_root = os.path.abspath(cgroup_root or default_cgroup_root(paths))
-        self.argv = list(wrapper) + [find_helper(helper_path), '-c', cpus or online_cpus(paths)]
+        self.argv = list(wrapper) + [helper, '-c', cpus or online_cpus(paths)]
         self.argv += [event.spec for event in self.events]
         self.timeout = timeout
         self.restarts = 0
