@@ -1,0 +1,159 @@
+"""The launcher: real processes in real cgroup v1 hierarchies, stopped by recorded ids."""
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from owca.discover import CgroupDiscovery
+from owca.paths import Paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = os.path.join(ROOT, "workloads")
+sys.path.insert(0, WORKLOADS)
+
+from owca_workloads.launch import CONTROLLERS, CgroupSet, LaunchError, Launcher  # noqa: E402
+
+PATHS = Paths()
+
+
+def _cgroups_usable() -> str:
+    if os.geteuid() != 0:
+        return "needs root to make cgroups"
+    missing = CgroupSet(PATHS, "/", CONTROLLERS).missing_controllers()
+    if missing:
+        return f"cgroup v1 controllers not mounted: {', '.join(missing)}"
+    return ""
+
+
+pytestmark = pytest.mark.skipif(bool(_cgroups_usable()), reason=_cgroups_usable() or "ok")
+
+
+@pytest.fixture
+def launcher(tmp_path):
+    launcher = Launcher(f"/owca-test-launch-{uuid.uuid4().hex[:8]}", PATHS,
+                        state_file=str(tmp_path / "state.json"))
+    yield launcher
+    launcher.stop_all(timeout=2)  # by the recorded pids and paths, whatever the test did
+    assert not os.path.exists(PATHS.cgroup_v1("cpu", launcher.parent))
+
+
+def cgroups_of(pid: int) -> dict:
+    """controller -> cgroup path, from /proc/PID/cgroup."""
+    out = {}
+    with open(PATHS.proc(str(pid), "cgroup")) as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for c in controllers.split(","):
+                out[c] = path
+    return out
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(PATHS.proc(str(pid), "stat")) as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_for(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def test_a_workload_runs_in_its_own_cgroups_pinned_to_its_cpus(launcher):
+    w = launcher.start("hp", ["sleep", "60"], cpus="0", role="hp", workload="sleep")
+    assert w.cgroup_path == f"{launcher.parent}/hp"
+    found = cgroups_of(w.pid)
+    for controller in CONTROLLERS:
+        assert found[controller] == w.cgroup_path
+    with open(os.path.join(PATHS.cgroup_v1("cpuset", w.cgroup_path), "cpuset.cpus")) as f:
+        assert f.read().strip() == "0"
+    # owca-discover's cgroup source sees it, and only it, under the parent
+    tasks = CgroupDiscovery(root=launcher.parent, hierarchies=["cpuacct", "memory"]).list_tasks(
+        PATHS)
+    assert [t["id"] for t in tasks] == [w.cgroup_path]
+
+
+def test_stop_ends_the_process_group_and_removes_the_cgroups(launcher):
+    # The shell's child shares its process group: SIGTERM to the group ends both.
+    w = launcher.start("be", ["sh", "-c", "sleep 60 & wait"])
+    assert wait_for(lambda: len(CgroupSet(PATHS, w.cgroup_path).pids()) == 2)
+    children = CgroupSet(PATHS, w.cgroup_path).pids() - {w.pid}
+    launcher.stop("be", timeout=2)
+    assert not alive(w.pid) and not any(alive(p) for p in children)
+    for controller in CONTROLLERS:
+        assert not os.path.exists(PATHS.cgroup_v1(controller, w.cgroup_path))
+    assert launcher.launched["be"].stopped_ts is not None
+
+
+def test_a_process_that_left_the_group_or_ignores_sigterm_is_killed_by_its_cgroup(launcher):
+    # setsid: a new session and process group that SIGTERM to ours does not reach;
+    # the trap: a leader that ignores SIGTERM.
+    w = launcher.start("stubborn", ["sh", "-c", "trap '' TERM; setsid sleep 60 & "
+                                    "while true; do sleep 0.1; done"])
+    assert wait_for(lambda: len(CgroupSet(PATHS, w.cgroup_path).pids()) >= 2)
+    escaped = CgroupSet(PATHS, w.cgroup_path).pids() - {w.pid}
+    started = time.monotonic()
+    launcher.stop("stubborn", timeout=1)
+    assert time.monotonic() - started < 10
+    assert not alive(w.pid)
+    assert wait_for(lambda: not any(alive(p) for p in escaped))
+    assert not os.path.exists(PATHS.cgroup_v1("memory", w.cgroup_path))
+
+
+def test_another_launcher_stops_what_the_state_file_recorded(launcher, tmp_path):
+    w = launcher.start("orphan", ["sleep", "60"], cpus="0")
+    # as after a crash: a new process reads the state and stops by recorded ids and paths
+    other = Launcher.from_state(launcher.state_file, PATHS)
+    assert other.launched["orphan"].pid == w.pid
+    other.stop_all(timeout=2)
+    assert wait_for(lambda: not alive(w.pid)) or launcher.popens["orphan"].poll() is not None
+    assert not os.path.exists(PATHS.cgroup_v1("cpuset", launcher.parent))
+    launcher.popens["orphan"].wait(5)  # reap our child
+
+
+def test_a_command_that_cannot_start_leaves_no_cgroup(launcher):
+    with pytest.raises(LaunchError, match="cannot start"):
+        launcher.start("missing", ["/nonexistent/binary"])
+    assert not os.path.exists(PATHS.cgroup_v1("cpu", f"{launcher.parent}/missing"))
+
+
+def test_bad_names_and_parents_are_refused(launcher):
+    with pytest.raises(LaunchError):
+        Launcher("relative/parent")
+    with pytest.raises(LaunchError):
+        Launcher("/a/../b")
+    with pytest.raises(LaunchError):
+        launcher.start("a/b", ["true"])
+    with pytest.raises(LaunchError):
+        launcher.start("", ["true"])
+
+
+def test_owca_launch_runs_catalog_workloads_and_cleans_up(tmp_path):
+    parent = f"/owca-test-launch-{uuid.uuid4().hex[:8]}"
+    tasks = tmp_path / "tasks.yaml"
+    out = subprocess.run(
+        [sys.executable, os.path.join(WORKLOADS, "owca-launch"), "run", "--duration", "2",
+         "--parent", parent, "--cpus", "0", "--run-dir", str(tmp_path / "run"),
+         "--tasks-file", str(tasks), "be=sysbench-cpu"],
+        capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [f"{parent}/be"]
+    assert "started be" in out.stderr and "stopped be" in out.stderr
+    assert tasks.read_text().strip() == "[]"  # nothing runs any more
+    assert not os.path.exists(PATHS.cgroup_v1("cpu", parent))
+
+
+def test_owca_launch_refuses_an_unknown_workload():
+    out = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-launch"), "run",
+                          "nosuch"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "no workload 'nosuch'" in out.stderr
