@@ -91,6 +91,8 @@ def test_missing_file_section_gives_defaults(tmp_path):
      "!SampleCar is not a Engine"),
     ("detect:\n  car: !SampleCar\n    engine: !SampleEngine {power: -1}\n", 3,
      "power: expected 0 or more"),
+    ("detect:\n  car: !SampleCar\n    engine: !SampleEngine\n      name: x\n      power: -1\n",
+     5, "SampleEngine: power: expected 0 or more"),
     ("detect:\n  car: !SampleCar\n    engine: !SampleEngine {power: 1, style: medium}\n", 3,
      "expected one of 'fast', 'slow'"),
     ("detect:\n  car: !SampleCar\n    engine: !SampleEngine {power: 1, modes: a}\n", 3,

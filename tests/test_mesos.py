@@ -197,15 +197,17 @@ def test_config_with_a_cgroups_root_and_refusals(tmp_path):
         "discover:\n  source: !MesosDiscovery {url: 'http://127.0.0.1:5051/', "
         "cgroups_root: /sys/mesos}\n"))
     assert cfg.source.cgroups_root == "/sys/mesos"
-    for bad, reason in [("cgroups_root: ../x", "cannot be part of a cgroup path"),
-                        ("username: ops", "go together"),
-                        ("retries: -1", "0 or more"),
-                        ("url: 'http://user:pw@agent:5051'", "no query, fragment or credentials")]:
+    # A refusal that names its field points at the field's line, others at the object's.
+    for bad, line, reason in [("cgroups_root: ../x", 3, "cannot be part of a cgroup path"),
+                              ("username: ops", 2, "go together"),
+                              ("retries: -1", 3, "0 or more"),
+                              ("url: 'http://user:pw@agent:5051'", 3,
+                               "no query, fragment or credentials")]:
         with pytest.raises(config.ConfigError) as e:
             config.load_section("owca.yaml", "discover", DiscoverConfig,
                                 text=f"discover:\n  source: !MesosDiscovery\n    {bad}\n")
-        # the line of the source object that cannot be built
-        assert str(e.value).startswith("owca.yaml:2:") and reason in str(e.value), str(e.value)
+        assert str(e.value).startswith(f"owca.yaml:{line}:") and reason in str(e.value), \
+            str(e.value)
 
 
 # -- HTTPS with a test CA and HTTP basic credentials -------------------------------------------

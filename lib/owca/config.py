@@ -236,11 +236,13 @@ class _Builder:
                                                                p.KEYWORD_ONLY)}
             required = {p.name for p in fields.values() if p.default is p.empty}
         kwargs = {}
+        key_nodes = {}
         for key_node, value_node in node.value:
             key = key_node.value
             if key not in fields:
                 known = ", ".join(sorted(fields)) or "none"
                 self.error(key_node, f"{cls.__name__}: unknown field {key!r} (fields: {known})")
+            key_nodes[key] = key_node
             kwargs[key] = self.build(value_node, hints.get(key, typing.Any),
                                      f"{cls.__name__}.{key}")
         missing = sorted(required - kwargs.keys())
@@ -249,7 +251,9 @@ class _Builder:
         try:
             return cls(**kwargs)
         except (ValueError, TypeError) as e:
-            self.error(node, f"{cls.__name__}: {e}")
+            # A check that names its field ("port: expected ...") points at that field's line.
+            field_name = str(e).split(":", 1)[0].strip()
+            self.error(key_nodes.get(field_name, node), f"{cls.__name__}: {e}")
 
     def check_scalar(self, node, value, expected, where):
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
