@@ -236,7 +236,26 @@ ALLOCATION = _specs(
 
 # -- shipping (owca-ship) --------------------------------------------------------------------
 # (section of the storage engineer)
-SHIP = _specs()
+SHIP = _specs(
+    M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
+      "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
+      "to make room), too_large (bigger than the spool), rejected (refused by the broker), "
+      "corrupt (a damaged spool file).", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_spool_cycles", GAUGE, "cycles",
+      "Cycles waiting in a storage's spool for the broker.", "owca-ship: KafkaStorage",
+      scope="internal"),
+    M("owca_ship_spool_bytes", GAUGE, "bytes",
+      "Bytes of the cycles waiting in a storage's spool.", "owca-ship: KafkaStorage",
+      scope="internal"),
+    M("owca_ship_sent_cycles_total", COUNTER, "cycles",
+      "Cycles the broker acknowledged.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_send_errors_total", COUNTER, "errors",
+      "Failed attempts to deliver a cycle (broker unreachable, timeout, error); each is "
+      "retried with backoff.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_scrapes_total", COUNTER, "requests",
+      "HTTP requests to the Prometheus endpoint.", "owca-ship: PrometheusStorage",
+      scope="internal"),
+)
 
 # -- discovery from orchestrators (owca-discover) --------------------------------------------
 # (section of the orchestrator engineer)

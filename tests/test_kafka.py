@@ -1,0 +1,354 @@
+"""owca-ship to a real Kafka-protocol broker (tansu on loopback), read back by a consumer
+of the test's own: every cycle, in order, each a valid exposition text, through broker
+outages, a full spool, SIGTERM and SIGKILL.
+
+The broker keeps its data in memory only, so a test that stops it reads what it holds
+first; what happens to cycles while it is down is the spool's business, and that is
+what these tests look at.
+"""
+import os
+import threading
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import load_tool
+from kafka_broker import (HOST, TS0, ShipProcess, allocations, anomalies, broker,  # noqa: F401
+                          consume, measurements, stopped_broker, wait_until)
+from owca.spool import CorruptRecord, decode_record, parse_name
+
+METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_allocations"
+
+
+def write_config(tmp_path, bootstrap, spool, extra="", more_storages=""):
+    path = tmp_path / "owca.yaml"
+    path.write_text(f"""\
+ship:
+  storages:
+    - !KafkaStorage
+      bootstrap_servers: [{bootstrap}]
+      spool_directory: {spool}
+      send_timeout_seconds: 2
+      retry_backoff_seconds: 0.1
+      retry_backoff_max_seconds: 0.5
+      flush_timeout_seconds: 5
+{extra}{more_storages}""")
+    return str(path)
+
+
+def seqs(records):
+    return [int(dict(r.headers)["owca-seq"]) for r in records]
+
+
+def first_occurrences(values):
+    seen, out = set(), []
+    for v in values:
+        if v not in seen:
+            seen.add(v)
+            out.append(v)
+    return out
+
+
+def spooled(directory):
+    """Seqs of the records in the spool now (files may vanish while we look)."""
+    out = []
+    if not os.path.isdir(directory):   # owca-ship has not made it yet
+        return out
+    for name in sorted(os.listdir(directory)):
+        if parse_name(name) is None:
+            continue
+        try:
+            with open(os.path.join(directory, name), "rb") as f:
+                out.append(decode_record(f.read())[0]["seq"])
+        except (FileNotFoundError, CorruptRecord):
+            pass
+    return out
+
+
+def parse(record, seq):
+    """The message as exposition text: {(name, label items): value}, every sample
+    stamped with its cycle's time.  (The parser names a counter's samples `_total`.)"""
+    samples = {}
+    for family in text_string_to_metric_families(record.value.decode()):
+        for s in family.samples:
+            assert s.timestamp == TS0 + seq, (s, seq)
+            samples[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return samples
+
+
+def value(samples, name, **labels):
+    found = [v for (n, items), v in samples.items()
+             if n == name and all((k, str(x)) in items for k, x in labels.items())]
+    assert len(found) == 1, (name, labels, found)
+    return found[0]
+
+
+def start_ship(tmp_path, config, name="ship"):
+    return ShipProcess(config, str(tmp_path / f"{name}.log"))
+
+
+# -- the normal path ---------------------------------------------------------------------
+
+def test_every_cycle_reaches_its_topic_in_order(broker, tmp_path):
+    spool = tmp_path / "spool"
+    ship = start_ship(tmp_path, write_config(tmp_path, broker.bootstrap, spool))
+    n = 25
+    for seq in range(1, n + 1):
+        ship.send(measurements(seq), anomalies(seq), allocations(seq))
+    assert ship.finish() == 0, ship.log()
+    assert spooled(spool) == []
+
+    for topic in (METRICS, ANOMALIES, ALLOCATIONS):
+        records = consume(broker.bootstrap, topic, n)
+        assert seqs(records) == list(range(1, n + 1)), topic
+        assert len({r.partition for r in records}) == 1   # keyed by host: one partition
+        for seq, r in zip(range(1, n + 1), records):
+            assert r.key == HOST.encode()
+            assert r.timestamp == int((TS0 + seq) * 1000)
+            headers = dict(r.headers)
+            assert headers["owca-category"] == topic[len("owca_"):].encode()
+            assert headers["content-type"].startswith(b"text/plain; version=0.0.4")
+            samples = parse(r, seq)
+            if topic == METRICS:
+                assert value(samples, "task_cpu_usage_seconds_total", task_id="t1",
+                             app="mc", host=HOST) == seq * 0.5
+                assert value(samples, "platform_mem_usage_bytes") == 5000 + seq
+                assert value(samples, "owca_ship_spool_cycles") >= 0
+            elif topic == ANOMALIES:
+                assert value(samples, "anomaly", uuid=f"u{seq}", contending_task_id="t2") == 1
+            else:
+                assert value(samples, "allocations_count") == 1
+
+
+def test_several_storages_at_once(broker, tmp_path):
+    """Kafka for the metrics, a log file for the anomalies."""
+    anomalies_log = tmp_path / "anomalies.log"
+    config = write_config(tmp_path, broker.bootstrap, tmp_path / "spool",
+                          extra="      categories: [metrics]\n",
+                          more_storages=f"    - !LogStorage {{output: {anomalies_log}, "
+                                        f"categories: [anomalies]}}\n")
+    ship = start_ship(tmp_path, config)
+    for seq in range(1, 6):
+        ship.send(measurements(seq), anomalies(seq))
+    assert ship.finish() == 0, ship.log()
+    assert seqs(consume(broker.bootstrap, METRICS, 5)) == [1, 2, 3, 4, 5]
+    logged = anomalies_log.read_text()
+    assert [line for line in logged.splitlines() if line.startswith("# owca ")] == \
+        [f"# owca anomalies seq={s} host={HOST}" for s in range(1, 6)]
+    assert 'uuid="u5"' in logged and "task_cpu_usage_seconds" not in logged
+    # Nothing went to the anomalies topic: the broker never heard of it.
+    from kafka import KafkaConsumer
+    consumer = KafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=None)
+    try:
+        assert ANOMALIES not in consumer.topics()
+    finally:
+        consumer.close()
+
+
+# -- the broker goes away ------------------------------------------------------------------
+
+def test_broker_outage_loses_nothing_and_keeps_the_order(broker, tmp_path):
+    spool = tmp_path / "spool"
+    ship = start_ship(tmp_path, write_config(tmp_path, broker.bootstrap, spool))
+    try:
+        for seq in range(1, 11):
+            ship.send(measurements(seq))
+        before = consume(broker.bootstrap, METRICS, 10)
+        wait_until(lambda: spooled(spool) == [], what="the spool to drain")
+        broker.stop()
+
+        for seq in range(11, 26):        # several cycles with no broker
+            ship.send(measurements(seq))
+        wait_until(lambda: spooled(spool) == list(range(11, 26)), what="15 spooled cycles")
+        broker.start()
+        during = consume(broker.bootstrap, METRICS, 15)
+        for seq in range(26, 31):
+            ship.send(measurements(seq))
+        after = consume(broker.bootstrap, METRICS, 20)
+        assert ship.finish() == 0, ship.log()
+    finally:
+        ship.close()
+
+    assert seqs(before) == list(range(1, 11))
+    assert seqs(during) == list(range(11, 26))
+    assert seqs(after) == list(range(11, 31))
+    # Cycle 25 was rendered with 11..24 waiting; the outage shows in the counters.
+    assert value(parse(after[14], 25), "owca_ship_spool_cycles") == 14
+    last = parse(after[-1], 30)
+    assert value(last, "owca_ship_send_errors_total") >= 1
+    assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 0
+    assert "cannot deliver to" in ship.log() and "again after" in ship.log()
+
+
+def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
+    spool = tmp_path / "spool"
+    config = write_config(tmp_path, stopped_broker.bootstrap, spool,
+                          extra="      spool_max_cycles: 5\n      flush_timeout_seconds: 1\n")
+    ship = start_ship(tmp_path, config)
+    try:
+        for seq in range(1, 21):
+            ship.send(measurements(seq))
+        wait_until(lambda: spooled(spool) == [16, 17, 18, 19, 20], what="the newest 5 cycles")
+        # SIGTERM with the broker away: bounded wait, the rest stays for the next start.
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()
+    assert "5 cycles left in the spool" in ship.log()
+    assert spooled(spool) == [16, 17, 18, 19, 20]
+
+    stopped_broker.start()
+    resumed = start_ship(tmp_path, config, "resumed")   # no new input: the spool alone
+    try:
+        records = consume(stopped_broker.bootstrap, METRICS, 5)
+        wait_until(lambda: spooled(spool) == [], what="the spool to drain")
+        assert resumed.finish() == 0, resumed.log()
+    finally:
+        resumed.close()
+    assert seqs(records) == [16, 17, 18, 19, 20]
+    # Cycle 20 was rendered after 19 was stored: 14 dropped, 5 waiting.
+    last = parse(records[-1], 20)
+    assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 14
+    assert value(last, "owca_ship_spool_cycles") == 5
+
+
+@pytest.mark.parametrize("broker_state", ["up", "down"])
+def test_sigkill_loses_nothing_acknowledged(broker, tmp_path, broker_state):
+    """A cycle is acknowledged once it is in the spool (or already delivered); owca-ship
+    killed with SIGKILL mid-stream and started again delivers every acknowledged one."""
+    spool = tmp_path / "spool"
+    config = write_config(tmp_path, broker.bootstrap, spool)
+    ship = start_ship(tmp_path, config)
+    resumed = None
+    acknowledged = set()
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            acknowledged.update(spooled(spool))
+
+    def feed(first, last):
+        try:
+            for seq in range(first, last + 1):
+                ship.send(measurements(seq))
+        except (BrokenPipeError, ValueError):   # killed mid-stream: expected
+            pass
+
+    try:
+        for seq in range(1, 11):
+            ship.send(measurements(seq))
+        delivered = consume(broker.bootstrap, METRICS, 10)
+        wait_until(lambda: spooled(spool) == [], what="the spool to drain")
+        if broker_state == "down":
+            delivered_before = seqs(delivered)
+            broker.stop()
+        watcher = threading.Thread(target=watch)
+        writer = threading.Thread(target=feed, args=(11, 400))
+        watcher.start()
+        writer.start()
+        if broker_state == "down":
+            wait_until(lambda: len(acknowledged) >= 30, what="30 spooled cycles")
+        else:
+            wait_until(lambda: len(consume(broker.bootstrap, METRICS, 60, timeout=2)) >= 60,
+                       what="60 delivered cycles")
+        ship.kill()
+        writer.join(30)
+        watching.set()
+        watcher.join(30)
+        acknowledged.update(spooled(spool))
+        if broker_state == "down":
+            broker.start()
+        else:
+            delivered_before = seqs(consume(broker.bootstrap, METRICS))
+            acknowledged.update(delivered_before)
+
+        resumed = start_ship(tmp_path, config, "resumed")
+        for seq in range(1001, 1006):
+            resumed.send(measurements(seq))
+        wanted = acknowledged | set(range(1001, 1006))
+        if broker_state == "down":
+            wanted -= set(delivered_before)
+        wait_until(lambda: wanted <= set(seqs(consume(broker.bootstrap, METRICS, len(wanted),
+                                                         timeout=2))),
+                   timeout=60, what="every acknowledged cycle")
+        assert resumed.finish() == 0, resumed.log()
+    finally:
+        watching.set()
+        ship.close()
+        if resumed is not None:
+            resumed.close()
+    after = seqs(consume(broker.bootstrap, METRICS, len(wanted)))
+    got = (delivered_before if broker_state == "down" else []) + after
+    assert acknowledged <= set(got)
+    # In order, no gaps; a cycle whose acknowledgement the kill cut off may come twice,
+    # next to itself.
+    assert got == sorted(got)
+    top = max(s for s in got if s < 1000)
+    assert first_occurrences(got) == list(range(1, top + 1)) + list(range(1001, 1006))
+    assert top >= max(acknowledged - set(range(1001, 1006)))
+    assert spooled(spool) == []
+
+
+# -- refusals and configuration ------------------------------------------------------------
+
+def test_cycle_the_broker_cannot_take_is_dropped_and_counted(broker, tmp_path):
+    def big(seq):
+        frame = measurements(seq)
+        for i in range(300):
+            frame["tasks"][f"task-{i}"] = dict(frame["tasks"]["t1"], name=f"task-{i}")
+        return frame
+
+    config = write_config(tmp_path, broker.bootstrap, tmp_path / "spool",
+                          extra="      max_request_size_bytes: 20000\n")
+    ship = start_ship(tmp_path, config)
+    try:
+        ship.send(measurements(1), big(2), measurements(3))
+        assert seqs(consume(broker.bootstrap, METRICS, 2)) == [1, 3]
+        ship.send(measurements(4))
+        records = consume(broker.bootstrap, METRICS, 3)
+        assert ship.finish() == 0, ship.log()
+    finally:
+        ship.close()
+    assert seqs(records) == [1, 3, 4]
+    assert value(parse(records[-1], 4), "owca_ship_dropped_cycles_total", reason="rejected") == 1
+    assert "metrics cycle 2 refused by the broker, dropped" in ship.log()
+
+
+@pytest.mark.parametrize("storage, message", [
+    ("bootstrap_servers: [kafka]", "3: KafkaStorage: bootstrap_servers: expected host:port"),
+    ("bootstrap_servers: [k:9092]\n      topics: {metric: m}",
+     "3: KafkaStorage: topics: unknown category 'metric'"),
+    ("bootstrap_servers: [k:9092]\n      topics: {metrics: 'a b'}",
+     "3: KafkaStorage: topics.metrics: 'a b' is not a valid topic name"),
+    ("bootstrap_servers: [k:9092]\n      security_protocol: SASL_SSL",
+     "3: KafkaStorage: security_protocol SASL_SSL: needs sasl_mechanism"),
+    ("bootstrap_servers: [k:9092]\n      ssl_cafile: /nonexistent/ca.pem",
+     "3: KafkaStorage: ssl_cafile: cannot read /nonexistent/ca.pem"),
+    ("bootstrap_servers: [k:9092]\n      compression_type: brotli",
+     "5: KafkaStorage.compression_type: expected one of 'gzip'"),
+    ("bootstrap_servers: [k:9092]\n      spool_max_cycles: 0",
+     "3: KafkaStorage: spool_max_cycles: expected a positive number"),
+])
+def test_bad_configuration_fails_at_start_with_file_and_line(tmp_path, capsys, storage,
+                                                             message):
+    config = tmp_path / "owca.yaml"
+    config.write_text(f"ship:\n  storages:\n    - !KafkaStorage\n      {storage}\n"
+                      f"      spool_directory: {tmp_path / 'spool'}\n")
+    assert load_tool("ship").main(["-c", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"owca-ship: error: {config}:{message}" in err, err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_spool_in_use_by_a_running_owca_ship_is_refused(broker, tmp_path):
+    config = write_config(tmp_path, broker.bootstrap, tmp_path / "spool")
+    first = start_ship(tmp_path, config, "first")
+    try:
+        first.send(measurements(1))
+        consume(broker.bootstrap, METRICS, 1)
+        second = start_ship(tmp_path, config, "second")
+        assert second.proc.wait(60) == 2
+        second.close()
+        assert f"is in use (locked by pid {first.proc.pid})" in second.log()
+        assert first.finish() == 0
+    finally:
+        first.close()
