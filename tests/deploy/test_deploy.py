@@ -1,0 +1,277 @@
+"""The Ansible role rolls OWCA out onto a booted systemd, and systemd runs its pipeline.
+
+A Debian bookworm container, booted with systemd-nspawn (owca_nspawn.py), is the
+node; ansible/site.yml reaches it over ssh on a loopback port as a real rollout
+would, building the release from this checkout. The tests run in file order on
+that one node: rollout, idempotency, check mode, the running pipeline, a crash of
+each stage, a change of one stage's configuration, and removal.
+
+What this container cannot show: its cgroup v1 controllers are mounted
+read-only, so owca-allocate runs with --dry-run here and no allocation is
+written; the tasks are measured through its writable cgroup v2 tree.
+"""
+import re
+import time
+
+import pytest
+
+from owca_ansible import REPO, Playbook, recap
+
+STAGES = ("discover", "measure", "detect", "allocate", "ship")
+FIFO_STAGES = STAGES[1:]
+UNITS = ([f"owca-{s}.service" for s in STAGES] + [f"owca-{s}.socket" for s in FIFO_STAGES]
+         + ["owca.target"])
+# The shipped stream, appended cycle by cycle (the default storage overwrites).
+SHIPPED = "/var/lib/owca-ship/metrics.log"
+# A unit of the node, standing in for a task: it burns a little CPU.
+LOAD_UNIT = "load-generator.service"
+HOST = "owca-node"
+
+EXTRA_VARS = """\
+owca_release_dir: {release}
+owca_interval: 1
+# The container's cgroup v1 controllers are read-only: report, write nothing.
+owca_allocate_dry_run: true
+owca_discover_config: |
+  source: !CgroupDiscovery
+    root: /system.slice
+    max_depth: 1
+    hierarchies: [unified]
+owca_measure_config: |
+  cgroup_version: v2
+  perf_events: [task-clock, context-switches]
+owca_ship_config: |
+  storages:
+    - !FileStorage
+      path: {shipped}
+"""
+
+# Paths whose changes are not the role's: Ansible's own temporary files, logs,
+# systemd's and sshd's runtime state, and what every boot or login writes.
+# /run/private is systemd's, made on the first use of DynamicUser= with a
+# RuntimeDirectory= (as Debian's systemd makes /var/lib/private); it must be
+# left empty, which test_absent_leaves_nothing_behind checks.
+SNAPSHOT = (
+    r"find / -xdev \( -path /root/.ansible -o -path /tmp -o -path /var/tmp"
+    r" -o -path /var/log -o -path /var/lib/systemd -o -path /var/cache \) -prune -o -print;"
+    r" find /run -xdev \( -path /run/systemd -o -path /run/user -o -path /run/log"
+    r" -o -path /run/sshd -o -path /run/credentials -o -path /run/agetty.reload"
+    r" -o -path /run/private \) -prune"
+    r" -o -print"
+)
+
+
+@pytest.fixture(scope="module")
+def pristine(node):
+    """The node's files before OWCA was ever deployed."""
+    return snapshot(node)
+
+
+@pytest.fixture(scope="module")
+def playbook(node, tmp_path_factory):
+    home = tmp_path_factory.mktemp("ansible")
+    extra = home / "vars.yml"
+    extra.write_text(EXTRA_VARS.format(release=home / "release", shipped=SHIPPED))
+    return Playbook(node.inventory(home / "inventory.yml"), extra, home)
+
+
+@pytest.fixture(scope="module")
+def deployed(node, playbook, pristine):
+    node.ssh(f"systemd-run --unit={LOAD_UNIT} sh -c 'while :; do i=0;"
+             f" while [ $i -lt 2000 ]; do i=$((i+1)); done; sleep 0.2; done'")
+    result = playbook.run()
+    return result
+
+
+def snapshot(node):
+    return set(node.ssh(SNAPSHOT).stdout.splitlines())
+
+
+def assert_same_files(now, before):
+    assert sorted(now - before) == [], "files left behind"
+    assert sorted(before - now) == [], "files removed that were not the role's"
+
+
+def units_state(node, units, props=("ActiveState", "SubState", "MainPID", "NRestarts")):
+    """{unit: {property: value}} from systemctl show."""
+    out = node.ssh(f"systemctl show -p Id -p {' -p '.join(props)} {' '.join(units)}").stdout
+    state = {}
+    for block in out.strip().split("\n\n"):
+        fields = dict(line.split("=", 1) for line in block.splitlines() if "=" in line)
+        state[fields.pop("Id")] = fields
+    return state
+
+
+def shipped_seqs(node):
+    """The seq of every metrics cycle shipped so far, in file order."""
+    out = node.ssh(f"grep -o '^# owca metrics seq=[0-9]*' {SHIPPED} || true").stdout
+    return [int(line.rsplit("=", 1)[1]) for line in out.split()if "=" in line]
+
+
+def last_metrics_block(node):
+    text = node.ssh(f"tail -c 200000 {SHIPPED}").stdout
+    return text.rsplit("# owca metrics seq=", 1)[-1]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_for_new_cycles(node, count, timeout=30):
+    start = len(shipped_seqs(node))
+    wait_for(lambda: len(shipped_seqs(node)) >= start + count, timeout,
+             f"{count} more shipped cycles")
+
+
+# -- rollout -------------------------------------------------------------------
+
+def test_check_mode_on_a_fresh_node_changes_nothing(node, playbook, pristine):
+    result = playbook.run("--check", "--diff")
+    assert recap(result.stdout)[HOST]["failed"] == 0
+    # The diff shows what a run would write, e.g. the FIFO into measure.
+    assert "+ListenFIFO=/run/owca/measure.fifo" in result.stdout
+    assert_same_files(snapshot(node), pristine)
+
+
+def test_rollout_starts_every_unit(node, deployed):
+    assert recap(deployed.stdout)[HOST]["changed"] > 0
+
+    def settled():
+        state = units_state(node, UNITS)
+        return state if all(s["ActiveState"] == "active" for s in state.values()) else None
+    try:
+        state = wait_for(settled, 15, "every unit to be active")
+    except AssertionError:
+        journal = node.ssh("journalctl --no-pager -n 60 -u 'owca*'", check=False).stdout
+        raise AssertionError(f"{units_state(node, UNITS)}\n{journal}") from None
+    for stage in STAGES:
+        assert state[f"owca-{stage}.service"]["SubState"] == "running"
+    assert node.ssh("systemctl is-enabled owca.target").stdout.strip() == "enabled"
+    assert node.ssh("test -x /opt/owca/bin/owca-perf", check=False).returncode == 0
+
+
+def test_second_run_changes_nothing(node, playbook, deployed):
+    result = playbook.run()
+    counts = recap(result.stdout)
+    assert counts[HOST]["changed"] == 0, result.stdout
+    assert counts["localhost"]["changed"] == 0
+
+
+def test_check_diff_after_rollout_reports_no_change(node, playbook, deployed):
+    before = units_state(node, [f"owca-{s}.service" for s in STAGES])
+    result = playbook.run("--check", "--diff")
+    assert recap(result.stdout)[HOST]["changed"] == 0
+    assert units_state(node, [f"owca-{s}.service" for s in STAGES]) == before
+
+
+def test_systemd_analyze_verify_passes_for_every_unit(node, deployed):
+    paths = " ".join(f"/etc/systemd/system/{u}" for u in UNITS)
+    result = node.ssh(f"systemd-analyze verify {paths}", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "owca" not in result.stdout + result.stderr
+
+
+def test_security_exposure_is_the_one_in_the_docs(node, deployed):
+    documented = dict(re.findall(r"^\| `(owca-\w+\.service)` \| (\d+\.\d) \|",
+                                 (REPO / "docs" / "deploy.md").read_text(), re.M))
+    assert sorted(documented) == sorted(f"owca-{s}.service" for s in STAGES)
+    for unit, exposure in documented.items():
+        out = node.ssh(f"systemd-analyze security --no-pager {unit}").stdout
+        measured = re.search(r"Overall exposure level for \S+: (\d+\.\d)", out).group(1)
+        assert measured == exposure, f"{unit}: docs/deploy.md says {exposure}, systemd {measured}"
+
+
+# -- the running pipeline --------------------------------------------------------
+
+def test_pipeline_ships_metrics_of_the_nodes_units(node, deployed):
+    wait_for_new_cycles(node, 2)
+    block = last_metrics_block(node)
+    task = f'task_id="/system.slice/{LOAD_UNIT}"'
+    samples = {m: float(v) for m, v in re.findall(
+        r"^(\w+)\{[^}]*" + re.escape(task) + r"[^}]*\} (\S+)", block, re.M)}
+    why = "\n".join(line for line in block.splitlines() if LOAD_UNIT in line) or block[:3000]
+    why += node.ssh("journalctl --no-pager -n 20 -u owca-measure", check=False).stdout
+    assert samples.get("task_cpu_usage_seconds", 0) > 0, why
+    # perf counters in cgroup mode (owca-measure holds CAP_PERFMON and nothing
+    # else) need the perf_event controller on cgroup2. The kernel is the host's:
+    # while the host binds perf_event to a v1 hierarchy (hierarchy id not 0 in
+    # /proc/cgroups), this container, which has no such mount, cannot count.
+    hierarchy = node.ssh("awk '$1 == \"perf_event\" {print $2}' /proc/cgroups").stdout.strip()
+    if hierarchy == "0":
+        assert samples.get("task_task_clock_seconds", 0) > 0, why
+    assert 'task_id="/system.slice/ssh.service"' in block
+    # Every stage put its own counters in the stream: no bad frame anywhere.
+    bad = re.findall(r'^owca_bad_frames_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)', block, re.M)
+    assert {stage for stage, _ in bad} >= {"discover", "measure"}
+    assert all(float(v) == 0 for _, v in bad)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_killed_stage_is_restarted_and_the_stream_resumes(node, deployed, stage):
+    services = [f"owca-{s}.service" for s in STAGES]
+    wait_for_new_cycles(node, 2)
+    before = units_state(node, services)
+    shipped_before = shipped_seqs(node)
+    victim = f"owca-{stage}.service"
+    node.ssh(f"kill -KILL {before[victim]['MainPID']}")
+
+    def restarted():
+        now = units_state(node, [victim])[victim]
+        return (int(now["NRestarts"]) == int(before[victim]["NRestarts"]) + 1
+                and now["MainPID"] not in ("0", before[victim]["MainPID"])
+                and now["SubState"] == "running")
+    wait_for(restarted, 30, f"systemd to restart {victim}")
+    wait_for_new_cycles(node, 3)
+
+    after = units_state(node, services)
+    for other in services:
+        if other != victim:
+            assert after[other]["MainPID"] == before[other]["MainPID"], f"{other} was restarted"
+            assert after[other]["NRestarts"] == before[other]["NRestarts"]
+    new = shipped_seqs(node)[len(shipped_before):]
+    last = shipped_before[-1]
+    if stage == "discover":
+        # A new discover counts its cycles from 1 again: what the old one had
+        # written still arrives, then the new one's cycles, none missing.
+        restart = new.index(1)
+        assert new[:restart] == list(range(last + 1, last + 1 + restart))
+        assert new[restart:] == list(range(1, len(new) - restart + 1))
+    else:
+        # Frames queued in the FIFOs survive; lost are at most the frames the
+        # killed stage had read and not written: one cycle at this pace.
+        assert new == sorted(set(new)), new
+        missing = set(range(last + 1, new[-1] + 1)) - set(new)
+        assert len(missing) <= 1, f"cycles lost: {sorted(missing)}"
+    bad = re.findall(r'^owca_bad_frames_total\{[^}]*\} (\S+)', last_metrics_block(node), re.M)
+    assert bad and all(float(v) == 0 for v in bad)
+
+
+def test_a_changed_stage_configuration_restarts_only_that_stage(node, playbook, deployed):
+    services = [f"owca-{s}.service" for s in STAGES]
+    before = units_state(node, services)
+    result = playbook.run("-e", "owca_detect_config='detector: !NOPAnomalyDetector {}'")
+    assert recap(result.stdout)[HOST]["changed"] >= 2  # the file, the restart
+    after = units_state(node, services)
+    changed = {u for u in services if after[u]["MainPID"] != before[u]["MainPID"]}
+    assert changed == {"owca-detect.service"}
+    assert "detector: !NOPAnomalyDetector {}" in node.ssh("cat /etc/owca/detect.yaml").stdout
+
+
+# -- removal ---------------------------------------------------------------------
+
+def test_absent_leaves_nothing_behind(node, playbook, deployed, pristine):
+    node.ssh(f"systemctl stop {LOAD_UNIT}")
+    result = playbook.run("-e", "owca_state=absent")
+    assert recap(result.stdout)[HOST]["changed"] > 0
+    assert_same_files(snapshot(node), pristine)
+    assert node.ssh("systemctl list-units --all --no-legend 'owca*'").stdout.strip() == ""
+    assert node.ssh("find / -xdev -name '*owca*' -print -quit; ls -d /run/owca* 2>/dev/null;"
+                    " ls -A /run/private /var/lib/private", check=False).stdout.strip() == ""
+    again = playbook.run("-e", "owca_state=absent")
+    assert recap(again.stdout)[HOST]["changed"] == 0

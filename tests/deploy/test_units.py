@@ -1,0 +1,96 @@
+"""The role, the units in systemd/ and the default configuration, checked without a node.
+
+The units in systemd/ and configs/node-systemd.yaml are the role's templates
+rendered with its defaults (ansible/render-defaults.yml); these tests fail when
+they drift apart, when a role variable is not validated or documented, or when
+ansible-lint's production profile finds fault with the role.
+"""
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from owca_ansible import ANSIBLE_DIR, REPO, ansible_env, recap, tail
+
+ROLE = ANSIBLE_DIR / "roles" / "owca"
+VENV_BIN = Path(sys.executable).parent
+
+
+def test_systemd_dir_and_default_config_are_what_the_role_renders(tmp_path):
+    if not (VENV_BIN / "ansible-playbook").exists():
+        pytest.skip("ansible-core is not installed (requirements/test.txt)")
+    result = subprocess.run(
+        [str(VENV_BIN / "ansible-playbook"), "--check", "--diff",
+         str(ANSIBLE_DIR / "render-defaults.yml")],
+        capture_output=True, text=True, env=ansible_env(tmp_path), cwd=REPO, timeout=300)
+    assert result.returncode == 0, tail(result.stdout + result.stderr)
+    assert recap(result.stdout)["localhost"]["changed"] == 0, (
+        "systemd/ or configs/node-systemd.yaml differ from the role's templates; "
+        "regenerate them with: ansible-playbook ansible/render-defaults.yml\n"
+        + tail(result.stdout, 80))
+
+
+def test_ansible_lint_production_profile_passes():
+    lint = VENV_BIN / "ansible-lint"
+    if not lint.exists():
+        pytest.skip("ansible-lint is not installed (requirements/test.txt)")
+    result = subprocess.run([str(lint), "--offline", "--nocolor"], capture_output=True,
+                            text=True, cwd=ANSIBLE_DIR, timeout=300)
+    assert result.returncode == 0, tail(result.stdout + result.stderr)
+    assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
+
+
+def test_every_role_variable_is_validated_and_documented():
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    specs = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())
+    validated = specs["argument_specs"]["main"]["options"]
+    documented = re.findall(r"^\| `(owca_\w+)` \|", (REPO / "docs" / "deploy.md").read_text(),
+                            re.M)
+    assert all(name.startswith("owca_") for name in defaults)
+    assert sorted(validated) == sorted(defaults)
+    assert sorted(documented) == sorted(defaults)
+
+
+def test_every_stage_accepts_the_default_configuration():
+    from owca import config
+    from owca.allocate import AllocateConfig
+    from owca.detect import DetectConfig
+    from owca.discover import DiscoverConfig
+    from owca.measure import MeasureConfig
+    from owca.ship import ShipConfig
+    path = str(REPO / "configs" / "node-systemd.yaml")
+    schemas = {"discover": DiscoverConfig, "measure": MeasureConfig, "detect": DetectConfig,
+               "allocate": AllocateConfig, "ship": ShipConfig}
+    for stage, schema in schemas.items():
+        cfg = config.load_section(path, stage, schema)
+        assert isinstance(cfg, schema)
+    discover = config.load_section(path, "discover", DiscoverConfig)
+    assert discover.source.root == "/system.slice"
+    ship = config.load_section(path, "ship", ShipConfig)
+    assert [type(s).__name__ for s in ship.storages] == ["FileStorage"]
+
+
+def test_units_name_no_command_the_role_does_not_install():
+    """Every ExecStart= runs a tool from the agent's environment."""
+    tools = {p.name for p in (REPO / "bin").glob("owca-*") if p.suffix != ".c"}
+    for unit in sorted((REPO / "systemd").glob("*.service")):
+        starts = re.findall(r"^ExecStart=(\S+)", unit.read_text(), re.M)
+        assert len(starts) == 1, unit.name
+        assert starts[0].startswith("/opt/owca/bin/")
+        assert Path(starts[0]).name in tools
+        assert Path(starts[0]).name == unit.stem
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+def test_every_service_is_hardened_below_exposure_four():
+    """Offline analysis of the units as written; the deployment test measures them live."""
+    for unit in sorted((REPO / "systemd").glob("*.service")):
+        result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
+                                 str(unit)], capture_output=True, text=True, timeout=60)
+        found = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+        assert found, result.stdout + result.stderr
+        assert float(found.group(1)) < 4.0, f"{unit.name}: {found.group(1)}"
