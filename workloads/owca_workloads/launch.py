@@ -166,6 +166,23 @@ class Launcher:
         self.popens: Dict[str, subprocess.Popen] = {}
         self.parent_set = CgroupSet(self.paths, self.parent, self.controllers)
         self.parent_made = False
+        self.extra_cgroups: List[str] = []  # made for processes started elsewhere
+
+    def _make_parent(self) -> None:
+        if not self.parent_made:
+            self.parent_set.create()
+            self.parent_made = True
+            self.save()
+
+    def make_cgroup(self, name: str, cpus: Optional[str] = None) -> CgroupSet:
+        """A cgroup under the parent for processes the caller starts itself (with
+        preexec_fn=enter_cgroups(...)); stop_all kills what is left in it and removes it."""
+        self._make_parent()
+        cgroups = self.cgroups(name)
+        cgroups.create(cpus=cpus)
+        self.extra_cgroups.append(name)
+        self.save()
+        return cgroups
 
     def cgroups(self, name: str) -> CgroupSet:
         return CgroupSet(self.paths, f"{self.parent}/{name}", self.controllers)
@@ -176,9 +193,7 @@ class Launcher:
               workload: str = "", labels: Optional[dict] = None) -> Launched:
         if name in self.launched or "/" in name or name in ("", ".", ".."):
             raise LaunchError(f"workload name {name!r}: taken or not a cgroup name")
-        if not self.parent_made:
-            self.parent_set.create()
-            self.parent_made = True
+        self._make_parent()
         cgroups = self.cgroups(name)
         cgroups.create(cpus=cpus, memory_limit_bytes=memory_limit_bytes)
         try:
@@ -206,7 +221,7 @@ class Launcher:
         """Stop one workload by its recorded process group and cgroup; remove the cgroup."""
         launched = self.launched[name]
         if launched.stopped_ts is None:
-            status = stop_process_group(launched.pid, self.popens.get(name), timeout)
+            status = stop_process_group(launched.pid, self.popens.get(name), timeout, self.paths)
             left = kill_cgroup(self.cgroups(name), timeout)
             if left:
                 log.error("%s: pids %s would not leave %s", name, sorted(left),
@@ -226,6 +241,13 @@ class Launcher:
                 self.stop(name, timeout)
             except Exception as e:  # one workload's trouble must not leave the others running
                 log.error("%s: stop failed: %s", name, e)
+        for name in self.extra_cgroups:
+            left = kill_cgroup(self.cgroups(name), timeout)
+            if left:
+                log.error("%s: pids %s would not leave it", name, sorted(left))
+            for problem in self.cgroups(name).remove():
+                log.error("%s: cgroup not removed: %s", name, problem)
+        self.extra_cgroups = []
         if self.parent_made:
             for problem in self.parent_set.remove():
                 log.error("parent cgroup not removed: %s", problem)
@@ -237,7 +259,7 @@ class Launcher:
         if not self.state_file:
             return
         state = {"parent": self.parent, "controllers": list(self.controllers),
-                 "parent_made": self.parent_made,
+                 "parent_made": self.parent_made, "extra_cgroups": list(self.extra_cgroups),
                  "workloads": [asdict(w) for w in self.launched.values()]}
         tmp = f"{self.state_file}.tmp"
         with open(tmp, "w") as f:
@@ -253,20 +275,21 @@ class Launcher:
         for w in state.get("workloads", []):
             launcher.launched[w["name"]] = Launched(**w)
         launcher.parent_made = bool(state.get("parent_made", True))
+        launcher.extra_cgroups = list(state.get("extra_cgroups", []))
         return launcher
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, paths: Paths) -> bool:
+    """Whether the process runs (a zombie, waiting for its parent to reap it, does not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(paths.proc(str(pid), "stat")) as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
-def stop_process_group(pgid: int, popen: Optional[subprocess.Popen], timeout: float):
+def stop_process_group(pgid: int, popen: Optional[subprocess.Popen], timeout: float,
+                       paths: Paths):
     """SIGTERM to the group the workload leads, SIGKILL after `timeout`; its exit status
     when we are its parent."""
     try:
@@ -280,7 +303,7 @@ def stop_process_group(pgid: int, popen: Optional[subprocess.Popen], timeout: fl
         except subprocess.TimeoutExpired:
             pass
     else:
-        while _alive(pgid) and time.monotonic() < deadline:
+        while _alive(pgid, paths) and time.monotonic() < deadline:
             time.sleep(0.05)
     try:
         os.killpg(pgid, signal.SIGKILL)

@@ -1,0 +1,269 @@
+"""Interference scenarios: the file format, the summary, a replay of the recorded scenario
+through owca-detect and owca-ship, and a short live run of the real pipeline."""
+import glob
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from conftest import FIXTURES, tool_command, tool_env
+from owca import frames
+from owca.config import register
+from owca.detect import AnomalyDetector, ContentionAnomaly
+from owca.paths import Paths
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKLOADS = os.path.join(ROOT, "workloads")
+RECORDED = os.path.join(FIXTURES, "scenario_nginx_cpu_membw")
+sys.path.insert(0, WORKLOADS)
+
+from owca_workloads.catalog import load_catalog, unavailable  # noqa: E402
+from owca_workloads.scenario import (ScenarioError, format_summary, hp_samples,  # noqa: E402
+                                     load_scenario, parse_scenario, summarize)
+
+VALID = """
+name: t
+duration: 30
+hp: {workload: nginx, load: {base: 100, amplitude: 50, period: 10}}
+antagonists:
+  - {workload: stress-cpu, start: 5, stop: 10}
+"""
+
+
+def test_a_valid_scenario_and_its_defaults():
+    s = parse_scenario(VALID)
+    assert (s.name, s.duration, s.interval, s.cpus, s.warmup) == ("t", 30, 1.0, "0", 4.0)
+    assert s.hp.load.base == 100 and s.hp.load.step is None
+    assert s.antagonists[0].workload == "stress-cpu"
+
+
+@pytest.mark.parametrize("change, reason", [
+    (("workload: nginx", "workload: stress-cpu"), "not an hp workload"),
+    (("workload: stress-cpu", "workload: nginx"), "not a\nbe workload"),
+    (("start: 5, stop: 10", "start: 10, stop: 5"), "start < stop"),
+    (("start: 5, stop: 10", "start: 5, stop: 31"), "stop <= duration"),
+    (("duration: 30", "duration: 0"), "positive seconds"),
+    (("name: t", "name: a/b"), "cgroup-safe"),
+    (("period: 10", "period: 10, rate: 3"), "unexpected keyword argument 'rate'"),
+    (("name: t", "name: t\ncolour: red"), "colour"),
+])
+def test_bad_scenarios_are_refused_with_the_reason(change, reason):
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(VALID.replace(*change), "bad.yaml")
+    assert str(e.value).startswith("bad.yaml: ")
+    assert reason.replace("\n", " ") in str(e.value).replace("\n", " ")
+
+
+def test_two_antagonists_may_not_share_a_name():
+    text = VALID + "  - {workload: stress-cpu, start: 12, stop: 14}\n"
+    with pytest.raises(ScenarioError, match="is taken"):
+        parse_scenario(text)
+
+
+def test_the_shipped_scenarios_are_valid():
+    paths = glob.glob(os.path.join(WORKLOADS, "scenarios", "*.yaml"))
+    assert len(paths) >= 2
+    for path in paths:
+        load_scenario(path)
+
+
+# -- summarize: literal data --------------------------------------------------------------
+
+def _measurements(ts, p99, task="/s/hp"):
+    return json.dumps(frames.measurements_frame(
+        1, {}, {task: {"name": "hp", "metrics": {"apm_latency_p99_seconds": p99}}}, ts=ts))
+
+
+def test_summary_separates_the_antagonists_windows_from_the_baseline():
+    truth = {"interval": 1, "started_ts": 100.0,
+             "hp": {"task_id": "/s/hp", "load": {"step": 2}},
+             "antagonists": [{"name": "cpu", "start_ts": 110.0, "stop_ts": 120.0}]}
+    values = {102: 0.001, 104: 0.0012, 106: 0.0011, 112: 0.005,  # 112: lag reaches 108.5
+              115: 0.004, 116: 0.006, 118: 0.004, 121: 0.003, 126: 0.0013, 128: 0.001}
+    lines = [_measurements(ts, v) for ts, v in values.items()]
+    lines.insert(3, json.dumps(frames.anomalies_frame(1, [], ts=107.0)))
+    lines.insert(7, _measurements(116.5, 0.006))  # the same report read again: counted once
+    s = summarize(lines, truth)
+    assert s["metric"] == "apm_latency_p99_seconds"
+    assert s["baseline"]["samples"] == 5 and s["baseline"]["median"] == 0.0011
+    cpu = s["antagonists"][0]
+    assert cpu["samples"] == 3 and cpu["median"] == 0.004 and cpu["max"] == 0.006
+    assert cpu["ratio_to_baseline"] == pytest.approx(0.004 / 0.0011)
+    table = format_summary(s)
+    assert "no antagonist" in table and "cpu" in table and "3.64" in table
+
+
+def test_hp_samples_skip_frames_without_the_metric():
+    lines = [_measurements(1, 0.1), _measurements(2, 0.1), "not json",
+             json.dumps(frames.measurements_frame(3, {}, {"/s/hp": {"metrics": {}}}, ts=3)),
+             _measurements(4, 0.2)]
+    assert hp_samples(lines, "/s/hp", "apm_latency_p99_seconds") == [(1, 0.1), (4, 0.2)]
+
+
+# -- the recorded scenario, replayed -----------------------------------------------------------
+
+@register
+@dataclass
+class SloViolationDetector(AnomalyDetector):
+    """For the replay: an HP task below its objective, contended by every BE task present.
+    A stand-in detector; its only job is to show the recording and ground truth at work."""
+    threshold: float = 1.0
+
+    def detect(self, platform, tasks_measurements, tasks_resources, tasks_labels):
+        be = sorted(t for t, labels in tasks_labels.items() if labels.get("role") == "be")
+        anomalies = []
+        for task_id, labels in tasks_labels.items():
+            normalized = tasks_measurements[task_id].get("apm_sli_normalized")
+            if labels.get("role") == "hp" and be and normalized is not None \
+                    and normalized < self.threshold:
+                anomalies.append(ContentionAnomaly("cpu", task_id, be))
+        return anomalies, []
+
+
+def recorded():
+    with open(os.path.join(RECORDED, "ground_truth.json")) as f:
+        truth = json.load(f)
+    with open(os.path.join(RECORDED, "recording.jsonl"), "rb") as f:
+        lines = f.read().splitlines()
+    return truth, lines
+
+
+def test_the_recording_matches_its_ground_truth():
+    truth, lines = recorded()
+    assert truth["completed"] and truth["version"] == 1
+    hp = truth["hp"]["task_id"]
+    measurements = [frames.validate(frames.decode(line)) for line in lines
+                    if frames.sniff(line) == (1, "measurements")]
+    assert len(measurements) >= 0.8 * truth["duration"] / truth["interval"]
+    assert all(hp in m["tasks"] for m in measurements)
+    # every antagonist is in the stream while it runs, and only then
+    for a in truth["antagonists"]:
+        assert a["contended_task_id"] == hp
+        present = [m["ts"] for m in measurements if a["task_id"] in m["tasks"]]
+        assert present, a["name"]
+        assert a["start_ts"] - truth["interval"] <= min(present)
+        assert max(present) <= a["stop_ts"] + truth["interval"]
+        assert max(present) - min(present) >= a["stop_ts"] - a["start_ts"] - 3 * truth["interval"]
+    # the load's target follows the sine the ground truth states
+    load = truth["hp"]["load"]
+    targets = [m["tasks"][hp]["metrics"].get("apm_load_target_rate_per_second")
+               for m in measurements]
+    targets = [t for t in targets if t is not None]
+    assert max(targets) > load["base"] + 0.7 * load["amplitude"]
+    assert min(targets) < load["base"] - 0.7 * load["amplitude"]
+
+
+def test_the_hp_latency_rises_while_an_antagonist_runs_on_its_cores():
+    truth, lines = recorded()
+    summary = summarize([line.decode() for line in lines], truth)
+    assert summary["baseline"]["samples"] >= 5
+    for a in summary["antagonists"]:
+        assert a["samples"] >= 3, a
+        assert a["ratio_to_baseline"] > 1.5, format_summary(summary)
+
+
+def test_replay_through_owca_detect_and_owca_ship(tmp_path):
+    truth, lines = recorded()
+    hp = truth["hp"]["task_id"]
+    config = tmp_path / "detect.yaml"
+    config.write_text("detect:\n  detector: !SloViolationDetector\n    threshold: 1.0\n")
+    env = tool_env()
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env["PYTHONPATH"]])
+    with open(os.path.join(RECORDED, "recording.jsonl"), "rb") as recording:
+        detect = subprocess.Popen(
+            tool_command("detect", "-r", "test_scenario:SloViolationDetector", "-c", str(config),
+                         "--strict"),
+            stdin=recording, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        tee = tmp_path / "detected.jsonl"
+        detected = subprocess.run(["tee", str(tee)], stdin=detect.stdout,
+                                  stdout=subprocess.PIPE, timeout=120)
+        detect.stdout.close()
+        assert detect.wait(60) == 0, detect.stderr.read().decode()
+    shipped = subprocess.run(tool_command("ship", "--strict"), input=detected.stdout,
+                             capture_output=True, env=tool_env(), timeout=120)
+    assert shipped.returncode == 0, shipped.stderr.decode()
+    out = shipped.stdout.decode()
+    measurements = sum(1 for line in lines if frames.sniff(line) == (1, "measurements"))
+    assert out.count("# owca metrics ") == measurements
+    assert f'task_id="{hp}",task_name="nginx"' in out
+    for name in ("apm_latency_p99_seconds", "apm_throughput_per_second",
+                 "apm_load_target_rate_per_second", "apm_sli_normalized"):
+        assert f"{name}{{" in out, name
+    # the detector's anomalies name only antagonists that ran then, against the HP task,
+    # and each antagonist is caught at least once
+    caught = set()
+    by_id = {a["task_id"]: a for a in truth["antagonists"]}
+    for line in tee.read_bytes().splitlines():
+        frame = frames.decode(line)
+        if frame["kind"] != "anomalies":
+            continue
+        for anomaly in frame["anomalies"]:
+            assert anomaly["contended_task_id"] == hp
+            for task_id in anomaly["contending_task_ids"]:
+                a = by_id[task_id]
+                assert a["start_ts"] - 2 * truth["interval"] <= frame["ts"] \
+                    <= a["stop_ts"] + 2 * truth["interval"]
+                caught.add(a["name"])
+    assert caught == {a["name"] for a in truth["antagonists"]}
+    assert 'anomaly{host="' in out
+
+
+# -- a short live run -------------------------------------------------------------------------------
+
+def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
+    """About 45 s: nginx under sine load, stress-cpu on its core for 12 s."""
+    catalog = load_catalog()
+    reason = unavailable([catalog["nginx"], catalog["stress-cpu"]])
+    if reason:
+        pytest.skip(reason)
+    out_dir = tmp_path / "out"
+    run = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "run",
+                          "-o", str(out_dir),
+                          os.path.join(WORKLOADS, "scenarios", "short-cpu.yaml")],
+                         capture_output=True, text=True, timeout=180, env=tool_env())
+    assert run.returncode == 0, run.stderr
+    assert "no antagonist" in run.stdout
+    truth = json.loads((out_dir / "ground_truth.json").read_text())
+    assert truth["completed"]
+    (cpu,) = truth["antagonists"]
+    assert cpu["workload"] == "stress-cpu" and cpu["resource"] == "cpu"
+    assert 11 < cpu["stop_ts"] - cpu["start_ts"] < 14
+    hp = truth["hp"]["task_id"]
+    lines = (out_dir / "recording.jsonl").read_bytes().splitlines()
+    measurements = [frames.validate(frames.decode(line)) for line in lines
+                    if frames.sniff(line) == (1, "measurements")]
+    assert len(measurements) >= 30
+    with_apm = [m for m in measurements if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
+    assert len(with_apm) >= 25
+    assert any(cpu["task_id"] in m["tasks"] for m in measurements)
+    assert "apm_latency_p99_seconds{" in (out_dir / "metrics.prom").read_text()
+    # the run left no cgroup and no APM file behind
+    parent = os.path.dirname(hp)
+    for controller in ("cpu", "cpuacct", "memory", "cpuset"):
+        assert not os.path.exists(Paths().cgroup_v1(controller, parent))
+    assert os.listdir(out_dir / "apm") == []
+
+
+def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):
+    """The runner's state file names what it started: `owca-scenario stop` ends it."""
+    from owca_workloads.launch import Launcher, enter_cgroups
+    reason = unavailable([])
+    if reason:
+        pytest.skip(reason)
+    launcher = Launcher(f"/owca-test-scenario-{os.getpid()}", Paths(),
+                        state_file=str(tmp_path / "launcher-state.json"))
+    try:
+        w = launcher.start("hp", ["sleep", "60"], role="hp")
+        pipeline = launcher.make_cgroup("pipeline")
+        stage = subprocess.Popen(["sleep", "60"], preexec_fn=enter_cgroups(pipeline.procs_files()))
+        out = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "stop",
+                              str(tmp_path)], capture_output=True, text=True, timeout=60,
+                             env=tool_env())
+        assert out.returncode == 0, out.stderr
+        assert launcher.popens["hp"].wait(10) is not None and stage.wait(10) is not None
+        assert not os.path.exists(Paths().cgroup_v1("memory", os.path.dirname(w.cgroup_path)))
+    finally:
+        launcher.stop_all(timeout=2)
