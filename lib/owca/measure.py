@@ -49,6 +49,8 @@ class MeasureConfig:
         if self.perf_events:
             from owca.perf import parse_events
             parse_events(self.perf_events)  # a ValueError is reported with file:line
+        if not self.apm_max_age > 0:
+            raise ValueError("apm_max_age: expected a positive number of seconds")
 
 
 class Measure(Stage):
