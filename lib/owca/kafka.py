@@ -56,6 +56,33 @@ def _permanent_errors() -> tuple:
             errors.InvalidRecordError, errors.InvalidTimestampError)
 
 
+class ClientErrors(logging.Handler):
+    """Keeps the Kafka client's last error line instead of printing it: the client logs
+    every refused connection, the sender says once why delivery stopped."""
+
+    def __init__(self):
+        super().__init__(logging.ERROR)
+        self.last = None
+
+    def emit(self, record):
+        message = record.getMessage().splitlines()[0]
+        if message.startswith("Connection failed: "):   # the cause, not the consequences
+            self.last = message[len("Connection failed: "):]
+
+    @classmethod
+    def install(cls) -> "ClientErrors":
+        client_log = logging.getLogger("kafka")
+        for handler in client_log.handlers:
+            if isinstance(handler, cls):
+                return handler
+        handler = cls()
+        client_log.addHandler(handler)
+        if log.getEffectiveLevel() > logging.DEBUG:
+            client_log.propagate = False
+            client_log.setLevel(logging.ERROR)
+        return handler
+
+
 def message_of(record: Record) -> dict:
     """KafkaProducer.send() arguments for a spooled cycle."""
     meta = record.meta
@@ -71,13 +98,14 @@ class Sender(threading.Thread):
     """Drains the spool into a producer, one record in flight, backing off on failure."""
 
     def __init__(self, spool: Spool, make_producer, backoff: float, backoff_max: float,
-                 where: str):
+                 where: str, client_errors: ClientErrors):
         super().__init__(name="owca-kafka-sender", daemon=True)
         self.spool = spool
         self.make_producer = make_producer
         self.backoff_min = backoff
         self.backoff_max = backoff_max
         self.where = where
+        self.client_errors = client_errors
         self.sent = 0
         self.errors = 0
         self._producer = None
@@ -96,6 +124,7 @@ class Sender(threading.Thread):
                 if not self.spool.wait(timeout=0.2 if self._closing.is_set() else 1.0):
                     continue
                 record = None
+                self.client_errors.last = None
                 outcome, error = self._connect()
                 if outcome is None:
                     # Taken only once connected: a record waiting for a broker that
@@ -123,6 +152,9 @@ class Sender(threading.Thread):
                     self.errors += 1
                     failures += 1
                     self._discard_producer()
+                    why = self.client_errors.last
+                    if why and why not in error:   # e.g. the TLS handshake's reason
+                        error = f"{error} ({why})"
                     # One line when delivery stops; the counters tell the rest.
                     (log.warning if failures == 1 else log.debug)(
                         "kafka: cannot deliver to %s: %s; %d cycles wait in the spool, "
@@ -202,7 +234,7 @@ class KafkaStorage(Storage):
     bootstrap_servers: List[str]
     topics: Dict[str, str] = field(default_factory=dict)   # category -> topic
     client_id: str = "owca-ship"
-    spool_directory: str = "/var/lib/owca/kafka-spool"
+    spool_directory: str = "/var/lib/owca-ship/kafka-spool"   # the unit's StateDirectory
     spool_max_bytes: int = 256 * MiB
     spool_max_cycles: int = 100000
     spool_fsync: bool = True
@@ -230,17 +262,19 @@ class KafkaStorage(Storage):
         self.topics = {**DEFAULT_TOPICS, **self.topics}
         self._check()
         self._producer_config = self.producer_config()
-        if log.getEffectiveLevel() > logging.DEBUG:
-            # The client logs every refused connection; the sender says it once.
-            logging.getLogger("kafka").setLevel(logging.CRITICAL)
+        self._spool = self._sender = None
+        self._dropped_logged = 0.0
+
+    def start(self) -> None:
+        """Open the spool (resuming what a previous run left) and start delivering."""
         try:
             self._spool = Spool(self.spool_directory, self.spool_max_bytes,
                                 self.spool_max_cycles, fsync=self.spool_fsync)
         except SpoolError as e:
-            raise ValueError(str(e)) from None
-        self._dropped_logged = 0.0
+            raise StorageError(str(e)) from None
         self._sender = Sender(self._spool, self._make_producer, self.retry_backoff_seconds,
-                              self.retry_backoff_max_seconds, ",".join(self.bootstrap_servers))
+                              self.retry_backoff_max_seconds, ",".join(self.bootstrap_servers),
+                              ClientErrors.install())
         self._sender.start()
 
     def _check(self):
@@ -255,8 +289,8 @@ class KafkaStorage(Storage):
                 raise ValueError(f"topics: unknown category {category!r} "
                                  f"(expected {', '.join(CATEGORIES)})")
             if not TOPIC_NAME.match(topic) or topic in (".", ".."):
-                raise ValueError(f"topics.{category}: {topic!r} is not a valid topic name "
-                                 f"(letters, digits, '.', '_', '-'; at most 249)")
+                raise ValueError(f"topics: {topic!r} (for {category}) is not a valid topic "
+                                 f"name (letters, digits, '.', '_', '-'; at most 249)")
         for name in ("spool_max_bytes", "spool_max_cycles", "max_request_size_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number")
@@ -273,18 +307,18 @@ class KafkaStorage(Storage):
                 raise ValueError(f"{name}: cannot read {path}")
         if self.security_protocol.startswith("SASL_"):
             if self.sasl_mechanism is None or self.sasl_plain_username is None:
-                raise ValueError(f"security_protocol {self.security_protocol}: needs "
+                raise ValueError(f"security_protocol: {self.security_protocol} needs "
                                  f"sasl_mechanism and sasl_plain_username")
             if (self.sasl_plain_password is None) == (self.sasl_plain_password_file is None):
-                raise ValueError(f"security_protocol {self.security_protocol}: needs one of "
+                raise ValueError(f"security_protocol: {self.security_protocol} needs one of "
                                  f"sasl_plain_password, sasl_plain_password_file")
         if self.compression_type is not None:
             from kafka import codec
             available = {"gzip": codec.has_gzip, "snappy": codec.has_snappy,
                          "lz4": codec.has_lz4, "zstd": codec.has_zstd}[self.compression_type]
             if not available():
-                raise ValueError(f"compression_type {self.compression_type}: the Python "
-                                 f"module for it is not installed")
+                raise ValueError(f"compression_type: {self.compression_type} needs a Python "
+                                 f"module that is not installed")
 
     def producer_config(self) -> dict:
         """KafkaProducer's arguments: acks from all in-sync replicas, bounded waits."""
@@ -336,6 +370,8 @@ class KafkaStorage(Storage):
                         "%d dropped so far", *self._spool.depth(), self._spool.dropped[FULL])
 
     def samples(self) -> List[dict]:
+        if self._spool is None:
+            return []
         labels = {"storage": type(self).__name__}
         cycles, nbytes = self._spool.depth()
         out = [frames.sample("owca_ship_spool_cycles", cycles, labels),
@@ -352,6 +388,8 @@ class KafkaStorage(Storage):
 
     def close(self) -> None:
         """Deliver for at most flush_timeout_seconds; the rest waits in the spool."""
+        if self._spool is None:
+            return
         if not self._sender.stop(self.flush_timeout_seconds):
             log.warning("kafka: sender still busy after the flush timeout")
         left = len(self._spool)
@@ -359,3 +397,4 @@ class KafkaStorage(Storage):
             log.warning("kafka: %d cycles left in the spool %s for the next start",
                         left, self.spool_directory)
         self._spool.close()
+        self._spool = self._sender = None

@@ -30,7 +30,7 @@ from typing import Iterable, Optional
 
 from owca import frames
 from owca.config import register
-from owca.storage import CATEGORIES, Cycle, Storage
+from owca.storage import CATEGORIES, Cycle, Storage, StorageError
 
 log = logging.getLogger("owca.prometheus")
 
@@ -143,13 +143,16 @@ class PrometheusStorage(Storage):
         self._body = None           # what a scrape gets, rendered once per cycle
         self._gzipped = None
         self._updated = 0.0
+        self._server = None
         self.scrapes = 0
+
+    def start(self) -> None:
         server_class = _Server6 if ":" in self.listen_address else _Server
         try:
             self._server = server_class((self.listen_address, self.port), _Handler)
         except OSError as e:
-            raise ValueError(f"cannot listen on {self.listen_address}:{self.port}: "
-                             f"{e.strerror}") from None
+            raise StorageError(f"cannot listen on {self.listen_address}:{self.port}: "
+                               f"{e.strerror}") from None
         self._server.storage = self
         self.port = self._server.server_address[1]   # the one chosen, with port 0
         self._thread = threading.Thread(target=self._server.serve_forever,
@@ -189,5 +192,7 @@ class PrometheusStorage(Storage):
                               {"storage": type(self).__name__}, "counter")]
 
     def close(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

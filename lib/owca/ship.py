@@ -11,7 +11,7 @@ from typing import List
 
 from owca import frames
 from owca.exposition import CATEGORY_OF_KIND, Formatter
-from owca.stage import Stage
+from owca.stage import DataError, Stage
 from owca.storage import Cycle, Storage, StdoutStorage, StorageError
 # Imported for their @register: the !KafkaStorage and !PrometheusStorage tags.
 from owca import kafka as _kafka, prometheus as _prometheus  # noqa: F401
@@ -36,6 +36,13 @@ class Ship(Stage):
         self.formatter = Formatter()
         self.storage_errors = {}
         self.bad_values = 0
+        for i, storage in enumerate(self.cfg.storages):
+            try:
+                storage.start()
+            except StorageError as e:  # the spool locked, the port taken: a restart may cure it
+                for started in self.cfg.storages[:i]:
+                    started.close()
+                raise DataError(f"{type(storage).__name__}: {e}") from None
 
     def own_samples(self) -> List[dict]:
         out = self.stats.samples()

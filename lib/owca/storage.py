@@ -38,6 +38,11 @@ class Storage:
     def wants(self, category: str) -> bool:
         return category in self.categories
 
+    def start(self) -> None:
+        """Called once by owca-ship before the first cycle, to take what the storage holds
+        while it runs (a spool, a listening socket): building one from the configuration
+        has no side effects, so a configuration can be checked on its own."""
+
     def store(self, cycle: Cycle) -> None:
         raise NotImplementedError
 
