@@ -119,10 +119,11 @@ def free_loopback_port():
 class Container:
     """One booted container on an overlay of the cached root."""
 
-    def __init__(self, root, workdir, name="owca-node"):
+    def __init__(self, root, workdir, name=None):
         self.lower = Path(root)
         self.workdir = Path(workdir)
-        self.name = name
+        # Unique per run: nspawn keeps per-machine state under /run by this name.
+        self.name = name or f"owca-node-{os.getpid()}"
         self.tree = self.workdir / "tree"
         self.upper = self.workdir / "upper"
         self.mounted = False
@@ -174,7 +175,7 @@ class Container:
         keys = ssh_dir / "authorized_keys"
         keys.write_text(Path(f"{self.key}.pub").read_text())
         keys.chmod(0o600)
-        (self.tree / "etc/ssh/sshd_config.d/owca-test.conf").write_text(
+        (self.tree / "etc/ssh/sshd_config.d/test-node.conf").write_text(
             f"Port {self.port}\nListenAddress 127.0.0.1\n"
             "PermitRootLogin prohibit-password\nPasswordAuthentication no\n"
             "UseDNS no\n")
