@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """CPU time of one owca-measure cycle against the number of tasks, with and without perf.
 
-For each N it creates N task cgroups, PREFIX/task-0000 ... (cgroup v1: cpu,
-cpuacct, memory and perf_event; perf_event is mounted at <cgroupfs>/perf_event
-for the run when it is not, and given back to cgroup2 afterwards), one light
-process in each, and times owca-measure's Measure stage in this process:
+For each N it creates N task cgroups, PREFIX/task-0000 ... (cgroup v1 cpu,
+cpuacct and memory, and the hierarchy that carries perf_event: cgroup2 where
+perf_event is not bound to v1, see PerfHierarchy), one light process in each,
+and times owca-measure's Measure stage in this process:
 
   first cycle   the tasks frame decoded and validated, update() (opens the cgroup
                 files and the perf groups), measure(), the measurements frame encoded
@@ -26,12 +26,13 @@ The process limit on open files is set to --nofile (soft) first, so the run
 shows whether owca-measure copes with a 1024-file soft limit.
 
 The run re-executes itself in a private mount namespace (unshare(1)), so that
-its perf_event mount does not propagate into containers that share
-/sys/fs/cgroup; while it runs, perf_event is bound to cgroup v1 host-wide
-(cgroup2 fds get ENOENT from perf_event_open for everyone).
+its mounts at <cgroupfs>/perf_event do not propagate into containers that
+share /sys/fs/cgroup.  It mounts perf_event as v1 only where the controller is
+bound to v1 already (mounting it would bind it host-wide for the run).
 
 Usage (root): python3 benchmarks/measure_cycle.py [--tasks 10,100,1000]
-              [--events task-clock,context-switches] [--cycles 20] [--warmup 3]
+              [--events task-clock,context-switches] [--helper PATH]
+              [--cycles 20] [--warmup 3]
               [--gap-ms 100] [--mode tick|sleep] [--nofile 1024] [--prefix P]
               [--floor BINARY] [--perf-stat] [--json]
 """
@@ -55,9 +56,10 @@ from owca import frames, perf  # noqa: E402
 from owca.measure import Measure, MeasureConfig  # noqa: E402
 from owca.paths import DEFAULT_PATHS as PATHS  # noqa: E402
 
-CONTROLLERS = ("cpu", "cpuacct", "memory", "perf_event")
+CONTROLLERS = ("cpu", "cpuacct", "memory")
 PERF_STAT_INTERVAL_MS = 100
 PRIVATE_NAMESPACE_MARK = "OWCA_BENCH_PRIVATE_MOUNTS"
+BUILT_HELPER = os.path.join(ROOT, "build", "owca-perf")
 
 
 # -- the task cgroups -------------------------------------------------------------------
@@ -66,10 +68,10 @@ class TaskCgroups:
     """N cgroups PREFIX/task-NNNN in every controller, one process each; the
     processes are killed by the pids recorded here, never by name."""
 
-    def __init__(self, prefix, n, mode):
+    def __init__(self, prefix, n, mode, perf_root):
         self.prefix, self.n = prefix, n
         self.pids = []
-        self.roots = [PATHS.cgroup_v1(c) for c in CONTROLLERS]
+        self.roots = [PATHS.cgroup_v1(c) for c in CONTROLLERS] + [perf_root]
         for root in self.roots:
             os.makedirs(os.path.join(root, prefix), exist_ok=True)
         for i in range(n):
@@ -150,28 +152,42 @@ class TaskCgroups:
               file=sys.stderr)
 
 
-class PerfEventMount:
-    """perf_event v1 at <cgroupfs>/perf_event for the run, unless it is there."""
+class PerfHierarchy:
+    """The perf_event hierarchy for the run, also reachable at
+    <cgroupfs>/perf_event, where a floor program looks for it:
+
+    - perf_event on cgroup2 (not bound to v1; this kind of machine): the
+      cgroup2 root, bind-mounted there; the controller's binding is not touched
+    - bound to v1 and mounted there: used as it is
+    - bound to v1, mounted elsewhere or nowhere: mounted there for the run,
+      released afterwards
+    """
 
     def __init__(self):
-        self.point = PATHS.cgroup_v1("perf_event")
-        self.before = perf.perf_event_hierarchy(PATHS)
-        self.made_dir = self.mounted = False
-        if os.path.exists(os.path.join(self.point, "cgroup.procs")):
+        self.point = PATHS.cgroup_v1("perf_event").rstrip("/")
+        self.made_dir = self.mounted = self.bound = False
+        if perf.perf_event_hierarchy(PATHS)[0] == 0:
+            self.root = PATHS.cgroup_v2_root
+            self._make_point()
+            subprocess.run(["mount", "--bind", self.root, self.point], check=True)
+            self.bound = True
             return
+        self.root = self.point
+        if not os.path.exists(os.path.join(self.point, "cgroup.procs")):
+            self._make_point()
+            perf.mount_perf_event_v1(self.point)
+            self.mounted = True
+
+    def _make_point(self):
         if not os.path.isdir(self.point):
             os.mkdir(self.point)
             self.made_dir = True
-        perf.mount_perf_event_v1(self.point)
-        self.mounted = True
 
     def release(self):
+        if self.bound:
+            subprocess.run(["umount", self.point], check=True)
         if self.mounted:
-            if self.before[0] == 0:
-                if not perf.unmount_perf_event_v1(self.point, PATHS, timeout=120):
-                    print("warning: perf_event is still bound to cgroup v1", file=sys.stderr)
-            else:
-                subprocess.run(["umount", self.point], check=True)
+            subprocess.run(["umount", self.point], check=True)
         if self.made_dir:
             os.rmdir(self.point)
 
@@ -198,9 +214,10 @@ class TimedStage:
     """A Measure stage and the CPU time it spends: this process's, plus its
     perf helper's; perf_cpu collects PerfCounters.read() alone."""
 
-    def __init__(self, events):
-        self.stage = Measure(MeasureConfig(perf_events=list(events) or None),
-                             {"--no-timing": True})
+    def __init__(self, events, helper=None, perf_root=None):
+        cfg = MeasureConfig(perf_events=list(events) or None, perf_helper=helper,
+                            perf_cgroup_root=perf_root)
+        self.stage = Measure(cfg, {"--no-timing": True})
         self.perf = self.stage.perf
         self.perf_cpu = []
         if self.perf:
@@ -227,11 +244,11 @@ class TimedStage:
         return self.cpu() - started, out[0]
 
 
-def time_measure(cgroups, events, cycles, warmup, gap):
+def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
     """Two Measure stages on the same cgroups, without and with perf: each one's
     first cycle, then their steady cycles interleaved so that both see the same
     machine."""
-    runs = {"without_perf": TimedStage([]), "with_perf": TimedStage(events)}
+    runs = {"without_perf": TimedStage([]), "with_perf": TimedStage(events, helper, perf_root)}
     results = {}
     try:
         for name, run in runs.items():
@@ -337,6 +354,9 @@ def main():
     ap.add_argument("--mode", choices=("tick", "sleep"), default="tick")
     ap.add_argument("--nofile", type=int, default=1024)
     ap.add_argument("--prefix", default="owcabench-measure")
+    ap.add_argument("--helper", default=BUILT_HELPER if os.path.exists(BUILT_HELPER) else None,
+                    help="the owca-perf binary (default: build/owca-perf of this tree, from "
+                         "`make helper`, else where owca-measure finds it)")
     ap.add_argument("--floor")
     ap.add_argument("--perf-stat", action="store_true")
     ap.add_argument("--json", action="store_true", help="JSON lines only, no table")
@@ -354,18 +374,20 @@ def main():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(args.nofile, hard), hard))
     events = [e for e in args.events.split(",") if e]
-    mount = PerfEventMount()
+    hierarchy = PerfHierarchy()
     results = []
     try:
         for n in (int(x) for x in args.tasks.split(",")):
-            cgroups = TaskCgroups(args.prefix, n, args.mode)
+            cgroups = TaskCgroups(args.prefix, n, args.mode, hierarchy.root)
             try:
                 cgroups.wait_joined()
                 result = {"n": n, "cpus": os.cpu_count(), "mode": args.mode,
+                          "helper": args.helper,
                           "nofile_soft_at_start": min(args.nofile, hard),
                           "events": events}
-                result.update(time_measure(cgroups, events, args.cycles, args.warmup,
-                                           args.gap_ms / 1000))
+                result["perf_cgroup_root"] = hierarchy.root
+                result.update(time_measure(cgroups, events, args.helper, hierarchy.root,
+                                           args.cycles, args.warmup, args.gap_ms / 1000))
                 if args.floor:
                     result["floor_k"] = run_floor(args.floor, cgroups, args.cycles, args.warmup,
                                                   args.gap_ms)
@@ -376,7 +398,7 @@ def main():
             print(json.dumps(result), flush=True)
             results.append(result)
     finally:
-        mount.release()
+        hierarchy.release()
     if not args.json:
         print("\nCPU time per task (µs), median of steady cycles; first = opening cycle")
         print(table(results))

@@ -111,11 +111,6 @@ static const struct event known_events[] = {
 struct task {
     int *fds;    /* ncpus x nevents; the group leader of CPU i is fds[i * nevents] */
     int closing; /* a close request for it waits in the batch */
-    /* what a read sums over the CPUs */
-    uint16_t cpus_counted, cpus_unknown;
-    double scale_sum, scale_max;
-    uint64_t exact[MAX_EVENTS];
-    double scaled[MAX_EVENTS];
 };
 
 /* Opens and closes are batched: consecutive requests are carried out CPU by
@@ -531,67 +526,60 @@ struct record_head {
     uint16_t cpus_unknown;
 };
 
-static void add_group_values(struct task *t, const uint64_t *buf, ssize_t n, ssize_t want) {
+/* One task's counts, summed over its CPUs. */
+struct sums {
+    uint16_t cpus_counted, cpus_unknown;
+    double scale_sum, scale_max;
+    uint64_t exact[MAX_EVENTS];
+    double scaled[MAX_EVENTS];
+};
+
+static void add_group_values(struct sums *sum, const uint64_t *buf, ssize_t n, ssize_t want) {
     if (n != want || buf[0] != (uint64_t)nevents) {
-        t->cpus_unknown++;
+        sum->cpus_unknown++;
         return;
     }
     uint64_t enabled = buf[1], running = buf[2];
     if (!enabled) return; /* the cgroup never ran on this CPU */
     if (!running) {
-        t->cpus_unknown++;
+        sum->cpus_unknown++;
         return;
     }
     double factor = (double)enabled / (double)running;
     for (int e = 0; e < nevents; e++) {
-        if (enabled == running) t->exact[e] += buf[3 + e];
-        else t->scaled[e] += (double)buf[3 + e] * factor;
+        if (enabled == running) sum->exact[e] += buf[3 + e];
+        else sum->scaled[e] += (double)buf[3 + e] * factor;
     }
-    t->cpus_counted++;
-    t->scale_sum += factor;
-    if (factor > t->scale_max) t->scale_max = factor;
+    sum->cpus_counted++;
+    sum->scale_sum += factor;
+    if (factor > sum->scale_max) sum->scale_max = factor;
 }
 
-/* CPU by CPU, pinned there: an active event of another CPU would need an IPI
- * to be read, and on its own CPU no task event is active while we run. */
+/* Not pinned: only a group whose cgroup runs on its CPU right now costs an
+ * IPI to read, at most one per CPU, less than moving the helper around. */
 static void read_tasks(void) {
     size_t reclen = sizeof(struct record_head) + sizeof(uint64_t) * (size_t)nevents + 2 * sizeof(double);
     /* nr, time_enabled, time_running, then one value per event */
     uint64_t buf[3 + MAX_EVENTS];
     ssize_t want = (ssize_t)(sizeof(uint64_t) * (size_t)(3 + nevents));
-    for (uint32_t slot = 0; slot < tasks_cap; slot++) {
-        struct task *t = tasks[slot];
-        if (!t) continue;
-        t->cpus_counted = t->cpus_unknown = 0;
-        t->scale_sum = t->scale_max = 0;
-        memset(t->exact, 0, sizeof t->exact);
-        memset(t->scaled, 0, sizeof t->scaled);
-    }
-    if (nevents) {
-        pin_begin();
-        for (int c = 0; c < ncpus; c++) {
-            pin(cpus[c]);
-            for (uint32_t slot = 0; slot < tasks_cap; slot++) {
-                struct task *t = tasks[slot];
-                if (t) add_group_values(t, buf, read(t->fds[c * nevents], buf, (size_t)want), want);
-            }
-        }
-        pin_end();
-    }
     out_printf("values %u %zu\n", tasks_open, reclen * tasks_open);
     out_reserve(reclen * tasks_open);
     for (uint32_t slot = 0; slot < tasks_cap; slot++) {
         struct task *t = tasks[slot];
         if (!t) continue;
-        struct record_head head = {slot, t->cpus_counted, t->cpus_unknown};
-        double scale_avg = t->cpus_counted ? t->scale_sum / t->cpus_counted : 0;
+        struct sums sum;
+        memset(&sum, 0, sizeof sum);
+        for (int c = 0; c < ncpus && nevents; c++)
+            add_group_values(&sum, buf, read(t->fds[c * nevents], buf, (size_t)want), want);
+        struct record_head head = {slot, sum.cpus_counted, sum.cpus_unknown};
+        double scale_avg = sum.cpus_counted ? sum.scale_sum / sum.cpus_counted : 0;
         out_bytes(&head, sizeof head);
         for (int e = 0; e < nevents; e++) {
-            uint64_t v = t->exact[e] + (uint64_t)(t->scaled[e] + 0.5);
+            uint64_t v = sum.exact[e] + (uint64_t)(sum.scaled[e] + 0.5);
             out_bytes(&v, sizeof v);
         }
         out_bytes(&scale_avg, sizeof scale_avg);
-        out_bytes(&t->scale_max, sizeof t->scale_max);
+        out_bytes(&sum.scale_max, sizeof sum.scale_max);
     }
 }
 

@@ -206,48 +206,62 @@ def hardware_pmu(helper_binary):
 def perf_event_hierarchy():
     return perf.perf_event_hierarchy(DEFAULT_PATHS)[0]
 
-# Before any test mounts perf_event on v1 (module fixture below).
+@pytest.fixture(scope='module')
+def perf_root(software_events):
+    """Where the tests' task cgroups go for perf: where owca-measure finds the
+    perf_event hierarchy (cgroup2 on this kind of machine).  Mounting
+    perf_event as v1 binds the controller to v1 host-wide while it is mounted
+    (cgroup2 fds then get ENOENT, and containers started meanwhile mount it
+    too), so only one short test below does that."""
+    if os.geteuid() != 0:
+        pytest.skip('needs root to create cgroups')
+    try:
+        return perf.default_cgroup_root(DEFAULT_PATHS)
+    except ValueError as e:
+        pytest.skip(str(e))
+
+
 @needs_v2
-def test_cgroup_v2_fds_count_where_perf_event_is_not_bound_to_v1(helper_binary, software_events):
+def test_cgroup2_carries_perf_events_where_perf_event_is_not_bound_to_v1(perf_root):
     if perf_event_hierarchy() != 0:
-        pytest.skip('perf_event is bound to a cgroup v1 hierarchy: cgroup2 fds get ENOENT')
-    with v2_cgroup() as cg:
-        cg.start_python(BURN)
-        counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary)
+        pytest.skip('perf_event is bound to a cgroup v1 hierarchy here')
+    assert perf_root == DEFAULT_PATHS.cgroup_v2_root
+
+
+@needs_root
+@needs_v2
+def test_counts_in_a_perf_event_v1_hierarchy_mounted_for_the_test(helper_binary, software_events,
+                                                                  tmp_path):
+    if perf_event_hierarchy() != 0:
+        pytest.skip('perf_event is bound to v1 already: the other tests count there')
+    mountpoint = str(tmp_path)
+    perf.mount_perf_event_v1(mountpoint)
+    try:
+        v1 = TestCgroup(new_name('owca-test-perf'), {})
+        v1.dirs['perf_event'] = os.path.join(mountpoint, v1.path.lstrip('/'))
+        os.mkdir(v1.dirs['perf_event'])
+        counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary,
+                                     cgroup_root=mountpoint)
         try:
-            assert counting.cgroup_root == DEFAULT_PATHS.cgroup_v2_root
-            counting.update({'burner': cg.path})
-            time.sleep(0.3)
-            assert counting.read()['burner']['task_task_clock_seconds'] > 0.1
+            v1.start_python(BURN)
+            with v2_cgroup() as v2:
+                counting.update({'v1': v1.path})
+                time.sleep(0.3)
+                assert counting.read()['v1']['task_task_clock_seconds'] > 0.1
+                # While perf_event is bound to v1, a cgroup2 directory is refused.
+                on_v2 = perf.PerfCounters(['task-clock'], helper_path=helper_binary,
+                                          cgroup_root=DEFAULT_PATHS.cgroup_v2_root)
+                try:
+                    on_v2.update({'v2': v2.path})
+                    assert on_v2.failed_tasks == {'v2': 'ENOENT'}
+                finally:
+                    on_v2.close()
         finally:
             counting.close()
-
-
-@pytest.fixture(scope='module')
-def perf_root(tmp_path_factory, software_events):
-    """The root of a perf_event v1 hierarchy, mounted for this module."""
-    if os.geteuid() != 0:
-        pytest.skip('needs root to mount perf_event')
-    before = perf_event_hierarchy()
-    mountpoint = str(tmp_path_factory.mktemp('perf_event'))
-    try:
-        perf.mount_perf_event_v1(mountpoint)
-    except OSError as mount_error:
-        # Bound to a v1 hierarchy with other controllers: use the host's mount.
-        try:
-            yield perf.default_cgroup_root(DEFAULT_PATHS)
-        except ValueError as e:
-            pytest.skip('no perf_event hierarchy: %s; %s' % (mount_error, e))
-        return
-    try:
-        yield mountpoint
+            v1.cleanup()
     finally:
-        if before == 0:
-            assert perf.unmount_perf_event_v1(mountpoint, DEFAULT_PATHS), \
-                'perf_event is still bound to cgroup v1: %s' % (
-                    perf.perf_event_hierarchy(DEFAULT_PATHS),)
-        else:
-            subprocess.run(['umount', mountpoint], check=True)
+        assert perf.unmount_perf_event_v1(mountpoint, DEFAULT_PATHS), \
+            'perf_event is still bound to cgroup v1: %s' % (perf.perf_event_hierarchy(DEFAULT_PATHS),)
 
 
 @pytest.fixture
