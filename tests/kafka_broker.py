@@ -93,6 +93,10 @@ class Broker:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
 
+    def freeze(self, frozen: bool = True) -> None:
+        """SIGSTOP (SIGCONT with frozen False): connections stay open, nothing answers."""
+        os.kill(self.proc.pid, signal.SIGSTOP if frozen else signal.SIGCONT)
+
     def log(self) -> str:
         out = []
         for name in sorted(os.listdir(self.log_dir)):
@@ -101,6 +105,8 @@ class Broker:
         return "\n".join(out)
 
     def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.freeze(False)
         self.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
 

@@ -195,6 +195,7 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     finally:
         ship.close()
     assert "5 cycles left in the spool" in ship.log()
+    assert ship.log().count("spool full") == 1     # said once, counted always
     assert spooled(spool) == [16, 17, 18, 19, 20]
 
     stopped_broker.start()
@@ -210,6 +211,37 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     last = parse(records[-1], 20)
     assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 14
     assert value(last, "owca_ship_spool_cycles") == 5
+
+
+def test_sigterm_while_the_broker_hangs_is_bounded_and_keeps_the_cycles(broker, tmp_path):
+    """A broker that accepts and never answers (stopped with SIGSTOP): SIGTERM ends
+    owca-ship after flush_timeout_seconds; the cycle in flight and the ones behind it stay
+    in the spool and arrive after the restart (the one in flight maybe twice)."""
+    spool = tmp_path / "spool"
+    config = write_config(tmp_path, broker.bootstrap, spool,
+                          extra="      flush_timeout_seconds: 1\n"
+                                "      send_timeout_seconds: 30\n")
+    ship = start_ship(tmp_path, config)
+    try:
+        ship.send(measurements(1), measurements(2), measurements(3))
+        consume(broker.bootstrap, METRICS, 3)
+        broker.freeze()
+        ship.send(measurements(4), measurements(5))
+        wait_until(lambda: spooled(spool) == [4, 5], what="two cycles waiting")
+        assert ship.terminate(timeout=30) == 0, ship.log()
+    finally:
+        broker.freeze(False)
+        ship.close()
+    assert "2 cycles left in the spool" in ship.log()
+    assert spooled(spool) == [4, 5]
+    resumed = start_ship(tmp_path, config, "resumed")
+    try:
+        records = consume(broker.bootstrap, METRICS, 5)
+        assert resumed.finish() == 0, resumed.log()
+    finally:
+        resumed.close()
+    got = seqs(records)
+    assert got == sorted(got) and first_occurrences(got) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.parametrize("broker_state", ["up", "down"])

@@ -4,7 +4,7 @@
       storages:
         - !KafkaStorage
           bootstrap_servers: [kafka-1.example:9093]
-          spool_directory: /var/lib/owca/kafka-spool
+          spool_directory: /var/lib/owca-ship/kafka-spool
 
 One message per cycle: the cycle's Prometheus text exposition (with
 timestamps) as the value, the host as the key (so that one node's cycles stay
@@ -123,38 +123,22 @@ class Sender(threading.Thread):
                     break
                 if not self.spool.wait(timeout=0.2 if self._closing.is_set() else 1.0):
                     continue
-                record = None
-                self.client_errors.last = None
-                outcome, error = self._connect()
-                if outcome is None:
-                    # Taken only once connected: a record waiting for a broker that
-                    # cannot be reached is not held, so a full spool may drop it.
-                    record = self.spool.take(timeout=0)
-                    if record is None:
-                        continue
-                    outcome, error = self._deliver(record)
+                try:
+                    outcome, error = self._attempt()
+                except Exception as e:  # a bug or a disk error must not end delivery for good
+                    outcome, error = FAILED, _describe(e)
+                    log.error("kafka: sender: %s", error)
                 if outcome == DELIVERED:
-                    self.spool.release(record, delivered=True)
-                    self.sent += 1
                     if failures:
                         log.info("kafka: delivering to %s again after %d failed attempts; "
                                  "%d cycles waiting", self.where, failures, len(self.spool))
                     failures, backoff = 0, self.backoff_min
-                elif outcome == REFUSED:
-                    self.spool.drop(record, REJECTED)
-                    log.error("kafka: %s cycle %s refused by the broker, dropped: %s",
-                              record.meta["category"], record.meta["seq"], error)
-                else:
-                    if record is not None:
-                        self.spool.release(record, delivered=False)
+                elif outcome == FAILED:
                     if self._abort.is_set():
                         break
                     self.errors += 1
                     failures += 1
                     self._discard_producer()
-                    why = self.client_errors.last
-                    if why and why not in error:   # e.g. the TLS handshake's reason
-                        error = f"{error} ({why})"
                     # One line when delivery stops; the counters tell the rest.
                     (log.warning if failures == 1 else log.debug)(
                         "kafka: cannot deliver to %s: %s; %d cycles wait in the spool, "
@@ -163,6 +147,35 @@ class Sender(threading.Thread):
                     backoff = min(backoff * 2, self.backoff_max)
         finally:
             self._discard_producer()
+
+    def _attempt(self):
+        """Deliver the oldest record: (outcome, error), (None, None) when there was none."""
+        self.client_errors.last = None
+        outcome, error = self._connect()
+        if outcome is not None:
+            return outcome, self._with_cause(error)
+        # Taken only once connected: a record waiting for a broker that cannot be
+        # reached is not held, so a full spool may drop it.
+        record = self.spool.take(timeout=0)
+        if record is None:
+            return None, None
+        outcome, error = self._deliver(record)
+        if outcome == DELIVERED:
+            self.spool.release(record, delivered=True)
+            self.sent += 1
+        elif outcome == REFUSED:
+            self.spool.drop(record, REJECTED)
+            log.error("kafka: %s cycle %s refused by the broker, dropped: %s",
+                      record.meta["category"], record.meta["seq"], error)
+        else:
+            self.spool.release(record, delivered=False)
+            error = self._with_cause(error)
+        return outcome, error
+
+    def _with_cause(self, error: str) -> str:
+        """The client's own reason added, when it has one (a TLS handshake's, say)."""
+        why = self.client_errors.last
+        return f"{error} ({why})" if why and why not in error else error
 
     def _connect(self):
         """(None, None) with a producer ready, else (FAILED, why)."""
@@ -263,7 +276,7 @@ class KafkaStorage(Storage):
         self._check()
         self._producer_config = self.producer_config()
         self._spool = self._sender = None
-        self._dropped_logged = 0.0
+        self._dropped_logged = None   # when a full spool was last reported
 
     def start(self) -> None:
         """Open the spool (resuming what a previous run left) and start delivering."""
@@ -364,7 +377,8 @@ class KafkaStorage(Storage):
             dropped = self._spool.append(meta, cycle.text.encode())
         except SpoolError as e:
             raise StorageError(str(e)) from None
-        if dropped and time.monotonic() - self._dropped_logged > 60:
+        if dropped and (self._dropped_logged is None
+                        or time.monotonic() - self._dropped_logged > 60):
             self._dropped_logged = time.monotonic()
             log.warning("kafka: spool full (%d cycles, %d bytes): dropping the oldest cycles; "
                         "%d dropped so far", *self._spool.depth(), self._spool.dropped[FULL])
