@@ -69,6 +69,10 @@ RAW_EVENT = re.compile(r'^([a-z0-9_]{1,63})=(0x[0-9a-fA-F]{1,16}|[0-9]{1,20})$')
 # Replies to at most this many requests are waiting in the pipe at once, so
 # that neither side blocks writing while the other does (replies < 200 bytes).
 REQUEST_CHUNK = 256
+OUT_OF_FDS = ('EMFILE', 'ENFILE')
+# Updates between two retries of opens that ran out of descriptors, unless
+# tasks closed meanwhile.
+RETRY_OUT_OF_FDS_EVERY = 30
 # Cycles to wait before the next restart after 1, 2, 3... failed starts.
 MAX_RESTART_BACKOFF_CYCLES = 64
 
@@ -426,6 +430,7 @@ class PerfCounters:
         self.timeout = timeout
         self.restarts = 0
         self.failed_tasks = {}     # task_id -> errno name of its last failed open
+        self._updates = 0
         self._wanted = {}          # task_id -> cgroup directory, from the last update()
         self._dirs = {}            # cgroup path -> directory, checked once per task
         self._opened = {}          # task_id -> (slot, cgroup path)
@@ -457,6 +462,7 @@ class PerfCounters:
                             'the other events without it', skipped.name, skipped.errno,
                             skipped.text)
         self._opened.clear()
+        self.failed_tasks = {}     # a new helper has all its descriptors free
         self._slot_task.clear()
         self._free_slots.clear()
         self._next_slot = 0
@@ -536,17 +542,25 @@ class PerfCounters:
             if self._wanted.get(task_id) != path:
                 requests.append('close %d' % slot)
                 pending.append(('close', task_id, slot))
+        # Opens that ran out of descriptors are tried again when some were
+        # freed, or now and then: each costs the helper a round of failures.
+        self._updates += 1
+        retry_out_of_fds = bool(requests) or self._updates % RETRY_OUT_OF_FDS_EVERY == 0
+        failed = {task_id: errno for task_id, errno in self.failed_tasks.items()
+                  if task_id in self._wanted}
         for task_id, path in self._wanted.items():
             opened = self._opened.get(task_id)
             if opened is None or opened[1] != path:
+                if not retry_out_of_fds and failed.get(task_id) in OUT_OF_FDS:
+                    continue
                 slot = self._allocate_slot()
                 self._slot_task[slot] = task_id
                 requests.append('open %d %s' % (slot, path))
                 pending.append(('open', task_id, slot))
         if not requests:
+            self.failed_tasks = failed
+            self._report_failures()
             return
-        failed = {task_id: errno for task_id, errno in self.failed_tasks.items()
-                  if task_id in self._wanted}
         for (what, task_id, slot), reply in zip(pending, self.helper.request(requests)):
             if reply.slot != slot:
                 raise HelperGone('reply for slot %s to a request for slot %d' % (reply.slot, slot))

@@ -11,7 +11,11 @@ read-only, so owca-allocate runs with --dry-run here and no allocation is
 written; the tasks are measured through its writable cgroup v2 tree.
 """
 import re
+import shutil
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -262,6 +266,58 @@ def test_a_changed_stage_configuration_restarts_only_that_stage(node, playbook, 
     changed = {u for u in services if after[u]["MainPID"] != before[u]["MainPID"]}
     assert changed == {"owca-detect.service"}
     assert "detector: !NOPAnomalyDetector {}" in node.ssh("cat /etc/owca/detect.yaml").stdout
+
+
+def test_upgrade_restarts_every_stage_and_keeps_the_fifos(node, playbook, deployed,
+                                                         tmp_path):
+    """A new release: every stage restarted gracefully, the FIFOs untouched."""
+    old_release = playbook.home / "release"
+    new_release = tmp_path / "release"
+    new_release.mkdir()
+    for wheel in old_release.glob("*.whl"):
+        shutil.copy(wheel, new_release)
+    (sdist,) = old_release.glob("owca-*.tar.gz")
+    version = sdist.name[len("owca-"):-len(".tar.gz")]
+    bump_version(sdist, new_release, f"{version}.post1")
+    services = [f"owca-{s}.service" for s in STAGES]
+    sockets = [f"owca-{s}.socket" for s in FIFO_STAGES]
+    wait_for_new_cycles(node, 2)
+    before = units_state(node, services + sockets, props=("MainPID", "ActiveEnterTimestamp"))
+    shipped_before = shipped_seqs(node)
+
+    result = playbook.run("-e", f"owca_release_dir={new_release}")
+    assert recap(result.stdout)[HOST]["failed"] == 0
+    installed = node.ssh("/opt/owca/bin/python -c \"import owca; print(owca.__version__)\"")
+    assert installed.stdout.strip() == f"{version}.post1"
+    assert node.ssh("ls /opt/owca/release").stdout.split().count(sdist.name) == 0
+    wait_for_new_cycles(node, 3)
+    after = units_state(node, services + sockets, props=("MainPID", "ActiveEnterTimestamp"))
+    for unit in services:
+        assert after[unit]["MainPID"] != before[unit]["MainPID"], f"{unit} kept running"
+    for unit in sockets:
+        assert after[unit] == before[unit], f"{unit} was restarted"
+    # Stopped with SIGTERM, each stage wrote what it held: the old discover's
+    # cycles all arrive, then the new one's from 1, none missing in between.
+    new = shipped_seqs(node)[len(shipped_before):]
+    restart = new.index(1)
+    assert new[:restart] == list(range(shipped_before[-1] + 1, shipped_before[-1] + 1 + restart))
+    assert new[restart:] == list(range(1, len(new) - restart + 1))
+
+
+def bump_version(sdist, dest, version):
+    """A copy of the source distribution `sdist` that calls itself `version`."""
+    with tempfile.TemporaryDirectory() as work:
+        with tarfile.open(sdist) as tar:
+            tar.extractall(work, filter="data")
+        (top,) = Path(work).iterdir()
+        init = top / "lib" / "owca" / "__init__.py"
+        init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
+                               init.read_text()))
+        pkg_info = top / "PKG-INFO"
+        pkg_info.write_text(re.sub(r"^Version: .*$", f"Version: {version}",
+                                   pkg_info.read_text(), flags=re.M))
+        with tarfile.open(dest / f"owca-{version}.tar.gz", "w:gz") as tar:
+            tar.add(top, arcname=f"owca-{version}")
 
 
 # -- removal ---------------------------------------------------------------------
