@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from owca import frames
-from owca.config import ConfigError, register
+from owca.config import register
 from owca.paths import CGROUP_V1_CONTROLLERS, Paths
 from owca.stage import Stage
 

@@ -11,7 +11,6 @@ error (a bad frame under --strict, an unusable input or output); 2 on a usage or
 configuration error.
 """
 import logging
-import os
 import sys
 import time
 
@@ -252,42 +251,33 @@ def finish(stage: Stage, writer: FrameWriter) -> None:
         log.error("while closing: %s: %s", type(e).__name__, e)
 
 
-def main(doc: str, stage_class, schema, argv=None, source: bool = False,
-         default_interval: float = None) -> int:
-    """The whole life of a tool; returns its exit code."""
-    tool = "owca-" + stage_class.name
+def parse_args(tool: str, doc: str, argv=None, options_first: bool = False):
+    """(args, None), or (None, exit code) when docopt printed help or refused the line."""
     try:
-        args = docopt(doc, argv=argv, version=_version())
+        return docopt(doc, argv=argv, version=_version(), options_first=options_first), None
     except DocoptExit as e:
         reason = str(e).splitlines()[0] if str(e).strip() else "bad arguments"
         if reason.startswith("Usage:"):
             reason = "bad arguments"
         print(f"{tool}: usage error: {reason}; see '{tool} --help'", file=sys.stderr)
-        return EXIT_USAGE
+        return None, EXIT_USAGE
     except SystemExit as e:  # --help and --version print and exit 0
-        return e.code if isinstance(e.code, int) else EXIT_OK
+        return None, e.code if isinstance(e.code, int) else EXIT_OK
     except BrokenPipeError:  # `--help | head -1`
         FrameWriter(1).silence()
-        return EXIT_OK
-    debug = bool(args.get("--debug"))
-    signals = None
-    writer = FrameWriter(1)
+        return None, EXIT_OK
+
+
+def run_guarded(tool: str, debug: bool, body) -> int:
+    """body() -> exit code, with every way out mapped to the exit-code table.
+
+    An error is one line on stderr (a traceback too with --debug); a reader of
+    stdout that went away (`| head`) is a normal end.
+    """
     try:
-        setup_logging(tool, args.get("--log-level") or "info")
-        for spec in args.get("--register") or []:
-            config.register_external(spec)
-        parse_interval(args.get("--interval"))
-        cfg = config.load_section(args.get("--config"), stage_class.name, schema)
-        stage = stage_class(cfg, args)
-        signals = Signals()
-        if source:
-            return run_source(stage, writer, signals, bool(args.get("--once")),
-                              stage.interval or default_interval)
-        reader = LineReader(0, signals)
-        return run_filter(stage, reader, writer, bool(args.get("--once")),
-                          bool(args.get("--strict")), stage.interval)
+        return body()
     except OutputClosed:
-        writer.silence()
+        FrameWriter(1).silence()
         return EXIT_OK
     except (UsageError, config.ConfigError) as e:
         print(f"{tool}: error: {e}", file=sys.stderr)
@@ -303,6 +293,36 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
             traceback.print_exc()
         print(f"{tool}: error: {type(e).__name__}: {e}", file=sys.stderr)
         return EXIT_ERROR
+
+
+def main(doc: str, stage_class, schema, argv=None, source: bool = False,
+         default_interval: float = None) -> int:
+    """The whole life of a tool; returns its exit code."""
+    tool = "owca-" + stage_class.name
+    args, code = parse_args(tool, doc, argv)
+    if args is None:
+        return code
+    signals = None
+
+    def body() -> int:
+        nonlocal signals
+        setup_logging(tool, args.get("--log-level") or "info")
+        for spec in args.get("--register") or []:
+            config.register_external(spec)
+        parse_interval(args.get("--interval"))
+        cfg = config.load_section(args.get("--config"), stage_class.name, schema)
+        stage = stage_class(cfg, args)
+        signals = Signals()
+        writer = FrameWriter(1)
+        if source:
+            return run_source(stage, writer, signals, bool(args.get("--once")),
+                              stage.interval or default_interval)
+        reader = LineReader(0, signals)
+        return run_filter(stage, reader, writer, bool(args.get("--once")),
+                          bool(args.get("--strict")), stage.interval)
+
+    try:
+        return run_guarded(tool, bool(args.get("--debug")), body)
     finally:
         if signals is not None:
             signals.close()

@@ -5,38 +5,15 @@ error (one line on stderr; a traceback with --debug), 2 a usage error.
 """
 import os
 import signal
-import sys
-import traceback
 
-from docopt import DocoptExit, docopt
-
-from owca.stage import UsageError, setup_logging
-from owca.stream import FrameWriter
-
-EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+from owca.stage import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError,  # noqa: F401
+                        parse_args, run_guarded, setup_logging)
 
 WORKLOADS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-class ToolError(Exception):
-    """A runtime error the tool reports in one line (exit 1)."""
-
-
-def parse_args(tool: str, doc: str, argv, options_first: bool = False):
-    """(args, None) or (None, exit code) when docopt printed help or refused the line."""
-    try:
-        return docopt(doc, argv=argv, version=_version(), options_first=options_first), None
-    except DocoptExit as e:
-        reason = str(e).splitlines()[0] if str(e).strip() else "bad arguments"
-        if reason.startswith("Usage:"):
-            reason = "bad arguments"
-        print(f"{tool}: usage error: {reason}; see '{tool} --help'", file=sys.stderr)
-        return None, EXIT_USAGE
-    except SystemExit as e:  # --help and --version print and exit 0
-        return None, e.code if isinstance(e.code, int) else EXIT_OK
-    except BrokenPipeError:  # `--help | head -1`
-        FrameWriter(1).silence()
-        return None, EXIT_OK
+# A runtime error the tool reports in one line (exit 1): the pipeline's own.
+ToolError = DataError
 
 
 def run(tool: str, doc: str, argv, body, options_first: bool = False) -> int:
@@ -44,22 +21,11 @@ def run(tool: str, doc: str, argv, body, options_first: bool = False) -> int:
     args, code = parse_args(tool, doc, argv, options_first)
     if args is None:
         return code
-    try:
+
+    def guarded() -> int:
         setup_logging(tool, args.get("--log-level") or "info")
         return body(args)
-    except UsageError as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ToolError as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_OK
-    except Exception as e:  # the last line of defence: one line, unless --debug
-        if args.get("--debug"):
-            traceback.print_exc()
-        print(f"{tool}: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_ERROR
+    return run_guarded(tool, bool(args.get("--debug")), guarded)
 
 
 def number_option(args, name: str, minimum: float = None, integer: bool = False,
@@ -103,9 +69,3 @@ def describe_exit(returncode: int) -> str:
         except ValueError:
             return f"killed by signal {-returncode}"
     return f"exited with status {returncode}"
-
-
-def _version() -> str:
-    from owca import __version__
-    return __version__
-
