@@ -22,7 +22,9 @@
  * Requests are text lines on stdin (at most 4096 bytes each).  Replies come
  * in request order on stdout; text lines end with "\n".  Several requests
  * may be written at once: replies are flushed whenever the helper has
- * consumed all the input it was given.
+ * consumed all the input it was given, and consecutive opens and closes are
+ * carried out together, CPU by CPU (the replies say what each one did, as if
+ * they had run one after the other).
  *
  * At start, before reading any request, the helper writes its hello:
  *     owca-perf 1 NCPUS
@@ -36,13 +38,15 @@
  *
  *   open SLOT PATH    open the groups for the cgroup directory PATH (rest of
  *                     the line) under the client's number SLOT (0 .. 2^20-1)
- *                     -> "ok SLOT" or "error SLOT ERRNO TEXT"
+ *                     -> "ok SLOT" or "error SLOT ERRNO TEXT" (EEXIST:
+ *                     the slot is in use; ENOENT: no such cgroup)
  *   close SLOT        close that task's descriptors
  *                     -> "ok SLOT" or "error SLOT ENOENT TEXT"
  *   read              -> "values NTASKS NBYTES" then NBYTES of binary
  *                        records, one per open task, in slot order
  *   quit              exit 0 (so does end of input)
- * A line the helper cannot use gets "error - ERRNO TEXT" and it goes on.
+ * A line the helper cannot use gets "error - ERRNO TEXT" (EINVAL; E2BIG for
+ * a line longer than 4096 bytes) and it goes on.
  * ERRNO is the symbolic errno name (ENOENT, EMFILE, ...) or "E<number>".
  *
  * A values record, native byte order and sizes, no padding:
@@ -59,8 +63,9 @@
  *
  * Descriptors: each open task holds NCPUS x NEVENTS.  On EMFILE/ENFILE the
  * helper raises its soft limit to the hard one, then (with
- * CAP_SYS_RESOURCE) doubles the hard one, and retries; when that fails the
- * task gets "error SLOT EMFILE ..." and the tasks already open go on.
+ * CAP_SYS_RESOURCE) doubles the hard one, and retries; when that fails it
+ * opens what fits, one task at a time, the others get "error SLOT EMFILE
+ * ...", and the tasks already open go on.
  *
  * Exit: 0 on quit or end of input, 1 when stdout is gone, 2 on bad usage.
  */

@@ -106,6 +106,8 @@ def test_parse_events_orders_hardware_first_and_names_metrics():
     (['instruction'], 'unknown perf event'),
     (['Stalls=0x1'], 'unknown perf event'),
     (['stalls=0xzz'], 'unknown perf event'),
+    (['stalls=0x10000000000000000'], 'unknown perf event'),
+    (['stalls=18446744073709551616'], 'does not fit in 64 bits'),
     (['cycles', 'cycles'], 'given twice'),
     (['cycles', 'cycles=0x3c'], 'given twice'),
     ([1], 'must be a string'),

@@ -115,6 +115,8 @@ def parse_events(specs):
                     'unknown perf event %r: expected one of %s, or NAME=CONFIG for a raw '
                     'event (NAME of a-z0-9_, CONFIG in hex or decimal)'
                     % (spec, ', '.join(list(HARDWARE_EVENTS) + list(SOFTWARE_EVENTS))))
+            if int(match.group(2), 0) >= 1 << 64:
+                raise ValueError('perf event %r: CONFIG does not fit in 64 bits' % spec)
             name = match.group(1)
             event = Event(name, spec, 'task_' + name, 1)
         if event.name in seen or event.metric in {e.metric for e in hardware + software}:
@@ -255,6 +257,9 @@ class Helper:
             while not lines or lines[-1] != 'ready':
                 lines.append(self._line())
             self.hello = parse_hello('\n'.join(lines) + '\n')
+            if self.hello.version != PROTOCOL_VERSION:
+                raise HelperGone('speaks protocol %d, owca-measure %d'
+                                 % (self.hello.version, PROTOCOL_VERSION))
         except HelperGone:
             self.close()
             raise
@@ -416,7 +421,7 @@ class PerfCounters:
     (default: found from paths, see default_cgroup_root); cpus: the online CPU
     list ("0-3"), default read from paths' sysfs; wrapper: argv prefix for the
     helper (valgrind in tests).  Raises ValueError or FileNotFoundError on a
-    configuration it cannot use.
+    configuration it cannot use, HelperGone when the helper does not start.
     """
 
     def __init__(self, events, helper_path=None, paths=None, cgroup_root=None, cpus=None,
