@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+import owca_nspawn
 from owca_ansible import REPO, Playbook, recap
 
 STAGES = ("discover", "measure", "detect", "allocate", "ship")
@@ -63,6 +64,16 @@ SNAPSHOT = (
     r" -o -path /run/private \) -prune"
     r" -o -print"
 )
+
+
+@pytest.fixture(scope="module")
+def node():
+    """A booted bookworm container reachable over ssh; stopped by its pid at the end."""
+    reason = owca_nspawn.missing_requirements()
+    if reason:
+        pytest.skip(f"no booted systemd node: {reason}")
+    with owca_nspawn.booted_node() as container:
+        yield container
 
 
 @pytest.fixture(scope="module")
