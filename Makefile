@@ -27,7 +27,8 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 
-$(VENV)/.installed: setup.py lib/owca/__init__.py
+# Reinstalled when the helper changes too: pip compiles the copy in $(VENV)/bin.
+$(VENV)/.installed: setup.py lib/owca/__init__.py $(wildcard bin/owca-perf.c)
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .
