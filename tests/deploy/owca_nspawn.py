@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from owca.paths import Paths
+
 SUITE = "bookworm"
 # An ordinary Debian node as Ansible finds one: systemd as PID 1 (with dbus),
 # sshd, python3 and python3-apt for Ansible's modules. The role's own
@@ -51,7 +53,7 @@ def missing_requirements():
     for tool in ("debootstrap", "systemd-nspawn", "ssh", "ssh-keygen"):
         if shutil.which(tool) is None:
             return f"{tool} is not installed (requirements/apt.txt)"
-    if not Path("/sys/fs/cgroup").is_dir():
+    if not Path(Paths().cgroupfs).is_dir():
         return "no cgroup file system for systemd-nspawn"
     return None
 
@@ -132,12 +134,14 @@ class Container:
         self.port = free_loopback_port()
         self.key = self.workdir / "id_ed25519"
         self.console_log = self.workdir / "console.log"
+        self.cgroups = []
 
     # -- setup -----------------------------------------------------------
 
     def start(self, boot_timeout=90):
         self._make_tree()
         self._install_ssh_access()
+        self._make_cgroups()
         with open(self.console_log, "wb") as console:
             # --register=no: the host's systemd may not be PID 1, so there may
             # be no machined to register with; the test talks to it over ssh.
@@ -149,8 +153,33 @@ class Container:
                  # seccomp filter denies perf_event_open unless allowed here.
                  "--capability=CAP_PERFMON", "--system-call-filter=perf_event_open"],
                 stdin=subprocess.DEVNULL, stdout=console,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=self._enter_cgroups)
         self._wait_for_boot(boot_timeout)
+
+    def _make_cgroups(self):
+        """A cgroup of this container's own in each hierarchy nspawn uses.
+
+        With --keep-unit nspawn puts the container's `payload` and its own
+        `supervisor` cgroups under the cgroup it was started in: started in one
+        made here, they are removed with it, and two containers never meet.
+        """
+        paths = Paths()
+        hierarchies = [paths.cgroup_v2_root]
+        if os.path.isdir(paths.cgroup_v1("systemd")):  # hybrid: the name=systemd tree
+            hierarchies.append(paths.cgroup_v1("systemd"))
+        for hierarchy in hierarchies:
+            cgroup = Path(hierarchy) / self.name
+            cgroup.mkdir(exist_ok=True)
+            self.cgroups.append(cgroup)
+        self._procs_files = [str(cgroup / "cgroup.procs") for cgroup in self.cgroups]
+
+    def _enter_cgroups(self):
+        # In the child, before exec: nothing but open and write.
+        for procs in self._procs_files:
+            fd = os.open(procs, os.O_WRONLY)
+            os.write(fd, b"0")
+            os.close(fd)
 
     def _make_tree(self):
         work = self.workdir / "overlay-work"
@@ -262,6 +291,11 @@ class Container:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
                 self.process.wait(timeout=timeout)
+        for cgroup in self.cgroups:
+            # Children first; a cgroup with no process left can be removed.
+            for path, _dirs, _files in sorted(os.walk(cgroup), reverse=True):
+                with contextlib.suppress(OSError):
+                    os.rmdir(path)
         if self.mounted:
             subprocess.run(["umount", str(self.tree)], check=False)
             self.mounted = False
