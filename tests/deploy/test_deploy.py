@@ -202,6 +202,33 @@ def test_security_exposure_is_the_one_in_the_docs(node, deployed):
         assert measured == exposure, f"{unit}: docs/deploy.md says {exposure}, systemd {measured}"
 
 
+def test_each_stage_runs_with_only_what_it_needs(node, deployed):
+    services = [f"owca-{s}.service" for s in STAGES]
+    pids = {u: s["MainPID"] for u, s in units_state(node, services, props=("MainPID",)).items()}
+    status = {}
+    for unit, pid in pids.items():
+        text = node.ssh(f"cat /proc/{pid}/status").stdout
+        status[unit] = dict(re.findall(r"^(Uid|CapEff|CapBnd|NoNewPrivs):\s+(\S+)", text, re.M))
+    cap_perfmon = f"{1 << 38:016x}"
+    for unit, fields in status.items():
+        assert fields["NoNewPrivs"] == "1", unit
+        if unit == "owca-allocate.service":
+            assert fields["Uid"] == "0"
+        else:
+            assert fields["Uid"] != "0", f"{unit} runs as root"
+        if unit == "owca-measure.service":
+            assert fields["CapEff"] == fields["CapBnd"] == cap_perfmon
+        else:
+            assert int(fields["CapEff"], 16) == int(fields["CapBnd"], 16) == 0, unit
+    # allocate sees the system read-only except the cgroup (and resctrl) trees.
+    inside = f"nsenter --mount --target {pids['owca-allocate.service']}"
+    cgroup = f"/sys/fs/cgroup/unified/system.slice/{LOAD_UNIT}/cgroup.freeze"
+    assert node.ssh(f"{inside} sh -c 'echo 0 > {cgroup}'", check=False).returncode == 0
+    for path in ("/etc/owca/allocate.yaml", "/opt/owca/bin/owca-allocate", "/sys/kernel/mm/ksm/run"):
+        attempt = node.ssh(f"{inside} sh -c ': >> {path}'", check=False)
+        assert attempt.returncode != 0 and "Read-only file system" in attempt.stderr, path
+
+
 # -- the running pipeline --------------------------------------------------------
 
 def test_pipeline_ships_metrics_of_the_nodes_units(node, deployed):
