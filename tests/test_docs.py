@@ -57,3 +57,14 @@ def test_docs_the_readme_names_exist():
         readme = f.read()
     for doc in set(re.findall(r"docs/[a-z_]+\.md", readme)):
         assert os.path.exists(os.path.join(ROOT, doc)), doc
+
+
+def test_the_protocol_examples_are_valid_frames():
+    from owca import frames
+    with open(os.path.join(DOCS, "protocol.md")) as f:
+        lines = [line for line in f.read().splitlines() if line.startswith('{"v":')]
+    assert len(lines) >= 3
+    for line in lines:
+        frame = frames.decode(line.encode())
+        frames.validate(frame)
+        assert frames.sniff(line.encode()) == (1, frame["kind"])
