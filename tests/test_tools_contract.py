@@ -108,6 +108,19 @@ def test_huge_and_truncated_lines(tool):
     assert len(result.stdout) < 1_000_000  # the huge line was dropped, not forwarded
 
 
+def test_empty_lines_are_skipped_silently_and_end_a_half_frame():
+    half = measurements_line(1)[:50]  # a writer killed in mid-frame
+    stdin = b"\n" + half + b"\n" + measurements_line(2) + b"  \n"
+    result = run("detect", stdin=stdin)
+    assert result.returncode == 0
+    errors = [line for line in result.stderr.decode().splitlines() if ": error: " in line]
+    assert len(errors) == 1 and errors[0].startswith("owca-detect: error: line 2: invalid JSON")
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(f["kind"], f["seq"]) for f in out] == [("measurements", 2), ("anomalies", 2)]
+    counters = own_counters("detect", result.stdout)
+    assert counters["owca_frames_read_total"] == 2 and counters["owca_bad_frames_total"] == 1
+
+
 def test_forwarding_keeps_bytes_of_frames_not_consumed():
     other = [b'{"v":1,"kind":"anomalies","ts":1,"host":"h","seq":1,"anomalies":[]}\n',
              b'{"kind":"allocations","v":1,"ts":1,"host":"h","seq":1,"allocations":{}}\n']

@@ -149,6 +149,8 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
             event, line = reader.read(timeout=timeout)
             wrote = False
             if event == LINE:
+                if line.isspace():
+                    continue  # an empty line is no frame (docs/protocol.md, Transport)
                 stats.frames_read += 1
                 last_input = time.monotonic()
                 sniffed = frames.sniff(line)
