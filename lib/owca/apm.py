@@ -23,7 +23,6 @@ fresh file's metrics into the matching task's metrics.  A file older than
 `max_age_seconds` is ignored (and counted); a malformed one is reported once per
 version of the file and counted; neither stops the cycle.
 """
-import hashlib
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from owca import frames
+from owca.digest import hexdigest
 
 log = logging.getLogger("owca.apm")
 
@@ -116,7 +116,7 @@ def file_name(task_id: str) -> str:
     """A file name unique to the task id: readable part, and a hash for uniqueness
     (task ids are cgroup paths and orchestrator ids, with '/' and any length)."""
     readable = _UNSAFE_NAME_CHARS.sub("_", task_id).strip("._")[:64] or "task"
-    digest = hashlib.sha1(task_id.encode("utf-8")).hexdigest()[:12]
+    digest = hexdigest(task_id, 6)
     return f"{readable}-{digest}{SUFFIX}"
 
 

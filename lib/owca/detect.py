@@ -18,12 +18,8 @@ from typing import Dict, List
 
 from owca import frames
 from owca.config import register
+from owca.digest import hexdigest
 from owca.stage import Stage
-
-try:  # hashlib would map OpenSSL (about 3 MB of RSS) for one small hash
-    from _blake2 import blake2b
-except ImportError:  # pragma: no cover - Pythons built without _blake2
-    from hashlib import blake2b
 
 log = logging.getLogger("owca.detect")
 
@@ -50,7 +46,7 @@ class Platform:
 def anomaly_uuid(type: str, resource: str, contended: str, contending: List[str]) -> str:
     """The same contention gets the same id in every cycle and every replay."""
     key = "\0".join([type, resource, contended, *sorted(contending)])
-    return blake2b(key.encode(), digest_size=16).hexdigest()
+    return hexdigest(key, 16)
 
 
 @dataclass

@@ -19,10 +19,8 @@ samples with the scrape time and marks series stale when they go, which is
 what an exporter's scrape is expected to give.  Until the first cycle, or when
 the latest is older than `stale_after_seconds`, the endpoint answers 503.
 """
-import gzip
-import http.server
+import functools
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -77,47 +75,56 @@ def strip_timestamps(text: str) -> str:
     return "".join(out)
 
 
-class _Handler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"   # keep-alive: Prometheus reuses its connection
-    server_version = "owca-ship"
-    timeout = 30                    # a client that stalls gives its thread back
+@functools.lru_cache(maxsize=None)
+def _http_classes():
+    """The HTTP handler and servers, built on first use: http.server and what
+    it pulls in cost owca-ship several MB that only this storage needs."""
+    import http.server
+    import socket
 
-    def do_GET(self):
-        self._reply(with_body=True)
+    class _Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"   # keep-alive: Prometheus reuses its connection
+        server_version = "owca-ship"
+        timeout = 30                    # a client that stalls gives its thread back
 
-    def do_HEAD(self):
-        self._reply(with_body=False)
+        def do_GET(self):
+            self._reply(with_body=True)
 
-    def _reply(self, with_body: bool):
-        storage = self.server.storage
-        if self.path.split("?", 1)[0] != storage.path:
-            return self._send(404, b"not found; metrics are at " + storage.path.encode() +
-                              b"\n", "text/plain; charset=utf-8", with_body)
-        wants_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
-        status, body, encoding = storage.response(wants_gzip)
-        self._send(status, body, CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8",
-                   with_body, encoding)
+        def do_HEAD(self):
+            self._reply(with_body=False)
 
-    def _send(self, status, body, content_type, with_body, encoding=None):
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        if encoding:
-            self.send_header("Content-Encoding", encoding)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        if with_body:
-            self.wfile.write(body)
+        def _reply(self, with_body: bool):
+            storage = self.server.storage
+            if self.path.split("?", 1)[0] != storage.path:
+                return self._send(404, b"not found; metrics are at " + storage.path.encode() +
+                                  b"\n", "text/plain; charset=utf-8", with_body)
+            wants_gzip = "gzip" in self.headers.get("Accept-Encoding", "")
+            status, body, encoding = storage.response(wants_gzip)
+            self._send(status, body, CONTENT_TYPE if status == 200 else "text/plain; charset=utf-8",
+                       with_body, encoding)
 
-    def log_message(self, fmt, *args):
-        log.debug("scrape from %s: " + fmt, self.address_string(), *args)
+        def _send(self, status, body, content_type, with_body, encoding=None):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            if encoding:
+                self.send_header("Content-Encoding", encoding)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, fmt, *args):
+            log.debug("scrape from %s: " + fmt, self.address_string(), *args)
 
 
-class _Server(http.server.ThreadingHTTPServer):
-    daemon_threads = True
+    class _Server(http.server.ThreadingHTTPServer):
+        daemon_threads = True
 
 
-class _Server6(_Server):
-    address_family = socket.AF_INET6
+    class _Server6(_Server):
+        address_family = socket.AF_INET6
+
+    return _Handler, _Server, _Server6
 
 
 @register
@@ -147,9 +154,10 @@ class PrometheusStorage(Storage):
         self.scrapes = 0
 
     def start(self) -> None:
-        server_class = _Server6 if ":" in self.listen_address else _Server
+        handler, server, server6 = _http_classes()
+        server_class = server6 if ":" in self.listen_address else server
         try:
-            self._server = server_class((self.listen_address, self.port), _Handler)
+            self._server = server_class((self.listen_address, self.port), handler)
         except OSError as e:
             raise StorageError(f"cannot listen on {self.listen_address}:{self.port}: "
                                f"{e.strerror}") from None
@@ -184,6 +192,7 @@ class PrometheusStorage(Storage):
             if not wants_gzip:
                 return 200, body, None
             if self._gzipped is None:
+                import gzip
                 self._gzipped = gzip.compress(body, compresslevel=1)
             return 200, self._gzipped, "gzip"
 
