@@ -12,8 +12,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-import yaml
-
 from owca import frames
 from owca.config import register
 from owca.paths import CGROUP_V1_CONTROLLERS, Paths
@@ -160,6 +158,7 @@ class StaticDiscovery(TaskSource):
 
 def load_static_tasks(path: str) -> List[StaticTask]:
     """Tasks from a YAML file holding a list of StaticTask mappings (re-read each cycle)."""
+    import yaml  # only for this source: a few MB that other sources do without
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f) or []
