@@ -138,6 +138,16 @@ def wait_for(predicate, timeout, what):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
+def wait_for_restart(node, unit, before):
+    """Until systemd has restarted `unit` once since its state `before`, and it runs."""
+    def restarted():
+        now = units_state(node, [unit])[unit]
+        return (int(now["NRestarts"]) == int(before["NRestarts"]) + 1
+                and now["MainPID"] not in ("0", before["MainPID"])
+                and now["SubState"] == "running")
+    wait_for(restarted, 30, f"systemd to restart {unit}")
+
+
 def wait_for_new_cycles(node, count, timeout=30):
     start = len(shipped_seqs(node))
     wait_for(lambda: len(shipped_seqs(node)) >= start + count, timeout,
@@ -262,13 +272,7 @@ def test_killed_stage_is_restarted_and_the_stream_resumes(node, deployed, stage)
     shipped_before = shipped_seqs(node)
     victim = f"owca-{stage}.service"
     node.ssh(f"kill -KILL {before[victim]['MainPID']}")
-
-    def restarted():
-        now = units_state(node, [victim])[victim]
-        return (int(now["NRestarts"]) == int(before[victim]["NRestarts"]) + 1
-                and now["MainPID"] not in ("0", before[victim]["MainPID"])
-                and now["SubState"] == "running")
-    wait_for(restarted, 30, f"systemd to restart {victim}")
+    wait_for_restart(node, victim, before[victim])
     wait_for_new_cycles(node, 3)
 
     after = units_state(node, services)
@@ -293,6 +297,46 @@ def test_killed_stage_is_restarted_and_the_stream_resumes(node, deployed, stage)
         assert len(missing) <= 1, f"cycles lost: {sorted(missing)}"
     bad = re.findall(r'^owca_bad_frames_total\{[^}]*\} (\S+)', last_metrics_block(node), re.M)
     assert bad and all(float(v) == 0 for v in bad)
+
+
+def test_half_frame_of_a_killed_writer_is_one_bad_line_and_its_successors_frame_arrives(
+        node, deployed):
+    """A writer killed in mid-write leaves the head of a frame in its output FIFO.
+
+    That happens only when the FIFO is full, which takes minutes of a stopped
+    reader at this pace; here the test writes the head itself into allocate's
+    output FIFO while allocate is idle, then kills allocate. Its successor's
+    first write, a newline, ends that line, so ship reports exactly one bad line,
+    and the successor's first frame, and every cycle after it, arrives.
+    """
+    services = ["owca-detect.service", "owca-allocate.service"]
+    wait_for_new_cycles(node, 2)
+    before = units_state(node, services)
+    detect, allocate = (before[u]["MainPID"] for u in services)
+    # With detect stopped, allocate drains its input and holds no frame, and
+    # the cycles measured meanwhile wait in detect's input FIFO.
+    node.ssh(f"kill -STOP {detect}")
+    try:
+        def drained():
+            seqs = shipped_seqs(node)
+            time.sleep(1.5)
+            return seqs if shipped_seqs(node) == seqs else None
+        shipped_before = wait_for(drained, 20, "the stream to stop with detect stopped")
+        node.ssh("printf '%s' '{\"v\":1,\"kind\":\"measurements\",\"ts\":' > /run/owca/ship.fifo")
+        node.ssh(f"kill -KILL {allocate}")
+        wait_for_restart(node, "owca-allocate.service", before["owca-allocate.service"])
+    finally:
+        node.ssh(f"kill -CONT {detect}")
+    wait_for_new_cycles(node, 3)
+    new = shipped_seqs(node)[len(shipped_before):]
+    last = shipped_before[-1]
+    assert new == list(range(last + 1, last + 1 + len(new))), f"after {last}: {new}"
+    bad = dict(re.findall(r'^owca_bad_frames_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)',
+                          last_metrics_block(node), re.M))
+    assert float(bad["ship"]) == 1, bad
+    assert all(float(v) == 0 for stage, v in bad.items() if stage != "ship"), bad
+    journal = node.ssh("journalctl --no-pager -o cat -t owca-ship", check=False).stdout
+    assert len(re.findall(r"error: line \d+: ", journal)) == 1, journal
 
 
 def test_a_changed_stage_configuration_restarts_only_that_stage(node, playbook, deployed):

@@ -6,6 +6,7 @@ they drift apart, when a role variable is not validated or documented, or when
 ansible-lint's production profile finds fault with the role.
 """
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -74,15 +75,27 @@ def test_every_stage_accepts_the_default_configuration():
     assert [type(s).__name__ for s in ship.storages] == ["FileStorage"]
 
 
+# How a stage writing into a FIFO starts: one newline into it, then the stage.
+NEWLINE_FIRST = ["/bin/sh", "-c", 'echo && exec "$$0" "$$@"']
+
+
 def test_units_name_no_command_the_role_does_not_install():
-    """Every ExecStart= runs a tool from the agent's environment."""
+    """Every ExecStart= runs a tool from the agent's environment; a stage whose
+    output is a FIFO writes one newline into it first (docs/protocol.md, Transport)."""
     tools = {p.name for p in (REPO / "bin").glob("owca-*") if p.suffix != ".c"}
     for unit in sorted((REPO / "systemd").glob("*.service")):
-        starts = re.findall(r"^ExecStart=(\S+)", unit.read_text(), re.M)
+        text = unit.read_text()
+        starts = re.findall(r"^ExecStart=(.*)$", text, re.M)
         assert len(starts) == 1, unit.name
-        assert starts[0].startswith("/opt/owca/bin/")
-        assert Path(starts[0]).name in tools
-        assert Path(starts[0]).name == unit.stem
+        argv = shlex.split(starts[0])
+        if re.search(r"^StandardOutput=fd:", text, re.M):
+            assert argv[:3] == NEWLINE_FIRST, unit.name
+            argv = argv[3:]
+        else:
+            assert unit.stem == "owca-ship"
+        assert argv[0].startswith("/opt/owca/bin/")
+        assert Path(argv[0]).name in tools
+        assert Path(argv[0]).name == unit.stem
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
