@@ -355,3 +355,18 @@ def test_the_tool_applies_a_static_configuration_and_restores_at_eof(node, tmp_p
     # At EOF the node is as it was.
     assert {p: v[0] for p, v in snapshot(node["--cgroupfs"]).items()} == \
         {p: v[0] for p, v in before.items()}
+
+
+def test_an_allocator_that_does_not_look_costs_no_cgroup_reads(node):
+    """NOPAllocator: no per-task values read (only the counters), until one that looks."""
+    from owca.allocators import NOPAllocator
+    nop = Allocate(AllocateConfig(allocator=NOPAllocator()), {**node, "--no-timing": True})
+    quiet = nop.process(measurements(1))[0]
+    nop.close()
+    names = {s["name"] for s in quiet["metrics"]}
+    assert "allocations_count" in names
+    assert not any(n.startswith("allocation_cpu") for n in names)
+    looking, _ = stage(node, {})  # an allocator that reads them: every task's values
+    read = cycle(looking, 1)
+    looking.close()
+    assert any(s["name"] == "allocation_cpu_quota" for s in read["metrics"])

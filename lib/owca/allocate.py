@@ -189,9 +189,18 @@ class Allocate(Stage):
     def process(self, frame: dict) -> list:
         self._last = (frame["seq"], frame["ts"], frame["host"])
         tasks = frame["tasks"]
+        if not self.originals and not self.desired and \
+                not getattr(self.cfg.allocator, "reads_current_allocations", True):
+            # Nothing of OWCA's on the node and an allocator that does not look:
+            # no cgroup is read unless it asks for something.
+            asked = self._ask_allocator(frame, {task_id: {} for task_id in tasks})
+            if not asked[0]:
+                return self._quiet_cycle(frame, *asked[1:])
+        else:
+            asked = None
         cycle = self.read_cycle(frame)
         current = self.current_allocations(frame, cycle)
-        allocations, anomalies, extra = self._ask_allocator(frame, current)
+        allocations, anomalies, extra = asked or self._ask_allocator(frame, current)
 
         withdrawn = self._merge(allocations, tasks, cycle)
         restores = []
@@ -228,6 +237,22 @@ class Allocate(Stage):
             frame["seq"], out_allocations, ts=frame["ts"], host=frame["host"], metrics=metrics,
             dry_run=self.dry_run, restored=restored, deferred=len(deferred),
             errors=[{"task_id": t, "type": ty, "reason": r} for t, ty, r in cycle.errors])]
+        if anomalies:
+            out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
+                                              host=frame["host"]))
+        return out
+
+    def _quiet_cycle(self, frame: dict, anomalies: list, extra: list) -> list:
+        """The frames of a cycle that read and wrote nothing."""
+        metrics = list(extra) + [
+            frames.sample("allocations_count", self.changes_total, type="counter"),
+            frames.sample("allocation_errors_count", self.allocation_errors_total,
+                          type="counter"),
+            frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
+                          "counter")] + self.stats.samples()
+        out = [frames.allocations_frame(frame["seq"], {}, ts=frame["ts"], host=frame["host"],
+                                        metrics=metrics, dry_run=self.dry_run, restored={},
+                                        deferred=0, errors=[])]
         if anomalies:
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))

@@ -22,6 +22,11 @@ from owca.config import register
 class Allocator:
     """Base class of allocator plug-ins."""
 
+    # Whether allocate() looks at tasks_allocations.  Reading them back costs a
+    # few cgroup files per task per cycle; an allocator that never looks (and
+    # owns nothing yet) is handed empty ones, and the cycle reads nothing.
+    reads_current_allocations = True
+
     def allocate(self, platform, tasks_measurements: Dict[str, dict],
                  tasks_resources: Dict[str, dict], tasks_labels: Dict[str, dict],
                  tasks_allocations: Dict[str, dict]):
@@ -32,6 +37,8 @@ class Allocator:
 @dataclass
 class NOPAllocator(Allocator):
     """Allocates nothing."""
+
+    reads_current_allocations = False
 
     def allocate(self, platform, tasks_measurements, tasks_resources, tasks_labels,
                  tasks_allocations):
