@@ -12,9 +12,12 @@ into /dev/null); it reports cycles per second and each stage's peak RSS and
 PSS.  With --synthetic, frames carrying every registered task metric stand in
 for the recording (no root needed).
 
-RSS counts the interpreter's shared pages once per process; PSS divides shared
-pages among the processes that map them, so the sum of PSS is the memory the
-five stages really take together.
+Three measures of memory: each stage's peak RSS (its resident pages, shared
+ones included) and PSS (shared pages divided among the processes mapping
+them), and the stages' RSS together: their resident physical pages counted
+once each, read from /proc/PID/pagemap (root), the largest of samples taken
+every half second.  Summing RSS counts the interpreter's shared pages once per
+stage.
 
 Usage: python3 benchmarks/pipeline_throughput.py [--tasks 100] [--cycles 3000]
        [--live-seconds 10] [--synthetic]
@@ -23,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 import tempfile
@@ -37,6 +41,8 @@ from owca.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
 
 BIN = os.path.join(ROOT, "bin")
 CONTROLLERS = ("cpu", "cpuacct", "memory")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+PFN_MASK = (1 << 55) - 1
 
 
 def tool(name, *args):
@@ -88,12 +94,43 @@ def write_stream(path: str, ntasks: int, ncycles: int) -> int:
     return size
 
 
+def resident_pages(pid: int) -> set:
+    """The physical frames a process has resident (needs root to see frame numbers)."""
+    frames_ = set()
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/pagemap", "rb") as pagemap:
+        for line in maps:
+            start, end = (int(x, 16) for x in line.split()[0].split("-"))
+            if line.rstrip().endswith("[vsyscall]"):
+                continue
+            pagemap.seek(start // PAGE * 8)
+            data = pagemap.read((end - start) // PAGE * 8)
+            for (entry,) in struct.iter_unpack("<Q", data):
+                if entry >> 63 & 1:
+                    frames_.add(entry & PFN_MASK)
+    return frames_
+
+
+def together_kb(pids) -> int:
+    """Resident memory of a set of processes, each physical page counted once: what
+    their RSS is together (what a cgroup holding just them would be charged for
+    their mappings)."""
+    union = set()
+    for pid in pids:
+        try:
+            union |= resident_pages(pid)
+        except OSError:
+            pass
+    return len(union) * PAGE // 1024
+
+
 class MemoryWatch:
     """Peak RSS and PSS of a set of pids, sampled every few milliseconds."""
 
     def __init__(self, pids: dict):
         self.pids = pids
         self.peak = {name: {"rss_kb": 0, "pss_kb": 0} for name in pids}
+        self.together_kb = 0
+        self._last_union = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -111,6 +148,9 @@ class MemoryWatch:
                                     self.peak[name][field] = value
                 except OSError:
                     pass
+            if time.monotonic() - self._last_union > 0.5:
+                self._last_union = time.monotonic()
+                self.together_kb = max(self.together_kb, together_kb(self.pids.values()))
             self._stop.wait(0.005)
 
     def __enter__(self):
@@ -142,7 +182,8 @@ def replay(stream: str, ncycles: int) -> dict:
         if p.returncode:
             raise SystemExit(f"owca-{name} exited with {p.returncode}")
     return {"cycles": ncycles, "seconds": round(elapsed, 3),
-            "cycles_per_second": round(ncycles / elapsed, 1), "memory": watch.peak}
+            "cycles_per_second": round(ncycles / elapsed, 1), "memory": watch.peak,
+            "together_rss_mb": round(watch.together_kb / 1024, 1)}
 
 
 def make_cgroups(n: int, parent: str):
@@ -209,7 +250,8 @@ def live(ntasks: int, seconds: float, recording: str) -> dict:
                     running["discover"].terminate()
                     for p in running.values():
                         p.wait(30)
-        return {"tasks": ntasks, "seconds": seconds, "memory": watch.peak}
+        return {"tasks": ntasks, "seconds": seconds, "memory": watch.peak,
+                "together_rss_mb": round(watch.together_kb / 1024, 1)}
     finally:
         remove_cgroups(parent, created, procs)
 
