@@ -240,3 +240,20 @@ def test_replaying_a_recording_twice_gives_identical_output(tmp_path):
             outputs.append(ship.stdout)
     assert outputs[0] == outputs[1]
     assert b"task_cpu_usage_seconds{" in outputs[0] and b"anomaly_count{" in outputs[0]
+
+
+def test_ship_leaves_out_and_counts_values_that_are_not_numbers():
+    frame = frames.measurements_frame(
+        1, {"platform_topology_cpus": 2},
+        {"t1": {"name": "t1", "metrics": {"task_up": 1, "task_cpu_usage_seconds": "fast",
+                                          "task_mem_usage_bytes": True,
+                                          "task_mem_numa_pages": {"0": None, "1": 7}}}},
+        ts=1.0, host="n1")
+    result = run("ship", stdin=frames.encode(frame) + frames.encode(dict(frame, seq=2)))
+    assert result.returncode == 0
+    text = result.stdout.decode()
+    assert 'task_mem_numa_pages{host="n1",task_id="t1",task_name="t1",numa_node="1"} 7' in text
+    assert "task_cpu_usage_seconds{" not in text and "task_mem_usage_bytes{" not in text
+    counts = [line for line in text.splitlines() if line.startswith("owca_ship_bad_values_total")]
+    assert [float(line.split()[1]) for line in counts] == [0, 3]  # as of before each cycle
+    assert "cycle 1: 3 metric values are not finite numbers" in result.stderr.decode()

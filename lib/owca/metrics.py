@@ -237,6 +237,9 @@ ALLOCATION = _specs(
 # -- shipping (owca-ship) --------------------------------------------------------------------
 # (section of the storage engineer)
 SHIP = _specs(
+    M("owca_ship_bad_values_total", COUNTER, "values",
+      "Metric values owca-ship left out of what it stored because they were not finite "
+      "numbers (a string, a boolean, null).", "owca-ship", scope="internal"),
     M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
       "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
       "to make room), too_large (bigger than the spool), rejected (refused by the broker), "

@@ -46,6 +46,8 @@ class Ship(Stage):
 
     def own_samples(self) -> List[dict]:
         out = self.stats.samples()
+        out.append(frames.sample("owca_ship_bad_values_total", self.bad_values,
+                                 {"stage": self.name}, "counter"))
         for storage, count in self.storage_errors.items():
             out.append(frames.sample("owca_storage_errors_total", count,
                                      {"stage": self.name, "storage": storage}, "counter"))
@@ -62,6 +64,10 @@ class Ship(Stage):
             return []
         extra = self.own_samples() if category == "metrics" else ()
         block = self.formatter.format(frame, extra)
+        if block.bad_values:
+            self.bad_values += block.bad_values
+            log.warning("cycle %d: %d metric values are not finite numbers: left out",
+                        frame["seq"], block.bad_values)
         cycle = Cycle(category, frame["seq"], frame["ts"], frame["host"], block.render())
         for storage in wanted:
             try:
