@@ -70,6 +70,7 @@ class Stage:
     consumes = ()          # kinds this stage parses; every other frame is forwarded
     forward_consumed = True  # write the consumed frame on before what process() adds
     paced_by_interval = False  # cycles come from idle() on the clock, not from input
+    forwards_unknown = True    # pass on what it does not understand (a sink counts it)
 
     def __init__(self, cfg, options: dict):
         self.cfg = cfg
@@ -208,9 +209,6 @@ def _pass_on(stage, writer, line, version_kind, warned):
         writer.write(line)
     else:
         stage.stats.skipped_frames += 1
-
-
-Stage.forwards_unknown = True
 
 
 def _bad_line(stats: Stats, lineno: int, reason: str, strict: bool):
