@@ -425,7 +425,7 @@ def summarize(recording_lines, truth: dict, metric: Optional[str] = None) -> dic
 
     out = {"hp_task_id": hp["task_id"], "metric": metric, "baseline": stats(baseline),
            "antagonists": []}
-    for start, stop, name in windows:
+    for _begin, _end, name in windows:
         entry = {"name": name, **stats(during[name])}
         if entry["samples"] and out["baseline"]["samples"]:
             entry["ratio_to_baseline"] = entry["median"] / out["baseline"]["median"]
