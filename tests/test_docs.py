@@ -68,3 +68,37 @@ def test_the_protocol_examples_are_valid_frames():
         frame = frames.decode(line.encode())
         frames.validate(frame)
         assert frames.sniff(line.encode()) == (1, frame["kind"])
+
+
+def console_blocks(path):
+    """(command, expected output) for each `$ ` line of the ```console blocks."""
+    with open(path) as f:
+        blocks = re.findall(r"```console\n(.*?)```", f.read(), re.S)
+    for block in blocks:
+        command, expected = None, []
+        for line in block.splitlines():
+            if line.startswith("$ "):
+                if command is not None:
+                    yield command, expected
+                command, expected = line[2:], []
+            else:
+                expected.append(line)
+        if command is not None:
+            yield command, expected
+
+
+def test_the_examples_print_what_they_say():
+    import shutil
+    import sys
+    if shutil.which("jq") is None:
+        import pytest
+        pytest.skip("jq is not installed")
+    env = tool_env()
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env["PATH"]])
+    examples = list(console_blocks(os.path.join(DOCS, "examples.md")))
+    assert len(examples) >= 6
+    for command, expected in examples:
+        result = subprocess.run(["bash", "-c", "set -o pipefail; " + command]
+                                if "exit $?" not in command else ["bash", "-c", command],
+                                capture_output=True, env=env, cwd=ROOT, timeout=60)
+        assert result.stdout.decode().splitlines() == expected, (command, result.stderr)
