@@ -244,12 +244,7 @@ class Allocate(Stage):
 
     def _quiet_cycle(self, frame: dict, anomalies: list, extra: list) -> list:
         """The frames of a cycle that read and wrote nothing."""
-        metrics = list(extra) + [
-            frames.sample("allocations_count", self.changes_total, type="counter"),
-            frames.sample("allocation_errors_count", self.allocation_errors_total,
-                          type="counter"),
-            frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
-                          "counter")] + self.stats.samples()
+        metrics = list(extra) + self._counter_samples() + self.stats.samples()
         out = [frames.allocations_frame(frame["seq"], {}, ts=frame["ts"], host=frame["host"],
                                         metrics=metrics, dry_run=self.dry_run, restored={},
                                         deferred=0, errors=[])]
@@ -523,12 +518,14 @@ class Allocate(Stage):
         for task_id, type_, reason in cycle.errors:
             out.append(frames.sample("allocation_error", 1, {"task_id": task_id, "type": type_,
                                                              "reason": reason[:1000]}))
-        out += [frames.sample("allocations_count", self.changes_total, type="counter"),
-                frames.sample("allocation_errors_count",
-                              self.allocation_errors_total, type="counter"),
+        return out + self._counter_samples()
+
+    def _counter_samples(self) -> list:
+        return [frames.sample("allocations_count", self.changes_total, type="counter"),
+                frames.sample("allocation_errors_count", self.allocation_errors_total,
+                              type="counter"),
                 frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
                               "counter")]
-        return out
 
     # -- the end -------------------------------------------------------------------
 

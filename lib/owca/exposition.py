@@ -43,13 +43,8 @@ class Block:
         """`prefix` is the rendered label string shared by the sample's labels."""
         t = type(value)
         if t is int or (t is float and value - value == 0):  # finite numbers, not bools
-            lines = self.lines.get(name)
-            if lines is None:
-                lines = self.lines[name] = []
-                if type_:
-                    self.types[name] = type_
-            lines.append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix else
-                         f"{name} {value}{self.ts}")
+            self.lines_for(name, type_).append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix
+                                               else f"{name} {value}{self.ts}")
         elif t is dict:
             self._add_nested(name, prefix, value, spec_for(name).levels, 0, type_)
         else:
