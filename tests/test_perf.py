@@ -10,6 +10,7 @@ has none (a VM without PMU passthrough answers ENOENT).
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -390,6 +391,30 @@ def test_killed_helper_is_restarted_and_metrics_come_back(tasks, counters, caplo
     time.sleep(0.2)
     metrics = counting.read()['burner']
     assert metrics['task_task_clock_seconds'] > 0.05
+
+
+@needs_root
+def test_helper_restarted_while_thousands_of_files_are_open(tasks, counters):
+    """owca-measure holds its tasks' cgroup files open: a helper restarted at
+    1000 tasks gets pipe descriptors above 1024, past what select() takes."""
+    name, _ = tasks(BURN)
+    counting = counters()
+    counting.update({'burner': name})
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < 2048:
+        pytest.skip('needs a hard RLIMIT_NOFILE of 2048 for 1100 files, have %d' % hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        os.kill(counting.helper.pid, signal.SIGKILL)
+        assert counting.read() == {}
+        assert counting.helper is not None and counting.helper.process.stdout.fileno() > 1024
+        time.sleep(0.2)
+        assert counting.read()['burner']['task_task_clock_seconds'] > 0.05
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @needs_root

@@ -23,6 +23,7 @@ Metrics (per task; counters are cumulative since the task was opened):
 """
 import collections
 import logging
+import math
 import os
 import re
 import select
@@ -252,6 +253,12 @@ class Helper:
         self._stdout = self.process.stdout.fileno()
         # Writes wait with a deadline too: a hung helper must not hang us.
         os.set_blocking(self._stdin, False)
+        # poll, not select: a helper restarted while owca-measure holds
+        # thousands of cgroup files gets pipe fds above select's 1024.
+        self._readable = select.poll()
+        self._readable.register(self._stdout, select.POLLIN)
+        self._writable = select.poll()
+        self._writable.register(self._stdin, select.POLLOUT)
         try:
             lines = []
             while not lines or lines[-1] != 'ready':
@@ -270,7 +277,7 @@ class Helper:
 
     def _fill(self, deadline):
         remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([self._stdout], [], [], remaining)[0]:
+        if remaining <= 0 or not self._readable.poll(math.ceil(remaining * 1000)):
             raise HelperGone('no answer within %.1f s' % self.timeout)
         chunk = os.read(self._stdout, 1 << 16)
         if not chunk:
@@ -299,7 +306,7 @@ class Helper:
         deadline = time.monotonic() + self.timeout
         while data:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([], [self._stdin], [], remaining)[1]:
+            if remaining <= 0 or not self._writable.poll(math.ceil(remaining * 1000)):
                 raise HelperGone('not reading its input within %.1f s' % self.timeout)
             try:
                 data = data[os.write(self._stdin, data):]
@@ -436,6 +443,7 @@ class PerfCounters:
         self.restarts = 0
         self.failed_tasks = {}     # task_id -> errno name of its last failed open
         self._updates = 0
+        self._tasks = None         # the last update()'s argument
         self._wanted = {}          # task_id -> cgroup directory, from the last update()
         self._dirs = {}            # cgroup path -> directory, checked once per task
         self._opened = {}          # task_id -> (slot, cgroup path)
@@ -524,6 +532,9 @@ class PerfCounters:
         """Opens counters for new tasks (task_id -> cgroup path relative to the
         cgroup root), closes those of tasks that went, and retries opens that
         failed before."""
+        if tasks == self._tasks and not self.failed_tasks and self.helper is not None:
+            return  # the common cycle: nothing to open, close or retry
+        self._tasks = dict(tasks)
         wanted, dirs = {}, {}
         for task_id, cgroup_path in tasks.items():
             directory = self._dirs.get(cgroup_path)
