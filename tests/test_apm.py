@@ -155,12 +155,3 @@ def test_measure_without_apm_dir_reads_no_apm(tmp_path):
     assert out.returncode == 0, out.stderr
     frame = frames.decode(out.stdout.splitlines()[0])
     assert not any(s["name"].startswith("owca_apm") for s in frame["metrics"])
-
-
-def test_a_bad_apm_max_age_fails_at_start_with_file_and_line(tmp_path):
-    config = tmp_path / "owca.yaml"
-    config.write_text("measure:\n  apm_dir: /run/owca/apm\n  apm_max_age: 0\n")
-    out = subprocess.run(tool_command("measure", "-c", str(config)), input=b"",
-                         capture_output=True, env=tool_env(), timeout=60)
-    assert out.returncode == 2
-    assert f"{config}:3".encode() in out.stderr and b"apm_max_age" in out.stderr

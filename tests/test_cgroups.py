@@ -226,6 +226,46 @@ def test_an_absent_file_is_left_out_then_tried_again(tmp_path):
     reader.close()
 
 
+def test_slow_metrics_are_read_every_slow_every_reads_and_carried_between(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(V1_TREE, tree)
+    memory = tree / "memory" / "owca-fixture" / "hp"
+    reader = TaskCgroup(Paths(cgroupfs=str(tree)), "/owca-fixture/hp", slow_every=3, phase=1)
+    first = reader.read()  # the first read reads everything
+    assert first["task_mem_limit_bytes"] == int((memory / "memory.limit_in_bytes").read_text())
+    assert "task_mem_numa_pages" in first
+    (memory / "memory.limit_in_bytes").write_text("1048576\n")
+    (memory / "memory.usage_in_bytes").write_text("4096\n")
+    second = reader.read()  # read 2: (2 + 1) % 3 == 0, the slow files' turn
+    assert second["task_mem_limit_bytes"] == 1048576
+    (memory / "memory.limit_in_bytes").write_text("2097152\n")
+    (memory / "memory.usage_in_bytes").write_text("8192\n")
+    reads = [reader.read() for _ in range(3)]  # reads 3, 4, 5
+    assert [r["task_mem_usage_bytes"] for r in reads] == [8192] * 3  # every read
+    assert [r["task_mem_limit_bytes"] for r in reads] == [1048576, 1048576, 2097152]
+    assert all(r["task_mem_numa_pages"] == first["task_mem_numa_pages"] for r in reads)
+    reader.close()
+
+
+def test_readers_with_consecutive_phases_spread_the_slow_reads(tmp_path):
+    tree = tmp_path / "tree"
+    shutil.copytree(V1_TREE, tree)
+    limit = tree / "memory" / "owca-fixture" / "hp" / "memory.limit_in_bytes"
+    readers = [TaskCgroup(Paths(cgroupfs=str(tree)), "/owca-fixture/hp", slow_every=4, phase=i)
+               for i in range(4)]
+    for reader in readers:
+        reader.read()
+    limit.write_text("4096\n")
+    seen_at = {}  # reader -> the read on which it saw the new limit
+    for n in range(2, 6):
+        for i, reader in enumerate(readers):
+            if reader.read()["task_mem_limit_bytes"] == 4096:
+                seen_at.setdefault(i, n)
+    assert sorted(seen_at.values()) == [2, 3, 4, 5]
+    for reader in readers:
+        reader.close()
+
+
 def test_a_file_larger_than_the_first_buffer_is_read_whole(tmp_path):
     tree = tmp_path / "tree"
     shutil.copytree(V1_TREE, tree)

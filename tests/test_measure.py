@@ -3,6 +3,8 @@ import json
 import subprocess
 import time
 
+import pytest
+
 from cgroup_helpers import needs_v1, v1_cgroup
 from conftest import ROOT, tool_command, tool_env
 from owca import frames
@@ -75,3 +77,24 @@ def test_measure_carries_discovery_counters_and_adds_its_own():
     stages = {s["labels"].get("stage") for s in out["metrics"]}
     assert stages == {"discover", "measure"}
     assert out["platform"]["platform_topology_cpus"] >= 1
+
+
+@pytest.mark.parametrize("body, field", [
+    ("measure:\n  cgroup_version: auto\n  slow_metrics_every: 0\n", "slow_metrics_every"),
+    ("measure:\n  apm_dir: /run/owca/apm\n  apm_max_age: 0\n", "apm_max_age"),
+])
+def test_a_bad_measure_setting_fails_at_start_with_file_and_line(tmp_path, body, field):
+    config = tmp_path / "owca.yaml"
+    config.write_text(body)
+    out = subprocess.run(tool_command("measure", "-c", str(config)), input=b"",
+                         capture_output=True, env=tool_env(), timeout=60)
+    assert out.returncode == 2
+    assert f"{config}:3".encode() in out.stderr and field.encode() in out.stderr
+
+
+def test_tasks_get_consecutive_phases_for_their_slow_metrics():
+    stage = Measure(MeasureConfig(slow_metrics_every=4), {"--no-timing": True})
+    stage.update([{"id": f"t{i}", "cgroup_path": f"/t{i}"} for i in range(6)])
+    assert [r.phase for r in stage.readers.values()] == [0, 1, 2, 3, 0, 1]
+    assert {r.slow_every for r in stage.readers.values()} == {4}
+    stage.close()

@@ -11,7 +11,10 @@ between cycles and each read is one pread(fd, size, 0): at offset 0 a cgroup
 (seq) file regenerates its content.  Files are opened on the first read.  Open
 files are bounded by the soft RLIMIT_NOFILE (`raise_fd_limit()` lifts it to the
 hard limit): past the budget a file is opened, read and closed each cycle
-instead, slower but correct, and `fd_usage()` counts them.
+instead, slower but correct, and `fd_usage()` counts them.  The files of
+settings and slow-moving gauges (SLOW_FILES: memory limits, NUMA pages) are
+read every few cycles only, when the reader is made with `slow_every` > 1:
+memory.numa_stat alone costs as much as four single-number files.
 
 Files read (v1 from the cpuacct, cpu and memory hierarchies; v2 from the
 task's directory in the unified hierarchy):
@@ -74,10 +77,17 @@ class FdBudget:
     """How many kernel files may stay open: the soft RLIMIT_NOFILE less a reserve
     for everything else the process opens (pipes, sockets, transient reads)."""
 
+    # may_keep() looks the limit up again after this many calls: opening 1000
+    # tasks' files would otherwise make 8000 getrlimit calls.  Fewer than the
+    # smallest reserve (32), so a limit lowered meanwhile is still respected.
+    RECHECK_EVERY = 16
+
     def __init__(self):
         self.kept = 0        # files held open between reads
         self.not_kept = 0    # files opened, read and closed on each read
         self._warned = False
+        self._limit = 0
+        self._checks_left = 0
 
     @staticmethod
     def limit() -> int:
@@ -87,7 +97,15 @@ class FdBudget:
         return soft - max(32, soft // 8)
 
     def may_keep(self) -> bool:
-        return self.kept < self.limit()
+        if self._checks_left <= 0:
+            self._limit = self.limit()
+            self._checks_left = self.RECHECK_EVERY
+        self._checks_left -= 1
+        return self.kept < self._limit
+
+    def forget_limit(self) -> None:
+        """The limit changed (raised, or an open ran out of fds): look it up next time."""
+        self._checks_left = 0
 
     def note_not_kept(self, path: str, reason: str) -> None:
         self.not_kept += 1
@@ -122,6 +140,7 @@ def raise_fd_limit() -> int:
     except (ValueError, OSError) as e:
         log.warning("RLIMIT_NOFILE: cannot raise the soft limit %d to %d: %s", soft, hard, e)
         return soft
+    FDS.forget_limit()
     log.info("RLIMIT_NOFILE: soft limit raised from %d to the hard limit %d", soft, hard)
     return hard
 
@@ -142,6 +161,9 @@ class KeptFile:
         self.kept = None     # None: not opened yet; True: held open; False: transient
 
     def read(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_bytes(self) -> bytes:
         fd = self.fd
         if fd is None:
             fd = self._open()
@@ -159,7 +181,7 @@ class KeptFile:
             data = os.pread(fd, self.size, 0)
         if len(data) >= self.size:
             data = self._read_whole(fd)
-        return data.decode()
+        return data
 
     def _open(self) -> Optional[int]:
         """Open and keep the file; None when it must be read transiently."""
@@ -177,6 +199,7 @@ class KeptFile:
         except OSError as e:
             if e.errno not in _NO_FDS_ERRNOS:
                 raise
+            FDS.forget_limit()
             self.kept = False
             FDS.note_not_kept(self.path, os.strerror(e.errno))
             return None
@@ -199,7 +222,7 @@ class KeptFile:
                 data = self._read_whole(fd)
         finally:
             os.close(fd)
-        return data.decode()
+        return data
 
     def close(self) -> None:
         if self.fd is not None:
@@ -335,67 +358,109 @@ def parse_pressure(text: str) -> Dict[str, Dict[str, float]]:
     return {"task_pressure_avg10_percent": avg10, "task_pressure_stall_seconds": stall}
 
 
-def _single(name: str, parse=int):
-    def parse_single(text: str) -> dict:
-        value = parse(text)
-        return {} if value is None else {name: value}
-    parse_single.__name__ = f"parse_{name}"
-    return parse_single
+# What a file yields, written into a task's metrics: into(data: bytes, out: dict).
+# The single-number files, most of them, are stored without a parser's dict.
+
+def _number_into(name: str, divisor: int = 1):
+    if divisor == 1:
+        def number_into(data: bytes, out: dict) -> None:
+            out[name] = int(data)
+    else:
+        def number_into(data: bytes, out: dict) -> None:
+            out[name] = int(data) / divisor
+    return number_into
 
 
-# (controller or None for v2, file, parser, PSI resource or None)
+def _limit_into(name: str):
+    def limit_into(data: bytes, out: dict) -> None:
+        value = parse_memory_limit(data.decode())
+        if value is not None:
+            out[name] = value
+    return limit_into
+
+
+def _parsed_into(parse, resource_: Optional[str] = None):
+    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io)."""
+    if resource_ is None:
+        def parsed_into(data: bytes, out: dict) -> None:
+            out.update(parse(data.decode()))
+    else:
+        def parsed_into(data: bytes, out: dict) -> None:
+            for name, value in parse(data.decode()).items():
+                if value:
+                    out.setdefault(name, {})[resource_] = value
+    return parsed_into
+
+
+# (controller, or None for v2; file; into).  SLOW_FILES change rarely (limits are
+# written by the orchestrator, NUMA placement moves slowly) and cost a third of a
+# v1 cycle's reads (numa_stat alone is a sixth): TaskCgroup reads them every
+# `slow_every` reads, and carries their last values in between.
+SLOW_FILES = frozenset(("memory.limit_in_bytes", "memory.soft_limit_in_bytes",
+                        "memory.numa_stat", "memory.max", "memory.low"))
+_SLOW_SUFFIXES = tuple("/" + name for name in SLOW_FILES)
 V1_FILES = (
-    ("cpuacct", "cpuacct.usage", parse_cpuacct_usage, None),
-    ("cpu", "cpu.stat", parse_cpu_stat, None),
-    ("memory", "memory.usage_in_bytes", _single("task_mem_usage_bytes"), None),
-    ("memory", "memory.max_usage_in_bytes", _single("task_mem_max_usage_bytes"), None),
-    ("memory", "memory.limit_in_bytes",
-     _single("task_mem_limit_bytes", parse_memory_limit), None),
-    ("memory", "memory.soft_limit_in_bytes",
-     _single("task_mem_soft_limit_bytes", parse_memory_limit), None),
-    ("memory", "memory.stat", parse_memory_stat, None),
-    ("memory", "memory.numa_stat", parse_numa_stat, None),
+    ("cpuacct", "cpuacct.usage", _number_into("task_cpu_usage_seconds", 10 ** 9)),
+    ("cpu", "cpu.stat", _parsed_into(parse_cpu_stat)),
+    ("memory", "memory.usage_in_bytes", _number_into("task_mem_usage_bytes")),
+    ("memory", "memory.max_usage_in_bytes", _number_into("task_mem_max_usage_bytes")),
+    ("memory", "memory.limit_in_bytes", _limit_into("task_mem_limit_bytes")),
+    ("memory", "memory.soft_limit_in_bytes", _limit_into("task_mem_soft_limit_bytes")),
+    ("memory", "memory.stat", _parsed_into(parse_memory_stat)),
+    ("memory", "memory.numa_stat", _parsed_into(parse_numa_stat)),
 )
 V2_FILES = (
-    (None, "cpu.stat", parse_cpu_stat, None),
-    (None, "memory.current", _single("task_mem_usage_bytes"), None),
-    (None, "memory.peak", _single("task_mem_max_usage_bytes"), None),
-    (None, "memory.max", _single("task_mem_limit_bytes", parse_memory_limit), None),
-    (None, "memory.low", _single("task_mem_soft_limit_bytes", parse_memory_limit), None),
-    (None, "memory.stat", parse_memory_stat, None),
-    (None, "memory.numa_stat", parse_numa_stat, None),
-    (None, "cpu.pressure", parse_pressure, "cpu"),
-    (None, "memory.pressure", parse_pressure, "memory"),
-    (None, "io.pressure", parse_pressure, "io"),
+    (None, "cpu.stat", _parsed_into(parse_cpu_stat)),
+    (None, "memory.current", _number_into("task_mem_usage_bytes")),
+    (None, "memory.peak", _number_into("task_mem_max_usage_bytes")),
+    (None, "memory.max", _limit_into("task_mem_limit_bytes")),
+    (None, "memory.low", _limit_into("task_mem_soft_limit_bytes")),
+    (None, "memory.stat", _parsed_into(parse_memory_stat)),
+    (None, "memory.numa_stat", _parsed_into(parse_numa_stat)),
+    (None, "cpu.pressure", _parsed_into(parse_pressure, "cpu")),
+    (None, "memory.pressure", _parsed_into(parse_pressure, "memory")),
+    (None, "io.pressure", _parsed_into(parse_pressure, "io")),
 )
 
 
 class _Source(KeptFile):
     """One file of a task's cgroup and what it yields."""
-    __slots__ = ("directory", "parse", "resource", "dir_existed", "retry_at", "warned")
+    __slots__ = ("directory", "into", "dir_existed", "retry_at", "warned")
 
-    def __init__(self, directory, name, parse, resource_):
-        super().__init__(os.path.join(directory, name))
+    def __init__(self, directory, name, into, dir_existed):
+        super().__init__(f"{directory}/{name}")
         self.directory = directory
-        self.parse = parse
-        self.resource = resource_
-        self.dir_existed = os.path.isdir(directory)
+        self.into = into
+        self.dir_existed = dir_existed
         self.retry_at = 0
         self.warned = False
 
 
 class TaskCgroup:
-    """Reads one task's cgroup, v1 or v2, each cycle; files held open between reads."""
+    """Reads one task's cgroup, v1 or v2, each cycle; files held open between reads.
 
-    def __init__(self, paths: Paths, cgroup_path: str, version: str = "auto"):
+    The SLOW_FILES are read on the first read and then every `slow_every`
+    reads, on the reads where (reads + phase) is a multiple of slow_every;
+    readers created with consecutive phases spread those reads evenly over
+    the cycles.  Their last values are in every read's result.
+    """
+
+    def __init__(self, paths: Paths, cgroup_path: str, version: str = "auto",
+                 slow_every: int = 1, phase: int = 0):
         if version not in VERSIONS:
             raise ValueError(f"cgroup version: expected one of {', '.join(VERSIONS)}, "
                              f"got {version!r}")
+        if slow_every < 1:
+            raise ValueError(f"slow_every: expected at least 1, got {slow_every}")
         self.paths = paths
         self.cgroup_path = cgroup_path
         self.requested_version = version
+        self.slow_every = slow_every
+        self.phase = phase % slow_every
         self.version = None           # v1 or v2, once the first read found the cgroup
-        self._sources = None
+        self._sources = None          # read every time
+        self._slow_sources = None     # read every slow_every times
+        self._slow_values = {}
         self._reads = 0
 
     def _setup(self) -> None:
@@ -403,21 +468,25 @@ class TaskCgroup:
         version = self.requested_version
         if version in ("auto", "v1"):
             dirs = {c: paths.cgroup_v1(c, cgroup_path) for c in V1_CONTROLLERS}
-            if any(os.path.isdir(d) for d in dirs.values()):
+            existing = {c: os.path.isdir(d) for c, d in dirs.items()}
+            if any(existing.values()):
                 version = "v1"
             elif version == "v1":
                 raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
                                  f"{', '.join(V1_CONTROLLERS)}")
         if version == "v1":
-            table = [(dirs[c], *rest) for c, *rest in V1_FILES]
+            sources = [_Source(dirs[c], name, into, existing[c]) for c, name, into in V1_FILES]
         else:
             directory = paths.cgroup_v2(cgroup_path)
             if not os.path.isdir(directory):
                 where = "v1 or v2" if self.requested_version == "auto" else "v2"
                 raise CgroupGone(f"cgroup {cgroup_path}: not in the {where} hierarchy")
             version = "v2"
-            table = [(directory, *rest) for _, *rest in V2_FILES]
-        self._sources = [_Source(*row) for row in table]
+            sources = [_Source(directory, name, into, True) for _, name, into in V2_FILES]
+        slow = self.slow_every > 1
+        self._sources = [s for s in sources if not (slow and s.path.endswith(_SLOW_SUFFIXES))]
+        self._slow_sources = [s for s in sources if slow and s.path.endswith(_SLOW_SUFFIXES)]
+        self._slow_values = {}
         self.version = version
 
     def read(self) -> dict:
@@ -426,38 +495,47 @@ class TaskCgroup:
             self._setup()
         self._reads = reads = self._reads + 1
         out = {}
-        pread = os.pread
-        for src in self._sources:
-            if src.retry_at > reads:
-                continue
-            # The common case inline (a whole cycle is a few microseconds per
-            # file); KeptFile.read() handles the rest: first open, a stale fd,
-            # a file larger than its buffer, no fds left.
-            fd = src.fd
-            try:
-                if fd is not None:
-                    data = pread(fd, src.size, 0)
-                    text = data.decode() if len(data) < src.size else src.read()
-                else:
-                    text = src.read()
-            except OSError:
-                try:
-                    text = src.read()
-                except OSError as e:
-                    self._unreadable(src, e)
-                    continue
-            try:
-                parsed = src.parse(text)
-            except (ValueError, IndexError) as e:
-                self._warn_once(src, f"cannot parse: {e}")
-                continue
-            if src.resource is None:
-                out.update(parsed)
-            else:
-                for name, value in parsed.items():
-                    if value:
-                        out.setdefault(name, {})[src.resource] = value
+        if self._slow_sources and (reads == 1 or (reads + self.phase) % self.slow_every == 0):
+            slow = {}
+            self._read_all(self._slow_sources, slow)
+            self._slow_values = slow
+        self._read_all(self._sources, out)
+        out.update(self._slow_values)
         return out
+
+    def _read_all(self, sources: list, out: dict) -> None:
+        pread = os.pread
+        for src in sources:
+            # The common case inline, a file held open read whole by one pread
+            # (a whole cycle is a microsecond or two per file); _read_slow()
+            # handles the rest: first open, a stale fd, a file larger than its
+            # buffer, no fds left, a file left out for now.
+            fd = src.fd
+            if fd is not None:
+                try:
+                    data = pread(fd, src.size, 0)
+                except OSError:
+                    data = None
+                if data is not None and len(data) < src.size:
+                    try:
+                        src.into(data, out)
+                    except (ValueError, IndexError) as e:
+                        self._warn_once(src, f"cannot parse: {e}")
+                    continue
+            self._read_slow(src, out)
+
+    def _read_slow(self, src: _Source, out: dict) -> None:
+        if src.retry_at > self._reads:
+            return
+        try:
+            data = src.read_bytes()
+        except OSError as e:
+            self._unreadable(src, e)
+            return
+        try:
+            src.into(data, out)
+        except (ValueError, IndexError) as e:
+            self._warn_once(src, f"cannot parse: {e}")
 
     def _unreadable(self, src: _Source, e: OSError) -> None:
         src.close()
@@ -478,7 +556,9 @@ class TaskCgroup:
     def close(self) -> None:
         """Release every file; a later read() starts afresh."""
         if self._sources is not None:
-            for src in self._sources:
+            for src in self._sources + self._slow_sources:
                 src.close()
-        self._sources = None
+        self._sources = self._slow_sources = None
+        self._slow_values = {}
+        self._reads = 0
         self.version = None

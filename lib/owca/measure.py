@@ -30,6 +30,10 @@ class MeasureConfig:
     # Which cgroup hierarchy to read a task from: auto takes v1 where the task's
     # cgroup exists in a v1 hierarchy, else v2.
     cgroup_version: Literal["auto", "v1", "v2"] = "auto"
+    # The files of the slow-changing task metrics (memory limits and NUMA pages,
+    # docs/metrics.md) are read every this many cycles, spread evenly over the
+    # tasks; in between their last values are reported.  1 reads them every cycle.
+    slow_metrics_every: int = 10
     # --- perf counters: the perf section (lib/owca/perf.py) plugs in here ---
     # Events counted per task (docs/perf.md), e.g. [instructions, cycles,
     # task-clock, stalled_mem_loads=0x140014a3]; none: no perf helper at all.
@@ -49,6 +53,8 @@ class MeasureConfig:
         if self.perf_events:
             from owca.perf import parse_events
             parse_events(self.perf_events)  # a ValueError is reported with file:line
+        if self.slow_metrics_every < 1:
+            raise ValueError("slow_metrics_every: expected a number of cycles, at least 1")
         if not self.apm_max_age > 0:
             raise ValueError("apm_max_age: expected a positive number of seconds")
 
@@ -70,6 +76,7 @@ class Measure(Stage):
         self.upstream_metrics = []
         self.dropped = 0
         self.seq = 0
+        self.readers_created = 0  # the next reader's phase for its slow metrics
         self.perf = self._start_perf()
         self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
 
@@ -111,8 +118,10 @@ class Measure(Stage):
         for task_id, task in current.items():
             self.tasks[task_id] = task
             if task_id not in self.readers:
-                self.readers[task_id] = TaskCgroup(self.paths, task["cgroup_path"],
-                                                   self.cfg.cgroup_version)
+                self.readers[task_id] = TaskCgroup(
+                    self.paths, task["cgroup_path"], self.cfg.cgroup_version,
+                    slow_every=self.cfg.slow_metrics_every, phase=self.readers_created)
+                self.readers_created += 1
         if self.perf is not None:
             self.perf.update({i: t["cgroup_path"] for i, t in current.items()})
 
@@ -130,8 +139,10 @@ class Measure(Stage):
                 self.dropped += 1
                 log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
                 continue
-            metrics.update(perf.get(task_id, ()))
-            metrics.update(apm.get(task_id, ()))
+            if perf:
+                metrics.update(perf.get(task_id, ()))
+            if apm:
+                metrics.update(apm.get(task_id, ()))
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = self.tasks[task_id]

@@ -34,6 +34,10 @@ def _specs(*specs: MetricSpec) -> Dict[str, MetricSpec]:
 M = MetricSpec
 
 # -- tasks: cgroups (owca-measure) ----------------------------------------------------
+# Settings and slow-moving gauges whose files owca-measure reads less often
+# (lib/owca/cgroups.py SLOW_FILES).
+SLOW = ("read every `slow_metrics_every` cycles (default 10), the last value reported "
+        "in between")
 TASK_CGROUP = _specs(
     M("task_cpu_usage_seconds", COUNTER, "seconds", "CPU time consumed by the task's cgroup.",
       "v1: cpuacct.usage; v2: cpu.stat usage_usec"),
@@ -51,14 +55,15 @@ TASK_CGROUP = _specs(
       "v1: memory.max_usage_in_bytes; v2: memory.peak (kernel 5.19+)"),
     M("task_mem_limit_bytes", GAUGE, "bytes",
       "Memory limit (hard); absent when unlimited.",
-      "v1: memory.limit_in_bytes; v2: memory.max"),
+      "v1: memory.limit_in_bytes; v2: memory.max; " + SLOW),
     M("task_mem_soft_limit_bytes", GAUGE, "bytes",
       "Memory soft limit (v2: the low protection); absent when unlimited.",
-      "v1: memory.soft_limit_in_bytes; v2: memory.low"),
+      "v1: memory.soft_limit_in_bytes; v2: memory.low; " + SLOW),
     M("task_mem_page_faults", COUNTER, "faults", "Page faults of the cgroup's tasks.",
       "v1: memory.stat total_pgfault (hierarchical); v2: memory.stat pgfault"),
     M("task_mem_numa_pages", GAUGE, "pages", "Pages of the cgroup per NUMA node.",
-      "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page size",
+      "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page "
+      "size; " + SLOW,
       levels=("numa_node",)),
     M("task_pressure_avg10_percent", GAUGE, "percent",
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
