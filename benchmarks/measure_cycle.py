@@ -13,7 +13,8 @@ and times owca-measure's Measure stage in this process:
 
 CPU time is this process's (user + system) plus, with perf, the owca-perf
 helper's (/proc/PID/schedstat).  "perf part" is PerfCounters.read() alone,
-Python and helper.  Everything is divided by N: microseconds per task.
+Python and helper; "perf open" PerfCounters.update() in the first cycle, which
+opens every task's groups.  Everything is divided by N: microseconds per task.
 
 Beside it, on the same cgroups and in the same run:
   --floor BINARY  a floor program taking `-n N -p PREFIX -k` and printing one JSON
@@ -219,16 +220,19 @@ class TimedStage:
                             perf_cgroup_root=perf_root)
         self.stage = Measure(cfg, {"--no-timing": True})
         self.perf = self.stage.perf
-        self.perf_cpu = []
+        self.perf_cpu = []         # PerfCounters.read() per cycle
+        self.perf_update_cpu = []  # PerfCounters.update() per cycle (opens the groups)
         if self.perf:
-            read = self.perf.read
+            self.perf.read = self._timed(self.perf.read, self.perf_cpu)
+            self.perf.update = self._timed(self.perf.update, self.perf_update_cpu)
 
-            def timed_read():
-                started = self.cpu()
-                values = read()
-                self.perf_cpu.append(self.cpu() - started)
-                return values
-            self.perf.read = timed_read
+    def _timed(self, method, spent):
+        def timed(*args):
+            started = self.cpu()
+            result = method(*args)
+            spent.append(self.cpu() - started)
+            return result
+        return timed
 
     def cpu(self):
         own = time.process_time()
@@ -268,6 +272,7 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
         counted = run.perf.read()
         results["with_perf"].update(
             perf_part_us_per_task=summary_us(run.perf_cpu[1 + warmup:-1], cgroups.n),
+            perf_open_us_per_task=round(run.perf_update_cpu[0] * 1e6 / cgroups.n, 2),
             perf_tasks_counted=len(counted),
             perf_tasks_not_counted=dict(collections.Counter(run.perf.failed_tasks.values())),
             helper_fds=len(os.listdir(PATHS.proc(str(run.perf.helper.pid), "fd"))))
@@ -329,16 +334,17 @@ def run_perf_stat(cgroups, events, settle=1.0, seconds=2.0):
 
 def table(results):
     rows = ["| N | measure first, no perf | measure first, perf | measure cycle, no perf | "
-            "measure cycle, perf | perf part | floor -k cycle | floor -k open | "
+            "measure cycle, perf | perf part | perf open | floor -k cycle | floor -k open | "
             "perf stat interval |",
-            "|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         floor, stat = r.get("floor_k", {}), r.get("perf_stat", {})
-        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["n"], r["without_perf"]["first_us_per_task"], r["with_perf"]["first_us_per_task"],
             r["without_perf"]["cycle_us_per_task"]["median"],
             r["with_perf"]["cycle_us_per_task"]["median"],
             r["with_perf"]["perf_part_us_per_task"]["median"],
+            r["with_perf"]["perf_open_us_per_task"],
             floor.get("cycle_us_per_task", "-"), floor.get("open_us_per_task", "-"),
             stat.get("interval_us_per_task", "-")))
     return "\n".join(rows)
