@@ -54,21 +54,21 @@ def fds_into(directories) -> int:
 # -- parsers -----------------------------------------------------------------------------
 
 def test_cpu_stat_v1_times_are_nanoseconds():
-    text = "nr_periods 26\nnr_throttled 23\nthrottled_time 1442461682\nnr_bursts 0\nburst_time 0\n"
+    text = b"nr_periods 26\nnr_throttled 23\nthrottled_time 1442461682\nnr_bursts 0\nburst_time 0\n"
     assert parse_cpu_stat(text) == {"task_cpu_periods": 26, "task_cpu_throttled_periods": 23,
                                     "task_cpu_throttled_seconds": 1.442461682}
 
 
 def test_cpu_stat_v2_with_the_cpu_controller():
-    text = ("usage_usec 8765432\nuser_usec 7000000\nsystem_usec 1765432\nnr_periods 120\n"
-            "nr_throttled 30\nthrottled_usec 2500000\nnr_bursts 0\nburst_usec 0\n")
+    text = (b"usage_usec 8765432\nuser_usec 7000000\nsystem_usec 1765432\nnr_periods 120\n"
+            b"nr_throttled 30\nthrottled_usec 2500000\nnr_bursts 0\nburst_usec 0\n")
     assert parse_cpu_stat(text) == {"task_cpu_usage_seconds": 8.765432, "task_cpu_periods": 120,
                                     "task_cpu_throttled_periods": 30,
                                     "task_cpu_throttled_seconds": 2.5}
 
 
 def test_cpu_stat_v2_without_the_cpu_controller_has_usage_only():
-    text = "usage_usec 1268593\nuser_usec 1214445\nsystem_usec 54148\nnice_usec 0\n"
+    text = b"usage_usec 1268593\nuser_usec 1214445\nsystem_usec 54148\nnice_usec 0\n"
     assert parse_cpu_stat(text) == {"task_cpu_usage_seconds": 1.268593}
 
 
@@ -88,15 +88,16 @@ def test_memory_limits(text, expected):
 
 
 def test_memory_stat_v1_takes_the_hierarchical_page_faults():
-    text = "cache 0\npgfault 100\npgmajfault 3\ntotal_cache 0\ntotal_pgfault 250\n" \
-           "total_pgmajfault 7\n"
+    text = b"cache 0\npgfault 100\npgmajfault 3\ntotal_cache 0\ntotal_pgfault 250\n" \
+           b"total_pgmajfault 7\n"
     assert parse_memory_stat(text) == {"task_mem_page_faults": 250}
 
 
 def test_memory_stat_v2_page_faults_and_keys_that_end_alike():
-    text = "anon 4096\nthp_pgfault 9\npgmajfault 12\npgfault 54321\nthp_fault_alloc 0"
+    text = b"anon 4096\nthp_pgfault 9\npgmajfault 12\npgfault 54321\nthp_fault_alloc 0"
     assert parse_memory_stat(text) == {"task_mem_page_faults": 54321}
-    assert parse_memory_stat("anon 4096\n") == {}
+    assert parse_memory_stat(b"anon 4096\n") == {}
+    assert parse_memory_stat(b"pgfault 7\nanon 0\n") == {"task_mem_page_faults": 7}
 
 
 def test_numa_stat_v1_prefers_hierarchical_total():
@@ -137,8 +138,8 @@ def test_pressure_without_full_line_and_unknown_lines():
 
 def test_every_metric_the_parsers_name_is_registered():
     texts = [
-        parse_cpu_stat("usage_usec 1\nnr_periods 1\nnr_throttled 1\nthrottled_usec 1\n"),
-        parse_cpuacct_usage("1"), parse_memory_stat("pgfault 1"),
+        parse_cpu_stat(b"usage_usec 1\nnr_periods 1\nnr_throttled 1\nthrottled_usec 1\n"),
+        parse_cpuacct_usage("1"), parse_memory_stat(b"pgfault 1"),
         parse_numa_stat("total=1 N0=1"), parse_pressure("some avg10=0 avg60=0 avg300=0 total=1"),
     ]
     names = set().union(*texts) | {"task_mem_usage_bytes", "task_mem_max_usage_bytes",

@@ -239,40 +239,44 @@ class KeptFile:
 
 # -- parsers: file text -> task metrics ---------------------------------------------------
 
-def _keyed_int(text: str, key: str) -> Optional[int]:
+# The two keyed files every cycle reads are parsed as the bytes the kernel
+# gives, without decoding them first.
+
+def _keyed_int(data: bytes, key: bytes) -> Optional[int]:
     """The value of the `key value` line of a flat keyed file, None if absent."""
-    start = 0
-    probe = key + " "
-    while True:
-        i = text.find(probe, start)
+    probe = b"\n" + key + b" "
+    if data.startswith(probe[1:]):
+        i = 0
+    else:
+        i = data.find(probe)
         if i < 0:
             return None
-        if i == 0 or text[i - 1] == "\n":
-            j = text.find("\n", i)
-            return int(text[i + len(probe):j if j >= 0 else len(text)])
-        start = i + 1
+        i += 1
+    start = i + len(probe) - 1
+    end = data.find(b"\n", start)
+    return int(data[start:end] if end >= 0 else data[start:])
 
 
 # cpu.stat key -> (metric, divisor to seconds or 1); v1 and v2 keys never clash.
 _CPU_STAT = {
-    "usage_usec": ("task_cpu_usage_seconds", 1e6),
-    "nr_periods": ("task_cpu_periods", 1),
-    "nr_throttled": ("task_cpu_throttled_periods", 1),
-    "throttled_time": ("task_cpu_throttled_seconds", 1e9),
-    "throttled_usec": ("task_cpu_throttled_seconds", 1e6),
+    b"usage_usec": ("task_cpu_usage_seconds", 10 ** 6),
+    b"nr_periods": ("task_cpu_periods", 1),
+    b"nr_throttled": ("task_cpu_throttled_periods", 1),
+    b"throttled_time": ("task_cpu_throttled_seconds", 10 ** 9),
+    b"throttled_usec": ("task_cpu_throttled_seconds", 10 ** 6),
 }
 
 
-def parse_cpu_stat(text: str) -> Dict[str, float]:
+def parse_cpu_stat(data: bytes) -> Dict[str, float]:
     """cpu.stat (v1: nr_periods, nr_throttled, throttled_time ns; v2: usage_usec,
     and with the cpu controller nr_periods, nr_throttled, throttled_usec)."""
     out = {}
-    fields = iter(text.split())
-    for key, value in zip(fields, fields):
-        spec = _CPU_STAT.get(key)
+    fields = data.split()
+    for i in range(0, len(fields) - 1, 2):
+        spec = _CPU_STAT.get(fields[i])
         if spec is not None:
             name, divisor = spec
-            out[name] = int(value) / divisor if divisor != 1 else int(value)
+            out[name] = int(fields[i + 1]) / divisor if divisor != 1 else int(fields[i + 1])
     return out
 
 
@@ -290,11 +294,11 @@ def parse_memory_limit(text: str) -> Optional[int]:
     return None if value >= V1_UNLIMITED_FROM else value
 
 
-def parse_memory_stat(text: str) -> Dict[str, int]:
+def parse_memory_stat(data: bytes) -> Dict[str, int]:
     """memory.stat: the page faults, hierarchical (v1 total_pgfault; v2's pgfault is)."""
-    faults = _keyed_int(text, "total_pgfault")
+    faults = _keyed_int(data, b"total_pgfault")
     if faults is None:
-        faults = _keyed_int(text, "pgfault")
+        faults = _keyed_int(data, b"pgfault")
     return {} if faults is None else {"task_mem_page_faults": faults}
 
 
@@ -361,6 +365,11 @@ def parse_pressure(text: str) -> Dict[str, Dict[str, float]]:
 # What a file yields, written into a task's metrics: into(data: bytes, out: dict).
 # The single-number files, most of them, are stored without a parser's dict.
 
+# A single-number file is read with a small buffer: one that fits the small
+# object allocator is cheaper than a page (and grows when a file needs more).
+SINGLE_NUMBER_BUFFER = 64
+
+
 def _number_into(name: str, divisor: int = 1):
     if divisor == 1:
         def number_into(data: bytes, out: dict) -> None:
@@ -368,6 +377,7 @@ def _number_into(name: str, divisor: int = 1):
     else:
         def number_into(data: bytes, out: dict) -> None:
             out[name] = int(data) / divisor
+    number_into.buffer = SINGLE_NUMBER_BUFFER
     return number_into
 
 
@@ -376,11 +386,17 @@ def _limit_into(name: str):
         value = parse_memory_limit(data.decode())
         if value is not None:
             out[name] = value
+    limit_into.buffer = SINGLE_NUMBER_BUFFER
     return limit_into
 
 
-def _parsed_into(parse, resource_: Optional[str] = None):
-    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io)."""
+def _parsed_into(parse, resource_: Optional[str] = None, text: bool = True):
+    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io).
+    text: the parser takes the file decoded (else its bytes)."""
+    if not text:
+        def parsed_bytes_into(data: bytes, out: dict) -> None:
+            out.update(parse(data))
+        return parsed_bytes_into
     if resource_ is None:
         def parsed_into(data: bytes, out: dict) -> None:
             out.update(parse(data.decode()))
@@ -401,21 +417,21 @@ SLOW_FILES = frozenset(("memory.limit_in_bytes", "memory.soft_limit_in_bytes",
 _SLOW_SUFFIXES = tuple("/" + name for name in SLOW_FILES)
 V1_FILES = (
     ("cpuacct", "cpuacct.usage", _number_into("task_cpu_usage_seconds", 10 ** 9)),
-    ("cpu", "cpu.stat", _parsed_into(parse_cpu_stat)),
+    ("cpu", "cpu.stat", _parsed_into(parse_cpu_stat, text=False)),
     ("memory", "memory.usage_in_bytes", _number_into("task_mem_usage_bytes")),
     ("memory", "memory.max_usage_in_bytes", _number_into("task_mem_max_usage_bytes")),
     ("memory", "memory.limit_in_bytes", _limit_into("task_mem_limit_bytes")),
     ("memory", "memory.soft_limit_in_bytes", _limit_into("task_mem_soft_limit_bytes")),
-    ("memory", "memory.stat", _parsed_into(parse_memory_stat)),
+    ("memory", "memory.stat", _parsed_into(parse_memory_stat, text=False)),
     ("memory", "memory.numa_stat", _parsed_into(parse_numa_stat)),
 )
 V2_FILES = (
-    (None, "cpu.stat", _parsed_into(parse_cpu_stat)),
+    (None, "cpu.stat", _parsed_into(parse_cpu_stat, text=False)),
     (None, "memory.current", _number_into("task_mem_usage_bytes")),
     (None, "memory.peak", _number_into("task_mem_max_usage_bytes")),
     (None, "memory.max", _limit_into("task_mem_limit_bytes")),
     (None, "memory.low", _limit_into("task_mem_soft_limit_bytes")),
-    (None, "memory.stat", _parsed_into(parse_memory_stat)),
+    (None, "memory.stat", _parsed_into(parse_memory_stat, text=False)),
     (None, "memory.numa_stat", _parsed_into(parse_numa_stat)),
     (None, "cpu.pressure", _parsed_into(parse_pressure, "cpu")),
     (None, "memory.pressure", _parsed_into(parse_pressure, "memory")),
@@ -424,11 +440,16 @@ V2_FILES = (
 
 
 class _Source(KeptFile):
-    """One file of a task's cgroup and what it yields."""
+    """One file of a task's cgroup and what it yields.
+
+    dir_existed: whether its directory was there (None: not known yet; learnt
+    from the first read, whether it succeeds or finds no file).  A file that
+    cannot be found where its directory existed says the cgroup was removed.
+    """
     __slots__ = ("directory", "into", "dir_existed", "retry_at", "warned")
 
     def __init__(self, directory, name, into, dir_existed):
-        super().__init__(f"{directory}/{name}")
+        super().__init__(f"{directory}/{name}", getattr(into, "buffer", 4096))
         self.directory = directory
         self.into = into
         self.dir_existed = dir_existed
@@ -468,14 +489,18 @@ class TaskCgroup:
         version = self.requested_version
         if version in ("auto", "v1"):
             dirs = {c: paths.cgroup_v1(c, cgroup_path) for c in V1_CONTROLLERS}
-            existing = {c: os.path.isdir(d) for c, d in dirs.items()}
-            if any(existing.values()):
+            # One stat() where the first controller holds the task (the usual
+            # case); whether the other directories exist is learnt from their
+            # files' first reads, see _Source.dir_existed.
+            found = next((c for c in V1_CONTROLLERS if os.path.isdir(dirs[c])), None)
+            if found is not None:
                 version = "v1"
             elif version == "v1":
                 raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
                                  f"{', '.join(V1_CONTROLLERS)}")
         if version == "v1":
-            sources = [_Source(dirs[c], name, into, existing[c]) for c, name, into in V1_FILES]
+            sources = [_Source(dirs[c], name, into, True if c == found else None)
+                       for c, name, into in V1_FILES]
         else:
             directory = paths.cgroup_v2(cgroup_path)
             if not os.path.isdir(directory):
@@ -532,6 +557,7 @@ class TaskCgroup:
         except OSError as e:
             self._unreadable(src, e)
             return
+        src.dir_existed = True
         try:
             src.into(data, out)
         except (ValueError, IndexError) as e:
@@ -540,9 +566,12 @@ class TaskCgroup:
     def _unreadable(self, src: _Source, e: OSError) -> None:
         src.close()
         if e.errno in _MISSING_ERRNOS:
-            if src.dir_existed and not os.path.isdir(src.directory):
+            exists = os.path.isdir(src.directory)
+            if src.dir_existed and not exists:
                 self.close()
                 raise CgroupGone(f"cgroup {self.cgroup_path}: {src.directory} was removed")
+            if src.dir_existed is None:
+                src.dir_existed = exists
         else:
             self._warn_once(src, e.strerror or str(e))
         src.retry_at = self._reads + RETRY_ABSENT_AFTER
