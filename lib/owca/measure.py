@@ -129,23 +129,12 @@ class Measure(Stage):
         started = time.monotonic()
         ts = time.time()
         platform = self.platform.read()
-        perf = self.perf.read() if self.perf is not None else {}
-        apm = self.apm.read() if self.apm is not None else {}
         out = {}
-        for task_id, reader in self.readers.items():
-            try:
-                metrics = reader.read()
-            except CgroupGone as e:
-                self.dropped += 1
-                log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
-                continue
-            if perf:
-                metrics.update(perf.get(task_id, ()))
-            if apm:
-                metrics.update(apm.get(task_id, ()))
+        tasks = self.tasks
+        for task_id, metrics in self.read_tasks(seq).items():
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
-            task = self.tasks[task_id]
+            task = tasks[task_id]
             out[task_id] = {"name": task.get("name", task_id),
                             "cgroup_path": task["cgroup_path"],
                             "labels": task.get("labels", {}),
@@ -164,6 +153,26 @@ class Measure(Stage):
             own += self.apm.samples(labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
+
+    def read_tasks(self, seq: int) -> Dict[str, dict]:
+        """Every task's metrics of this cycle: its cgroup's, its perf counters',
+        its APM file's.  A task whose cgroup is gone is left out."""
+        perf = self.perf.read() if self.perf is not None else {}
+        apm = self.apm.read() if self.apm is not None else {}
+        measured = {}
+        for task_id, reader in self.readers.items():
+            try:
+                metrics = reader.read()
+            except CgroupGone as e:
+                self.dropped += 1
+                log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
+                continue
+            if perf:
+                metrics.update(perf.get(task_id, ()))
+            if apm:
+                metrics.update(apm.get(task_id, ()))
+            measured[task_id] = metrics
+        return measured
 
     def close(self) -> list:
         for reader in self.readers.values():
