@@ -12,7 +12,10 @@ and times owca-measure's Measure stage in this process:
                 over --cycles after --warmup, --gap-ms apart)
 
 CPU time is this process's (user + system) plus, with perf, the owca-perf
-helper's (/proc/PID/schedstat).  "perf part" is PerfCounters.read() alone,
+helper's (/proc/PID/schedstat).  "read part" is Measure.read_tasks(), the
+cgroup files and perf counters read (what the floor program does, in Python):
+the cycle less decoding the tasks frame, the platform, assembling and encoding
+the measurements frame.  "perf part" is PerfCounters.read() alone,
 Python and helper; "perf open" PerfCounters.update() in the first cycle, which
 opens every task's groups.  Everything is divided by N: microseconds per task.
 
@@ -22,6 +25,9 @@ Beside it, on the same cgroups and in the same run:
                   group reads plus five cgroup files kept open, in C)
   --perf-stat     `perf stat -a -e EVENTS --for-each-cgroup ... -I 100`: its CPU
                   time per interval, from the difference of a short and a long run
+  --lean          the leanest cycle a Python stage could have on the same work
+                  (task-clock and context-switches; time_lean_cycle), a bound
+                  for owca-measure, not an alternative to it
 
 The process limit on open files is set to --nofile (soft) first, so the run
 shows whether owca-measure copes with a 1024-file soft limit.
@@ -35,7 +41,7 @@ Usage (root): python3 benchmarks/measure_cycle.py [--tasks 10,100,1000]
               [--events task-clock,context-switches] [--helper PATH]
               [--cycles 20] [--warmup 3]
               [--gap-ms 100] [--mode tick|sleep] [--nofile 1024] [--prefix P]
-              [--floor BINARY] [--perf-stat] [--json]
+              [--floor BINARY] [--perf-stat] [--lean] [--json]
 """
 import argparse
 import collections
@@ -65,6 +71,38 @@ BUILT_HELPER = os.path.join(ROOT, "build", "owca-perf")
 
 # -- the task cgroups -------------------------------------------------------------------
 
+# The task processes come from a spawner, a fresh interpreter: forked from the
+# measuring process instead, 1000 children would share its pages copy-on-write,
+# and its first cycle would pay a page fault for every page it writes (twice its
+# CPU time at N = 1000), which owca-measure on a node never does.
+SPAWNER = r"""
+import os, signal, sys, time
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # killed children reap themselves
+mode = sys.argv[1]
+for line in sys.stdin:
+    dirs = line.split()
+    pid = os.fork()
+    if pid:
+        print(pid, flush=True)
+        continue
+    try:  # the child: join the cgroups, then idle or tick
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        for d in dirs:
+            with open(os.path.join(d, "cgroup.procs"), "w") as f:
+                f.write(str(os.getpid()))
+        if mode == "sleep":
+            os.execvp("sleep", ["sleep", "infinity"])
+        while True:
+            time.sleep(0.1)
+    finally:
+        os._exit(1)
+"""
+
+
 class TaskCgroups:
     """N cgroups PREFIX/task-NNNN in every controller, one process each; the
     processes are killed by the pids recorded here, never by name."""
@@ -75,35 +113,19 @@ class TaskCgroups:
         self.roots = [PATHS.cgroup_v1(c) for c in CONTROLLERS] + [perf_root]
         for root in self.roots:
             os.makedirs(os.path.join(root, prefix), exist_ok=True)
+        self.spawner = subprocess.Popen([sys.executable, "-S", "-c", SPAWNER, mode],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                        text=True)
         for i in range(n):
             dirs = [os.path.join(root, self.name(i)) for root in self.roots]
             for d in dirs:
                 os.mkdir(d)
-            self.pids.append(self._spawn(dirs, mode))
+            self.spawner.stdin.write(" ".join(dirs) + "\n")
+            self.spawner.stdin.flush()
+            self.pids.append(int(self.spawner.stdout.readline()))
 
     def name(self, i):
         return "%s/task-%04d" % (self.prefix, i)
-
-    @staticmethod
-    def _spawn(dirs, mode):
-        pid = os.fork()
-        if pid:
-            return pid
-        try:  # the child: join the cgroups, then idle or tick
-            os.setsid()
-            null = os.open(os.devnull, os.O_RDWR)
-            for fd in (0, 1, 2):
-                os.dup2(null, fd)
-            for d in dirs:
-                with open(os.path.join(d, "cgroup.procs"), "w") as f:
-                    f.write(str(os.getpid()))
-            if mode == "sleep":
-                os.execvp("sleep", ["sleep", "infinity"])
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            while True:
-                time.sleep(0.1)
-        finally:
-            os._exit(1)
 
     def wait_joined(self):
         probe = os.path.join(self.roots[0], "%s", "cgroup.procs")
@@ -127,13 +149,11 @@ class TaskCgroups:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-        for pid in self.pids:
-            try:
-                os.waitpid(pid, 0)
-            except ChildProcessError:
-                pass
-        # Reaped, the processes have left their cgroups; a directory the
-        # kernel still finds busy is tried again once everything else is gone.
+        self.spawner.stdin.close()  # the spawner exits at the end of its input
+        self.spawner.wait()
+        self.spawner.stdout.close()
+        # The spawner reaps its children as they die; a directory the kernel
+        # still finds busy is tried again once everything else is gone.
         dirs = [os.path.join(root, self.name(i)) for root in self.roots for i in range(self.n)]
         dirs += [os.path.join(root, self.prefix) for root in self.roots]
         for attempt in range(50):
@@ -220,8 +240,10 @@ class TimedStage:
                             perf_cgroup_root=perf_root)
         self.stage = Measure(cfg, {"--no-timing": True})
         self.perf = self.stage.perf
+        self.read_cpu = []         # Measure.read_tasks() per cycle: cgroup files and perf
         self.perf_cpu = []         # PerfCounters.read() per cycle
         self.perf_update_cpu = []  # PerfCounters.update() per cycle (opens the groups)
+        self.stage.read_tasks = self._timed(self.stage.read_tasks, self.read_cpu)
         if self.perf:
             self.perf.read = self._timed(self.perf.read, self.perf_cpu)
             self.perf.update = self._timed(self.perf.update, self.perf_update_cpu)
@@ -268,6 +290,7 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
                 results[name]["tasks_measured"] = len(frame["tasks"])
         for name, run in runs.items():
             results[name]["cycle_us_per_task"] = summary_us(steady[name][warmup:], cgroups.n)
+            results[name]["read_us_per_task"] = summary_us(run.read_cpu[1 + warmup:], cgroups.n)
         run = runs["with_perf"]
         counted = run.perf.read()
         results["with_perf"].update(
@@ -280,6 +303,81 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
     finally:
         for run in runs.values():
             run.stage.close()
+
+
+# -- the leanest Python cycle ------------------------------------------------------------
+
+LEAN_FILES = (("cpuacct", "cpuacct.usage"), ("cpu", "cpu.stat"),
+              ("memory", "memory.usage_in_bytes"), ("memory", "memory.max_usage_in_bytes"),
+              ("memory", "memory.stat"))
+LEAN_METRICS = ('"task_cpu_usage_seconds":%r,"task_cpu_periods":%d,'
+                '"task_cpu_throttled_periods":%d,"task_cpu_throttled_seconds":%r,'
+                '"task_mem_usage_bytes":%d,"task_mem_max_usage_bytes":%d,'
+                '"task_mem_page_faults":%d,"task_task_clock_seconds":%r,'
+                '"task_context_switches":%d,"task_scaling_factor_avg":%r,'
+                '"task_scaling_factor_max":%r,"task_up":1,"task_last_seen":%r}}')
+
+
+def time_lean_cycle(cgroups, helper, perf_root, cycles, warmup, gap):
+    """How cheap a cycle of a Python stage can be at all: owca-measure's
+    steady work on these cgroups (decode a tasks frame; read the five files it
+    reads every cycle and the two software events; encode a measurements
+    frame), minus all a real stage must also do: no frame checks, no error
+    handling, no platform or slow metrics, JSON from %-templates.  A bound
+    for what owca-measure could reach in Python, not a way to run."""
+    counters = perf.PerfCounters(["task-clock", "context-switches"], helper_path=helper,
+                                 cgroup_root=perf_root)
+    fds = {}
+    try:
+        ids = ["task-%04d" % i for i in range(cgroups.n)]
+        counters.update({t: "/" + cgroups.name(i) for i, t in enumerate(ids)})
+        slot_task = {slot: t for t, (slot, _) in counters._opened.items()}
+        templates = {}
+        for i, t in enumerate(ids):
+            fds[t] = [os.open(os.path.join(PATHS.cgroup_v1(c, cgroups.name(i)), f), os.O_RDONLY)
+                      for c, f in LEAN_FILES]
+            templates[t] = ('"%s":{"name":"%s","cgroup_path":"/%s","labels":{},'
+                            '"resources":{},"metrics":{' % (t, t, cgroups.name(i))
+                            + LEAN_METRICS)
+        pread = os.pread
+
+        def cycle(line):
+            frame = json.loads(line)
+            ts = time.time()
+            values = {slot_task[r.slot]: r for r in counters.helper.read()}
+            parts = []
+            for task in frame["tasks"]:
+                t = task["id"]
+                usage, cpu_stat, mem, max_mem, mem_stat = fds[t]
+                cs = pread(cpu_stat, 256, 0).split()
+                ms = pread(mem_stat, 4096, 0)
+                i = ms.find(b"\ntotal_pgfault ") + 15
+                r = values[t]
+                parts.append(templates[t] % (
+                    int(pread(usage, 64, 0)) / 1e9, int(cs[1]), int(cs[3]), int(cs[5]) / 1e9,
+                    int(pread(mem, 64, 0)), int(pread(max_mem, 64, 0)),
+                    int(ms[i:ms.find(b"\n", i)]), r.values[0] / 1e9, r.values[1],
+                    r.scale_avg, r.scale_max, ts))
+            return ('{"v":1,"kind":"measurements","ts":%r,"host":"h","seq":%d,"platform":{},'
+                    '"tasks":{%s},"metrics":[]}' % (ts, frame["seq"], ",".join(parts))).encode()
+
+        def cpu():
+            return time.process_time() + schedstat_seconds(counters.helper.pid)
+
+        spent = []
+        for seq in range(1, 1 + warmup + cycles):
+            line = frames.encode(cgroups.tasks_frame(seq))
+            time.sleep(gap)
+            started = cpu()
+            out = cycle(line)
+            spent.append(cpu() - started)
+        assert len(json.loads(out)["tasks"]) == cgroups.n
+        return {"cycle_us_per_task": summary_us(spent[warmup:], cgroups.n)}
+    finally:
+        for task_fds in fds.values():
+            for fd in task_fds:
+                os.close(fd)
+        counters.close()
 
 
 # -- the references ---------------------------------------------------------------------
@@ -334,19 +432,21 @@ def run_perf_stat(cgroups, events, settle=1.0, seconds=2.0):
 
 def table(results):
     rows = ["| N | measure first, no perf | measure first, perf | measure cycle, no perf | "
-            "measure cycle, perf | perf part | perf open | floor -k cycle | floor -k open | "
-            "perf stat interval |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+            "measure cycle, perf | read part, perf | perf part | perf open | floor -k cycle | "
+            "floor -k open | perf stat interval | leanest Python cycle |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         floor, stat = r.get("floor_k", {}), r.get("perf_stat", {})
-        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        lean = r.get("lean_python", {}).get("cycle_us_per_task", {})
+        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["n"], r["without_perf"]["first_us_per_task"], r["with_perf"]["first_us_per_task"],
             r["without_perf"]["cycle_us_per_task"]["median"],
             r["with_perf"]["cycle_us_per_task"]["median"],
+            r["with_perf"]["read_us_per_task"]["median"],
             r["with_perf"]["perf_part_us_per_task"]["median"],
             r["with_perf"]["perf_open_us_per_task"],
             floor.get("cycle_us_per_task", "-"), floor.get("open_us_per_task", "-"),
-            stat.get("interval_us_per_task", "-")))
+            stat.get("interval_us_per_task", "-"), lean.get("median", "-")))
     return "\n".join(rows)
 
 
@@ -365,6 +465,9 @@ def main():
                          "`make helper`, else where owca-measure finds it)")
     ap.add_argument("--floor")
     ap.add_argument("--perf-stat", action="store_true")
+    ap.add_argument("--lean", action="store_true",
+                    help="also time the leanest Python cycle on the same cgroups "
+                         "(time_lean_cycle)")
     ap.add_argument("--json", action="store_true", help="JSON lines only, no table")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -399,6 +502,10 @@ def main():
                                                   args.gap_ms)
                 if args.perf_stat:
                     result["perf_stat"] = run_perf_stat(cgroups, events)
+                if args.lean:
+                    result["lean_python"] = time_lean_cycle(
+                        cgroups, args.helper, hierarchy.root, args.cycles, args.warmup,
+                        args.gap_ms / 1000)
             finally:
                 cgroups.remove()
             print(json.dumps(result), flush=True)
