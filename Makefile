@@ -43,8 +43,13 @@ helper:
 docs: venv
 	$(PY) -m owca.docs > docs/metrics.md
 
+# Root, several minutes; FLOOR=BINARY adds a floor program beside owca-measure
+# (benchmarks/README.md).
 bench: venv helper
-	$(PY) benchmarks/run.py
+	$(PY) benchmarks/measure_cycle.py --tasks 10,100,1000 --perf-stat --lean \
+	  $(if $(FLOOR),--floor $(FLOOR))
+	$(PY) benchmarks/pipeline_throughput.py --tasks 100 --cycles 3000 --live-seconds 8
+	$(PY) benchmarks/ship_spool.py --tasks 200 --cycles 4000 --spool-cycles 500
 
 clean:
 	rm -rf build dist $(VENV) lib/*.egg-info

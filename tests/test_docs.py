@@ -59,6 +59,13 @@ def test_docs_the_readme_names_exist():
         assert os.path.exists(os.path.join(ROOT, doc)), doc
 
 
+def test_the_scripts_the_makefile_runs_exist():
+    with open(os.path.join(ROOT, "Makefile")) as f:
+        scripts = set(re.findall(r"\b((?:benchmarks|bin|workloads)/[\w./-]+\.py)\b", f.read()))
+    assert "benchmarks/measure_cycle.py" in scripts
+    assert [s for s in sorted(scripts) if not os.path.isfile(os.path.join(ROOT, s))] == []
+
+
 def test_the_protocol_examples_are_valid_frames():
     from owca import frames
     with open(os.path.join(DOCS, "protocol.md")) as f:
