@@ -23,7 +23,7 @@ from cgroup_helpers import (ALLOCATE, BURN_FOREVER, BURN_THEN_SLEEP, let_burn, n
                             v2_cgroup, wait_line)
 from conftest import FIXTURES, tool_command, tool_env
 from owca import cgroups
-from owca.cgroups import (CgroupGone, TaskCgroup, parse_cpu_stat, parse_cpuacct_usage,
+from owca.cgroups import (V1_FILES, V2_FILES, CgroupGone, TaskCgroup, parse_cpu_stat,
                           parse_memory_limit, parse_memory_stat, parse_numa_stat,
                           parse_pressure)
 from owca.metrics import TASK_CGROUP
@@ -72,16 +72,30 @@ def test_cpu_stat_v2_without_the_cpu_controller_has_usage_only():
     assert parse_cpu_stat(text) == {"task_cpu_usage_seconds": 1.268593}
 
 
+def stored(table, name: str, data: bytes) -> dict:
+    """What the file `name` of a V1_FILES or V2_FILES table stores for `data`."""
+    out = {}
+    next(into for _, file, into in table if file == name)(data, out)
+    return out
+
+
 def test_cpuacct_usage_is_nanoseconds():
-    assert parse_cpuacct_usage("945336841\n") == {"task_cpu_usage_seconds": 0.945336841}
+    assert stored(V1_FILES, "cpuacct.usage", b"945336841\n") == \
+        {"task_cpu_usage_seconds": 0.945336841}
+
+
+def test_an_unlimited_memory_limit_is_left_out():
+    assert stored(V1_FILES, "memory.limit_in_bytes", b"9223372036854771712\n") == {}
+    assert stored(V2_FILES, "memory.max", b"max\n") == {}
+    assert stored(V2_FILES, "memory.low", b"0\n") == {"task_mem_soft_limit_bytes": 0}
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("268435456\n", 268435456),
-    ("9223372036854771712\n", None),  # v1 unlimited, 4 KiB pages
-    ("9223372036854710272\n", None),  # v1 unlimited, 64 KiB pages
-    ("max\n", None),                  # v2 unlimited
-    ("0\n", 0),                       # v2 memory.low: no protection, a value
+    (b"268435456\n", 268435456),
+    (b"9223372036854771712\n", None),  # v1 unlimited, 4 KiB pages
+    (b"9223372036854710272\n", None),  # v1 unlimited, 64 KiB pages
+    (b"max\n", None),                  # v2 unlimited
+    (b"0\n", 0),                       # v2 memory.low: no protection, a value
 ])
 def test_memory_limits(text, expected):
     assert parse_memory_limit(text) == expected
@@ -101,19 +115,19 @@ def test_memory_stat_v2_page_faults_and_keys_that_end_alike():
 
 
 def test_numa_stat_v1_prefers_hierarchical_total():
-    text = ("total=10 N0=6 N1=4\nfile=1 N0=1 N1=0\nanon=9 N0=5 N1=4\nunevictable=0 N0=0 N1=0\n"
-            "hierarchical_total=73 N0=41 N1=32\nhierarchical_file=14 N0=0 N1=14\n")
+    text = (b"total=10 N0=6 N1=4\nfile=1 N0=1 N1=0\nanon=9 N0=5 N1=4\nunevictable=0 N0=0 N1=0\n"
+            b"hierarchical_total=73 N0=41 N1=32\nhierarchical_file=14 N0=0 N1=14\n")
     assert parse_numa_stat(text) == {"task_mem_numa_pages": {"0": 41, "1": 32}}
 
 
 def test_numa_stat_v1_without_hierarchical_lines():
-    assert parse_numa_stat("total=10 N0=6 N1=4\nfile=1 N0=1 N1=0\n") == \
+    assert parse_numa_stat(b"total=10 N0=6 N1=4\nfile=1 N0=1 N1=0\n") == \
         {"task_mem_numa_pages": {"0": 6, "1": 4}}
 
 
 def test_numa_stat_v2_is_bytes_of_anon_and_file():
-    text = ("anon N0=67108864 N1=33554432\nfile N0=20971520 N1=8388608\n"
-            "kernel_stack N0=32768 N1=32768\nshmem N0=4096 N1=0\n")
+    text = (b"anon N0=67108864 N1=33554432\nfile N0=20971520 N1=8388608\n"
+            b"kernel_stack N0=32768 N1=32768\nshmem N0=4096 N1=0\n")
     assert parse_numa_stat(text, page_size=4096) == \
         {"task_mem_numa_pages": {"0": 21504, "1": 10240}}
     assert parse_numa_stat(text, page_size=65536) == \
@@ -121,8 +135,8 @@ def test_numa_stat_v2_is_bytes_of_anon_and_file():
 
 
 def test_pressure_some_and_full():
-    text = ("some avg10=12.50 avg60=8.25 avg300=2.10 total=3400000\n"
-            "full avg10=4.00 avg60=2.00 avg300=0.50 total=1200000\n")
+    text = (b"some avg10=12.50 avg60=8.25 avg300=2.10 total=3400000\n"
+            b"full avg10=4.00 avg60=2.00 avg300=0.50 total=1200000\n")
     assert parse_pressure(text) == {
         "task_pressure_avg10_percent": {"some": 12.5, "full": 4.0},
         "task_pressure_stall_seconds": {"some": 3.4, "full": 1.2}}
@@ -130,20 +144,29 @@ def test_pressure_some_and_full():
 
 def test_pressure_without_full_line_and_unknown_lines():
     # cpu.pressure of kernels before 5.13 has no "full" line
-    assert parse_pressure("some avg10=0.28 avg60=0.23 avg300=0.26 total=3111302\n"
-                          "future avg10=x\n") == {
+    assert parse_pressure(b"some avg10=0.28 avg60=0.23 avg300=0.26 total=3111302\n"
+                          b"future avg10=x\n") == {
         "task_pressure_avg10_percent": {"some": 0.28},
         "task_pressure_stall_seconds": {"some": 3.111302}}
 
 
-def test_every_metric_the_parsers_name_is_registered():
-    texts = [
-        parse_cpu_stat(b"usage_usec 1\nnr_periods 1\nnr_throttled 1\nthrottled_usec 1\n"),
-        parse_cpuacct_usage("1"), parse_memory_stat(b"pgfault 1"),
-        parse_numa_stat("total=1 N0=1"), parse_pressure("some avg10=0 avg60=0 avg300=0 total=1"),
-    ]
-    names = set().union(*texts) | {"task_mem_usage_bytes", "task_mem_max_usage_bytes",
-                                   "task_mem_limit_bytes", "task_mem_soft_limit_bytes"}
+def test_every_metric_the_files_yield_is_registered():
+    samples = {
+        "cpuacct.usage": b"1\n", "memory.usage_in_bytes": b"1\n",
+        "memory.max_usage_in_bytes": b"1\n", "memory.limit_in_bytes": b"1\n",
+        "memory.soft_limit_in_bytes": b"1\n", "memory.current": b"1\n", "memory.peak": b"1\n",
+        "memory.max": b"1\n", "memory.low": b"1\n",
+        "cpu.stat": b"usage_usec 1\nnr_periods 1\nnr_throttled 1\nthrottled_usec 1\n",
+        "memory.stat": b"pgfault 1\n", "memory.numa_stat": b"total=1 N0=1\n",
+        "cpu.pressure": b"some avg10=1 avg60=0 avg300=0 total=1\n",
+        "memory.pressure": b"some avg10=1 avg60=0 avg300=0 total=1\n",
+        "io.pressure": b"some avg10=1 avg60=0 avg300=0 total=1\n",
+    }
+    names = set()
+    for table in (V1_FILES, V2_FILES):
+        for _, name, _ in table:
+            names |= set(stored(table, name, samples[name]))
+    assert len(names) == 12
     assert names <= set(TASK_CGROUP)
 
 

@@ -237,10 +237,9 @@ class KeptFile:
         self.kept = None
 
 
-# -- parsers: file text -> task metrics ---------------------------------------------------
-
-# The two keyed files every cycle reads are parsed as the bytes the kernel
-# gives, without decoding them first.
+# -- parsers: a file's bytes -> task metrics -----------------------------------------------
+# They take the bytes the kernel gives: the files every cycle reads are parsed
+# without decoding them first.
 
 def _keyed_int(data: bytes, key: bytes) -> Optional[int]:
     """The value of the `key value` line of a flat keyed file, None if absent."""
@@ -280,17 +279,12 @@ def parse_cpu_stat(data: bytes) -> Dict[str, float]:
     return out
 
 
-def parse_cpuacct_usage(text: str) -> Dict[str, float]:
-    """v1 cpuacct.usage: nanoseconds of CPU time."""
-    return {"task_cpu_usage_seconds": int(text) / 1e9}
-
-
-def parse_memory_limit(text: str) -> Optional[int]:
+def parse_memory_limit(data: bytes) -> Optional[int]:
     """A memory limit in bytes; None for unlimited (v2 `max`, v1 the counter's maximum)."""
-    text = text.strip()
-    if text == "max":
+    data = data.strip()
+    if data == b"max":
         return None
-    value = int(text)
+    value = int(data)
     return None if value >= V1_UNLIMITED_FROM else value
 
 
@@ -302,13 +296,14 @@ def parse_memory_stat(data: bytes) -> Dict[str, int]:
     return {} if faults is None else {"task_mem_page_faults": faults}
 
 
-def parse_numa_stat(text: str, page_size: int = PAGE_SIZE) -> Dict[str, Dict[str, int]]:
+def parse_numa_stat(data: bytes, page_size: int = PAGE_SIZE) -> Dict[str, Dict[str, int]]:
     """memory.numa_stat as pages per node.
 
     v1: `hierarchical_total=P N0=P N1=P` (pages; `total=` where the kernel has no
     hierarchical lines).  v2: `anon N0=B ...` and `file N0=B ...` in bytes,
     summed and turned into pages.
     """
+    text = data.decode()
     first = text.split(" ", 1)[0]
     if "=" in first:  # v1
         line = _line_starting(text, "hierarchical_total=") or _line_starting(text, "total=")
@@ -348,12 +343,12 @@ def _per_node(fields: List[str]) -> Dict[str, int]:
     return out
 
 
-def parse_pressure(text: str) -> Dict[str, Dict[str, float]]:
+def parse_pressure(data: bytes) -> Dict[str, Dict[str, float]]:
     """A PSI file (cpu.pressure ...): {"task_pressure_avg10_percent": {"some": x,
     "full": y}, "task_pressure_stall_seconds": {...}}; `full` only where the
     kernel writes it."""
     avg10, stall = {}, {}
-    for line in text.splitlines():
+    for line in data.decode().splitlines():
         # "some avg10=0.12 avg60=0.05 avg300=0.01 total=12345" (total in us)
         f = line.split()
         if len(f) == 5 and f[1].startswith("avg10=") and f[4].startswith("total="):
@@ -383,26 +378,21 @@ def _number_into(name: str, divisor: int = 1):
 
 def _limit_into(name: str):
     def limit_into(data: bytes, out: dict) -> None:
-        value = parse_memory_limit(data.decode())
+        value = parse_memory_limit(data)
         if value is not None:
             out[name] = value
     limit_into.buffer = SINGLE_NUMBER_BUFFER
     return limit_into
 
 
-def _parsed_into(parse, resource_: Optional[str] = None, text: bool = True):
-    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io).
-    text: the parser takes the file decoded (else its bytes)."""
-    if not text:
-        def parsed_bytes_into(data: bytes, out: dict) -> None:
-            out.update(parse(data))
-        return parsed_bytes_into
+def _parsed_into(parse, resource_: Optional[str] = None):
+    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io)."""
     if resource_ is None:
         def parsed_into(data: bytes, out: dict) -> None:
-            out.update(parse(data.decode()))
+            out.update(parse(data))
     else:
         def parsed_into(data: bytes, out: dict) -> None:
-            for name, value in parse(data.decode()).items():
+            for name, value in parse(data).items():
                 if value:
                     out.setdefault(name, {})[resource_] = value
     return parsed_into
@@ -414,24 +404,23 @@ def _parsed_into(parse, resource_: Optional[str] = None, text: bool = True):
 # `slow_every` reads, and carries their last values in between.
 SLOW_FILES = frozenset(("memory.limit_in_bytes", "memory.soft_limit_in_bytes",
                         "memory.numa_stat", "memory.max", "memory.low"))
-_SLOW_SUFFIXES = tuple("/" + name for name in SLOW_FILES)
 V1_FILES = (
     ("cpuacct", "cpuacct.usage", _number_into("task_cpu_usage_seconds", 10 ** 9)),
-    ("cpu", "cpu.stat", _parsed_into(parse_cpu_stat, text=False)),
+    ("cpu", "cpu.stat", _parsed_into(parse_cpu_stat)),
     ("memory", "memory.usage_in_bytes", _number_into("task_mem_usage_bytes")),
     ("memory", "memory.max_usage_in_bytes", _number_into("task_mem_max_usage_bytes")),
     ("memory", "memory.limit_in_bytes", _limit_into("task_mem_limit_bytes")),
     ("memory", "memory.soft_limit_in_bytes", _limit_into("task_mem_soft_limit_bytes")),
-    ("memory", "memory.stat", _parsed_into(parse_memory_stat, text=False)),
+    ("memory", "memory.stat", _parsed_into(parse_memory_stat)),
     ("memory", "memory.numa_stat", _parsed_into(parse_numa_stat)),
 )
 V2_FILES = (
-    (None, "cpu.stat", _parsed_into(parse_cpu_stat, text=False)),
+    (None, "cpu.stat", _parsed_into(parse_cpu_stat)),
     (None, "memory.current", _number_into("task_mem_usage_bytes")),
     (None, "memory.peak", _number_into("task_mem_max_usage_bytes")),
     (None, "memory.max", _limit_into("task_mem_limit_bytes")),
     (None, "memory.low", _limit_into("task_mem_soft_limit_bytes")),
-    (None, "memory.stat", _parsed_into(parse_memory_stat, text=False)),
+    (None, "memory.stat", _parsed_into(parse_memory_stat)),
     (None, "memory.numa_stat", _parsed_into(parse_numa_stat)),
     (None, "cpu.pressure", _parsed_into(parse_pressure, "cpu")),
     (None, "memory.pressure", _parsed_into(parse_pressure, "memory")),
@@ -499,7 +488,7 @@ class TaskCgroup:
                 raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
                                  f"{', '.join(V1_CONTROLLERS)}")
         if version == "v1":
-            sources = [_Source(dirs[c], name, into, True if c == found else None)
+            sources = [(name, _Source(dirs[c], name, into, True if c == found else None))
                        for c, name, into in V1_FILES]
         else:
             directory = paths.cgroup_v2(cgroup_path)
@@ -507,10 +496,11 @@ class TaskCgroup:
                 where = "v1 or v2" if self.requested_version == "auto" else "v2"
                 raise CgroupGone(f"cgroup {cgroup_path}: not in the {where} hierarchy")
             version = "v2"
-            sources = [_Source(directory, name, into, True) for _, name, into in V2_FILES]
-        slow = self.slow_every > 1
-        self._sources = [s for s in sources if not (slow and s.path.endswith(_SLOW_SUFFIXES))]
-        self._slow_sources = [s for s in sources if slow and s.path.endswith(_SLOW_SUFFIXES)]
+            sources = [(name, _Source(directory, name, into, True))
+                       for _, name, into in V2_FILES]
+        slow = SLOW_FILES if self.slow_every > 1 else frozenset()
+        self._sources = [src for name, src in sources if name not in slow]
+        self._slow_sources = [src for name, src in sources if name in slow]
         self._slow_values = {}
         self.version = version
 
