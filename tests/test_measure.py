@@ -98,3 +98,8 @@ def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     assert [r.phase for r in stage.readers.values()] == [0, 1, 2, 3, 0, 1]
     assert {r.slow_every for r in stage.readers.values()} == {4}
     stage.close()
+
+
+def test_the_metrics_reference_states_the_default_slow_metrics_cadence():
+    from owca import metrics
+    assert f"(default {MeasureConfig().slow_metrics_every})" in metrics.SLOW
