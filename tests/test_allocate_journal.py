@@ -290,10 +290,11 @@ def test_the_shutdown_frame_ships_the_restored_values(node):
 
 
 def test_the_tool_ends_every_clean_stop_with_a_shutdown_frame(node, tmp_path):
-    args = [f"{k}={v}" for k, v in node.items()] + ["--no-timing"]
+    args = [f"{k}={v}" for k, v in node.items() if k != "--state-dir"] + ["--no-timing"]
     stdin = frames.encode(measurements(1))
     result = subprocess.run(tool_command("allocate", *args), input=stdin, capture_output=True,
-                            env=tool_env(), cwd=ROOT, timeout=60)
+                            env={**tool_env(), "STATE_DIRECTORY": node["--state-dir"]},
+                            cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr
     out = [json.loads(line) for line in result.stdout.splitlines()]
     assert [f["kind"] for f in out] == ["measurements", "allocations", "allocations"]
@@ -397,7 +398,7 @@ def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_n
         os.waitpid(pid, 0)
         os.close(ready_r)
     assert threads(fs, "owca-be") == [5001, 5002, 5003]
-    assert read_journal({"--state-dir": options["--state-dir"]})["body"]["groups"] == ["owca-be"]
+    journaled = os.path.exists(journal_file(options)) and read_journal(options)["body"]
     s = Allocate(AllocateConfig(allocator=Scripted({"b": {"rdt": BE}}, {"a": {"rdt": None}})),
                  options, resctrl_fs=fs)
     s.process(frame(2))
@@ -406,3 +407,6 @@ def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_n
     assert threads(fs, "owca-be") == [5003] and {5001, 5002} <= set(threads(fs))
     s.close()
     assert "owca-be" not in fs.directories() and 5003 in threads(fs)
+    assert journaled["groups"] == ["owca-be"]
+    assert journaled["tasks"]["a"]["types"]["rdt"] == {"original": "", "value": None,
+                                                       "ours": ["owca-be"]}
