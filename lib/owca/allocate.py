@@ -213,10 +213,12 @@ class Allocate(Stage):
             self.originals[task_id] = originals
             self.cgroup_paths[task_id] = task["cgroup_path"]
             adopted += len(originals)
-        log.warning("journal: %s: adopted %d original values of %d tasks from a run that did "
-                    "not stop cleanly (pid %s); they are written back when the tasks stop "
-                    "being managed or this run stops", self.journal.path, adopted,
-                    len(self.originals), body.get("pid"))
+        if adopted or self._created_groups:
+            log.warning("journal: %s: adopted %d original values of %d tasks and %d resctrl "
+                        "groups from a run that did not stop cleanly (pid %s); they are "
+                        "written back when the tasks stop being managed or this run stops",
+                        self.journal.path, adopted, len(self.originals),
+                        len(self._created_groups), body.get("pid"))
         self._sync_journal()
 
     def _same_cgroup(self, cgroup_path: str, type_: str, original: Original) -> bool:

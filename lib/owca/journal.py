@@ -35,6 +35,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import time
@@ -233,6 +234,12 @@ def _is_text(value, limit=MAX_TEXT) -> bool:
         and "\0" not in value
 
 
+def _is_value(value) -> bool:
+    """A normalised allocation value (it goes into frames): null, a number, a list text."""
+    return value is None or _is_text(value, 1024) or (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+
+
 def check_body(body_: dict) -> None:
     groups, tasks = body_.get("groups"), body_.get("tasks")
     _expect(isinstance(groups, list) and all(isinstance(g, str) and RDT_GROUP_NAME.match(g)
@@ -245,7 +252,8 @@ def check_body(body_: dict) -> None:
                 f"{what}: no cgroup_path or types")
         for type_, entry in task["types"].items():
             _expect(isinstance(entry, dict) and isinstance(entry.get("ours"), list)
-                    and 0 < len(entry["ours"]) <= 2, f"{what}: {type_!r:.20}: bad entry")
+                    and 0 < len(entry["ours"]) <= 2 and _is_value(entry.get("value")),
+                    f"{what}: {type_!r:.20}: bad entry")
             if type_ == RDT:
                 _expect(entry.get("original") == "" and all(
                     isinstance(g, str) and RDT_GROUP_NAME.match(g) for g in entry["ours"]),
