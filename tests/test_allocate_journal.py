@@ -410,3 +410,17 @@ def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_n
     assert journaled["groups"] == ["owca-be"]
     assert journaled["tasks"]["a"]["types"]["rdt"] == {"original": "", "value": None,
                                                        "ours": ["owca-be"]}
+
+
+def test_the_static_allocators_policy_is_configured(node):
+    from owca import config
+    cfg = config.load_section(None, "allocate", AllocateConfig, text=(
+        "allocate:\n  allocator: !StaticAllocator\n    reapply_external_changes: false\n"
+        "    rules:\n      - allocations: {cpu_shares: 2}\n"))
+    assert cfg.allocator.reapply_external_change("a", "cpu_shares", 2.0, 1.0) is False
+    s = Allocate(cfg, {**node, "--no-timing": True})
+    s.process(measurements(1))
+    put(node, "/owca/a", "cpu.weight", "300")
+    frame = s.process(measurements(2))[0]
+    assert cg(node, "/owca/a", "cpu.weight") == "300" and frame["allocations"] == {}
+    s.close()
