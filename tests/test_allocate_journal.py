@@ -97,6 +97,9 @@ def test_the_journal_holds_the_originals_on_disk_before_the_first_write(node):
     assert quota["path"].endswith("owca/a/cpu.max") and len(quota["identity"]) == 2
     assert entry["types"]["cpuset_cpus"]["original"] == ""     # v2: inherited
     assert os.stat(journal_file(node)).st_mode & 0o777 == 0o600
+    inode = os.stat(journal_file(node)).st_ino
+    s.process(measurements(2))                       # nothing to change: not rewritten
+    assert os.stat(journal_file(node)).st_ino == inode
     s.close()
     assert not os.path.exists(journal_file(node))   # all restored: nothing left to keep
 

@@ -175,6 +175,9 @@ class Allocate(Stage):
         self._last_frame = None
         self._values_shipped = False    # whether the frames carried per-task values
         self._created_groups = set()    # resctrl groups OWCA made (journaled)
+        # Whether originals or groups changed since the journal was last saved: a
+        # cycle that changed nothing costs no encoding of the journal.
+        self._journal_dirty = False
         self._schemata_written: Dict[str, dict] = {}   # group -> what OWCA wrote
         self._closed = False
         # --dry-run writes nothing, the journal neither.
@@ -199,6 +202,7 @@ class Allocate(Stage):
         if not body:
             return
         self._created_groups.update(body["groups"])
+        self._journal_dirty = True    # rewritten without what is dropped here
         adopted = 0
         for task_id, task in sorted(body["tasks"].items()):
             originals = {}
@@ -233,13 +237,14 @@ class Allocate(Stage):
 
     def _save_journal(self) -> None:
         """The journal made what memory holds (JournalError when it cannot be)."""
-        if self.journal is None:
+        if self.journal is None or not self._journal_dirty:
             return
         tasks = {task_id: {"cgroup_path": self.cgroup_paths[task_id],
                            "types": {t: o.to_journal() for t, o in sorted(types.items())}}
                  for task_id, types in self.originals.items() if types}
         self.journal.save(journal_body(self._last[2] or frames.hostname(), tasks,
                                        self._created_groups))
+        self._journal_dirty = False
 
     def _sync_journal(self) -> None:
         """_save_journal() where a failure costs nothing but the log line and the count."""
@@ -628,6 +633,7 @@ class Allocate(Stage):
     def _remember(self, change: Change, cycle: Cycle) -> None:
         """The original of the change's file (read before OWCA's first write to it), and
         the text the change writes, as OWCA's."""
+        self._journal_dirty = True
         originals = self.originals.setdefault(change.task_id, {})
         original = originals.get(change.type)
         found = None
@@ -654,6 +660,7 @@ class Allocate(Stage):
             original = originals.pop(type_, None)
             if original is None:
                 continue
+            self._journal_dirty = True
             try:
                 files = (cycle.files.get(task_id) if cycle else None) or \
                     TaskCgroupFiles(self.paths, self.cgroup_paths[task_id])
@@ -721,7 +728,9 @@ class Allocate(Stage):
         except OSError as e:
             log.error("cannot remove resctrl group %s: %s", name, e.strerror or e)
             return
-        self._created_groups.discard(name)
+        if name in self._created_groups:
+            self._created_groups.discard(name)
+            self._journal_dirty = True
         self._schemata_written.pop(name, None)
 
     # -- reporting ---------------------------------------------------------------------
