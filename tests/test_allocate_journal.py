@@ -125,9 +125,10 @@ def test_a_restart_adopts_the_journal_and_restores_on_withdrawal_and_stop(node):
     assert cg(node, "/owca/a", "cpu.max") == "25000 100000"
     # The next run sees OWCA's values in the files; the journal says they are not the
     # originals.
-    second = stage(node, Scripted({"a": {"cpu_quota": 0.125}}, {"a": {"cpu_quota": None}}))
+    second = stage(node, Scripted({"a": {"cpu_quota": 0.125, "cpu_shares": 2},
+                                   "b": {"cpu_shares": 3}}, {"a": {"cpu_quota": None}}))
     frame = second.process(measurements(2))[0]
-    assert frame["allocations"] == {}     # what it wants is there already
+    assert frame["allocations"] == {} and frame["restored"] == {}   # all there already
     frame = second.process(measurements(3))[0]
     assert frame["restored"] == {"a": {"cpu_quota": 0.25}}
     assert cg(node, "/owca/a", "cpu.max") == "50000 100000"
@@ -135,6 +136,23 @@ def test_a_restart_adopts_the_journal_and_restores_on_withdrawal_and_stop(node):
     assert out[0]["restored"] == {"a": {"cpu_shares": 1.0}, "b": {"cpu_shares": 1.0}}
     assert cg(node, "/owca/a", "cpu.weight") == "100" and cg(node, "/owca/b", "cpu.weight") == "100"
     assert not os.path.exists(journal_file(node))
+
+
+def test_adopted_values_the_new_allocator_does_not_set_are_restored_at_once(node):
+    """The rules changed while OWCA was down: what a clean stop and start would leave."""
+    first = stage(node, Always({"a": {"cpu_quota": 0.125, "cpu_shares": 2},
+                                "b": {"cpu_shares": 3}}))
+    first.process(measurements(1))
+    crash(first)
+    second = stage(node, Scripted(RuntimeError("not yet"), {"a": {"cpu_quota": 0.125}}))
+    frame = second.process(measurements(2))[0]
+    assert frame["restored"] == {}                  # an allocator that failed said nothing
+    frame = second.process(measurements(3))[0]
+    assert frame["restored"] == {"a": {"cpu_shares": 1.0}, "b": {"cpu_shares": 1.0}}
+    assert cg(node, "/owca/a", "cpu.max") == "25000 100000"     # still wanted
+    assert sorted(read_journal(node)["body"]["tasks"]) == ["a"]
+    out = second.close()
+    assert out[0]["restored"] == {"a": {"cpu_quota": 1.0}}
 
 
 def test_a_journaled_task_that_is_gone_is_dropped(node, caplog):
@@ -402,7 +420,8 @@ def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_n
         os.close(ready_r)
     assert threads(fs, "owca-be") == [5001, 5002, 5003]
     journaled = os.path.exists(journal_file(options)) and read_journal(options)["body"]
-    s = Allocate(AllocateConfig(allocator=Scripted({"b": {"rdt": BE}}, {"a": {"rdt": None}})),
+    s = Allocate(AllocateConfig(allocator=Scripted({"a": {"rdt": BE}, "b": {"rdt": BE}},
+                                                   {"a": {"rdt": None}})),
                  options, resctrl_fs=fs)
     s.process(frame(2))
     out = s.process(frame(3))[0]

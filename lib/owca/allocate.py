@@ -178,6 +178,9 @@ class Allocate(Stage):
         # Whether originals or groups changed since the journal was last saved: a
         # cycle that changed nothing costs no encoding of the journal.
         self._journal_dirty = False
+        # Adopted (task, types) the allocator of this run has not set yet (see _adopt).
+        self._unclaimed: Dict[str, set] = {}
+        self._allocator_ok = True       # whether the allocator answered this cycle
         self._schemata_written: Dict[str, dict] = {}   # group -> what OWCA wrote
         self._closed = False
         # --dry-run writes nothing, the journal neither.
@@ -216,6 +219,7 @@ class Allocate(Stage):
                 continue
             self.originals[task_id] = originals
             self.cgroup_paths[task_id] = task["cgroup_path"]
+            self._unclaimed[task_id] = set(originals)
             adopted += len(originals)
         if adopted or self._created_groups:
             log.warning("journal: %s: adopted %d original values of %d tasks and %d resctrl "
@@ -334,6 +338,8 @@ class Allocate(Stage):
         allocations, anomalies, extra = asked or self._ask_allocator(frame, current)
 
         withdrawn = self._merge(allocations, tasks, cycle)
+        if self._unclaimed and self._allocator_ok:
+            withdrawn += self._not_claimed(allocations, tasks)
         restores = []
         for task_id in sorted(set(self.desired) | set(self.originals)):
             if task_id not in tasks:
@@ -397,12 +403,28 @@ class Allocate(Stage):
             if not isinstance(allocations, dict):
                 raise TypeError(f"allocations: expected {{task_id: {{type: value}}}}, got "
                                 f"{type(allocations).__name__}")
+            self._allocator_ok = True
             return allocations, anomaly_dicts(anomalies), list(extra)
         except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self._allocator_ok = False
             self.errors += 1
             log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
                       type(e).__name__, e)
             return {}, [], []
+
+    def _not_claimed(self, allocations: dict, tasks: dict) -> List[tuple]:
+        """The adopted (task, type)s this run's allocator leaves out of its first answer
+        that has the task: no longer wanted, so written back, as a clean stop and start
+        would have left them.  (A task not in the frame is restored as one that went.)"""
+        out = []
+        for task_id in sorted(self._unclaimed):
+            types = self._unclaimed.pop(task_id)
+            if task_id not in tasks:
+                continue
+            wanted = allocations.get(task_id)
+            claimed = set(wanted) if isinstance(wanted, dict) else set()
+            out += [(task_id, type_) for type_ in sorted(types - claimed)]
+        return out
 
     def _merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
         """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
