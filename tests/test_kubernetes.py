@@ -27,6 +27,8 @@ from owca.priority import PriorityRule
 
 DOCKER = os.path.join(FIXTURES, "kubelet_docker")
 CONTAINERD = os.path.join(FIXTURES, "kubelet_containerd")
+SIDECAR = os.path.join(FIXTURES, "kubelet_sidecar")
+EMPTY_NODE = os.path.join(FIXTURES, "kubelet_empty_node")
 UID = "5a1e2c3d-4b5f-4a6e-8d7c-9e0f1a2b3c4d"
 CID = "c1bf9798c49a3d128bbf920781af5c745c7c28ce694be0245c092a487d73ab3f"
 
@@ -99,6 +101,12 @@ def c(requests=None, limits=None, name="c"):
     ([c(), c()], [], "BestEffort"),
     ([c()], [c({"cpu": "100m"})], "Burstable"),  # init containers count
     ([c({"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"})], [], "BestEffort"),
+    # a zero quantity is not set (the kubelet compares with zero)
+    ([c({"cpu": "0", "memory": "0"})], [], "BestEffort"),
+    ([c({"cpu": "0", "memory": "64Mi"}, {"cpu": "0", "memory": "64Mi"})], [], "Burstable"),
+    # Guaranteed compares the pod's sums of requests and limits
+    ([c({"cpu": "1", "memory": "1Gi"}, {"cpu": "1", "memory": "1Gi"})],
+     [c({"cpu": "100m", "memory": "64Mi"}, {"cpu": "100m", "memory": "64Mi"})], "Guaranteed"),
 ])
 def test_qos_class_computed_as_the_kubelet_does(containers, init, expected):
     assert qos_class({"containers": containers, "initContainers": init}, "spec") == expected
@@ -115,6 +123,39 @@ def test_pod_requests_take_init_containers_and_overhead_into_account():
         "limit_mem_bytes": (2048 + 10) * 2 ** 20}
     assert pod_resources(spec, "spec", only="b") == {
         "cpus": 0.25, "limit_cpus": 1, "limit_mem_bytes": 2 ** 30}
+
+
+def sidecar(requests, limits, name):
+    return {**c(requests, limits, name), "restartPolicy": "Always"}
+
+
+def test_sidecars_count_beside_the_app_containers_and_before_later_init_containers():
+    spec = {"containers": [c({"cpu": "500m", "memory": "256Mi"}, {"cpu": "1", "memory": "512Mi"},
+                             "app")],
+            "initContainers": [c({"cpu": "100m", "memory": "1Gi"}, {"cpu": "2", "memory": "1Gi"},
+                                 "first"),
+                               sidecar({"cpu": "100m", "memory": "128Mi"},
+                                       {"cpu": "2", "memory": "1Gi"}, "proxy"),
+                               c({"cpu": "1", "memory": "64Mi"}, {"cpu": "1", "memory": "64Mi"},
+                                 "after")]}
+    assert pod_resources(spec, "spec") == {
+        "cpus": 1.1,                 # "after" (1) runs beside "proxy" (0.1)
+        "mem_bytes": 2 ** 30,        # "first" runs alone
+        "limit_cpus": 3,             # app 1 + proxy 2
+        "limit_mem_bytes": 3 * 2 ** 29}
+    # the sidecar's own, in container mode
+    assert pod_resources(spec, "spec", only="proxy") == {
+        "cpus": 0.1, "mem_bytes": 128 * 2 ** 20, "limit_cpus": 2, "limit_mem_bytes": 2 ** 30}
+    # a sidecar without a limit makes the pod unlimited, as an app container does
+    spec["initContainers"][1] = sidecar({"cpu": "100m"}, None, "proxy")
+    assert "limit_cpus" not in pod_resources(spec, "spec")
+
+
+def test_resource_sums_are_rounded_to_the_quantities_precision():
+    spec = {"containers": [c({"cpu": "100m", "memory": "1.5Ki"}, None, "a"),
+                           c({"cpu": "48m", "memory": "100m"}, None, "b")]}
+    # 0.1 + 0.048 is 0.14800000000000002 in floats; memory is whole bytes
+    assert pod_resources(spec, "spec") == {"cpus": 0.148, "mem_bytes": 1536}
 
 
 def test_extended_resources_keep_their_sanitised_names():
@@ -216,7 +257,67 @@ def test_namespaces_filter():
     assert sorted(t["name"] for t in tasks) == ["default/test", "default/test2"]
 
 
-@pytest.mark.parametrize("answer", [[], {"items": {}}, {"kind": "Status", "items": []}, "x"])
+def test_recorded_sidecar_pods_give_the_kubelets_requests_qos_and_cgroups():
+    pods = load_json(SIDECAR, "pods.json")
+    tasks, problems = parse_pods(pods, driver="systemd")
+    golden(os.path.join(SIDECAR, "expected_tasks_systemd.json"),
+           {"tasks": tasks, "problems": problems})
+    assert problems == []
+    by_name = {t["name"]: t for t in tasks}
+    checkout = by_name["shop/checkout-7b9c5d6f8-q2w8e"]
+    assert checkout["resources"] == {"cpus": 1.1, "mem_bytes": 2 ** 30, "limit_cpus": 3,
+                                     "limit_mem_bytes": 3 * 2 ** 29}
+    # the running sidecar is measured with the app container
+    assert [p.rsplit("/", 1)[1][len("cri-containerd-"):][:2]
+            for p in checkout["subcgroup_paths"]] == ["d4", "b2"]
+    shipper = by_name["obs/log-shipper-5d8f7-mx4zr"]
+    assert shipper["labels"]["qos_class"] == "Guaranteed"
+    assert shipper["resources"]["cpus"] == 0.148 and len(shipper["subcgroup_paths"]) == 2
+    sleeper = by_name["batch/sleeper-6c4b9-7hk2p"]
+    assert sleeper["labels"]["qos_class"] == "BestEffort"
+    assert "/kubepods-besteffort.slice/" in sleeper["cgroup_path"]
+    containers, problems = parse_pods(pods, driver="systemd", task="container")
+    golden(os.path.join(SIDECAR, "expected_tasks_container_systemd.json"),
+           {"tasks": containers, "problems": problems})
+    proxy = next(t for t in containers if t["name"].endswith("/istio-proxy"))
+    assert proxy["cgroup_path"].endswith("cri-containerd-" + "b2" * 32 + ".scope")
+    assert proxy["resources"] == {"cpus": 0.1, "mem_bytes": 128 * 2 ** 20, "limit_cpus": 2,
+                                  "limit_mem_bytes": 2 ** 30}
+    assert not any(t["name"].endswith(("/migrate", "/istio-validation")) for t in containers)
+
+
+def test_null_lists_are_empty():
+    tasks, problems = parse_pods(load_json(EMPTY_NODE, "pods.json"))
+    assert (tasks, problems) == ([], [])
+    pod = load_json(SIDECAR, "pods.json")["items"][2]
+    pod["metadata"]["labels"] = None
+    pod["spec"]["initContainers"] = None
+    pod["spec"]["containers"][0]["resources"] = {"requests": None, "limits": None}
+    pod["status"]["initContainerStatuses"] = None
+    tasks, problems = parse_pods({"kind": "PodList", "items": [pod]})
+    assert problems == [] and len(tasks) == 1
+    assert tasks[0]["labels"]["qos_class"] == "BestEffort"
+
+
+def test_an_empty_node_is_an_empty_list_not_a_failing_kubelet(tmp_path, caplog):
+    """A node whose last pod went away: no error, no counted failure, no stale pods."""
+    expected = load_json(CONTAINERD, "expected_tasks_cgroupfs.json")["tasks"]
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [t["cgroup_path"] for t in expected], "v1")
+    with ReplayServer({"GET /pods": load_json(CONTAINERD, "pods.json")}) as server:
+        stage = discover_stage(KubernetesDiscovery(url=server.url), cgroupfs)
+        assert len(stage.produce()[0]["tasks"]) == 5
+        server.routes["GET /pods"] = open(os.path.join(EMPTY_NODE, "pods.json"), "rb").read()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            frame = stage.produce()[0]
+    assert frame["tasks"] == []
+    metrics = {s["name"]: s["value"] for s in frame["metrics"]}
+    assert metrics["owca_discovery_errors_total"] == 0
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("answer", [[], {"items": {}}, {"kind": "Status", "items": []}, "x",
+                                    {"kind": "Status", "status": "Failure"}])
 def test_an_answer_that_is_not_a_pod_list_is_a_discovery_error(answer):
     with pytest.raises(DiscoveryError):
         parse_pods(answer)
