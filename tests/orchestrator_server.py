@@ -36,6 +36,9 @@ class ReplayServer:
         self.mode = NORMAL
         self.hang = set()  # route keys that hang whatever the mode
         self.requests = []  # (method, path, call type, headers) of each request
+        # The Authorization header it requires (as an agent with authentication
+        # on does): any other answer is 401 with a challenge.
+        self.authorization = None
         self.released = threading.Event()
         self.connections = set()
         self.httpd = None
@@ -129,6 +132,13 @@ def _handler(server: ReplayServer):
                 return
             if mode == CLOSE:
                 self.close_connection = True
+                return
+            if server.authorization is not None \
+                    and self.headers.get("Authorization") != server.authorization:
+                self.send_response(401, "Unauthorized")
+                self.send_header("WWW-Authenticate", 'Basic realm="mesos"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
                 return
             if mode == ERROR_500:
                 self._send(500, b'{"message": "internal error"}', "Internal Server Error")
