@@ -9,15 +9,18 @@ check are directories laid out like the v1 and v2 hierarchies (the real
 hierarchies are the end-to-end test's: tests/test_discovery_e2e.py).
 """
 import dataclasses
+import json
 import logging
 import os
 import re
+import subprocess
 
 import pytest
 
-from conftest import FIXTURES, ROOT
-from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
-                                 pki, server_tls)  # noqa: F401 (pki: a fixture)
+from conftest import FIXTURES, ROOT, tool_command, tool_env
+from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, kubelet_tls, load_json,
+                                 make_kubelet_serving_cert, pki,  # noqa: F401 (pki: a fixture)
+                                 server_tls)
 from owca import config, frames
 from owca.discover import Discover, DiscoverConfig, DiscoveryError
 from owca.kubernetes import (KubernetesDiscovery, container_cgroup_path, parse_pods,
@@ -421,6 +424,81 @@ def test_secure_port_with_ca_bearer_token_and_client_certificate(pki, tmp_path):
         token.write_text("rotated-token\n")  # a projected token is rotated in place
         source.list_tasks(_paths(tmp_path))
         assert server.requests[-1][3]["Authorization"] == "Bearer rotated-token"
+
+
+def test_secure_port_with_the_kubelets_own_certificate_and_the_node_name(tmp_path):
+    """The kubelet's self-made certificate names the node, not 127.0.0.1.
+
+    `url: https://127.0.0.1:10250` with that certificate as ca_bundle fails
+    verification; `server_name: <node>` verifies it for the node's name, which
+    is also what the client sends as SNI.
+    """
+    cert = make_kubelet_serving_cert(str(tmp_path / "pki"), "worker-3")
+    token = tmp_path / "token"
+    token.write_text("node-token\n")
+    names = []
+    routes = {"GET /pods": load_json(SIDECAR, "pods.json")}
+    with ReplayServer(routes, tls=kubelet_tls(cert, names)) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        plain = KubernetesDiscovery(url=server.url, ca_bundle=cert["crt"],
+                                    token_file=str(token))
+        with pytest.raises(DiscoveryError, match="verify failed: IP address mismatch"):
+            plain.list_tasks(_paths(tmp_path))
+        assert server.requests == []
+        text = ("discover:\n  source: !KubernetesDiscovery\n"
+                f"    url: {server.url}\n    ca_bundle: {cert['crt']}\n"
+                f"    token_file: {token}\n    server_name: worker-3\n")
+        cfg = config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
+        tasks = cfg.source.list_tasks(_paths(tmp_path))
+        assert [t["labels"]["node_name"] for t in tasks] == ["worker-3"] * 3
+        assert names[-1] == "worker-3"
+        assert server.requests[-1][3]["Host"] == server.url[len("https://"):]
+        # another node's name is refused like any mismatch
+        other = dataclasses.replace(cfg.source, server_name="worker-4")
+        with pytest.raises(DiscoveryError, match="Hostname mismatch"):
+            other.list_tasks(_paths(tmp_path))
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("url: http://127.0.0.1:10255\n    server_name: worker-3", "only with an https url"),
+    ("url: https://127.0.0.1:10250\n    server_name: 'a/b'", "expected a DNS name"),
+])
+def test_server_name_is_checked_at_start(bad, reason):
+    text = f"discover:\n  source: !KubernetesDiscovery\n    {bad}\n"
+    with pytest.raises(config.ConfigError, match=reason):
+        config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
+
+
+def test_verify_false_adds_one_line_at_start_and_nothing_per_request(pki, tmp_path):
+    """The tool's stderr holds OWCA's one warning, not urllib3's on every request."""
+    cfg = tmp_path / "owca.yaml"
+    with ReplayServer({"GET /pods": load_json(SIDECAR, "pods.json")},
+                      tls=server_tls(pki)) as server:
+        cfg.write_text("discover:\n  require_cgroup: false\n  source: !KubernetesDiscovery\n"
+                       f"    url: {server.url}\n    verify: false\n")
+        result = subprocess.run(tool_command("discover", "--config", str(cfg), "--once"),
+                                capture_output=True, text=True, env=tool_env(), timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert len(server.requests) == 1
+    assert len(json.loads(result.stdout)["tasks"]) == 3
+    assert result.stderr.splitlines() == [
+        f"owca-discover: warning: kubernetes: TLS verification is off: the answers of "
+        f"{server.url} are not authenticated"]
+
+
+def test_verify_false_leaves_other_sessions_warnings_alone(pki, tmp_path):
+    import warnings
+    before = list(warnings.filters)
+    with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
+                      tls=server_tls(pki)) as server:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            KubernetesDiscovery(url=server.url, verify=False).list_tasks(_paths(tmp_path))
+            import urllib3
+            urllib3.PoolManager(cert_reqs="CERT_NONE").request("GET", server.url + "/pods")
+    assert warnings.filters == before
+    # only the request that is not OWCA's warned
+    assert [w.category.__name__ for w in caught] == ["InsecureRequestWarning"]
 
 
 def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):

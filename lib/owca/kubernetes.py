@@ -3,8 +3,10 @@
 The kubelet answers a PodList: `items[] {metadata {uid, name, namespace,
 labels, annotations}, spec {containers[], initContainers[], overhead,
 priorityClassName, nodeName}, status {phase, qosClass, containerStatuses[]
-{name, containerID "<runtime>://<id>", state {running?}}}}`; each container
-spec has `resources {requests, limits}` of Kubernetes quantities.
+{name, containerID "<runtime>://<id>", state {running?}}},
+initContainerStatuses[] (the same)}}`; each container spec has `resources
+{requests, limits}` of Kubernetes quantities, an init container
+`restartPolicy` (Always: a sidecar).  Absent and null lists are empty.
 
 Every pod in phase Running is a task (or, with `task: container`, each of its
 running containers is):
@@ -79,7 +81,8 @@ _SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9,
 @register
 @dataclass
 class KubernetesDiscovery(OrchestratorSource):
-    # The read-only port; the secure port is https://<node>:10250 with token_file.
+    # The read-only port (off on current clusters); the secure port is
+    # https://127.0.0.1:10250 with server_name (the node's name), ca_bundle, token_file.
     url: str = "http://127.0.0.1:10255"
     # A task per pod (its containers are sub-cgroups) or per container.
     task: Literal["pod", "container"] = "pod"

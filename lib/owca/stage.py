@@ -17,7 +17,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from owca import config, frames
-from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, LineReader,
+from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
                          OutputClosed, Signals)
 
 log = logging.getLogger("owca")
@@ -225,7 +225,13 @@ def run_source(stage: Stage, writer: FrameWriter, signals: Signals, once: bool,
     try:
         while not signals.stop:
             started = time.monotonic()
-            for out in stage.produce():
+            try:
+                # A source may wait on an orchestrator: a stop must not.
+                with signals.interruptible():
+                    produced = stage.produce()
+            except Interrupted:
+                break
+            for out in produced:
                 writer.write(out)
             stage.stats.cycle_duration = time.monotonic() - started
             if once:
