@@ -317,6 +317,8 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
             config.register_external(spec)
         parse_interval(args.get("--interval"))
         cfg = config.load_section(args.get("--config"), stage_class.name, schema)
+        if args.get("--check-config"):  # what a rollout runs before installing a file
+            return EXIT_OK
         stage = stage_class(cfg, args)
         signals = Signals()
         writer = FrameWriter(1)
