@@ -501,6 +501,22 @@ def test_verify_false_leaves_other_sessions_warnings_alone(pki, tmp_path):
     assert [w.category.__name__ for w in caught] == ["InsecureRequestWarning"]
 
 
+def test_a_refused_token_fails_in_one_line_that_does_not_hold_it(pki, tmp_path, caplog):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-value\n")
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [], "v2")
+    with ReplayServer({"GET /pods": load_json(SIDECAR, "pods.json")},
+                      tls=server_tls(pki)) as server:
+        server.authorization = "Bearer another-token"
+        source = KubernetesDiscovery(url=server.url, ca_bundle=pki["ca"], token_file=str(token))
+        with caplog.at_level(logging.DEBUG):
+            frame = discover_stage(source, cgroupfs).produce()[0]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "HTTP 401 Unauthorized" in errors[0]
+    assert server.requests[0][3]["Authorization"] == "Bearer s3cret-token-value"
+    assert "s3cret" not in caplog.text and "s3cret" not in json.dumps(frame)
+
+
 def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):
     with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
                       tls=server_tls(pki)) as server:
