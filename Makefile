@@ -51,6 +51,7 @@ bench: venv helper
 	$(PY) benchmarks/pipeline_throughput.py --tasks 100 --cycles 3000 --live-seconds 8
 	$(PY) benchmarks/ship_spool.py --tasks 200 --cycles 4000 --spool-cycles 500
 	$(PY) benchmarks/allocate_crash_restore.py --trials 10
+	$(PY) benchmarks/discover_stop.py --runs 10
 
 clean:
 	rm -rf build dist $(VENV) lib/*.egg-info

@@ -257,3 +257,18 @@ def test_ship_leaves_out_and_counts_values_that_are_not_numbers():
     counts = [line for line in text.splitlines() if line.startswith("owca_ship_bad_values_total")]
     assert [float(line.split()[1]) for line in counts] == [0, 3]  # as of before each cycle
     assert "cycle 1: 3 metric values are not finite numbers" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("tool", ("discover",) + FILTERS)
+def test_check_config_loads_the_configuration_and_runs_nothing(tool, tmp_path):
+    """What the Ansible role runs on each stage's file before installing it."""
+    good = run(tool, ["--check-config", "--config", os.path.join(ROOT, "configs",
+                                                                 "node-systemd.yaml")],
+               stdin=measurements_line(1))
+    assert (good.returncode, good.stdout, good.stderr) == (0, b"", b"")
+    bad = tmp_path / f"{tool}.yaml"
+    bad.write_text(f"# {tool}\n{tool}:\n  interval: 5\n  no_such_field: 1\n")
+    result = run(tool, ["--check-config", "--config", str(bad)])
+    assert result.returncode == 2 and result.stdout == b""
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith(f"owca-{tool}: error: {bad}:4: ") and "no_such_field" in line

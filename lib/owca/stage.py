@@ -17,7 +17,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from owca import config, frames
-from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, LineReader,
+from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
                          OutputClosed, Signals)
 
 log = logging.getLogger("owca")
@@ -225,7 +225,13 @@ def run_source(stage: Stage, writer: FrameWriter, signals: Signals, once: bool,
     try:
         while not signals.stop:
             started = time.monotonic()
-            for out in stage.produce():
+            try:
+                # A source may wait on an orchestrator: a stop must not.
+                with signals.interruptible():
+                    produced = stage.produce()
+            except Interrupted:
+                break
+            for out in produced:
                 writer.write(out)
             stage.stats.cycle_duration = time.monotonic() - started
             if once:
@@ -311,6 +317,8 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
             config.register_external(spec)
         parse_interval(args.get("--interval"))
         cfg = config.load_section(args.get("--config"), stage_class.name, schema)
+        if args.get("--check-config"):  # what a rollout runs before installing a file
+            return EXIT_OK
         stage = stage_class(cfg, args)
         signals = Signals()
         writer = FrameWriter(1)

@@ -6,8 +6,11 @@
 - Output is one os.write per frame: nothing sits in a userspace buffer when a
   stage is killed, and a reader downstream never waits on a flush.
 - SIGTERM and SIGINT only set a flag (and wake select through a pipe): the frame
-  in hand is finished and written before the tool exits.
+  in hand is finished and written before the tool exits.  Only a wait on
+  something outside the node's control (an orchestrator that does not answer)
+  is cut short: inside `Signals.interruptible()` a stop raises `Interrupted`.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -29,12 +32,21 @@ class OutputClosed(Exception):
     """The reader of our stdout went away (`| head -1`)."""
 
 
+class Interrupted(BaseException):
+    """A stop signal arrived inside Signals.interruptible().
+
+    A BaseException, so that no `except Exception` of a library (requests,
+    urllib3) on the way out mistakes it for an error of its own and retries.
+    """
+
+
 class Signals:
     """SIGTERM/SIGINT set `stop`; `fileno()` becomes readable when one arrives."""
 
     def __init__(self):
         self.stop = False
         self.signum = None
+        self._interruptible = False
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -44,6 +56,22 @@ class Signals:
     def _handle(self, signum, _frame):
         self.stop = True
         self.signum = signum
+        if self._interruptible:
+            # Python retries a system call that a signal interrupted (PEP 475)
+            # unless the handler raises: this ends a blocked socket read now.
+            self._interruptible = False
+            raise Interrupted()
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Within: a stop signal raises Interrupted wherever the code waits."""
+        if self.stop:
+            raise Interrupted()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def fileno(self) -> int:
         return self._r
