@@ -118,7 +118,7 @@ def test_every_cycle_reaches_its_topic_in_order(broker, tmp_path):
             elif topic == ANOMALIES:
                 assert value(samples, "anomaly", uuid=f"u{seq}", contending_task_id="t2") == 1
             else:
-                assert value(samples, "allocations_count") == 1
+                assert value(samples, "allocations_total") == 1
 
 
 def test_several_storages_at_once(broker, tmp_path):
