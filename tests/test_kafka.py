@@ -17,6 +17,7 @@ from kafka_broker import (HOST, TS0, Broker, ShipProcess, TlsProxy, allocations,
                           anomalies, broker, consume, free_port, make_certificates,
                           measurements, stopped_broker, tansu_binary, wait_until)
 from owca.spool import CorruptRecord, decode_record, parse_name
+from small_fs import small_fs  # noqa: F401  (a fixture)
 
 METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_allocations"
 
@@ -181,6 +182,60 @@ def test_broker_outage_loses_nothing_and_keeps_the_order(broker, tmp_path):
     assert "cannot deliver to" in ship.log() and "again after" in ship.log()
 
 
+def scraped(port):
+    """{(name, label items): value} of the Prometheus endpoint, {} while it has nothing."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_failed_delivery_shows_at_once_not_after_the_send_timeout(broker, tmp_path):
+    """The broker crashes under a send; the client would retry for send_timeout_seconds
+    (here 300 s) before it gives up.  The failure is in the metrics of the next cycles
+    at once, the warning says delivery stopped, and the cycles wait in the spool."""
+    spool = tmp_path / "spool"
+    port = free_port()
+    config = write_config(tmp_path, broker.bootstrap, spool,
+                          extra="      send_timeout_seconds: 300\n"
+                                "      flush_timeout_seconds: 1\n",
+                          more_storages=f"    - !PrometheusStorage {{port: {port}}}\n")
+    ship = start_ship(tmp_path, config)
+    seq = 0
+
+    def failure_shown():
+        nonlocal seq
+        seq += 1
+        ship.send(measurements(seq))
+        got = scraped(port)
+        return got and (value(got, "owca_ship_send_errors_total") >= 1
+                        and value(got, "owca_ship_connection_errors_total") >= 1)
+
+    try:
+        for _ in range(3):
+            seq += 1
+            ship.send(measurements(seq))
+        consume(broker.bootstrap, METRICS, 3)
+        got = scraped(port)
+        assert value(got, "owca_ship_send_errors_total") == 0
+        assert value(got, "owca_ship_connection_errors_total") == 0
+        broker.kill()
+        wait_until(failure_shown, what="the failure in the metrics")
+        wait_until(lambda: "cannot deliver to" in ship.log(), what="the warning")
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()
+    assert ship.log().count("cannot deliver to") == 1    # once, when delivery stopped
+    assert "connection to the broker lost" in ship.log()
+    waiting = spooled(spool)     # from the cycle the crash cut off on (SIGTERM leaves
+    assert waiting and waiting == list(range(4, waiting[-1] + 1))   # unread input unread)
+
+
 def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     spool = tmp_path / "spool"
     config = write_config(tmp_path, stopped_broker.bootstrap, spool,
@@ -195,7 +250,7 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     finally:
         ship.close()
     assert "5 cycles left in the spool" in ship.log()
-    assert ship.log().count("spool full") == 1     # said once, counted always
+    assert ship.log().count("full: dropping the oldest cycles") == 1   # said once, counted always
     assert spooled(spool) == [16, 17, 18, 19, 20]
 
     stopped_broker.start()
@@ -211,6 +266,50 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     last = parse(records[-1], 20)
     assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 14
     assert value(last, "owca_ship_spool_cycles") == 5
+
+
+def test_full_disk_drops_the_oldest_counts_them_and_says_so_once(stopped_broker, small_fs,
+                                                                 tmp_path):
+    """The spool's filesystem fills (other files took it) long before spool_max_bytes,
+    with the broker away: the newest cycles are kept, the oldest dropped to make room
+    and counted as disk_full, the free-space reserve is left, and the log says it once,
+    not once per cycle."""
+    fs = small_fs(2 << 20)
+    fs.fill(leave_free=700_000)
+    spool = os.path.join(fs.path, "spool")
+    reserve = 200_000
+    config = write_config(tmp_path, stopped_broker.bootstrap, spool,
+                          extra=f"      spool_min_free_bytes: {reserve}\n"
+                                f"      flush_timeout_seconds: 1\n")
+    ship = start_ship(tmp_path, config)
+    try:
+        for seq in range(1, 901):
+            ship.send(measurements(seq))
+        wait_until(lambda: spooled(spool)[-1:] == [900], what="the last cycle spooled")
+        assert fs.free_bytes() >= reserve
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()
+    kept = spooled(spool)
+    assert 10 < len(kept) < 900 and kept == list(range(901 - len(kept), 901))
+    log_lines = ship.log().splitlines()
+    assert sum("full: dropping the oldest cycles" in line for line in log_lines) == 1
+    assert not [line for line in log_lines if "not stored" in line]
+    assert len(log_lines) < 10, log_lines
+
+    stopped_broker.start()
+    resumed = start_ship(tmp_path, config, "resumed")
+    try:
+        records = consume(stopped_broker.bootstrap, METRICS, len(kept))
+        assert resumed.finish() == 0, resumed.log()
+    finally:
+        resumed.close()
+    assert seqs(records)[:len(kept)] == kept
+    # Cycle 900 was rendered with cycles 1..899 each either waiting or counted dropped.
+    last = parse(records[len(kept) - 1], 900)
+    waiting = value(last, "owca_ship_spool_cycles")
+    assert value(last, "owca_ship_dropped_cycles_total", reason="disk_full") == 899 - waiting
+    assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 0
 
 
 def test_sigterm_while_the_broker_hangs_is_bounded_and_keeps_the_cycles(broker, tmp_path):

@@ -260,7 +260,8 @@ SHIP = _specs(
       "numbers (a string, a boolean, null).", "owca-ship", scope="internal"),
     M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
       "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
-      "to make room), too_large (bigger than the spool), rejected (refused by the broker), "
+      "to keep spool_max_cycles and spool_max_bytes), disk_full (the oldest, or at worst "
+      "the new one, when the filesystem's free space or spool_min_free_bytes ran out), too_large (bigger than the spool), rejected (refused by the broker), "
       "corrupt (a damaged spool file).", "owca-ship: KafkaStorage", scope="internal"),
     M("owca_ship_spool_cycles", GAUGE, "cycles",
       "Cycles waiting in a storage's spool for the broker.", "owca-ship: KafkaStorage",
@@ -273,6 +274,10 @@ SHIP = _specs(
     M("owca_ship_send_errors_total", COUNTER, "errors",
       "Failed attempts to deliver a cycle (broker unreachable, timeout, error); each is "
       "retried with backoff.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_connection_errors_total", COUNTER, "connections",
+      "Connections to the broker that the Kafka client reported refused or lost, counted "
+      "as they happen (a send in flight then fails at once).", "owca-ship: KafkaStorage",
+      scope="internal"),
     M("owca_ship_scrapes_total", COUNTER, "requests",
       "HTTP requests to the Prometheus endpoint.", "owca-ship: PrometheusStorage",
       scope="internal"),
