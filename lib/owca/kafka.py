@@ -120,7 +120,7 @@ class Sender(threading.Thread):
         self.sent = 0
         self.errors = 0
         self._producer = None
-        self._errors_before = 0
+        self._errors_seen = 0    # connection errors counted when delivery last worked
         self._closing = threading.Event()
         self._abort = threading.Event()
         self._permanent = ()
@@ -163,7 +163,12 @@ class Sender(threading.Thread):
     def _attempt(self):
         """Deliver the oldest record: (outcome, error), (None, None) when there was none."""
         self.client_errors.last = None
-        self._errors_before = self.client_errors.connection_errors
+        if self._producer is not None and \
+                self.client_errors.connection_errors != self._errors_seen:
+            # A connection broke since the last delivery (the broker went while the
+            # sender was idle): fail now, rather than inside send(), which would wait
+            # up to its max_block_ms for the broker's metadata.
+            return FAILED, "connection to the broker lost"
         outcome, error = self._connect()
         if outcome is not None:
             return outcome, self._with_cause(error)
@@ -176,6 +181,7 @@ class Sender(threading.Thread):
         if outcome == DELIVERED:
             self.spool.release(record, delivered=True)
             self.sent += 1
+            self._errors_seen = self.client_errors.connection_errors
         elif outcome == REFUSED:
             self.spool.drop(record, REJECTED)
             log.error("kafka: %s cycle %s refused by the broker, dropped: %s",
@@ -197,6 +203,7 @@ class Sender(threading.Thread):
                 self._producer = self.make_producer()
             except Exception as e:  # any client error means: not reachable now
                 return FAILED, _describe(e)
+            self._errors_seen = self.client_errors.connection_errors
         return None, None
 
     def _deliver(self, record: Record):
@@ -211,7 +218,7 @@ class Sender(threading.Thread):
         while not done.wait(0.1):
             if self._abort.is_set():
                 return FAILED, "stopped"
-            if self.client_errors.connection_errors != self._errors_before:
+            if self.client_errors.connection_errors != self._errors_seen:
                 # The connection broke under the send: the attempt has failed now, not
                 # when the client's delivery timeout runs out (the record may have
                 # reached the broker: sent again, it may arrive twice, as at-least-once
