@@ -46,6 +46,18 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def terminate(proc: Optional[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM to a process this helper started (by its pid), SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Broker:
     """tansu on 127.0.0.1:port; the port stays the same across stop() and start()."""
 
@@ -86,15 +98,7 @@ class Broker:
     def stop(self) -> None:
         """SIGTERM: tansu waits up to 5 s for its clients to hang up, then exits."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        terminate(proc)
 
     def kill(self) -> None:
         """SIGKILL: the broker crashes, its clients' connections break at once."""
@@ -180,13 +184,7 @@ class DurableBroker(Broker):
     def close(self) -> None:
         super().close()
         s3, self.s3 = self.s3, None
-        if s3 is not None and s3.poll() is None:
-            os.kill(s3.pid, signal.SIGTERM)
-            try:
-                s3.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(s3.pid, signal.SIGKILL)
-                s3.wait()
+        terminate(s3)
         self.s3_log.close()
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
