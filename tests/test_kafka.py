@@ -118,6 +118,9 @@ def test_every_cycle_reaches_its_topic_in_order(broker, tmp_path):
                              app="mc", host=HOST) == seq * 0.5
                 assert value(samples, "platform_mem_usage_bytes") == 5000 + seq
                 assert value(samples, "owca_ship_spool_cycles") >= 0
+                # A broker that stays up: no failed attempt, no connection counted lost.
+                assert value(samples, "owca_ship_send_errors_total") == 0
+                assert value(samples, "owca_ship_connection_errors_total") == 0
             elif topic == ANOMALIES:
                 assert value(samples, "anomaly", uuid=f"u{seq}", contending_task_id="t2") == 1
             else:
