@@ -55,6 +55,9 @@ bench: venv helper
 	  $(if $(FLOOR),--floor $(FLOOR))
 	$(PY) benchmarks/pipeline_throughput.py --tasks 100 --cycles 3000 --live-seconds 8
 	$(PY) benchmarks/ship_spool.py --tasks 200 --cycles 4000 --spool-cycles 500
+	$(PY) benchmarks/prometheus_scrape.py --tasks 200 --scrapes 1000 --parallel 50
+	$(PY) benchmarks/ship_faults.py outage --runs 3
+	$(PY) benchmarks/ship_faults.py full-disk --cycles 900 --reserve 262144
 
 clean:
 	rm -rf build dist $(VENV) lib/*.egg-info
