@@ -121,4 +121,4 @@ def test_shipped_metrics_match_the_kernel_and_the_processes(tmp_path):
 
     # the other stages ran: the platform was measured, the detector was asked
     assert ("platform_cpu_usage", "0") in latest
-    assert ("anomaly_count", "") in latest
+    assert ("anomalies_found", "") in latest     # anomaly_count in frames

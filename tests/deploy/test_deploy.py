@@ -272,14 +272,14 @@ def test_pipeline_ships_metrics_of_the_nodes_units(node, deployed):
         r"^(\w+)\{[^}]*" + re.escape(task) + r"[^}]*\} (\S+)", block, re.M)}
     why = "\n".join(line for line in block.splitlines() if LOAD_UNIT in line) or block[:3000]
     why += node.ssh("journalctl --no-pager -n 20 -u owca-measure", check=False).stdout
-    assert samples.get("task_cpu_usage_seconds", 0) > 0, why
+    assert samples.get("task_cpu_usage_seconds_total", 0) > 0, why   # the exposition name
     # perf counters in cgroup mode (owca-measure holds CAP_PERFMON and nothing
     # else) need the perf_event controller on cgroup2. The kernel is the host's:
     # while the host binds perf_event to a v1 hierarchy (hierarchy id not 0 in
     # /proc/cgroups), this container, which has no such mount, cannot count.
     hierarchy = node.ssh("awk '$1 == \"perf_event\" {print $2}' /proc/cgroups").stdout.strip()
     if hierarchy == "0":
-        assert samples.get("task_task_clock_seconds", 0) > 0, why
+        assert samples.get("task_task_clock_seconds_total", 0) > 0, why
     assert 'task_id="/system.slice/ssh.service"' in block
     # Every stage put its own counters in the stream: no bad frame anywhere.
     bad = re.findall(r'^owca_bad_frames_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)', block, re.M)
