@@ -48,6 +48,9 @@ class MeasureConfig:
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
     apm_max_age: float = 30.0
+    # --- Intel RDT monitoring through resctrl (lib/owca/rdt_monitor.py) ---
+    # A resctrl monitoring group per task: its L3 occupancy and memory bandwidth.
+    rdt_monitoring: bool = False
 
     def __post_init__(self):
         if self.perf_events:
@@ -68,7 +71,8 @@ class Measure(Stage):
         super().__init__(cfg, options)
         self.paths = paths_from_options(procfs=options.get("--procfs"),
                                         sysfs=options.get("--sysfs"),
-                                        cgroupfs=options.get("--cgroupfs"))
+                                        cgroupfs=options.get("--cgroupfs"),
+                                        resctrlfs=options.get("--resctrlfs"))
         raise_fd_limit()
         self.platform = PlatformReader(self.paths)
         self.readers: Dict[str, TaskCgroup] = {}
@@ -79,6 +83,7 @@ class Measure(Stage):
         self.readers_created = 0  # the next reader's phase for its slow metrics
         self.perf = self._start_perf()
         self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
+        self.rdt = self._start_rdt()
 
     def _start_perf(self):
         if not self.cfg.perf_events:
@@ -89,6 +94,16 @@ class Measure(Stage):
                                 paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
         except (OSError, ValueError, HelperGone) as e:
             raise ConfigError(f"perf_events: cannot count perf events here: {e}") from None
+
+    def _start_rdt(self):
+        if not self.cfg.rdt_monitoring:
+            return None
+        from owca.rdt_monitor import MonitoringUnavailable, RdtMonitor, task_threads
+        from owca.resctrl import ResctrlFS
+        try:
+            return RdtMonitor(ResctrlFS(self.paths.resctrlfs), task_threads(self.paths))
+        except (OSError, MonitoringUnavailable) as e:
+            raise ConfigError(f"rdt_monitoring: cannot monitor here: {e}") from None
 
     @property
     def paced_by_interval(self) -> bool:
@@ -124,14 +139,19 @@ class Measure(Stage):
                 self.readers_created += 1
         if self.perf is not None:
             self.perf.update({i: t["cgroup_path"] for i, t in current.items()})
+        if self.rdt is not None:
+            self.rdt.update({i: t["cgroup_path"] for i, t in current.items()})
 
     def measure(self, seq: int) -> dict:
         started = time.monotonic()
         ts = time.time()
         platform = self.platform.read()
+        rdt = self.rdt.read() if self.rdt is not None else {}
+        if rdt:
+            platform.update(rdt[1])
         out = {}
         tasks = self.tasks
-        for task_id, metrics in self.read_tasks(seq).items():
+        for task_id, metrics in self.read_tasks(seq, rdt and rdt[0]).items():
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = tasks[task_id]
@@ -151,12 +171,15 @@ class Measure(Stage):
             own += self.perf.samples(labels)
         if self.apm is not None:
             own += self.apm.samples(labels)
+        if self.rdt is not None:
+            own += self.rdt.samples(labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 
-    def read_tasks(self, seq: int) -> Dict[str, dict]:
+    def read_tasks(self, seq: int, extra: Dict[str, dict] = None) -> Dict[str, dict]:
         """Every task's metrics of this cycle: its cgroup's, its perf counters',
-        its APM file's.  A task whose cgroup is gone is left out."""
+        its APM file's, and `extra`'s (RDT monitoring).  A task whose cgroup is gone
+        is left out."""
         perf = self.perf.read() if self.perf is not None else {}
         apm = self.apm.read() if self.apm is not None else {}
         measured = {}
@@ -171,6 +194,8 @@ class Measure(Stage):
                 metrics.update(perf.get(task_id, ()))
             if apm:
                 metrics.update(apm.get(task_id, ()))
+            if extra:
+                metrics.update(extra.get(task_id, ()))
             measured[task_id] = metrics
         return measured
 
@@ -181,4 +206,6 @@ class Measure(Stage):
         self.platform.close()
         if self.perf is not None:
             self.perf.close()
+        if self.rdt is not None:
+            self.rdt.close()
         return []
