@@ -48,7 +48,7 @@ def node(tmp_path):
         "/owca/c": [], "/owca/d": [], "/owca/e": []})
     sysfs = fake_sysfs(str(tmp_path / "sys"))
     return {"--cgroupfs": cgroupfs, "--sysfs": sysfs,
-            "--resctrlfs": str(tmp_path / "no-resctrl")}
+            "--resctrlfs": str(tmp_path / "no-resctrl"), "--state-dir": str(tmp_path / "state")}
 
 
 def measurements(seq, tasks=TASKS, labels=None):

@@ -154,7 +154,8 @@ def node(tmp_path, fixtures_dir):
             "/owca/d": [5005], "/owca/batch": [4242]})
         resctrl = copy_tree(os.path.join(fixtures_dir, fixture), str(tmp_path / "resctrl"))
         options = {"--cgroupfs": cgroupfs, "--sysfs": fake_sysfs(str(tmp_path / "sys")),
-                   "--resctrlfs": resctrl, "--no-timing": True}
+                   "--resctrlfs": resctrl, "--no-timing": True,
+                   "--state-dir": str(tmp_path / "state")}
         return options, FakeResctrlKernel(resctrl)
     return make
 

@@ -237,6 +237,14 @@ ALLOCATION = _specs(
     M("allocation_error", GAUGE, "boolean",
       "1 for each allocation refused or failed in the cycle; labels task_id, type, reason.",
       "owca-allocate", scope="allocation"),
+    M("allocation_external_changes_total", COUNTER, "changes",
+      "Values OWCA wrote that another writer (the kubelet, systemd, an operator) changed, "
+      "counted once per change, since the start; labels task_id, type, file.",
+      "owca-allocate", scope="allocation"),
+    M("allocation_journal_errors_total", COUNTER, "errors",
+      "Journal problems since the start; label reason: corrupt (a journal set aside at "
+      "start, its originals not restored), write (a save that failed: the cycle's "
+      "changes were not written).", "owca-allocate", scope="allocation"),
 )
 
 # -- shipping (owca-ship) --------------------------------------------------------------------

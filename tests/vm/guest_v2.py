@@ -390,10 +390,6 @@ def test_the_tool_restores_on_sigterm(be_task):
     assert now() == as_restored(before, task, ("cpuset.cpus",)), stderr
 
 
-@pytest.mark.xfail(strict=True,
-                   reason="needs the durable journal of originals (issue 20 item 1, "
-                          "branch i20a-allocate), not merged here: a restarted owca-allocate "
-                          "takes OWCA's own values for the originals")
 def test_a_restart_after_sigkill_restores_the_originals(be_task, tmp_path):
     task, config, now, before = be_task
     state = tmp_path / "state"
@@ -404,6 +400,7 @@ def test_a_restart_after_sigkill_restores_the_originals(be_task, tmp_path):
         assert read(task.file("v2", "cpu.weight")) == "25"
         stop(first, signal.SIGKILL)
     assert read(task.file("v2", "cpu.weight")) == "25"     # nobody restored
+    assert (state / "allocations.journal").exists()       # but the journal holds them
     with allocate_tool(config, env) as second:
         feed(second, 2, task)
         stderr = stop(second)
