@@ -98,6 +98,11 @@ def deployed():
     for unit in units:
         Path("/etc/systemd/system", unit.name).write_text(unit.read_text())
     sh("systemctl daemon-reload")
+    # Debian's kernels default to 3, which lets nothing without CAP_SYS_ADMIN count, not
+    # even CAP_PERFMON: the operator's step docs/deploy.md gives (restored at the end).
+    paranoid = Path("/proc/sys/kernel/perf_event_paranoid")
+    paranoid_before = paranoid.read_text()
+    paranoid.write_text("2\n")
     sh(f"systemd-run --quiet --unit={LOAD_UNIT} sh -c 'while :; do i=0;"
        f" while [ $i -lt 2000 ]; do i=$((i+1)); done; sleep 0.2; done'")
     sh("systemctl start owca.target")
@@ -107,6 +112,7 @@ def deployed():
     finally:
         sh("systemctl stop owca.target owca-discover.service owca-measure.socket "
            f"owca-detect.socket owca-allocate.socket owca-ship.socket {LOAD_UNIT}", check=False)
+        paranoid.write_text(paranoid_before)
 
 
 def last_metrics_block():
