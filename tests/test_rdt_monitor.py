@@ -328,6 +328,18 @@ def test_owca_measure_reports_rdt_monitoring_per_task_and_platform(node):
     stage.close()
 
 
+def test_a_resctrl_gone_under_owca_measure_costs_the_rdt_figures_only(node, tmp_path):
+    fs, cgroupfs, _ = node
+    stage = Measure(MeasureConfig(rdt_monitoring=True),
+                    {"--resctrlfs": fs.root, "--cgroupfs": cgroupfs, "--no-timing": True})
+    tasks = [{"id": "a", "name": "a", "cgroup_path": "/a", "labels": {}, "resources": {}}]
+    os.rename(fs.root, str(tmp_path / "unmounted"))
+    out = stage.process(frames.tasks_frame(1, tasks, ts=1.0, host="n"))[0]
+    assert "task_up" in out["tasks"]["a"]["metrics"]
+    assert "task_llc_occupancy_bytes" not in out["tasks"]["a"]["metrics"]
+    stage.close()
+
+
 def test_rdt_monitoring_where_there_is_none_fails_at_start(tmp_path, fixtures_dir):
     with pytest.raises(MonitoringUnavailable, match="not mounted"):
         RdtMonitor(FakeResctrlKernel(str(tmp_path)), lambda path: [])

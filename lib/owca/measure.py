@@ -84,6 +84,7 @@ class Measure(Stage):
         self.perf = self._start_perf()
         self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
         self.rdt = self._start_rdt()
+        self._rdt_failing = False
 
     def _start_perf(self):
         if not self.cfg.perf_events:
@@ -104,6 +105,17 @@ class Measure(Stage):
             return RdtMonitor(ResctrlFS(self.paths.resctrlfs), task_threads(self.paths))
         except (OSError, MonitoringUnavailable) as e:
             raise ConfigError(f"rdt_monitoring: cannot monitor here: {e}") from None
+
+    def _read_rdt(self):
+        try:
+            rdt = self.rdt.read()
+        except OSError as e:   # resctrl unmounted under us: the cycle goes on without it
+            log.log(logging.DEBUG if self._rdt_failing else logging.WARNING,
+                    "rdt monitoring left out until resctrl is readable again: %s", e)
+            self._rdt_failing = True
+            return {}
+        self._rdt_failing = False
+        return rdt
 
     @property
     def paced_by_interval(self) -> bool:
@@ -146,7 +158,7 @@ class Measure(Stage):
         started = time.monotonic()
         ts = time.time()
         platform = self.platform.read()
-        rdt = self.rdt.read() if self.rdt is not None else {}
+        rdt = self._read_rdt() if self.rdt is not None else {}
         if rdt:
             platform.update(rdt[1])
         out = {}
