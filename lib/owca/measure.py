@@ -17,6 +17,7 @@ from owca.cgroups import CgroupGone, TaskCgroup, fd_usage, raise_fd_limit
 from owca.config import ConfigError
 from owca.paths import paths_from_options
 from owca.platform import PlatformReader
+from owca.rdt_monitor import start_rdt_monitor
 from owca.stage import Stage
 
 log = logging.getLogger("owca.measure")
@@ -83,8 +84,7 @@ class Measure(Stage):
         self.readers_created = 0  # the next reader's phase for its slow metrics
         self.perf = self._start_perf()
         self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
-        self.rdt = self._start_rdt()
-        self._rdt_failing = False
+        self.rdt = start_rdt_monitor(self.paths) if cfg.rdt_monitoring else None
 
     def _start_perf(self):
         if not self.cfg.perf_events:
@@ -95,27 +95,6 @@ class Measure(Stage):
                                 paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
         except (OSError, ValueError, HelperGone) as e:
             raise ConfigError(f"perf_events: cannot count perf events here: {e}") from None
-
-    def _start_rdt(self):
-        if not self.cfg.rdt_monitoring:
-            return None
-        from owca.rdt_monitor import MonitoringUnavailable, RdtMonitor, task_threads
-        from owca.resctrl import ResctrlFS
-        try:
-            return RdtMonitor(ResctrlFS(self.paths.resctrlfs), task_threads(self.paths))
-        except (OSError, MonitoringUnavailable) as e:
-            raise ConfigError(f"rdt_monitoring: cannot monitor here: {e}") from None
-
-    def _read_rdt(self):
-        try:
-            rdt = self.rdt.read()
-        except OSError as e:   # resctrl unmounted under us: the cycle goes on without it
-            log.log(logging.DEBUG if self._rdt_failing else logging.WARNING,
-                    "rdt monitoring left out until resctrl is readable again: %s", e)
-            self._rdt_failing = True
-            return {}
-        self._rdt_failing = False
-        return rdt
 
     @property
     def paced_by_interval(self) -> bool:
@@ -158,12 +137,11 @@ class Measure(Stage):
         started = time.monotonic()
         ts = time.time()
         platform = self.platform.read()
-        rdt = self._read_rdt() if self.rdt is not None else {}
-        if rdt:
-            platform.update(rdt[1])
+        rdt_tasks, rdt_platform = self.rdt.read_cycle() if self.rdt is not None else ({}, {})
+        platform.update(rdt_platform)
         out = {}
         tasks = self.tasks
-        for task_id, metrics in self.read_tasks(seq, rdt and rdt[0]).items():
+        for task_id, metrics in self.read_tasks(seq, rdt_tasks).items():
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = tasks[task_id]

@@ -129,6 +129,7 @@ class RdtMonitor:
         self.unmonitored: List[str] = []
         self.move_failures = 0
         self._warned_budget = False
+        self._failing = False
         self._remove_leftovers()
 
     # -- the groups -------------------------------------------------------------------
@@ -343,9 +344,30 @@ class RdtMonitor:
                 frames.sample("owca_rdt_unmonitored_tasks", len(self.unmonitored), labels),
                 frames.sample("owca_rdt_rmids", self.num_rmids, labels)]
 
+    def read_cycle(self) -> Tuple[Dict[str, dict], dict]:
+        """read(), or nothing this cycle when resctrl went away (logged once)."""
+        try:
+            out = self.read()
+        except OSError as e:
+            log.log(logging.DEBUG if self._failing else logging.WARNING,
+                    "rdt monitoring left out until resctrl is readable again: %s", e)
+            self._failing = True
+            return {}, {}
+        self._failing = False
+        return out
+
     def close(self) -> None:
         for task_id in list(self.groups):
             self._rmdir(self.groups.pop(task_id))
+
+
+def start_rdt_monitor(paths) -> RdtMonitor:
+    """owca-measure's monitor on `paths`' resctrl mount; ConfigError where there is none."""
+    from owca.config import ConfigError
+    try:
+        return RdtMonitor(ResctrlFS(paths.resctrlfs), task_threads(paths))
+    except (OSError, MonitoringUnavailable) as e:
+        raise ConfigError(f"rdt_monitoring: cannot monitor here: {e}") from None
 
 
 def task_threads(paths) -> Callable[[str], List[int]]:
