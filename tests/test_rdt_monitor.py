@@ -144,6 +144,13 @@ def test_threads_that_come_later_are_moved_in_and_those_that_end_are_not_an_erro
     assert m.move_failures == 0
 
 
+def test_a_task_whose_cgroup_is_gone_gets_no_group_and_costs_nothing_else(node):
+    fs, _, monitor = node
+    m = monitor(("a", "gone", "/../x"))
+    tasks, _ = m.read()
+    assert sorted(m.groups) == ["a"] and sorted(tasks) == ["a"] and m.unmonitored == []
+
+
 def test_a_task_moved_to_another_control_group_is_followed_there(node):
     fs, _, monitor = node
     m = monitor()

@@ -372,8 +372,11 @@ def start_rdt_monitor(paths) -> RdtMonitor:
 
 def task_threads(paths) -> Callable[[str], List[int]]:
     """thread_ids(cgroup_path) for RdtMonitor: v2 cgroup.threads, v1 the cpu tasks file."""
-    from owca.cgroup_allocation import TaskCgroupFiles
+    from owca.cgroup_allocation import CgroupMissing, CgroupRefused, TaskCgroupFiles
 
     def thread_ids(cgroup_path: str) -> List[int]:
-        return TaskCgroupFiles(paths, cgroup_path).thread_ids()
+        try:
+            return TaskCgroupFiles(paths, cgroup_path).thread_ids()
+        except (CgroupMissing, CgroupRefused):
+            return []     # gone since the tasks frame: owca-measure drops it itself
     return thread_ids
