@@ -5,14 +5,14 @@ import subprocess
 
 from conftest import ROOT, tool_command, tool_env
 from owca import metrics
-from owca.docs import HEADER
+from owca.docs import markdown
 
 DOCS = os.path.join(ROOT, "docs")
 
 
 def test_metrics_md_is_generated_from_the_registry():
     with open(os.path.join(DOCS, "metrics.md")) as f:
-        assert f.read() == HEADER + metrics.render_markdown(), "run `make docs`"
+        assert f.read() == markdown(), "run `make docs`"
 
 
 def emitted_names(text: str) -> set:

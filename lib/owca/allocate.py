@@ -39,7 +39,8 @@ from owca.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RD
                              InvalidAllocation, Topology, parse_list)
 from owca.allocators import Allocator, NOPAllocator
 from owca.cgroup_allocation import (CgroupMissing, CgroupRefused, Reading, TaskCgroupFiles,
-                                    current_allocations, read_file, write_file)
+                                    current_allocations, read_file, restore_file,
+                                    write_file)
 from owca.detect import anomaly_dicts, plugin_inputs
 from owca.journal import Journal, JournalError, state_directory
 from owca.journal import body as journal_body
@@ -61,6 +62,11 @@ class AllocateConfig:
     # rest wait for the next cycle, so that one bad decision cannot rewrite a
     # whole node at once.  Restores are never held back.
     max_changes_per_cycle: int = 20
+    # A v2 cgroup that is a systemd unit's own (not below a delegated one) is
+    # systemd's: it rewrites cpu.max, cpu.weight and the cpusets on daemon-reload
+    # and set-property.  False refuses to write there (reported per task);
+    # true writes anyway (systemd's resets are then another writer's changes).
+    write_systemd_units: bool = False
 
     def __post_init__(self):
         if not isinstance(self.max_changes_per_cycle, int) or self.max_changes_per_cycle < 1:
@@ -493,6 +499,13 @@ class Allocate(Stage):
 
     def _plan_cgroup(self, task_id: str, type_: str, value, cycle: Cycle) -> Optional[Change]:
         files = cycle.files[task_id]
+        unit = "" if self.cfg.write_systemd_units else files.systemd_unit()
+        if unit:
+            raise CgroupRefused(
+                f"{files.cgroup_path} is systemd unit {unit}'s own cgroup, whose values "
+                f"systemd sets (and resets on daemon-reload): set them through systemd "
+                f"(systemctl set-property), give the task a cgroup below a delegated unit "
+                f"(Delegate=yes), or set write_systemd_units")
         reading = cycle.readings[task_id].get(type_)
         if reading is None:
             reading = files.read(type_, cycle.topology)   # raises why it is not there
@@ -715,7 +728,14 @@ class Allocate(Stage):
                      "wrote it; left as it is", task_id, type_, path, now)
             return []
         text = original.text
-        return [Op(f"restore {text!r} to {path}", lambda: write_file(path, text))]
+
+        def restore():
+            written = restore_file(path, text)
+            if written != text:
+                log.info("task %s: %s: the kernel keeps a cgroup with processes from an "
+                         "empty cpuset: wrote the parent's effective %s instead of ''",
+                         task_id, type_, written)
+        return [Op(f"restore {text!r} to {path}", restore)]
 
     def _restore_rdt_ops(self, task_id, files, cycle) -> List[Op]:
         """The task's threads that are in OWCA's groups go back to the default group (a

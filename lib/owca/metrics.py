@@ -376,11 +376,56 @@ APM = _specs(
       scope="internal"),
 )
 
+# -- RDT monitoring through resctrl (owca-measure, rdt_monitoring: true) --------------
+_MON = "resctrl mon_data/mon_L3_<cache id>/"
+_RATE = ("; the change since the last cycle over its duration (absent the first cycle of a "
+         "group, after `Unavailable`, and when the counter went back)")
+_SUM_TASK = ("the task's monitoring group (owca-mon-*), summed over cache ids; absent while "
+             "any reads `Unavailable`")
+_SUM_PLATFORM = "every control group (the default one included; each counts its MON groups)"
+RDT_MONITORING = _specs(
+    M("task_llc_occupancy_bytes", GAUGE, "bytes", "L3 cache the task's threads occupy.",
+      _MON + "llc_occupancy of " + _SUM_TASK),
+    M("task_mem_bandwidth_bytes", COUNTER, "bytes",
+      "Memory traffic of the task's threads (local and remote) since OWCA began "
+      "monitoring it; a counter that went back (a new RMID) adds nothing.",
+      _MON + "mbm_total_bytes of " + _SUM_TASK),
+    M("task_mem_bandwidth_local_bytes", COUNTER, "bytes",
+      "Memory traffic of the task's threads to their local NUMA node, as "
+      "task_mem_bandwidth_bytes.", _MON + "mbm_local_bytes of " + _SUM_TASK),
+    M("task_mem_bandwidth_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth of the task's threads (local and remote).",
+      _MON + "mbm_total_bytes of " + _SUM_TASK + _RATE),
+    M("task_mem_bandwidth_local_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth of the task's threads to their local NUMA node.",
+      _MON + "mbm_local_bytes of " + _SUM_TASK + _RATE),
+    M("platform_llc_occupancy_bytes", GAUGE, "bytes", "L3 cache occupied, per cache.",
+      _MON + "llc_occupancy summed over " + _SUM_PLATFORM, levels=("cache_id",),
+      scope="platform"),
+    M("platform_mem_bandwidth_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth (local and remote), per L3 cache domain.",
+      _MON + "mbm_total_bytes summed over " + _SUM_PLATFORM + _RATE,
+      levels=("cache_id",), scope="platform"),
+    M("platform_mem_bandwidth_local_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth to the local NUMA node, per L3 cache domain.",
+      _MON + "mbm_local_bytes summed over " + _SUM_PLATFORM + _RATE,
+      levels=("cache_id",), scope="platform"),
+    M("owca_rdt_monitored_tasks", GAUGE, "tasks",
+      "Tasks with a resctrl monitoring group of OWCA's.", "owca-measure", scope="internal"),
+    M("owca_rdt_unmonitored_tasks", GAUGE, "tasks",
+      "Tasks left without a monitoring group in the last cycle: the RMIDs "
+      "(info/L3_MON/num_rmids) are spent, or the kernel refused one.",
+      "owca-measure", scope="internal"),
+    M("owca_rdt_rmids", GAUGE, "RMIDs", "The platform's monitoring ids, every group's "
+      "included.", "resctrl info/L3_MON/num_rmids", scope="internal"),
+)
+
 SECTIONS = {
     "Tasks: cgroups": TASK_CGROUP,
     "Tasks: bookkeeping": TASK_INTERNAL,
     "Tasks: perf counters": PERF,
     "Platform": PLATFORM,
+    "Tasks and platform: RDT monitoring": RDT_MONITORING,
     "Anomalies": ANOMALY,
     "Allocations": ALLOCATION,
     "Application performance (workload wrappers)": APM,
