@@ -70,7 +70,7 @@ def plot_run(path: str, name: str, truth: dict, lines, anomalies: Dict[int, list
             elif p["kind"] == "surge":
                 ax.axvspan(a, b, facecolor="none", edgecolor="grey", hatch="//", alpha=0.5, lw=0)
     # 1: the SLI
-    reports = scoring.sli_by_label(truth, lines)
+    reports = [r for r in scoring.sli_by_label(truth, lines) if r[1] > 0]  # a log scale
     unit = 1000.0 if "seconds" in (hp.get("sli_metric") or "") else 1.0
     ax_sli.plot([t - origin for t, _, _ in reports], [v * unit for _, v, _ in reports],
                 "k.-", lw=0.8, ms=3, label=f"HP {hp.get('sli_metric')} (per report)")
@@ -144,12 +144,13 @@ def plot_run(path: str, name: str, truth: dict, lines, anomalies: Dict[int, list
     ax_host.set_xlabel("seconds since the scenario's start (shaded: aggressive phases, "
                        "hatched: load surges)")
     t = scoring.totals([scored])
-    noisy = "  NOISY: " + "; ".join(scored["noisy_reasons"]) if scored["noisy"] else ""
-    fig.suptitle(f"{name}: {hp.get('workload')}  recall {scoring._f(t['recall'])}  "
-                 f"precision {scoring._f(t['precision'])}  false alarms/h quiet "
-                 f"{scoring._f(t['false_alarms_per_hour_quiet'], '{:.0f}')} surge "
-                 f"{scoring._f(t['false_alarms_per_hour_surge'], '{:.0f}')}{noisy}",
-                 fontsize=10)
+    noisy = ("NOISY: " + "; ".join(scored["noisy_reasons"])) if scored["noisy"] \
+        else "not noisy"
+    fig.suptitle(f"{name} ({hp.get('workload')}): recall {scoring._f(t['recall'])}, "
+                 f"precision {scoring._f(t['precision'])}, false alarms/h quiet "
+                 f"{scoring._f(t['false_alarms_per_hour_quiet'], '{:.0f}')}, surge "
+                 f"{scoring._f(t['false_alarms_per_hour_surge'], '{:.0f}')}, SLI within SLO "
+                 f"{scoring._f(t['within_slo'])}\n{noisy}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
