@@ -395,3 +395,10 @@ def test_every_metric_it_emits_is_registered():
     names |= {s["name"] for anomalies, _ in results for a in anomalies for s in a["metrics"]}
     assert "contention_contender_score" in names and "contention_undecided" in names
     assert names - set(REGISTRY) == set()
+
+
+def test_the_lab_configuration_loads():
+    cfg = load_section(f"{ROOT}/configs/examples/contention-lab.yaml", "detect",
+                       DetectConfig)
+    assert isinstance(cfg.detector, ContentionDetector)
+    assert cfg.detector._is_hp({"role": "hp"}) and not cfg.detector._is_hp({"role": "be"})
