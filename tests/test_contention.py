@@ -101,8 +101,11 @@ def run(detector, stream_frames):
 
 
 def flagged(results):
-    return [i for i, (anomalies, _) in enumerate(results)
-            if any(a["contended_task_id"] == HP for a in anomalies)]
+    """Cycles in which the HP task was flagged: an anomaly, or a degradation that no task
+    explains (reported as a metric, not as contention)."""
+    return [i for i, (anomalies, extra) in enumerate(results)
+            if any(a["contended_task_id"] == HP for a in anomalies)
+            or sample_values(extra, "contention_unexplained", task_id=HP)]
 
 
 def sample_values(extra, name, **labels):
@@ -402,3 +405,21 @@ def test_the_lab_configuration_loads():
                        DetectConfig)
     assert isinstance(cfg.detector, ContentionDetector)
     assert cfg.detector._is_hp({"role": "hp"}) and not cfg.detector._is_hp({"role": "be"})
+
+
+def test_a_degradation_nobody_explains_is_not_called_contention():
+    """The service slows down (a noisy host, its own change) while every best-effort task
+    keeps its usage: flagged, reported as unexplained, no contention anomaly unless the
+    configuration asks for those too."""
+    def stream_():
+        s = Stream(seed=16)
+        return [s.frame(slow=4.0 if 30 <= i < 40 else 1.0, be=quiet_be(i))
+                for i in range(45)]
+    results = run(ContentionDetector(), stream_())
+    assert set(range(31, 40)) <= set(flagged(results))
+    assert all(anomalies == [] for anomalies, _ in results)
+    assert sample_values(results[35][1], "contention_unexplained", task_id=HP,
+                         resource="unknown") == [1]
+    results = run(ContentionDetector(report_unexplained=True), stream_())
+    a = results[35][0][0]
+    assert a["contending_task_ids"] == [] and a["resource"] == "unknown"

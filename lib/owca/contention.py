@@ -260,6 +260,7 @@ class ContentionDetector(AnomalyDetector):
     window: int = 30
     max_contending: int = 3
     min_contender_score: float = 0.3
+    report_unexplained: bool = False
     forget_after: int = 30
     max_load_buckets: int = 32
     priority: Optional[PriorityRule] = None
@@ -563,7 +564,15 @@ class ContentionDetector(AnomalyDetector):
                         if ev.z.get(n, 0.0) < self.threshold or (judged_sli and n != "sli")},
                         cycle)
             if task.flagged:
-                anomalies.append(self._anomaly(tid, task, ev, be_ids))
+                anomaly = self._anomaly(tid, task, ev, be_ids)
+                # Contention needs a contender: a degradation no measured task's usage
+                # follows is reported as such, not as contention, unless asked for.
+                if anomaly.contending_task_ids or self.report_unexplained:
+                    anomalies.append(anomaly)
+                else:
+                    extra.append(frames.sample("contention_unexplained", 1,
+                                               {"task_id": tid,
+                                                "resource": anomaly.resource}))
 
         for tid in sorted(tasks_measurements):
             task = self._tasks[tid]

@@ -172,6 +172,10 @@ CONTENTION = _specs(
       "1 for each signal of an HP task left out this cycle for poor data; labels "
       "task_id, signal, reason (history, few_requests, stale, cpu_floor, multiplexed).",
       _CD, scope="anomaly"),
+    M("contention_unexplained", GAUGE, "boolean",
+      "1 for an HP task flagged as degraded whose degradation no best-effort task's usage "
+      "change explains (no anomaly is reported for it unless report_unexplained); labels "
+      "task_id, resource.", _CD, scope="anomaly"),
     M("contention_tracked_tasks", GAUGE, "tasks",
       "Tasks whose state the detector keeps (bounded: absent ones are forgotten).", _CD,
       scope="anomaly"),
