@@ -423,3 +423,28 @@ def test_a_degradation_nobody_explains_is_not_called_contention():
     results = run(ContentionDetector(report_unexplained=True), stream_())
     a = results[35][0][0]
     assert a["contending_task_ids"] == [] and a["resource"] == "unknown"
+
+
+def test_on_the_recorded_scenario_both_antagonists_are_found_and_nothing_else():
+    """A real recording (nginx; a CPU hog, then a memory-bandwidth hog on its core). Its
+    stream has only the latency and CPU time: the antagonists are named, the resource is
+    `unknown` (no run-queue delay, PSI or PMU to say which), and no anomaly falls outside
+    the antagonists' windows (plus the report's lag and the hysteresis)."""
+    here = f"{FIXTURES}/scenario_nginx_cpu_membw"
+    with open(f"{here}/ground_truth.json") as f:
+        truth = json.load(f)
+    with open(f"{here}/recording.jsonl", "rb") as f:
+        recorded = b"".join(line for line in f if b'"kind":"anomalies"' not in line)
+    out = replay(f"{ROOT}/configs/examples/contention-lab.yaml", recorded)
+    found = [json.loads(line) for line in out.splitlines() if b'"kind":"anomalies"' in line]
+    slack = 3 * truth["interval"]
+    named = set()
+    for frame in found:
+        for a in frame["anomalies"]:
+            windows = [x for x in truth["antagonists"]
+                       if x["start_ts"] <= frame["ts"] <= x["stop_ts"] + slack]
+            assert windows, f"an anomaly at {frame['ts']} outside every antagonist's window"
+            assert a["resource"] == "unknown"
+            assert a["contending_task_ids"][0] == windows[0]["task_id"]
+            named.add(windows[0]["name"])
+    assert named == {"cpu", "membw"}

@@ -304,7 +304,8 @@ class ContentionDetector(AnomalyDetector):
 
     # -- signals -------------------------------------------------------------------------
     def _signals(self, cur: dict, prev: Optional[dict]):
-        """(signals, refused, load): higher is worse; refused maps a signal to why."""
+        """(signals, refused, load, cpu, dt): signals are higher when worse; refused maps
+        a signal left out to why."""
         signals, refused = {}, {}
         dt = _dt(cur, prev)
         cpu = _rate(cur, prev, dt, "task_cpu_usage_seconds")
