@@ -448,3 +448,32 @@ def test_on_the_recorded_scenario_both_antagonists_are_found_and_nothing_else():
             assert a["contending_task_ids"][0] == windows[0]["task_id"]
             named.add(windows[0]["name"])
     assert named == {"cpu", "membw"}
+
+
+def test_overlapping_antagonists_are_both_named_and_the_blame_follows_them():
+    """A CPU hog, then a second task that makes each request costlier (a memory hog on
+    another core) while the first still runs; the first stops, the second goes on; a
+    decoy starts a benign phase with the first."""
+    hog2 = "/lab/hog2"
+    s = Stream(seed=20)
+    stream_ = []
+    for i in range(80):
+        first, second = 30 <= i < 50, 40 <= i < 60
+        be = quiet_be(i)
+        be[hog2] = {"cpu": 0.9 if second else 0.02}
+        if first:
+            be[HOG] = {"cpu": 1.8}
+        if 30 <= i < 70:
+            be[DECOY] = {"cpu": 0.8 + 0.05 * math.sin(i)}
+        stream_.append(s.frame(load=3000.0, slow=(4.0 if first else 1) * (2 if second else 1),
+                               queue=0.5 if first else 0.0, cost=1.5 if second else 1.0,
+                               be=be))
+    results = run(ContentionDetector(), stream_)
+    assert set(range(30, 60)) <= set(flagged(results))
+    assert results[35][0][0]["contending_task_ids"] == [HOG]
+    assert results[35][0][0]["resource"] == "cpu"
+    assert results[47][0][0]["contending_task_ids"] == [HOG, hog2]
+    later = results[57][0][0]
+    assert later["contending_task_ids"] == [hog2]
+    assert later["resource"] == "unknown"  # costlier requests, no PMU to say why
+    assert all(DECOY not in a["contending_task_ids"] for r in results for a in r[0])

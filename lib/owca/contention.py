@@ -232,8 +232,8 @@ class _Task:
         # Other tasks' (cycle, usage) before the onset, frozen then: their own rings
         # move on while a long episode lasts.
         self.pre_usage: Dict[str, Dict[int, dict]] = {}
-        self.group_z: Dict[str, float] = {}  # evidence per resource group, this episode
-        self.group_pmu = False  # the episode's cache_memory evidence came with a PMU
+        # Each resource group's best z in the episode's last `recent` cycles.
+        self.group_z: deque = deque(maxlen=det.recent)
 
 
 @register
@@ -258,6 +258,7 @@ class ContentionDetector(AnomalyDetector):
     min_requests: float = 100.0
     max_scaling_factor: float = 2.0
     window: int = 30
+    recent: int = 5
     max_contending: int = 3
     min_contender_score: float = 0.3
     report_unexplained: bool = False
@@ -283,7 +284,7 @@ class ContentionDetector(AnomalyDetector):
             raise ValueError("max_scaling_factor: expected at least 1 (1: never multiplexed)")
         if self.clear_threshold > self.threshold:
             raise ValueError("clear_threshold: expected at most threshold (hysteresis)")
-        for name in ("history", "min_history", "persistence", "clear_after", "window",
+        for name in ("history", "min_history", "persistence", "clear_after", "window", "recent",
                      "max_contending", "forget_after", "max_load_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1")
@@ -438,7 +439,7 @@ class ContentionDetector(AnomalyDetector):
                 wanted = {c for c, _ in task.pre}
                 task.pre_usage = {tid: {c: u for c, u in other.usage if c in wanted}
                                   for tid, other in self._tasks.items() if other is not task}
-                task.group_z, task.group_pmu = {}, False
+                task.group_z.clear()
         elif ev.score < self.clear_threshold:
             task.calm += 1
             if task.calm >= self.clear_after:
@@ -453,16 +454,16 @@ class ContentionDetector(AnomalyDetector):
 
     # -- naming the resource -------------------------------------------------------------
     def _resource(self, task: _Task, ev: _Evidence) -> str:
-        """The group whose signals rose most over the episode; `unknown` unless one
-        group clearly leads (half again the next) and its signals can name it."""
-        for group in RESOURCE_GROUPS:
-            zs = [ev.z[n] for n in ev.z if SIGNALS[n][0] == group]
-            if zs:
-                task.group_z[group] = task.group_z.get(group, 0.0) + max(0.0, max(zs))
-        if "cpi" in ev.z:
-            task.group_pmu = True
-        ranked = sorted(((v / self.threshold, g) for g, v in task.group_z.items()
-                         if v >= self.threshold), reverse=True)
+        """The group whose signals rose most, on average over the episode's last `recent`
+        cycles (so that it follows an episode whose cause changes, without flapping);
+        `unknown` unless one group clearly leads (half again the next) and its signals
+        can name it."""
+        task.group_z.append({g: max([0.0] + [ev.z[n] for n in ev.z if SIGNALS[n][0] == g])
+                             for g in RESOURCE_GROUPS})
+        mean = {g: sum(c[g] for c in task.group_z) / len(task.group_z)
+                for g in RESOURCE_GROUPS}
+        ranked = sorted(((v, g) for g, v in mean.items() if v >= self.threshold),
+                        reverse=True)
         if not ranked:
             return "unknown"
         best, group = ranked[0]
@@ -482,11 +483,12 @@ class ContentionDetector(AnomalyDetector):
     # -- ranking contenders ---------------------------------------------------------------
     def _rank(self, victim: _Task, resource: str, candidates: List[str]):
         """[(score, task_id)] best first: how well each candidate's usage follows the
-        victim's degradation (Pearson r over the cycles before and during the episode)
-        times how large its change was, relative to the largest among candidates."""
+        victim's degradation (Pearson r over the normal cycles before the episode and its
+        last `recent` cycles) times how large its change was, relative to the largest
+        among candidates.  The recent cycles, not the whole episode: who hurts now."""
         series = victim.pre[-self.window:] + [
             (c, s) for c, s, _ in victim.scores if c >= victim.onset and s is not None
-        ][-self.window:]
+        ][-self.recent:]
         cycles = [c for c, _ in series]
         ys = [s for _, s in series]
         episode = [c >= victim.onset for c in cycles]
@@ -600,7 +602,7 @@ class ContentionDetector(AnomalyDetector):
         ranked = self._rank(task, resource, be_ids)
         best = ranked[0][0] if ranked else 0.0
         named = [(s, t) for s, t in ranked
-                 if s >= self.min_contender_score and s >= 0.5 * best][:self.max_contending]
+                 if s >= self.min_contender_score and s >= best / 3][:self.max_contending]
         runner_up = max([s for s, t in ranked if (s, t) not in named] + [0.0])
         confidence = max(0.0, best - runner_up) if named else 0.0
         labels = {"contended_task_id": tid}
