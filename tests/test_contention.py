@@ -42,19 +42,21 @@ class Stream:
         return math.exp(self.rng.gauss(0.0, self.noise * scale))
 
     def frame(self, load=1000.0, slow=1.0, queue=0.0, cost=1.0, misses=1.0, be=None,
-              hp_labels=None, scaling=1.0, sli=True):
+              hp_labels=None, scaling=1.0, sli=True, hidden=0.0):
         """One measurements frame.  slow: latency factor of contention; queue: extra
         threads waiting; cost: CPU per request factor; misses: the HP's MPKI factor;
-        be: {task_id: {"cpu": cores, "mem": bytes, "misses": per second}}."""
+        be: {task_id: {"cpu": cores, "mem": bytes, "misses": per second}}; hidden: requests
+        per second the wrapper does not see (other clients)."""
         self.seq += 1
         ts = 1800000000.0 + self.seq * DT
+        seen, load = load, load + hidden
         cpu = 0.0004 * load * cost * self._jitter(0.3)
         hp = {"task_cpu_usage_seconds": self._add(HP, "cpu", cpu * DT),
               "task_mem_usage_bytes": 200e6, "task_up": 1, "task_last_seen": ts,
               "task_mem_page_faults": self._add(HP, "faults", 10 * DT)}
         if self.apm:
-            hp["apm_load_target_rate_per_second"] = load
-            hp["apm_throughput_per_second"] = load
+            hp["apm_load_target_rate_per_second"] = seen
+            hp["apm_throughput_per_second"] = seen
             hp["apm_report_timestamp_seconds"] = ts - 0.5
             if sli:
                 p99 = 0.002 * (1 + (load / 1000.0) ** 2) * slow * self._jitter()
@@ -477,3 +479,17 @@ def test_overlapping_antagonists_are_both_named_and_the_blame_follows_them():
     assert later["contending_task_ids"] == [hog2]
     assert later["resource"] == "unknown"  # costlier requests, no PMU to say why
     assert all(DECOY not in a["contending_task_ids"] for r in results for a in r[0])
+
+
+def test_a_surge_the_wrapper_does_not_see_is_the_task_s_own_doing():
+    """Other clients double the service's load; its target rate does not show it, its
+    latency and run-queue delay rise, and so does its own CPU use while no best-effort
+    task's changes: not contention."""
+    s = Stream(seed=21)
+    stream_ = [s.frame(load=1000.0, hidden=1500.0 if 30 <= i < 45 else 0.0, be=quiet_be(i))
+               for i in range(60)]
+    results = run(ContentionDetector(), stream_)
+    assert all(anomalies == [] for anomalies, _ in results)
+    assert set(range(31, 45)) <= set(flagged(results))  # degraded it was, and says so
+    assert sample_values(results[40][1], "contention_unexplained", task_id=HP,
+                         cause="own_usage") == [1]

@@ -226,6 +226,7 @@ class _Task:
         self.calm = 0           # consecutive cycles below clear_threshold while flagged
         self.blind = 0          # consecutive cycles it could not be judged
         self.has_sli = False    # an SLI was seen once: it is the task's decision signal
+        self.own_load = False   # its own usage change explained its degradation best
         self.flagged = False
         self.onset = None       # cycle of the run that raised the flag
         self.pre: List[tuple] = []  # the victim's (cycle, score) before the onset
@@ -438,7 +439,7 @@ class ContentionDetector(AnomalyDetector):
                             and s < self.threshold]
                 wanted = {c for c, _ in task.pre}
                 task.pre_usage = {tid: {c: u for c, u in other.usage if c in wanted}
-                                  for tid, other in self._tasks.items() if other is not task}
+                                  for tid, other in self._tasks.items()}
                 task.group_z.clear()
         elif ev.score < self.clear_threshold:
             task.calm += 1
@@ -573,9 +574,10 @@ class ContentionDetector(AnomalyDetector):
                 if anomaly.contending_task_ids or self.report_unexplained:
                     anomalies.append(anomaly)
                 else:
-                    extra.append(frames.sample("contention_unexplained", 1,
-                                               {"task_id": tid,
-                                                "resource": anomaly.resource}))
+                    extra.append(frames.sample(
+                        "contention_unexplained", 1,
+                        {"task_id": tid, "resource": anomaly.resource,
+                         "cause": "own_usage" if task.own_load else "outside"}))
 
         for tid in sorted(tasks_measurements):
             task = self._tasks[tid]
@@ -599,10 +601,16 @@ class ContentionDetector(AnomalyDetector):
 
     def _anomaly(self, tid: str, task: _Task, ev: _Evidence, be_ids: List[str]):
         resource = self._resource(task, ev)
-        ranked = self._rank(task, resource, be_ids)
+        # The victim competes with the candidates: when its own usage rose more than
+        # anyone's, with its degradation, it is doing more work (a load the wrapper does
+        # not see), not suffering from someone else's.
+        ranked = self._rank(task, resource, be_ids + [tid])
         best = ranked[0][0] if ranked else 0.0
-        named = [(s, t) for s, t in ranked
-                 if s >= self.min_contender_score and s >= best / 3][:self.max_contending]
+        task.own_load = bool(ranked) and ranked[0][1] == tid
+        ranked = [(s, t) for s, t in ranked if t != tid]
+        named = [] if task.own_load else [
+            (s, t) for s, t in ranked
+            if s >= self.min_contender_score and s >= best / 3][:self.max_contending]
         runner_up = max([s for s, t in ranked if (s, t) not in named] + [0.0])
         confidence = max(0.0, best - runner_up) if named else 0.0
         labels = {"contended_task_id": tid}

@@ -175,7 +175,8 @@ CONTENTION = _specs(
     M("contention_unexplained", GAUGE, "boolean",
       "1 for an HP task flagged as degraded whose degradation no best-effort task's usage "
       "change explains (no anomaly is reported for it unless report_unexplained); labels "
-      "task_id, resource.", _CD, scope="anomaly"),
+      "task_id, resource, cause (own_usage: the task's own usage rose most, a load the "
+      "wrapper does not see; outside: nobody's did).", _CD, scope="anomaly"),
     M("contention_tracked_tasks", GAUGE, "tasks",
       "Tasks whose state the detector keeps (bounded: absent ones are forgotten).", _CD,
       scope="anomaly"),
