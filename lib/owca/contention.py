@@ -417,7 +417,10 @@ class ContentionDetector(AnomalyDetector):
         """Persistence to raise the flag, hysteresis to clear it."""
         if not ev.decided:
             # No evidence either way: the state stays as it was, but a flag is not kept
-            # up on old evidence for longer than it would take to clear it.
+            # up on old evidence for longer than it would take to clear it.  A report
+            # read a second time is the latest evidence still, not an absence of it.
+            if ev.refused.get("sli") == "stale":
+                return
             task.blind += 1
             if task.flagged and task.blind >= self.clear_after:
                 self._clear(task)
