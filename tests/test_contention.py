@@ -493,3 +493,18 @@ def test_a_surge_the_wrapper_does_not_see_is_the_task_s_own_doing():
     assert set(range(31, 45)) <= set(flagged(results))  # degraded it was, and says so
     assert sample_values(results[40][1], "contention_unexplained", task_id=HP,
                          cause="own_usage") == [1]
+
+
+def test_odd_values_and_counter_resets_are_left_out_not_fatal():
+    s = Stream(seed=22)
+    stream_ = [s.frame(be=quiet_be(i)) for i in range(30)]
+    odd = json.loads(json.dumps(s.frame(be=quiet_be(30))))
+    m = odd["tasks"][HP]["metrics"]
+    m["apm_latency_p99_seconds"] = "slow"         # not a number
+    m["task_run_queue_delay_seconds"] = 0.0        # the counter restarted
+    m["task_pressure_stall_seconds"] = {"cpu": 3}  # not nested as documented
+    m["apm_load_target_rate_per_second"] = -5      # no bucket for that: one for all
+    results = run(ContentionDetector(), stream_ + [odd, s.frame(be=quiet_be(31))])
+    assert flagged(results) == []
+    assert sample_values(results[30][1], "contention_undecided", task_id=HP,
+                         reason="missing") == [1]
