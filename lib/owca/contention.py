@@ -14,11 +14,11 @@ Each cycle, for each high-priority (HP) task:
    `load_bucket_ratio` wide), the last `history` normal values of each signal, and
    scores a new value in robust z units: (value - median) / (1.4826 MAD), on a log scale
    for ratios (latency, CPI) and a linear one for shares of time (stalls).
-3. `_Task.step` is the state machine: a cycle is degraded when the SLI (or, for a task
-   without an SLI, a resource signal) is `threshold` robust deviations and a physically
-   meaningful amount above normal; the task is flagged once the evidence of consecutive
-   degraded cycles reaches `persistence` (a cycle counts twice when a resource signal
-   corroborates the SLI), and cleared after `clear_after` cycles below `clear_threshold`.
+3. `_judge` turns the z values into evidence and `_step` accumulates it as a CUSUM:
+   each cycle adds the SLI's z above `allowance` (capped at `threshold`, and only when the
+   rise is also a physically meaningful amount), plus the best resource signal's when it
+   rose with the SLI; the task is flagged when the sum reaches `evidence`, and cleared
+   after `clear_after` cycles below `clear_threshold`.
 4. `_resource` names the resource from the groups of signals that moved, `unknown` when
    none did or when they cannot be told apart; `_rank` orders the best-effort tasks by how
    well the change of their usage (CPU, memory, page faults, cache misses) follows the
@@ -204,9 +204,12 @@ class _Evidence:
     change: Dict[str, float]      # signal -> rise above the median (ratio-1 or absolute)
     refused: Dict[str, str]       # signal -> reason it was left out
     decided: bool                 # the decision signal(s) could be judged
-    degraded: bool
-    corroborated: bool            # a resource signal moved with the SLI
+    gain: float                   # evidence this cycle adds to the task's CUSUM
     score: float                  # the decision's z (0 when not decided)
+
+    @property
+    def degraded(self) -> bool:
+        return self.gain > 0
 
 
 class _Task:
@@ -221,8 +224,8 @@ class _Task:
         self.usage: deque = deque(maxlen=det.window)
         # (cycle, degradation score or None, flagged) of the last `window` cycles (HP).
         self.scores: deque = deque(maxlen=det.window)
-        self.run = 0            # consecutive degraded cycles
-        self.evidence = 0       # evidence gathered in the current run
+        self.evidence = 0.0     # the CUSUM of the evidence
+        self.since = 0          # the cycle it last rose from zero
         self.calm = 0           # consecutive cycles below clear_threshold while flagged
         self.blind = 0          # consecutive cycles it could not be judged
         self.has_sli = False    # an SLI was seen once: it is the task's decision signal
@@ -243,7 +246,7 @@ class ContentionDetector(AnomalyDetector):
     """Flags an HP task whose service level (or resource stalls) left its normal range
     at its current load, names the resource, and ranks the best-effort tasks whose usage
     change explains it.  Parameters and defaults: docs/detection.md."""
-    sli_metric: str = "apm_latency_p99_seconds"
+    sli_metric: str = "apm_sli"
     load_metric: str = "apm_load_target_rate_per_second"
     throughput_metric: str = "apm_throughput_per_second"
     load_bucket_ratio: float = 1.25
@@ -253,7 +256,8 @@ class ContentionDetector(AnomalyDetector):
     clear_threshold: float = 2.0
     min_ratio: float = 1.3
     min_stall: float = 0.05
-    persistence: int = 2
+    allowance: float = 0.5
+    evidence: float = 5.0
     clear_after: int = 2
     min_cpu: float = 0.25
     min_requests: float = 100.0
@@ -273,7 +277,7 @@ class ContentionDetector(AnomalyDetector):
 
     def __post_init__(self):
         positive = ("load_bucket_ratio", "threshold", "clear_threshold", "min_ratio",
-                    "max_scaling_factor")
+                    "max_scaling_factor", "allowance", "evidence")
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number")
@@ -283,9 +287,11 @@ class ContentionDetector(AnomalyDetector):
             raise ValueError("min_ratio: expected at least 1 (1.3: a 30 % rise)")
         if self.max_scaling_factor < 1:
             raise ValueError("max_scaling_factor: expected at least 1 (1: never multiplexed)")
+        if self.allowance >= self.threshold:
+            raise ValueError("allowance: expected less than threshold")
         if self.clear_threshold > self.threshold:
             raise ValueError("clear_threshold: expected at most threshold (hysteresis)")
-        for name in ("history", "min_history", "persistence", "clear_after", "window", "recent",
+        for name in ("history", "min_history", "clear_after", "window", "recent",
                      "max_contending", "forget_after", "max_load_buckets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected at least 1")
@@ -390,28 +396,33 @@ class ContentionDetector(AnomalyDetector):
             change[name] = (math.exp(signals[name] - med) - 1.0 if scale_kind == "log"
                             else signals[name] - med)
 
-        def rose(name):
+        def gain(name):
+            """What the signal adds to the CUSUM: its z above the allowance, capped at
+            `threshold` so that one wild interval cannot make an episode alone, and
+            nothing above the allowance when the rise is too small to matter."""
             needed = (self.min_ratio - 1.0 if SIGNALS[name][1] == "log" else self.min_stall)
-            return z[name] >= self.threshold and change[name] >= needed
+            big_enough = change[name] >= needed
+            return min(z[name], self.threshold if big_enough else self.allowance) \
+                - self.allowance
 
-        resource_moved = [n for n in z if n != "sli" and rose(n)]
+        side = max((gain(n) for n in z if n != "sli"), default=None)
         if "sli" in z:
             decided, score = True, z["sli"]
-            degraded = rose("sli")
-            corroborated = degraded and bool(resource_moved)
+            total = gain("sli")
+            # A resource signal that rose with the SLI is independent evidence of the same
+            # thing; one that rose alone is something the service does not feel.
+            if total > 0 and side is not None and side > 0:
+                total += side
         elif not task.has_sli:
             # No SLI at all: the resource signals are all there is to go by.
-            resource = [n for n in z if n != "sli"]
-            decided = bool(resource)
-            score = max((z[n] for n in resource), default=0.0)
-            degraded = bool(resource_moved)
-            corroborated = len(resource_moved) >= 2
+            decided = side is not None
+            score = max((z[n] for n in z if n != "sli"), default=0.0)
+            total = side if decided else 0.0
         else:
             # The task has (had) an SLI but it cannot be judged this cycle: do not decide
             # on the side signals alone, they would flag what the service does not feel.
-            decided, score, degraded, corroborated = False, 0.0, False, False
-        return _Evidence(z, change, refused, decided, degraded, corroborated,
-                         score if decided else 0.0)
+            decided, score, total = False, 0.0, 0.0
+        return _Evidence(z, change, refused, decided, total, score if decided else 0.0)
 
     def _step(self, task: _Task, ev: _Evidence):
         """Persistence to raise the flag, hysteresis to clear it."""
@@ -426,20 +437,22 @@ class ContentionDetector(AnomalyDetector):
                 self._clear(task)
             return
         task.blind = 0
-        if ev.degraded:
-            task.run += 1
-            task.evidence += 2 if ev.corroborated else 1
-        else:
-            task.run, task.evidence = 0, 0
+        # Page's CUSUM: evidence accumulates while the signals stay above the allowance
+        # and drains while they do not; the onset is where it last started from zero.
+        if task.evidence <= 0 and ev.gain > 0:
+            task.since = self._cycle
+        task.evidence = max(0.0, task.evidence + ev.gain)
         if not task.flagged:
-            if task.evidence >= self.persistence:
+            if task.evidence >= self.evidence:
                 task.flagged, task.calm = True, 0
-                task.onset = self._cycle - task.run + 1
+                task.onset = task.since
                 # The cycles before the onset that were normal: an earlier episode's
                 # cycles would correlate with its own contender, not this one's.
-                task.pre = [(c, s) for c, s, flagged in task.scores
-                            if c < task.onset and s is not None and not flagged
-                            and s < self.threshold]
+                # A cycle not judged (too little history yet) counts as normal: it is what
+                # the task's normal was learnt from.
+                task.pre = [(c, 0.0 if s is None else s) for c, s, flagged in task.scores
+                            if c < task.onset and not flagged
+                            and (s is None or s < self.threshold)]
                 wanted = {c for c, _ in task.pre}
                 task.pre_usage = {tid: {c: u for c, u in other.usage if c in wanted}
                                   for tid, other in self._tasks.items()}
@@ -454,7 +467,7 @@ class ContentionDetector(AnomalyDetector):
     @staticmethod
     def _clear(task: _Task):
         task.flagged, task.onset, task.pre, task.pre_usage = False, None, [], {}
-        task.run, task.evidence = 0, 0
+        task.evidence = 0.0
 
     # -- naming the resource -------------------------------------------------------------
     def _resource(self, task: _Task, ev: _Evidence) -> str:
@@ -560,10 +573,13 @@ class ContentionDetector(AnomalyDetector):
             if ev.decided:
                 extra.append(frames.sample("contention_score", round(ev.score, 6),
                                            {"task_id": tid}))
-            # Learn only what is normal: a degraded cycle must not teach that it is.  While
-            # the SLI is fine, whatever the side signals show is compatible with a fine
-            # service, and is learnt; without an SLI, only values in the normal range are.
-            if not task.flagged and not ev.degraded:
+            # Learn only what is normal: a flagged task or a clearly risen SLI must not
+            # teach that it is.  (Values between the allowance and the threshold are
+            # learnt: leaving them out would truncate the distribution, and the median
+            # would creep down cycle after cycle.)  While the SLI is fine, whatever the
+            # side signals show is compatible with a fine service, and is learnt; without
+            # an SLI, only values below the threshold are.
+            if not task.flagged:
                 judged_sli = "sli" in ev.z
                 if not (judged_sli and ev.z["sli"] >= self.threshold):
                     task.baseline.learn(bucket, {
@@ -581,6 +597,11 @@ class ContentionDetector(AnomalyDetector):
                         "contention_unexplained", 1,
                         {"task_id": tid, "resource": anomaly.resource,
                          "cause": "own_usage" if task.own_load else "outside"}))
+                if not anomaly.contending_task_ids and ev.decided:
+                    # What no task on the node explains is the node's normal now (a
+                    # host that got busier, a heavier mix of requests): learnt, so that
+                    # the flag clears when the new level is known instead of staying up.
+                    task.baseline.learn(bucket, signals, cycle)
 
         for tid in sorted(tasks_measurements):
             task = self._tasks[tid]
