@@ -553,3 +553,16 @@ def test_replaying_a_corpus_recording_is_byte_identical():
         first, second = replay(config, stream_), replay(config, stream_)
         assert first == second
         assert b'"contending_task_ids":["/' in first  # anomalies to compare
+
+
+def test_a_task_under_the_cpu_floor_is_not_judged_on_its_cost_per_request():
+    s = Stream(seed=23)
+    stream_ = [s.frame(load=300.0, be=quiet_be(i)) for i in range(12)]  # 0.12 cores
+    results = run(ContentionDetector(), stream_)
+    refused = {(x["labels"]["signal"], x["labels"]["reason"]) for x in results[-1][1]
+               if x["name"] == "contention_signal_refused"}
+    assert ("cpu_per_request", "cpu_floor") in refused
+    results = run(ContentionDetector(min_cpu=0.05), stream_[:])
+    refused = {(x["labels"]["signal"], x["labels"]["reason"]) for x in results[-1][1]
+               if x["name"] == "contention_signal_refused"}
+    assert ("cpu_per_request", "cpu_floor") not in refused
