@@ -207,10 +207,6 @@ class _Evidence:
     gain: float                   # evidence this cycle adds to the task's CUSUM
     score: float                  # the decision's z (0 when not decided)
 
-    @property
-    def degraded(self) -> bool:
-        return self.gain > 0
-
 
 class _Task:
     """One task's memory: previous counters, baseline, usage history, episode state."""
@@ -312,8 +308,8 @@ class ContentionDetector(AnomalyDetector):
 
     # -- signals -------------------------------------------------------------------------
     def _signals(self, cur: dict, prev: Optional[dict]):
-        """(signals, refused, load, cpu, dt): signals are higher when worse; refused maps
-        a signal left out to why."""
+        """(signals, refused, load): signals are higher when worse; refused maps a signal
+        left out to why; load is the offered load the normal is conditioned on."""
         signals, refused = {}, {}
         dt = _dt(cur, prev)
         cpu = _rate(cur, prev, dt, "task_cpu_usage_seconds")
@@ -371,7 +367,7 @@ class ContentionDetector(AnomalyDetector):
                 signals[name] = math.log(max(per, 1e-9))
 
         load = _num(cur.get(self.load_metric))
-        return signals, refused, load, cpu, dt
+        return signals, refused, load
 
     def _bucket(self, load: Optional[float]):
         if load is None or load <= 0:
@@ -554,7 +550,7 @@ class ContentionDetector(AnomalyDetector):
         for tid in hp_ids:
             task = self._tasks[tid]
             cur = tasks_measurements[tid]
-            signals, refused, load, cpu, dt = self._signals(cur, task.prev)
+            signals, refused, load = self._signals(cur, task.prev)
             bucket = self._bucket(load)
             ev = self._judge(task, signals, refused, bucket)
             self._step(task, ev)
