@@ -391,3 +391,20 @@ def test_host_load_from_proc_stat_and_psi():
     assert cpu_busy_seconds(stat) == {0: 131 / CLK_TCK, 1: 2 / CLK_TCK}  # idle, iowait out
     assert psi_some_total_seconds("some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\n"
                                   "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n") == 2.5
+
+
+def test_a_configuration_adds_owca_allocate_and_merges_its_measure_section(tmp_path):
+    from owca_workloads.scenario import Runner
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("measure:\n  slow_metrics_every: 3\n  apm_dir: /elsewhere\n"
+                      "detect:\n  detector: !NOPAnomalyDetector {}\n"
+                      "allocate:\n  allocator: !SomePlugin {x: 1}\n")
+    s = parse_scenario(PHASED)
+    runner = Runner(s, str(tmp_path / "out"), str(config), plugins=["m:C"])
+    assert runner.stages() == ["discover", "measure", "detect", "allocate", "tee", "ship"]
+    section = runner.measure_section()
+    assert section["slow_metrics_every"] == 3  # the configuration's over the scenario's
+    assert section["apm_dir"] == str(tmp_path / "out" / "apm")  # the runner's own
+    plain = Runner(s, str(tmp_path / "out"))
+    assert plain.stages() == ["discover", "measure", "detect", "tee", "ship"]
+    assert plain.measure_section()["slow_metrics_every"] == 5  # the scenario's
