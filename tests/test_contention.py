@@ -28,9 +28,11 @@ HP, HOG, DECOY, NOISY = "/lab/hp", "/lab/hog", "/lab/decoy", "/lab/noisy"
 class Stream:
     """Cumulative counters for a node of an HP task and best-effort tasks."""
 
-    def __init__(self, seed=1, noise=0.1, apm=True, run_queue=True, psi=False, pmu=False):
+    def __init__(self, seed=1, noise=0.1, apm=True, run_queue=True, psi=False, pmu=False,
+                 rdt=False):
         self.rng = random.Random(seed)
         self.noise, self.apm, self.run_queue, self.psi, self.pmu = noise, apm, run_queue, psi, pmu
+        self.rdt = rdt
         self.seq = 0
         self.counters = {}
 
@@ -78,6 +80,8 @@ class Stream:
             hp["task_cache_misses"] = self._add(HP, "miss", instructions * 0.002 * misses *
                                                 self._jitter(0.3))
             hp["task_scaling_factor_max"] = scaling
+        if self.rdt:  # the victim's L3 share shrinks as its misses grow
+            hp["task_llc_occupancy_bytes"] = 8e6 / misses * self._jitter(0.2)
         tasks = {HP: {"name": "hp", "labels": hp_labels or {"priority": "hp"},
                       "metrics": hp}}
         for tid, use in sorted((be or {}).items()):
@@ -87,6 +91,8 @@ class Stream:
                  "task_mem_page_faults": self._add(tid, "faults", 5 * DT)}
             if self.pmu:
                 m["task_cache_misses"] = self._add(tid, "miss", use.get("misses", 1e5) * DT)
+            if self.rdt:
+                m["task_llc_occupancy_bytes"] = use.get("llc", 1e5)
             tasks[tid] = {"name": tid.rsplit("/", 1)[-1], "labels": {"priority": "be"},
                           "metrics": m}
         return frames.measurements_frame(self.seq, {"platform_topology_cpus": 4}, tasks,
@@ -566,3 +572,21 @@ def test_a_task_under_the_cpu_floor_is_not_judged_on_its_cost_per_request():
     refused = {(x["labels"]["signal"], x["labels"]["reason"]) for x in results[-1][1]
                if x["name"] == "contention_signal_refused"}
     assert ("cpu_per_request", "cpu_floor") not in refused
+
+
+def test_with_rdt_monitoring_a_lost_cache_share_names_the_llc():
+    """No PMU, but resctrl monitoring: the victim holds a third of its usual L3 while
+    the hog's occupancy grows, so `llc`, and the hog named on its occupancy."""
+    def episode():
+        s = Stream(seed=24, rdt=True)
+        out = []
+        for i in range(60):
+            on = 40 <= i < 55
+            be = quiet_be(i)
+            be[HOG] = {"cpu": 0.9 if on else 0.01, "llc": 2e7 if on else 1e5}
+            out.append(s.frame(load=3000.0, slow=3.0 if on else 1.0,
+                               cost=1.6 if on else 1.0, misses=3.0 if on else 1.0, be=be))
+        return out
+    results = run(ContentionDetector(), episode())
+    a = results[50][0][0]
+    assert a["resource"] == "llc" and a["contending_task_ids"] == [HOG]

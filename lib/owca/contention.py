@@ -66,6 +66,7 @@ SIGNALS = {
     "cpi": ("cache_memory", "log"),
     "mpki": ("cache_memory", "log"),
     "stalled_loads_per_instruction": ("cache_memory", "log"),
+    "llc_loss": ("cache_memory", "log"),
 }
 # Signals that do not fall when the load rises (queueing only grows with load); a cost per
 # request may (fixed costs are shared by more requests), and CPI with it.
@@ -84,9 +85,10 @@ USAGE_FEATURES = {
     "cpu": ("cpu",),
     "memory": ("mem", "faults", "psi_memory"),
     "io": ("psi_io", "cpu"),
-    "llc": ("cache_misses", "cpu"),
-    "memory_bandwidth": ("cache_misses", "cpu"),
-    "unknown": ("cpu", "mem", "faults", "cache_misses", "psi_memory", "psi_io"),
+    "llc": ("llc", "cache_misses", "cpu"),
+    "memory_bandwidth": ("mem_bw", "cache_misses", "cpu"),
+    "unknown": ("cpu", "mem", "faults", "cache_misses", "llc", "mem_bw", "psi_memory",
+                "psi_io"),
 }
 
 
@@ -366,6 +368,17 @@ class ContentionDetector(AnomalyDetector):
                 per = count / instructions * (1000.0 if name == "mpki" else 1.0)
                 signals[name] = math.log(max(per, 1e-9))
 
+        # RDT monitoring: the share of the L3 the task's lines hold.  Less of it is worse
+        # (its lines were evicted by someone else's); a task too idle to hold any is not
+        # judged on it.
+        occupancy = _num(cur.get("task_llc_occupancy_bytes"))
+        if occupancy is None:
+            refused["llc_loss"] = "missing"
+        elif not busy:
+            refused["llc_loss"] = "cpu_floor"
+        else:
+            signals["llc_loss"] = -math.log(max(occupancy, 1.0))
+
         load = _num(cur.get(self.load_metric))
         return signals, refused, load
 
@@ -489,6 +502,8 @@ class ContentionDetector(AnomalyDetector):
         mpki, stalls = ev.z.get("mpki"), ev.z.get("stalled_loads_per_instruction")
         if mpki is not None and mpki >= self.threshold:
             return "llc"  # the victim misses more: its lines were evicted
+        if ev.z.get("llc_loss", 0.0) >= self.threshold:
+            return "llc"  # RDT: the victim holds less of the cache than usual
         if mpki is not None and stalls is not None and stalls >= self.threshold:
             return "memory_bandwidth"  # as many misses, each waits longer
         return "unknown"
@@ -656,6 +671,9 @@ class ContentionDetector(AnomalyDetector):
                 ("mem", _num(cur.get("task_mem_usage_bytes"))),
                 ("faults", _rate(cur, prev, dt, "task_mem_page_faults")),
                 ("cache_misses", _rate(cur, prev, dt, "task_cache_misses")),
+                # RDT monitoring (docs/metrics.md), where the platform has it.
+                ("llc", _num(cur.get("task_llc_occupancy_bytes"))),
+                ("mem_bw", _num(cur.get("task_mem_bandwidth_bytes_per_second"))),
                 ("psi_memory", _rate(cur, prev, dt, "task_pressure_stall_seconds",
                                      "memory", "some")),
                 ("psi_io", _rate(cur, prev, dt, "task_pressure_stall_seconds", "io",
