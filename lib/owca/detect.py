@@ -141,3 +141,8 @@ class Detect(Stage):
                                          "counter")]
         out["metrics"] += self.stats.samples()
         return [out]
+
+
+# The built-in detector registers its tag (!ContentionDetector); it imports this module,
+# hence last.
+from owca import contention  # noqa: E402,F401

@@ -173,6 +173,49 @@ ANOMALY = _specs(
       "owca-detect", scope="anomaly", exposed="anomalies_found"),
 )
 
+# -- the built-in detector (owca-detect: !ContentionDetector, docs/detection.md) ---------
+_CD = "owca-detect: !ContentionDetector"
+CONTENTION = _specs(
+    M("contention_score", GAUGE, "robust standard deviations",
+      "How far the HP task's decision signal (its SLI, else its worst stall signal) is "
+      "above its normal at the current load, in MADs scaled to a standard deviation; "
+      "label task_id.  Absent in a cycle the task could not be judged.", _CD,
+      scope="anomaly"),
+    M("contention_undecided", GAUGE, "boolean",
+      "1 for an HP task the detector refused to judge this cycle; labels task_id, reason "
+      "(history, missing, few_requests, stale, cpu_floor, multiplexed, no_signal).", _CD,
+      scope="anomaly"),
+    M("contention_undecided_total", COUNTER, "task cycles",
+      "HP task cycles left undecided since the start, per reason (label reason).", _CD,
+      scope="anomaly"),
+    M("contention_signal_refused", GAUGE, "boolean",
+      "1 for each signal of an HP task left out this cycle for poor data; labels "
+      "task_id, signal, reason (history, few_requests, stale, cpu_floor, multiplexed).",
+      _CD, scope="anomaly"),
+    M("contention_unexplained", GAUGE, "boolean",
+      "1 for an HP task flagged as degraded whose degradation no best-effort task's usage "
+      "change explains (no anomaly is reported for it unless report_unexplained); labels "
+      "task_id, resource, cause (own_usage: the task's own usage rose most, a load the "
+      "wrapper does not see; outside: nobody's did).", _CD, scope="anomaly"),
+    M("contention_tracked_tasks", GAUGE, "tasks",
+      "Tasks whose state the detector keeps (bounded: absent ones are forgotten).", _CD,
+      scope="anomaly"),
+    M("contention_signal_z", GAUGE, "robust standard deviations",
+      "In an anomaly's metrics: each judged signal's distance from its normal; labels "
+      "contended_task_id, signal.", _CD, scope="anomaly"),
+    M("contention_contender_score", GAUGE, "ratio",
+      "In an anomaly's metrics: how well a contending task's usage change explains the "
+      "degradation, 0 to 1; labels contended_task_id, contending_task_id.", _CD,
+      scope="anomaly"),
+    M("contention_confidence", GAUGE, "ratio",
+      "In an anomaly's metrics: the best contender's score minus the best score of a task "
+      "not named, 0 to 1 (0 when none is named); label contended_task_id.", _CD,
+      scope="anomaly"),
+    M("contention_episode_cycles", GAUGE, "cycles",
+      "In an anomaly's metrics: cycles since the episode's first degraded cycle; label "
+      "contended_task_id.", _CD, scope="anomaly"),
+)
+
 # -- perf counters (owca-measure, owca-perf) ----------------------------------------------
 # Counted per task cgroup on every CPU by the owca-perf helper (docs/perf.md);
 # counters are cumulative since owca-measure opened the task (they restart from
@@ -439,6 +482,7 @@ SECTIONS = {
     "Platform": PLATFORM,
     "Tasks and platform: RDT monitoring": RDT_MONITORING,
     "Anomalies": ANOMALY,
+    "Detection: !ContentionDetector": CONTENTION,
     "Allocations": ALLOCATION,
     "Application performance (workload wrappers)": APM,
     "Internal: every tool": INTERNAL,
