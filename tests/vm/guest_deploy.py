@@ -134,10 +134,10 @@ def test_the_stream_carries_the_v2_tree_with_perf_counters(deployed):
     samples = {m: float(v) for m, v in re.findall(
         r"^(\w+)\{[^}]*" + re.escape(task) + r"[^}]*\} (\S+)", block, re.M)}
     why = "\n".join(line for line in block.splitlines() if LOAD_UNIT in line) or block[:3000]
-    assert samples.get("task_cpu_usage_seconds", 0) > 0, why
-    assert "task_pressure_stall_seconds" in samples, why
+    assert samples.get("task_cpu_usage_seconds_total", 0) > 0, why   # counters end in _total
+    assert "task_pressure_stall_seconds_total" in samples, why
     # perf_event is always there on cgroup2: owca-measure, with CAP_PERFMON alone, counts.
-    assert samples.get("task_task_clock_seconds", 0) > 0, why
+    assert samples.get("task_task_clock_seconds_total", 0) > 0, why
 
 
 @pytest.mark.parametrize("stage", ("measure", "allocate"))

@@ -221,10 +221,10 @@ def test_the_pipeline_measures_real_v2_tasks(delegated, tmp_path):
     # waits no larger than the kernel's total at the end.
     for resource in ("cpu", "memory", "io"):
         assert ("task_pressure_stall_seconds", "burner") in latest, text[:2000]
-    assert f"resource=\"io\"" in text and "task_pressure_stall_seconds{" in text
+    assert f"resource=\"io\"" in text and "task_pressure_stall_seconds_total{" in text
     cpu_total_us = int(pressure["cpu"].split("total=")[1].split()[0])
     stalled = [float(line.rsplit(" ", 2)[-2]) for line in text.splitlines()
-               if line.startswith("task_pressure_stall_seconds{") and 'task_name="burner"'
+               if line.startswith("task_pressure_stall_seconds_total{") and 'task_name="burner"'
                in line and 'resource="cpu"' in line and 'stall="some"' in line]
     assert stalled and max(stalled) <= cpu_total_us / 1e6 + 1e-6
     # perf software events per v2 cgroup (the guest has no PMU: no hardware events).
