@@ -178,7 +178,8 @@ STATIC = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
           "        allocations: {cpu_quota: 0.1, cpu_shares: 0.25, cpuset_cpus: '0'}\n")
 
 
-@pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed"])
+@pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed",
+                                  "sigterm, stdout stalled", "sigint, stdout stalled"])
 def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
     parent, task, sibling = family
     start(task)
@@ -202,6 +203,22 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
             tool.stdout.close()   # `owca-allocate | head -2`: the next write fails
             tool.stdin.write(frames.encode(measurements(2, task.path, {"priority": "be"})))
             tool.stdin.close()
+        elif stop.endswith("stdout stalled"):
+            # The reader of stdout stops reading: frames go in until the tool is blocked
+            # writing its output, then the signal (systemd's stop, a Ctrl-C).
+            os.set_blocking(tool.stdin.fileno(), False)
+            seq, pending = 1, b""
+            deadline = time.monotonic() + 120  # a guard against a hang only
+            while not _blocked_writing(tool.pid) and time.monotonic() < deadline:
+                if not pending:
+                    seq += 1
+                    pending = frames.encode(measurements(seq, task.path, {"priority": "be"}))
+                try:
+                    pending = pending[os.write(tool.stdin.fileno(), pending):]
+                except BlockingIOError:
+                    time.sleep(0.01)
+            assert _blocked_writing(tool.pid)
+            os.kill(tool.pid, signal.SIGTERM if stop.startswith("sigterm") else signal.SIGINT)
         else:
             os.kill(tool.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
         assert tool.wait(timeout=30) == 0, tool.stderr.read()
@@ -216,3 +233,8 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
                 except BrokenPipeError:
                     pass
     assert settings(parent, task, sibling) == before
+
+
+def _blocked_writing(pid: int) -> bool:
+    with open(f"/proc/{pid}/wchan") as f:
+        return "pipe_write" in f.read()
