@@ -18,7 +18,9 @@ pipeline forwards:
   given a recording of measurements): the worst case.
 
 Each figure is the median of REPEATS runs of LOOPS lines, in microseconds per
-line, on one core.
+line, on one core.  Last, beside the decode and validation of a consumed
+measurements frame, what checking its metric and label names costs
+(frames.NameCheck, docs/protocol.md, Bad lines).
 
 Usage: python3 benchmarks/forward_check.py [--tasks 100] [--loops 2000] [--repeats 7]
 """
@@ -84,6 +86,15 @@ def main() -> None:
         both, low, high = per_line_us(sniff_and_parse, line, loops, args.repeats)
         print(f"{name:28} {len(line):9d} {sniff:10.2f} {both:11.2f} "
               f"{f'({low:.2f}-{high:.2f})':>17}")
+    consumed = lines(args.tasks)[f"measurements ({args.tasks} tasks)"]
+    frame = frames.decode(consumed)
+    names = frames.NameCheck()
+    loops = max(10, args.loops // 20)
+    decode, _, _ = per_line_us(lambda x: frames.validate(frames.decode(x)), consumed, loops,
+                               args.repeats)
+    check, low, high = per_line_us(names.frame, frame, loops, args.repeats)
+    print(f"consumed measurements ({args.tasks} tasks): decode + validate {decode:.1f} us, "
+          f"names {check:.1f} us ({low:.1f}-{high:.1f})")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ error (a bad frame under --strict, an unusable input or output); 2 on a usage or
 configuration error.
 """
 import logging
-import math
 import re
 import sys
 import time
@@ -221,7 +220,7 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
                     writer.write(line)
                 for out in stage.process(frame):
                     if type(out) is dict:  # a plug-in's extra metrics enter here
-                        names.frame(out)
+                        names.samples_of(out)
                     writer.write(out)
                 wrote = not stage.paced_by_interval
                 stats.cycle_duration = time.monotonic() - started
