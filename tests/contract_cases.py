@@ -9,6 +9,7 @@ A row:
   the row's configuration file, `{plugin}` its plug-in file, `{dir}` an empty directory;
 - config: the configuration file's text (`{section}` is the tool's section), or None;
 - plugin: a plug-in file's text, or None;
+- files: {path: text} written before the tool starts (`{dir}`, `{now}`: the time);
 - stdin: a list of byte strings and the tokens GOOD and GOOD2 (a frame the tool consumes);
 - upstream: None, or the command lines of tools whose pipeline feeds the tool's stdin
   (the row then runs for PIPELINE_SECONDS and ends with SIGTERM to every stage);
@@ -66,10 +67,11 @@ def config_error(id, tools, line, message, config):
 
 
 def row(id, tools, rc, stderr, args=(), config=None, plugin=None, stdin=(), close=(),
-        signal=None, stream=None, upstream=None):
+        signal=None, stream=None, upstream=None, files=None):
     return dict(id=id, tools=tools, args=args if isinstance(args, dict) else list(args),
                 config=config, plugin=plugin, stdin=list(stdin), close=tuple(close),
-                signal=signal, rc=rc, stderr=stderr, stream=stream or {}, upstream=upstream)
+                signal=signal, rc=rc, stderr=stderr, stream=stream or {}, upstream=upstream,
+                files=files or {})
 
 
 CASES = [
@@ -172,6 +174,15 @@ CASES = [
                 "contains": [b'task_up{host="n1",task_id="t1"'],
                 "counters": {"owca_bad_metric_names_total": 3, "owca_bad_frames_total": 0},
                 "exposition": True}),
+    row("bad metric name in an APM file", ("measure",), 0,
+        r"{tool}: error: APM file {dir}/t1\.json: field 'metrics': name 'apm_x y' is not a "
+        r"metric name", args=["-c", "{config}"], config="measure: {apm_dir: {dir}}\n",
+        files={"{dir}/t1.json": '{"task_id": "t1", "ts": {now}, '
+                                '"metrics": {"apm_x y": 1, "apm_ok": 2}}'},
+        stdin=[b'{"v":1,"kind":"tasks","ts":1,"host":"n1","seq":1,'
+               b'"tasks":[{"id":"t1","cgroup_path":"/"}],"metrics":[]}\n'],
+        stream={"cycles": 1, "absent": [b"apm_x y", b"apm_ok"],
+                "counters": {"owca_apm_malformed_files_total": 1}}),
     row("bad sample name in a tasks frame", ("measure",), 0,
         r"{tool}: error: line 1: metrics: metric name 'app latency.p99' is not a valid",
         stdin=[BAD_SAMPLE % (b"tasks", b'"tasks":[]')],

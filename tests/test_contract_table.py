@@ -47,11 +47,15 @@ class Row:
         self.values = {"{tool}": f"owca-{tool}", "{dir}": str(self.dir),
                        "{config}": str(tmp_path / "owca.yaml"),
                        "{plugin}": str(tmp_path / "plugin_for_test.py")}
+        self.values["{now}"] = repr(time.time())
         config = case["config"]
         if config is not None:
             raw = config if isinstance(config, bytes) else config.encode()
-            raw = raw.replace(b"{section}", tool.encode())
+            raw = self.fill(raw.decode("latin-1").replace("{section}", tool)).encode("latin-1")
             (tmp_path / "owca.yaml").write_bytes(raw)
+        for path, text in case["files"].items():
+            with open(self.fill(path), "w") as f:
+                f.write(self.fill(text))
         if case["plugin"] is not None:
             (tmp_path / "plugin_for_test.py").write_text(self.fill(case["plugin"]))
 
