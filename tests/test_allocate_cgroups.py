@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import pytest
 
 from cgroup_helpers import BURN_FOREVER, read_int, v1_cgroup, v1_missing, wait_line
-from conftest import ROOT, tool_command, tool_env
+from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
 from owca import frames
 from owca.allocate import Allocate, AllocateConfig, read_topology
 from owca.paths import DEFAULT_PATHS
@@ -181,6 +181,8 @@ STATIC = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
 @pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed",
                                   "sigterm, stdout stalled", "sigint, stdout stalled"])
 def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
+    if stop.endswith("stdout stalled") and wchan_missing():
+        pytest.skip(wchan_missing())
     parent, task, sibling = family
     start(task)
     before = settings(parent, task, sibling)
@@ -209,7 +211,7 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
             os.set_blocking(tool.stdin.fileno(), False)
             seq, pending = 1, b""
             deadline = time.monotonic() + 120  # a guard against a hang only
-            while not _blocked_writing(tool.pid) and time.monotonic() < deadline:
+            while not blocked_writing(tool.pid) and time.monotonic() < deadline:
                 if not pending:
                     seq += 1
                     pending = frames.encode(measurements(seq, task.path, {"priority": "be"}))
@@ -217,7 +219,7 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
                     pending = pending[os.write(tool.stdin.fileno(), pending):]
                 except BlockingIOError:
                     time.sleep(0.01)
-            assert _blocked_writing(tool.pid)
+            assert blocked_writing(tool.pid)
             os.kill(tool.pid, signal.SIGTERM if stop.startswith("sigterm") else signal.SIGINT)
         else:
             os.kill(tool.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
@@ -233,8 +235,3 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
                 except BrokenPipeError:
                     pass
     assert settings(parent, task, sibling) == before
-
-
-def _blocked_writing(pid: int) -> bool:
-    with open(f"/proc/{pid}/wchan") as f:
-        return "pipe_write" in f.read()
