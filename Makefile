@@ -50,6 +50,7 @@ bench: venv helper
 	  $(if $(FLOOR),--floor $(FLOOR))
 	$(PY) benchmarks/pipeline_throughput.py --tasks 100 --cycles 3000 --live-seconds 8
 	$(PY) benchmarks/ship_spool.py --tasks 200 --cycles 4000 --spool-cycles 500
+	$(PY) benchmarks/forward_check.py --tasks 100
 
 clean:
 	rm -rf build dist $(VENV) lib/*.egg-info
