@@ -19,7 +19,8 @@ A row:
   REPEATS times; ("SIGTERM" or "SIGINT", "importing"): sent while the plug-in's import
   is sleeping (it has created `{dir}/importing`); ("SIGTERM" or "SIGINT", "stalled"):
   sent while the tool is blocked
-  writing to a reader that never reads; ("SIGTERM" or "SIGINT", "running"): sent once
+  writing to a reader that never reads (a third item, "stderr too": stderr is a pipe
+  that is full and never read either, and is not checked); ("SIGTERM" or "SIGINT", "running"): sent once
   the tool has written its first line;
 - rc: the expected exit status;
 - stderr: a pattern the first line of stderr must match (`{tool}`, `{config}`,
@@ -156,6 +157,9 @@ CASES = [
         r"{tool}: warning: stopped: the reader of the output stalled",
         args={"discover": ["--interval", "0.001", "--cgroupfs", "{dir}"], "*": []},
         signal=("SIGTERM", "stalled")),
+    row("SIGTERM while stdout and stderr stall", ALL, 0, None,
+        args={"discover": ["--interval", "0.001", "--cgroupfs", "{dir}"], "*": []},
+        signal=("SIGTERM", "stalled", "stderr too")),
     row("SIGINT while stdout stalls", ALL, 0,
         r"{tool}: warning: stopped: the reader of the output stalled",
         args={"discover": ["--interval", "0.001", "--cgroupfs", "{dir}"], "*": []},

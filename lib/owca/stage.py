@@ -19,7 +19,7 @@ from docopt import DocoptExit, docopt
 
 from owca import config, frames, startup
 from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, LineReader,
-                         OutputClosed, OutputStalled, Signals)
+                         OutputClosed, OutputStalled, Signals, stop_requested, write_all)
 
 log = logging.getLogger("owca")
 
@@ -47,6 +47,21 @@ def one_line(text: str) -> str:
 class _OneLineFormatter(logging.Formatter):
     def formatMessage(self, record):
         return one_line(super().formatMessage(record))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """After a stop signal, a line for a stderr that stalled (`2>&1 | stuck`) gets the
+    same grace as a frame, then is dropped: nothing keeps a stopping tool alive."""
+
+    def emit(self, record):
+        if not stop_requested():
+            return super().emit(record)
+        try:
+            self.flush()
+            write_all(self.stream.fileno(), (self.format(record) + "\n").encode("utf-8",
+                                                                                "replace"))
+        except (OutputClosed, OSError, ValueError, AttributeError):
+            pass  # no fd (a test's capture), or stalled: the line is lost, not the stop
 
 
 class UsageError(Exception):
@@ -136,7 +151,7 @@ def setup_logging(tool: str, level: str) -> None:
     numeric = logging.getLevelName(level.upper()) if level else logging.INFO
     if not isinstance(numeric, int):
         raise UsageError(f"--log-level: unknown level {level!r} (debug, info, warning, error)")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = _StderrHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter(f"{tool}: %(levelname)s: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):

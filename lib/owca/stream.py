@@ -62,6 +62,10 @@ def _on_alarm(_signum, _frame):
         raise OutputStalled("the reader of the output stalled: a frame was not written")
 
 
+def stop_requested() -> bool:
+    return _stop_requested
+
+
 def write_all(fd: int, data) -> None:
     """Write all of `data` to `fd`, unless a stop signal comes while the reader stalls."""
     global _in_write, _grace_armed
