@@ -16,6 +16,8 @@ run: venv helper
 
 test: deps venv helper
 	$(PIP) install -q -r requirements/test.txt
+	npm install --silent --no-audit --no-fund --prefix $(VENV)/npm \
+	  $$(grep -v '^\s*#' requirements/npm.txt | grep -v '^\s*$$')
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 # Debian packages the tests use; only the missing ones are installed.
@@ -26,6 +28,9 @@ deps:
 	  echo "installing: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# npm: Debian's package, unless a nodejs that bundles it (and conflicts with it) is there
+	@command -v npm >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }
 
 # Reinstalled when the helper changes too: pip compiles the copy in $(VENV)/bin.
 $(VENV)/.installed: setup.py lib/owca/__init__.py $(wildcard bin/owca-perf.c)
@@ -50,6 +55,11 @@ bench: venv helper
 	  $(if $(FLOOR),--floor $(FLOOR))
 	$(PY) benchmarks/pipeline_throughput.py --tasks 100 --cycles 3000 --live-seconds 8
 	$(PY) benchmarks/ship_spool.py --tasks 200 --cycles 4000 --spool-cycles 500
+	$(PY) benchmarks/allocate_crash_restore.py --trials 10
+	$(PY) benchmarks/discover_stop.py --runs 10
+	$(PY) benchmarks/prometheus_scrape.py --tasks 200 --scrapes 1000 --parallel 50
+	$(PY) benchmarks/ship_faults.py outage --runs 3
+	$(PY) benchmarks/ship_faults.py full-disk --cycles 900 --reserve 262144
 	$(PY) benchmarks/forward_check.py --tasks 100
 
 clean:

@@ -25,11 +25,31 @@ operations OWCA uses, so that a test sees the tree the kernel would leave:
   rounded up to the next step, as the kernel does;
 - writes to anything else under info/ are refused (EACCES).
 
+Monitoring (where the tree has info/L3_MON), as the same document describes it:
+
+- every control group, the default one included, has `mon_groups/` and
+  `mon_data/mon_L3_<id>/` with the events of info/L3_MON/mon_features, and
+  holds one RMID; mkdir of a control group or of a MON group
+  (`<ctrl>/mon_groups/<name>`) fails with ENOSPC when num_rmids are in use
+  (`rmids_in_limbo` adds RMIDs the kernel has not freed yet);
+- a MON group has `tasks`, `cpus`, `cpus_list` and `mon_data/`; a thread id
+  written to its `tasks` joins it only if the thread is in the parent control
+  group (else EINVAL), and leaves every other MON group; a thread written to a control group leaves every MON
+  group; a control group's `tasks` lists its MON groups' threads too;
+- rmdir of a MON group leaves its threads in the parent control group; rmdir of
+  a control group takes its MON groups with it;
+- `set_counter(group, cache_id, event, value)` sets what the hardware counts for
+  a group's own RMID (a number or `Unavailable`); a control group's file shows
+  its own count plus its MON groups' (`Unavailable` if its own is).
+  A thread id no group holds is refused with ESRCH by a MON group (control
+  groups here take any id, as before).
+
 What it cannot cover: the hardware (no cache is partitioned, no bandwidth
-throttled), thread ids that do not exist (the kernel says ESRCH), MON groups
-and monitoring data, CDP, pseudo-locking, exclusive mode, the `cpus` files,
-and the kernel's locking between concurrent writers.  Every call is recorded in
-`calls`, so tests can see what OWCA did to the filesystem.
+throttled, nothing is counted: tests say what the counters are), CDP,
+pseudo-locking, exclusive mode, the `cpus` files, threads that exit (a test
+calls `exit_thread`), the time RMIDs spend in limbo, and the kernel's locking
+between concurrent writers.  Every call is recorded in `calls`, so tests can
+see what OWCA did to the filesystem.
 """
 import errno
 import os
@@ -38,6 +58,7 @@ import shutil
 from owca.resctrl import (ResctrlFS, format_schemata, parse_schemata, parse_thread_ids)
 
 NOT_GROUPS = ("info", "mon_groups", "mon_data")
+MON_GROUPS = "mon_groups"
 
 
 def _write(path, text):
@@ -107,6 +128,15 @@ class FakeResctrlKernel(ResctrlFS):
     def __init__(self, root: str):
         super().__init__(root)
         self.calls = []
+        self.rmids_in_limbo = 0
+        self.own_counts = {}     # (group, cache id, event) -> the RMID's own count
+        if self.monitoring():
+            # A fixture holds what differs from a fresh mount (git keeps no empty
+            # directory): the kernel's mon_groups/ and mon_data/ are made here.
+            for ctrl in [""] + self._groups():
+                os.makedirs(self.path(ctrl, MON_GROUPS), exist_ok=True)
+                if not os.path.isdir(self.path(ctrl, "mon_data")):
+                    self._make_mon_data(ctrl)
 
     # -- helpers ------------------------------------------------------------------
 
@@ -141,6 +171,67 @@ class FakeResctrlKernel(ResctrlFS):
     def _set_thread_ids(self, group, ids):
         self._put("".join(f"{i}\n" for i in ids), *self._tasks_file(group))
 
+    def monitoring(self):
+        return os.path.isdir(self.path("info", "L3_MON"))
+
+    def _mon_groups(self, ctrl):
+        d = self.path(ctrl, MON_GROUPS)
+        return sorted(os.listdir(d)) if os.path.isdir(d) else []
+
+    def rmids_in_use(self):
+        ctrls = [""] + self._groups()
+        return len(ctrls) + sum(len(self._mon_groups(c)) for c in ctrls) + self.rmids_in_limbo
+
+    def _take_rmid(self, path):
+        if self.monitoring() and \
+                self.rmids_in_use() >= int(self._info("L3_MON", "num_rmids")):
+            self._fail(errno.ENOSPC, "Out of RMIDs", path)
+
+    def _make_mon_data(self, group):
+        domains = sorted(parse_schemata(self._text("schemata")).get("L3", {}), key=int)
+        for cache_id in domains:
+            d = self.path(group, "mon_data", f"mon_L3_{int(cache_id):02d}")
+            os.makedirs(d, exist_ok=True)
+            for event in self._info("L3_MON", "mon_features", "").split():
+                self.own_counts[(group, cache_id, event)] = 0
+        for cache_id in domains:
+            for event in self._info("L3_MON", "mon_features", "").split():
+                self._show_count(group, cache_id, event)
+
+    def _show_count(self, group, cache_id, event):
+        """Write a group's mon_data file from the RMID counts (a control group sums its
+        MON groups), then its parent control group's."""
+        parts = group.split("/")
+        own = self.own_counts.get((group, cache_id, event), 0)
+        if MON_GROUPS not in parts:
+            for name in self._mon_groups(group):
+                child = self.own_counts.get((os.path.join(group, MON_GROUPS, name),
+                                             cache_id, event), 0)
+                if own != "Unavailable" and child != "Unavailable":
+                    own += child
+        parts_of_file = (group, "mon_data", f"mon_L3_{int(cache_id):02d}", event)
+        if not os.path.exists(self.path(*parts_of_file)) or \
+                self._text(*parts_of_file) != f"{own}\n":
+            self._put(f"{own}\n", *parts_of_file)
+        if MON_GROUPS in parts:
+            self._show_count(parts[0] if parts[0] != MON_GROUPS else "", cache_id, event)
+
+    def set_counter(self, group, cache_id, event, value):
+        """What the hardware counted for `group`'s own RMID ("" the default group,
+        "ctrl/mon_groups/name"): a number, or "Unavailable"."""
+        assert os.path.isdir(self.path(group, "mon_data")), group
+        self.own_counts[(group, str(cache_id), event)] = value
+        self._show_count(group, str(cache_id), event)
+
+    def exit_thread(self, thread_id):
+        """A thread ended: the kernel lists it nowhere any more."""
+        for ctrl in [""] + self._groups():
+            for group in [ctrl] + [os.path.join(ctrl, MON_GROUPS, m)
+                                   for m in self._mon_groups(ctrl)]:
+                ids = self._thread_ids(group)
+                if thread_id in ids:
+                    self._set_thread_ids(group, [i for i in ids if i != thread_id])
+
     def num_closids(self):
         counts = [int(self._info(r, "num_closids")) for r in ("L3", "MB")
                   if self._info(r, "num_closids") is not None]
@@ -153,8 +244,11 @@ class FakeResctrlKernel(ResctrlFS):
         path = self.path(name)
         if os.path.exists(path):
             raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
+        if MON_GROUPS in name.split("/"):
+            return self._mkdir_mon(name, path)
         if len(self._groups()) + 1 >= self.num_closids():
             self._fail(errno.ENOSPC, "Out of CLOSIDs", path)
+        self._take_rmid(path)
         default = parse_schemata(self._text("schemata"))
         for resource, domains in default.items():
             full = (self._info(resource, "cbm_mask") if resource.startswith("L")
@@ -166,15 +260,50 @@ class FakeResctrlKernel(ResctrlFS):
         self._put("0\n", name, "cpus")
         self._put("\n", name, "cpus_list")
         self._put("shareable\n", name, "mode")
+        if self.monitoring():
+            os.mkdir(self.path(name, MON_GROUPS))
+            self._make_mon_data(name)
+        self._put("ok\n", "info", "last_cmd_status")
+
+    def _mkdir_mon(self, name, path):
+        ctrl, _, mon = name.rpartition(MON_GROUPS)
+        ctrl = ctrl.rstrip("/")
+        if not self.monitoring() or "/" in mon.strip("/") or \
+                not os.path.isdir(self.path(ctrl, MON_GROUPS)) or MON_GROUPS in ctrl:
+            raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), path)
+        self._take_rmid(path)
+        os.mkdir(path)
+        for f, text in (("tasks", ""), ("cpus", "0\n"), ("cpus_list", "\n")):
+            self._put(text, name, f)
+        self._make_mon_data(name)
         self._put("ok\n", "info", "last_cmd_status")
 
     def rmdir(self, name):
         self.calls.append(("rmdir", name))
         if name in NOT_GROUPS or not name:
             raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), self.path(name))
+        if not os.path.isdir(self.path(name)):
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), self.path(name))
+        parts = name.split("/")
+        if MON_GROUPS in parts:
+            # Its threads stay in the parent control group, which counts them again.
+            self._forget_counts(name)
+            return
+        self._forget_counts(name)
         moved = self._thread_ids(name)
         self._set_thread_ids("", self._thread_ids("") + moved)
         shutil.rmtree(self.path(name))
+
+    def _forget_counts(self, group):
+        for key in [k for k in self.own_counts if k[0] == group
+                    or k[0].startswith(group + "/")]:
+            del self.own_counts[key]
+        parts = group.split("/")
+        if MON_GROUPS in parts and os.path.isdir(self.path(group)):
+            ctrl = parts[0] if parts[0] != MON_GROUPS else ""
+            shutil.rmtree(self.path(group))
+            for cache_id, event in {(k[1], k[2]) for k in self.own_counts if k[0] == ctrl}:
+                self._show_count(ctrl, cache_id, event)
 
     def write(self, text, *parts):
         self.calls.append(("write", "/".join(parts), text))
@@ -184,7 +313,9 @@ class FakeResctrlKernel(ResctrlFS):
         if parts[0] == "info":
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
         group = "" if len(parts) == 1 else parts[0]
-        if parts[-1] == "tasks":
+        if parts[-1] == "tasks" and MON_GROUPS in parts:
+            self._write_mon_tasks("/".join(parts[:-1]), text, path)
+        elif parts[-1] == "tasks":
             self._write_tasks(group, text, path)
         elif parts[-1] == "schemata":
             self._write_schemata(group, text, path)
@@ -192,11 +323,35 @@ class FakeResctrlKernel(ResctrlFS):
             self._put(text, *parts)
         self._put("ok\n", "info", "last_cmd_status")
 
-    def _write_tasks(self, group, text, path):
+    def _one_thread_id(self, text, path):
         fields = text.split()
         if len(fields) != 1 or not fields[0].isdigit():
             self._fail(errno.EINVAL, "one task id per write", path)
-        thread_id = int(fields[0])
+        return int(fields[0])
+
+    def _leave_mon_groups(self, thread_id, but=None):
+        for ctrl in [""] + self._groups():
+            for mon in self._mon_groups(ctrl):
+                group = os.path.join(ctrl, MON_GROUPS, mon)
+                ids = self._thread_ids(group)
+                if group != but and thread_id in ids:
+                    self._set_thread_ids(group, [i for i in ids if i != thread_id])
+
+    def _write_mon_tasks(self, group, text, path):
+        thread_id = self._one_thread_id(text, path)
+        ctrl = group.split("/")[0] if not group.startswith(MON_GROUPS) else ""
+        if not any(thread_id in self._thread_ids(g) for g in [""] + self._groups()):
+            raise ProcessLookupError(errno.ESRCH, os.strerror(errno.ESRCH), path)
+        if thread_id not in self._thread_ids(ctrl):
+            self._fail(errno.EINVAL, "Can't move task to different control group", path)
+        self._leave_mon_groups(thread_id, but=group)
+        ids = self._thread_ids(group)
+        if thread_id not in ids:
+            self._set_thread_ids(group, ids + [thread_id])
+
+    def _write_tasks(self, group, text, path):
+        thread_id = self._one_thread_id(text, path)
+        self._leave_mon_groups(thread_id)
         for other in [""] + self._groups():
             ids = self._thread_ids(other)
             if thread_id in ids and other != group:

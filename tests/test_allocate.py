@@ -48,7 +48,7 @@ def node(tmp_path):
         "/owca/c": [], "/owca/d": [], "/owca/e": []})
     sysfs = fake_sysfs(str(tmp_path / "sys"))
     return {"--cgroupfs": cgroupfs, "--sysfs": sysfs,
-            "--resctrlfs": str(tmp_path / "no-resctrl")}
+            "--resctrlfs": str(tmp_path / "no-resctrl"), "--state-dir": str(tmp_path / "state")}
 
 
 def measurements(seq, tasks=TASKS, labels=None):
@@ -370,3 +370,39 @@ def test_an_allocator_that_does_not_look_costs_no_cgroup_reads(node):
     read = cycle(looking, 1)
     looking.close()
     assert any(s["name"] == "allocation_cpu_quota" for s in read["metrics"])
+
+
+def _delegate(path):
+    """Mark a directory as systemd marks a delegated unit's cgroup; skip where the file
+    system takes no trusted.* xattr."""
+    try:
+        os.setxattr(path, "trusted.delegate", b"1")
+    except OSError as e:
+        pytest.skip(f"no trusted.* extended attributes here: {e.strerror}")
+
+
+def test_a_systemd_units_own_cgroup_is_refused_unless_below_a_delegated_one(tmp_path):
+    # A plain-file tree: the guest's test (tests/vm/guest_v2.py) shows systemd's resets.
+    cgroupfs = fake_cgroup_v2(str(tmp_path / "cgroup"), {
+        "/x.slice/plain.service": [7001], "/x.slice/deleg.service/c.scope": [7002],
+        "/x.slice/deleg.service/sup": [7003]})
+    _delegate(os.path.join(cgroupfs, "x.slice", "deleg.service"))
+    node = {"--cgroupfs": cgroupfs, "--sysfs": fake_sysfs(str(tmp_path / "sys")),
+            "--resctrlfs": str(tmp_path / "no-resctrl")}
+    tasks = {"plain": "/x.slice/plain.service", "inner": "/x.slice/deleg.service/c.scope",
+             "unit": "/x.slice/deleg.service"}
+    want = {t: {"cpu_shares": 2.0} for t in tasks}
+    before = snapshot(cgroupfs)
+    s, _ = stage(node, want)
+    out = cycle(s, 1, tasks)
+    reasons = {e["task_id"]: e["reason"] for e in out["errors"]}
+    assert set(reasons) == {"plain", "unit"}
+    assert "systemd unit plain.service's own cgroup" in reasons["plain"]
+    # A delegated unit's own cgroup is still systemd's; below it is the delegatee's.
+    assert "systemd unit deleg.service's own cgroup" in reasons["unit"]
+    assert changed_files(before, snapshot(cgroupfs)) == {
+        "x.slice/deleg.service/c.scope/cpu.weight"}
+    s.close()
+    s, _ = stage(node, want, write_systemd_units=True)
+    assert cycle(s, 1, tasks)["errors"] == []
+    s.close()

@@ -57,6 +57,12 @@ def family():
         yield parent, kids["task"], kids["sibling"]
 
 
+@pytest.fixture
+def state(tmp_path):
+    """owca-allocate's options with a state directory of the test's own."""
+    return {"--state-dir": str(tmp_path / "state")}
+
+
 def start(cg, code=SLEEP):
     child = cg.start_python(code)
     wait_line(child, "running")
@@ -88,7 +94,7 @@ def measurements(seq, cgroup_path, labels=None):
     return frames.validate(frames.decode(frames.encode(frame)))
 
 
-def test_quota_shares_and_cpusets_are_written_and_read_back(family):
+def test_quota_shares_and_cpusets_are_written_and_read_back(family, state):
     parent, task, sibling = family
     child = start(task)
     start(sibling)
@@ -96,7 +102,7 @@ def test_quota_shares_and_cpusets_are_written_and_read_back(family):
     originals = settings(task)
     s = Allocate(AllocateConfig(allocator=Scripted(
         {"task": {"cpu_quota": 0.1, "cpu_shares": 0.5, "cpuset_cpus": "0",
-                  "cpuset_mems": "0"}})), {})
+                  "cpuset_mems": "0"}})), state)
     frame = s.process(measurements(1, task.path))[0]
     assert frame["errors"] == []
     ncpus = online_cpus()
@@ -119,20 +125,20 @@ def test_quota_shares_and_cpusets_are_written_and_read_back(family):
     assert settings(parent, sibling) == others
 
 
-def test_a_cpuset_wider_than_the_parents_is_refused(family):
+def test_a_cpuset_wider_than_the_parents_is_refused(family, state):
     if online_cpus() < 2:
         pytest.skip("needs two online CPUs")
     parent, task, sibling = family
     for cg in (task, sibling, parent):   # children first: v1 keeps them within the parent
         with open(cg.file("cpuset", "cpuset.cpus"), "w") as f:
             f.write("0")
-    s = Allocate(AllocateConfig(allocator=Scripted({"task": {"cpuset_cpus": "0-1"}})), {})
+    s = Allocate(AllocateConfig(allocator=Scripted({"task": {"cpuset_cpus": "0-1"}})), state)
     frame = s.process(measurements(1, task.path))[0]
     assert "1 not in the parent cgroup's cpuset.cpus 0" in frame["errors"][0]["reason"]
     s.close()
 
 
-def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family):
+def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family, state):
     _, task, _ = family
     ncpus = online_cpus()
     # cpu_quota is a share of the whole platform: a fifth of ONE CPU is 0.2 / ncpus
@@ -140,7 +146,7 @@ def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family):
     # keeps the other work on this shared machine from starving it below its cap.
     quota = 0.2 / ncpus
     s = Allocate(AllocateConfig(allocator=Scripted(
-        {"task": {"cpu_quota": quota, "cpu_shares": 100}})), {})
+        {"task": {"cpu_quota": quota, "cpu_shares": 100}})), state)
     start(task, BURN_FOREVER)
     s.process(measurements(1, task.path))
     throttled = _throttled(task)
@@ -188,7 +194,8 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
     before = settings(parent, task, sibling)
     config = tmp_path / "owca.yaml"
     config.write_text(STATIC)
-    tool = subprocess.Popen(tool_command("allocate", "-c", str(config)), stdin=subprocess.PIPE,
+    tool = subprocess.Popen(tool_command("allocate", "-c", str(config), "--state-dir",
+                                         str(tmp_path / "state")), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env(),
                             cwd=ROOT)
     try:

@@ -113,7 +113,7 @@ def test_discover_measure_ship_against_real_cgroups(tmp_path, kind):
                                     timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stderr.decode()
     shipped = result.stdout.decode()
-    usage = exposition_values(shipped, "task_cpu_usage_seconds")
+    usage = exposition_values(shipped, "task_cpu_usage_seconds_total")
     assert sorted(usage) == sorted(task_id for task_id, _, _ in tasks), shipped[:2000]
     for task_id, _, program in tasks:
         labels, seconds = usage[task_id]

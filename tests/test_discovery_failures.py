@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -18,7 +19,7 @@ import pytest
 
 from conftest import FIXTURES, tool_command, tool_env
 from orchestrator_server import (CLOSE, ERROR_500, GARBAGE, HANG, NORMAL, TRUNCATE,
-                                 ReplayServer, fake_cgroupfs, load_json)
+                                 ReplayServer, fake_cgroupfs, load_json, wait_until)
 from owca import frames
 from owca.discover import Discover, DiscoverConfig, DiscoveryError
 from owca.http import HttpClient, HttpOptions
@@ -231,3 +232,37 @@ def test_the_tool_reports_one_line_and_still_writes_a_frame(tmp_path):
     assert frame["tasks"] == []
     assert counters(frame)["owca_discovery_errors_total"] == 1
     assert counters(frame)["owca_orchestrator_requests_total"] == 2
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_a_stop_during_a_hanging_request_ends_the_tool_at_once(tmp_path, source, signum):
+    """SIGTERM or SIGINT while the orchestrator hangs: the tool exits 0 without waiting.
+
+    The source's timeout and deadline are an hour, so a tool that waited for
+    the request would outlive the guard below by far (the server itself hangs
+    each request for a minute, then drops it); the guard is only that, a bound
+    on a test that would otherwise hang. benchmarks/discover_stop.py measures
+    how soon it stops.
+    """
+    routes, _ = SOURCES[source]
+    tag = "KubernetesDiscovery" if source == "kubernetes" else "MesosDiscovery"
+    with ReplayServer(routes()) as server:
+        server.mode = HANG
+        config = tmp_path / "owca.yaml"
+        config.write_text(f"discover:\n  source: !{tag}\n    url: {server.url}\n"
+                          "    timeout: 3600\n    deadline: 3600\n")
+        tool = subprocess.Popen(tool_command("discover", "--config", str(config),
+                                             "--cgroupfs", str(tmp_path)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+        try:
+            assert wait_until(lambda: server.requests, timeout=60), "no request arrived"
+            tool.send_signal(signum)
+            out, err = tool.communicate(timeout=30)
+        finally:
+            if tool.poll() is None:
+                tool.kill()
+                tool.wait()
+    assert tool.returncode == 0, err.decode()
+    assert out == b""  # the cycle in hand had no answer: no frame, no half frame
+    assert err.decode() == ""  # a stop is no error

@@ -7,6 +7,7 @@ first; what happens to cycles while it is down is the spool's business, and that
 what these tests look at.
 """
 import os
+import signal
 import threading
 
 import pytest
@@ -14,9 +15,11 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import load_tool
 from kafka_broker import (HOST, TS0, Broker, ShipProcess, TlsProxy, allocations,  # noqa: F401
-                          anomalies, broker, consume, free_port, make_certificates,
-                          measurements, stopped_broker, tansu_binary, wait_until)
+                          anomalies, broker, consume, durable_broker, free_port,
+                          make_certificates, measurements, stopped_broker, tansu_binary,
+                          wait_until)
 from owca.spool import CorruptRecord, decode_record, parse_name
+from small_fs import small_fs  # noqa: F401  (a fixture)
 
 METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_allocations"
 
@@ -114,10 +117,13 @@ def test_every_cycle_reaches_its_topic_in_order(broker, tmp_path):
                              app="mc", host=HOST) == seq * 0.5
                 assert value(samples, "platform_mem_usage_bytes") == 5000 + seq
                 assert value(samples, "owca_ship_spool_cycles") >= 0
+                # A broker that stays up: no failed attempt, no connection counted lost.
+                assert value(samples, "owca_ship_send_errors_total") == 0
+                assert value(samples, "owca_ship_connection_errors_total") == 0
             elif topic == ANOMALIES:
                 assert value(samples, "anomaly", uuid=f"u{seq}", contending_task_id="t2") == 1
             else:
-                assert value(samples, "allocations_count") == 1
+                assert value(samples, "allocations_total") == 1
 
 
 def test_several_storages_at_once(broker, tmp_path):
@@ -180,6 +186,60 @@ def test_broker_outage_loses_nothing_and_keeps_the_order(broker, tmp_path):
     assert "cannot deliver to" in ship.log() and "again after" in ship.log()
 
 
+def scraped(port):
+    """{(name, label items): value} of the Prometheus endpoint, {} while it has nothing."""
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            text = r.read().decode()
+    except (urllib.error.URLError, OSError):
+        return {}
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_a_failed_delivery_shows_at_once_not_after_the_send_timeout(broker, tmp_path):
+    """The broker crashes under a send; the client would retry for send_timeout_seconds
+    (here 300 s) before it gives up.  The failure is in the metrics of the next cycles
+    at once, the warning says delivery stopped, and the cycles wait in the spool."""
+    spool = tmp_path / "spool"
+    port = free_port()
+    config = write_config(tmp_path, broker.bootstrap, spool,
+                          extra="      send_timeout_seconds: 300\n"
+                                "      flush_timeout_seconds: 1\n",
+                          more_storages=f"    - !PrometheusStorage {{port: {port}}}\n")
+    ship = start_ship(tmp_path, config)
+    seq = 0
+
+    def failure_shown():
+        nonlocal seq
+        seq += 1
+        ship.send(measurements(seq))
+        got = scraped(port)
+        return got and (value(got, "owca_ship_send_errors_total") >= 1
+                        and value(got, "owca_ship_connection_errors_total") >= 1)
+
+    try:
+        for _ in range(3):
+            seq += 1
+            ship.send(measurements(seq))
+        consume(broker.bootstrap, METRICS, 3)
+        got = scraped(port)
+        assert value(got, "owca_ship_send_errors_total") == 0
+        assert value(got, "owca_ship_connection_errors_total") == 0
+        broker.kill()
+        wait_until(failure_shown, what="the failure in the metrics")
+        wait_until(lambda: "cannot deliver to" in ship.log(), what="the warning")
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()
+    assert ship.log().count("cannot deliver to") == 1    # once, when delivery stopped
+    assert "connection to the broker lost" in ship.log()
+    waiting = spooled(spool)     # from the cycle the crash cut off on (SIGTERM leaves
+    assert waiting and waiting == list(range(4, waiting[-1] + 1))   # unread input unread)
+
+
 def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     spool = tmp_path / "spool"
     config = write_config(tmp_path, stopped_broker.bootstrap, spool,
@@ -194,7 +254,7 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     finally:
         ship.close()
     assert "5 cycles left in the spool" in ship.log()
-    assert ship.log().count("spool full") == 1     # said once, counted always
+    assert ship.log().count("full: dropping the oldest cycles") == 1   # said once, counted always
     assert spooled(spool) == [16, 17, 18, 19, 20]
 
     stopped_broker.start()
@@ -210,6 +270,50 @@ def test_full_spool_drops_the_oldest_and_counts_them(stopped_broker, tmp_path):
     last = parse(records[-1], 20)
     assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 14
     assert value(last, "owca_ship_spool_cycles") == 5
+
+
+def test_full_disk_drops_the_oldest_counts_them_and_says_so_once(stopped_broker, small_fs,
+                                                                 tmp_path):
+    """The spool's filesystem fills (other files took it) long before spool_max_bytes,
+    with the broker away: the newest cycles are kept, the oldest dropped to make room
+    and counted as disk_full, the free-space reserve is left, and the log says it once,
+    not once per cycle."""
+    fs = small_fs(2 << 20)
+    fs.fill(leave_free=700_000)
+    spool = os.path.join(fs.path, "spool")
+    reserve = 200_000
+    config = write_config(tmp_path, stopped_broker.bootstrap, spool,
+                          extra=f"      spool_min_free_bytes: {reserve}\n"
+                                f"      flush_timeout_seconds: 1\n")
+    ship = start_ship(tmp_path, config)
+    try:
+        for seq in range(1, 901):
+            ship.send(measurements(seq))
+        wait_until(lambda: spooled(spool)[-1:] == [900], what="the last cycle spooled")
+        assert fs.free_bytes() >= reserve
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        ship.close()
+    kept = spooled(spool)
+    assert 10 < len(kept) < 900 and kept == list(range(901 - len(kept), 901))
+    log_lines = ship.log().splitlines()
+    assert sum("full: dropping the oldest cycles" in line for line in log_lines) == 1
+    assert not [line for line in log_lines if "not stored" in line]
+    assert len(log_lines) < 10, log_lines
+
+    stopped_broker.start()
+    resumed = start_ship(tmp_path, config, "resumed")
+    try:
+        records = consume(stopped_broker.bootstrap, METRICS, len(kept))
+        assert resumed.finish() == 0, resumed.log()
+    finally:
+        resumed.close()
+    assert seqs(records)[:len(kept)] == kept
+    # Cycle 900 was rendered with cycles 1..899 each either waiting or counted dropped.
+    last = parse(records[len(kept) - 1], 900)
+    waiting = value(last, "owca_ship_spool_cycles")
+    assert value(last, "owca_ship_dropped_cycles_total", reason="disk_full") == 899 - waiting
+    assert value(last, "owca_ship_dropped_cycles_total", reason="spool_full") == 0
 
 
 def test_sigterm_while_the_broker_hangs_is_bounded_and_keeps_the_cycles(broker, tmp_path):
@@ -318,6 +422,77 @@ def test_sigkill_loses_nothing_acknowledged(broker, tmp_path, broker_state):
     assert first_occurrences(got) == list(range(1, top + 1)) + list(range(1001, 1006))
     assert top >= max(acknowledged - set(range(1001, 1006)))
     assert spooled(spool) == []
+
+
+def test_broker_crash_mid_stream_loses_nothing_duplicates_are_counted(durable_broker,
+                                                                       tmp_path):
+    """A broker that keeps its data on disk (tansu on an S3 store), killed with SIGKILL
+    while owca-ship sends a steady stream, started again a second later.  Read back
+    after the restart: every cycle is there, in order; the one in flight when the broker
+    died may be there twice, next to itself (at least once).  Counted apart: what the
+    broker had acknowledged before the crash (the broker's to keep) and what it had not
+    (owca-ship's to send again)."""
+    spool = tmp_path / "spool"
+    ship = start_ship(tmp_path, write_config(tmp_path, durable_broker.bootstrap, spool))
+    n = 300
+    fed = threading.Event()
+    sent = [0]
+
+    def feed():
+        for seq in range(1, n + 1):
+            ship.send(measurements(seq))
+            sent[0] = seq
+            fed.wait(0.02)              # a steady stream, a cycle every 20 ms
+        fed.set()
+
+    def flowing():
+        """100 cycles sent, 50 of them delivered: delivery is under way."""
+        waiting = spooled(spool)
+        return sent[0] >= 100 and (not waiting or waiting[0] > 50)
+
+    feeder = threading.Thread(target=feed)
+    try:
+        feeder.start()
+        wait_until(flowing, timeout=60, what="100 cycles sent, 50 delivered")
+        assert not fed.is_set(), "the stream ended before the crash: make it longer"
+        durable_broker.kill()           # mid-stream: a cycle is in flight or about to be
+        # A cycle leaves the spool only once the broker acknowledged it: those before
+        # the spool's head now were acknowledged before the crash.
+        waiting = spooled(spool)
+        head = waiting[0] if waiting else sent[0] + 1
+        fed.wait(1.0)
+        # owca-ship is held while the restarted broker loads its partitions: this broker
+        # would write a produce that reaches it first over what it had acknowledged
+        # (DurableBroker.load_partitions).
+        os.kill(ship.proc.pid, signal.SIGSTOP)
+        try:
+            durable_broker.start()
+            durable_broker.load_partitions(METRICS)
+        finally:
+            os.kill(ship.proc.pid, signal.SIGCONT)
+        feeder.join(120)
+        wait_until(lambda: spooled(spool) == [], timeout=120, what="the spool to drain")
+        assert ship.finish(timeout=120) == 0, ship.log()
+    finally:
+        fed.set()
+        ship.close()
+    got = seqs(consume(durable_broker.bootstrap, METRICS, n - head + 1))
+    after = [s for s in got if s >= head]
+    duplicates = len(after) - len(set(after))
+    lost_by_owca = sorted(set(range(head, n + 1)) - set(got))
+    lost_by_broker = sorted(set(range(1, head)) - set(got))
+    summary = (f"broker SIGKILL mid-stream: {n} cycles, {head - 1} acknowledged before the "
+               f"crash, {len(got)} messages read back; not acknowledged: "
+               f"{len(lost_by_owca)} lost, {duplicates} duplicates; acknowledged: "
+               f"{len(lost_by_broker)} lost by the broker")
+    print(summary)
+    assert lost_by_owca == [], summary
+    assert after == sorted(after), summary          # in order; a repeat next to itself
+    assert first_occurrences(after) == list(range(head, n + 1)), summary
+    assert duplicates <= 1, summary   # only the cycle in flight when the broker died
+    assert "cannot deliver to" in ship.log() and "again after" in ship.log()
+    assert lost_by_broker == [], summary
+    assert got == sorted(got) and first_occurrences(got) == list(range(1, n + 1)), summary
 
 
 # -- refusals and configuration ------------------------------------------------------------

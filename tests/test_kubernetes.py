@@ -9,15 +9,18 @@ check are directories laid out like the v1 and v2 hierarchies (the real
 hierarchies are the end-to-end test's: tests/test_discovery_e2e.py).
 """
 import dataclasses
+import json
 import logging
 import os
 import re
+import subprocess
 
 import pytest
 
-from conftest import FIXTURES, ROOT
-from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
-                                 pki, server_tls)  # noqa: F401 (pki: a fixture)
+from conftest import FIXTURES, ROOT, tool_command, tool_env
+from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, kubelet_tls, load_json,
+                                 make_kubelet_serving_cert, pki,  # noqa: F401 (pki: a fixture)
+                                 server_tls)
 from owca import config, frames
 from owca.discover import Discover, DiscoverConfig, DiscoveryError
 from owca.kubernetes import (KubernetesDiscovery, container_cgroup_path, parse_pods,
@@ -27,6 +30,8 @@ from owca.priority import PriorityRule
 
 DOCKER = os.path.join(FIXTURES, "kubelet_docker")
 CONTAINERD = os.path.join(FIXTURES, "kubelet_containerd")
+SIDECAR = os.path.join(FIXTURES, "kubelet_sidecar")
+EMPTY_NODE = os.path.join(FIXTURES, "kubelet_empty_node")
 UID = "5a1e2c3d-4b5f-4a6e-8d7c-9e0f1a2b3c4d"
 CID = "c1bf9798c49a3d128bbf920781af5c745c7c28ce694be0245c092a487d73ab3f"
 
@@ -99,6 +104,12 @@ def c(requests=None, limits=None, name="c"):
     ([c(), c()], [], "BestEffort"),
     ([c()], [c({"cpu": "100m"})], "Burstable"),  # init containers count
     ([c({"nvidia.com/gpu": "1"}, {"nvidia.com/gpu": "1"})], [], "BestEffort"),
+    # a zero quantity is not set (the kubelet compares with zero)
+    ([c({"cpu": "0", "memory": "0"})], [], "BestEffort"),
+    ([c({"cpu": "0", "memory": "64Mi"}, {"cpu": "0", "memory": "64Mi"})], [], "Burstable"),
+    # Guaranteed compares the pod's sums of requests and limits
+    ([c({"cpu": "1", "memory": "1Gi"}, {"cpu": "1", "memory": "1Gi"})],
+     [c({"cpu": "100m", "memory": "64Mi"}, {"cpu": "100m", "memory": "64Mi"})], "Guaranteed"),
 ])
 def test_qos_class_computed_as_the_kubelet_does(containers, init, expected):
     assert qos_class({"containers": containers, "initContainers": init}, "spec") == expected
@@ -115,6 +126,39 @@ def test_pod_requests_take_init_containers_and_overhead_into_account():
         "limit_mem_bytes": (2048 + 10) * 2 ** 20}
     assert pod_resources(spec, "spec", only="b") == {
         "cpus": 0.25, "limit_cpus": 1, "limit_mem_bytes": 2 ** 30}
+
+
+def sidecar(requests, limits, name):
+    return {**c(requests, limits, name), "restartPolicy": "Always"}
+
+
+def test_sidecars_count_beside_the_app_containers_and_before_later_init_containers():
+    spec = {"containers": [c({"cpu": "500m", "memory": "256Mi"}, {"cpu": "1", "memory": "512Mi"},
+                             "app")],
+            "initContainers": [c({"cpu": "100m", "memory": "1Gi"}, {"cpu": "2", "memory": "1Gi"},
+                                 "first"),
+                               sidecar({"cpu": "100m", "memory": "128Mi"},
+                                       {"cpu": "2", "memory": "1Gi"}, "proxy"),
+                               c({"cpu": "1", "memory": "64Mi"}, {"cpu": "1", "memory": "64Mi"},
+                                 "after")]}
+    assert pod_resources(spec, "spec") == {
+        "cpus": 1.1,                 # "after" (1) runs beside "proxy" (0.1)
+        "mem_bytes": 2 ** 30,        # "first" runs alone
+        "limit_cpus": 3,             # app 1 + proxy 2
+        "limit_mem_bytes": 3 * 2 ** 29}
+    # the sidecar's own, in container mode
+    assert pod_resources(spec, "spec", only="proxy") == {
+        "cpus": 0.1, "mem_bytes": 128 * 2 ** 20, "limit_cpus": 2, "limit_mem_bytes": 2 ** 30}
+    # a sidecar without a limit makes the pod unlimited, as an app container does
+    spec["initContainers"][1] = sidecar({"cpu": "100m"}, None, "proxy")
+    assert "limit_cpus" not in pod_resources(spec, "spec")
+
+
+def test_resource_sums_are_rounded_to_the_quantities_precision():
+    spec = {"containers": [c({"cpu": "100m", "memory": "1.5Ki"}, None, "a"),
+                           c({"cpu": "48m", "memory": "100m"}, None, "b")]}
+    # 0.1 + 0.048 is 0.14800000000000002 in floats; memory is whole bytes
+    assert pod_resources(spec, "spec") == {"cpus": 0.148, "mem_bytes": 1536}
 
 
 def test_extended_resources_keep_their_sanitised_names():
@@ -216,7 +260,67 @@ def test_namespaces_filter():
     assert sorted(t["name"] for t in tasks) == ["default/test", "default/test2"]
 
 
-@pytest.mark.parametrize("answer", [[], {"items": {}}, {"kind": "Status", "items": []}, "x"])
+def test_recorded_sidecar_pods_give_the_kubelets_requests_qos_and_cgroups():
+    pods = load_json(SIDECAR, "pods.json")
+    tasks, problems = parse_pods(pods, driver="systemd")
+    golden(os.path.join(SIDECAR, "expected_tasks_systemd.json"),
+           {"tasks": tasks, "problems": problems})
+    assert problems == []
+    by_name = {t["name"]: t for t in tasks}
+    checkout = by_name["shop/checkout-7b9c5d6f8-q2w8e"]
+    assert checkout["resources"] == {"cpus": 1.1, "mem_bytes": 2 ** 30, "limit_cpus": 3,
+                                     "limit_mem_bytes": 3 * 2 ** 29}
+    # the running sidecar is measured with the app container
+    assert [p.rsplit("/", 1)[1][len("cri-containerd-"):][:2]
+            for p in checkout["subcgroup_paths"]] == ["d4", "b2"]
+    shipper = by_name["obs/log-shipper-5d8f7-mx4zr"]
+    assert shipper["labels"]["qos_class"] == "Guaranteed"
+    assert shipper["resources"]["cpus"] == 0.148 and len(shipper["subcgroup_paths"]) == 2
+    sleeper = by_name["batch/sleeper-6c4b9-7hk2p"]
+    assert sleeper["labels"]["qos_class"] == "BestEffort"
+    assert "/kubepods-besteffort.slice/" in sleeper["cgroup_path"]
+    containers, problems = parse_pods(pods, driver="systemd", task="container")
+    golden(os.path.join(SIDECAR, "expected_tasks_container_systemd.json"),
+           {"tasks": containers, "problems": problems})
+    proxy = next(t for t in containers if t["name"].endswith("/istio-proxy"))
+    assert proxy["cgroup_path"].endswith("cri-containerd-" + "b2" * 32 + ".scope")
+    assert proxy["resources"] == {"cpus": 0.1, "mem_bytes": 128 * 2 ** 20, "limit_cpus": 2,
+                                  "limit_mem_bytes": 2 ** 30}
+    assert not any(t["name"].endswith(("/migrate", "/istio-validation")) for t in containers)
+
+
+def test_null_lists_are_empty():
+    tasks, problems = parse_pods(load_json(EMPTY_NODE, "pods.json"))
+    assert (tasks, problems) == ([], [])
+    pod = load_json(SIDECAR, "pods.json")["items"][2]
+    pod["metadata"]["labels"] = None
+    pod["spec"]["initContainers"] = None
+    pod["spec"]["containers"][0]["resources"] = {"requests": None, "limits": None}
+    pod["status"]["initContainerStatuses"] = None
+    tasks, problems = parse_pods({"kind": "PodList", "items": [pod]})
+    assert problems == [] and len(tasks) == 1
+    assert tasks[0]["labels"]["qos_class"] == "BestEffort"
+
+
+def test_an_empty_node_is_an_empty_list_not_a_failing_kubelet(tmp_path, caplog):
+    """A node whose last pod went away: no error, no counted failure, no stale pods."""
+    expected = load_json(CONTAINERD, "expected_tasks_cgroupfs.json")["tasks"]
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [t["cgroup_path"] for t in expected], "v1")
+    with ReplayServer({"GET /pods": load_json(CONTAINERD, "pods.json")}) as server:
+        stage = discover_stage(KubernetesDiscovery(url=server.url), cgroupfs)
+        assert len(stage.produce()[0]["tasks"]) == 5
+        server.routes["GET /pods"] = open(os.path.join(EMPTY_NODE, "pods.json"), "rb").read()
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            frame = stage.produce()[0]
+    assert frame["tasks"] == []
+    metrics = {s["name"]: s["value"] for s in frame["metrics"]}
+    assert metrics["owca_discovery_errors_total"] == 0
+    assert caplog.records == []
+
+
+@pytest.mark.parametrize("answer", [[], {"items": {}}, {"kind": "Status", "items": []}, "x",
+                                    {"kind": "Status", "status": "Failure"}])
 def test_an_answer_that_is_not_a_pod_list_is_a_discovery_error(answer):
     with pytest.raises(DiscoveryError):
         parse_pods(answer)
@@ -320,6 +424,97 @@ def test_secure_port_with_ca_bearer_token_and_client_certificate(pki, tmp_path):
         token.write_text("rotated-token\n")  # a projected token is rotated in place
         source.list_tasks(_paths(tmp_path))
         assert server.requests[-1][3]["Authorization"] == "Bearer rotated-token"
+
+
+def test_secure_port_with_the_kubelets_own_certificate_and_the_node_name(tmp_path):
+    """The kubelet's self-made certificate names the node, not 127.0.0.1.
+
+    `url: https://127.0.0.1:10250` with that certificate as ca_bundle fails
+    verification; `server_name: <node>` verifies it for the node's name, which
+    is also what the client sends as SNI.
+    """
+    cert = make_kubelet_serving_cert(str(tmp_path / "pki"), "worker-3")
+    token = tmp_path / "token"
+    token.write_text("node-token\n")
+    names = []
+    routes = {"GET /pods": load_json(SIDECAR, "pods.json")}
+    with ReplayServer(routes, tls=kubelet_tls(cert, names)) as server:
+        assert server.url.startswith("https://127.0.0.1:")
+        plain = KubernetesDiscovery(url=server.url, ca_bundle=cert["crt"],
+                                    token_file=str(token))
+        with pytest.raises(DiscoveryError, match="verify failed: IP address mismatch"):
+            plain.list_tasks(_paths(tmp_path))
+        assert server.requests == []
+        text = ("discover:\n  source: !KubernetesDiscovery\n"
+                f"    url: {server.url}\n    ca_bundle: {cert['crt']}\n"
+                f"    token_file: {token}\n    server_name: worker-3\n")
+        cfg = config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
+        tasks = cfg.source.list_tasks(_paths(tmp_path))
+        assert [t["labels"]["node_name"] for t in tasks] == ["worker-3"] * 3
+        assert names[-1] == "worker-3"
+        assert server.requests[-1][3]["Host"] == server.url[len("https://"):]
+        # another node's name is refused like any mismatch
+        other = dataclasses.replace(cfg.source, server_name="worker-4")
+        with pytest.raises(DiscoveryError, match="Hostname mismatch"):
+            other.list_tasks(_paths(tmp_path))
+
+
+@pytest.mark.parametrize("bad, reason", [
+    ("url: http://127.0.0.1:10255\n    server_name: worker-3", "only with an https url"),
+    ("url: https://127.0.0.1:10250\n    server_name: 'a/b'", "expected a DNS name"),
+])
+def test_server_name_is_checked_at_start(bad, reason):
+    text = f"discover:\n  source: !KubernetesDiscovery\n    {bad}\n"
+    with pytest.raises(config.ConfigError, match=reason):
+        config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
+
+
+def test_verify_false_adds_one_line_at_start_and_nothing_per_request(pki, tmp_path):
+    """The tool's stderr holds OWCA's one warning, not urllib3's on every request."""
+    cfg = tmp_path / "owca.yaml"
+    with ReplayServer({"GET /pods": load_json(SIDECAR, "pods.json")},
+                      tls=server_tls(pki)) as server:
+        cfg.write_text("discover:\n  require_cgroup: false\n  source: !KubernetesDiscovery\n"
+                       f"    url: {server.url}\n    verify: false\n")
+        result = subprocess.run(tool_command("discover", "--config", str(cfg), "--once"),
+                                capture_output=True, text=True, env=tool_env(), timeout=60)
+        assert result.returncode == 0, result.stderr
+        assert len(server.requests) == 1
+    assert len(json.loads(result.stdout)["tasks"]) == 3
+    assert result.stderr.splitlines() == [
+        f"owca-discover: warning: kubernetes: TLS verification is off: the answers of "
+        f"{server.url} are not authenticated"]
+
+
+def test_verify_false_leaves_other_sessions_warnings_alone(pki, tmp_path):
+    import warnings
+    before = list(warnings.filters)
+    with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
+                      tls=server_tls(pki)) as server:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            KubernetesDiscovery(url=server.url, verify=False).list_tasks(_paths(tmp_path))
+            import urllib3
+            urllib3.PoolManager(cert_reqs="CERT_NONE").request("GET", server.url + "/pods")
+    assert warnings.filters == before
+    # only the request that is not OWCA's warned
+    assert [w.category.__name__ for w in caught] == ["InsecureRequestWarning"]
+
+
+def test_a_refused_token_fails_in_one_line_that_does_not_hold_it(pki, tmp_path, caplog):
+    token = tmp_path / "token"
+    token.write_text("s3cret-token-value\n")
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [], "v2")
+    with ReplayServer({"GET /pods": load_json(SIDECAR, "pods.json")},
+                      tls=server_tls(pki)) as server:
+        server.authorization = "Bearer another-token"
+        source = KubernetesDiscovery(url=server.url, ca_bundle=pki["ca"], token_file=str(token))
+        with caplog.at_level(logging.DEBUG):
+            frame = discover_stage(source, cgroupfs).produce()[0]
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "HTTP 401 Unauthorized" in errors[0]
+    assert server.requests[0][3]["Authorization"] == "Bearer s3cret-token-value"
+    assert "s3cret" not in caplog.text and "s3cret" not in json.dumps(frame)
 
 
 def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):

@@ -24,6 +24,7 @@ from owca.priority import PriorityRule
 
 AURORA = os.path.join(FIXTURES, "mesos_agent_aurora")
 TASK_GROUP = os.path.join(FIXTURES, "mesos_agent_task_group")
+DOCKER = os.path.join(FIXTURES, "mesos_agent_docker")
 EXECUTOR = "4f2c8a1e-9b3d-4e5f-a6b7-c8d9e0f1a2b3"
 
 
@@ -93,7 +94,7 @@ def test_an_answer_of_the_wrong_shape_is_a_discovery_error(answer):
 
 # -- recorded answers ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("fixture", [AURORA, TASK_GROUP])
+@pytest.mark.parametrize("fixture", [AURORA, TASK_GROUP, DOCKER])
 def test_recorded_answers_give_the_expected_tasks(fixture):
     tasks, problems = parse(fixture)
     golden(os.path.join(fixture, "expected_tasks.json"), {"tasks": tasks, "problems": problems})
@@ -110,6 +111,43 @@ def test_recorded_aurora_task():
     assert task["labels"]["framework_name"] == "Aurora"
     assert task["resources"] == {"cpus": 8, "mem_bytes": 2048 * 2 ** 20,
                                  "disk_bytes": 10240 * 2 ** 20}
+
+
+def test_docker_containerizer_tasks_are_refused_with_a_reason_others_listed():
+    tasks, problems = parse(DOCKER)
+    assert problems == [
+        "mesos: task 'web.4b8f0e6a-1c2d-11ef-9b3a-0242ac110004' left out: it runs in the "
+        "Docker containerizer (container.type DOCKER), whose cgroups are Docker's, not the "
+        "agent's: not supported; run it in the Mesos containerizer (docs/discovery.md)"]
+    (report,) = tasks
+    assert report["cgroup_path"] == "/mesos/6e5d4c3b-2a19-4f8e-9d7c-6b5a4f3e2d1c"
+
+
+def test_an_empty_task_name_is_the_task_id_and_sums_keep_mesos_precision():
+    (report,), _ = parse(DOCKER)
+    assert report["name"] == report["id"] == "report.9d2c7e10-1c2e-11ef-9b3a-0242ac110004"
+    # 0.1 + 0.048 cpus; 100.5 + 27.3 MB (Mesos keeps three decimals; bytes are whole)
+    assert report["resources"] == {"cpus": 0.148, "mem_bytes": 134008013,  # 127.8 MiB
+                                   "disk_bytes": 64 * 2 ** 20}
+    assert report["labels"]["role"] == "*,analytics"
+
+
+def test_null_lists_are_empty():
+    state = load_json(AURORA, "get_state.json")
+    (task,) = state["get_state"]["get_tasks"]["launched_tasks"]
+    task["labels"]["labels"] = None
+    task["statuses"] = None
+    task["resources"] = None
+    state["get_state"]["get_frameworks"]["frameworks"] = None
+    containers, _ = parse_containers(load_json(AURORA, "get_containers.json"))
+    tasks, problems = parse_state(state, containers)
+    assert problems == [] and len(tasks) == 1 and tasks[0]["resources"] == {}
+    empty = {"type": "GET_STATE", "get_state": {"get_tasks": {"launched_tasks": None},
+                                                "get_frameworks": None}}
+    assert parse_state(empty, {}) == ([], [])
+    assert parse_state({"type": "GET_STATE", "get_state": {"get_tasks": None}}, {}) == ([], [])
+    assert parse_containers({"type": "GET_CONTAINERS",
+                             "get_containers": {"containers": None}}) == ({}, [])
 
 
 def test_wrong_types_in_fields_owca_does_not_use_do_not_matter():
@@ -226,6 +264,37 @@ def test_https_agent_with_ca_and_basic_credentials(pki, tmp_path):
         secret.write_text("")
         with pytest.raises(DiscoveryError, match="password_file: .* holds no usable secret"):
             source.list_tasks(Paths(cgroupfs=str(tmp_path)))
+
+
+def test_agent_with_authentication_refuses_wrong_credentials_in_one_line(
+        pki, tmp_path, caplog):
+    """An agent with --authenticate_http_readonly: 401 unless the principal's secret is right.
+
+    The secret appears nowhere: not in the error line, the log (debug), or the frame.
+    """
+    secret = tmp_path / "secret"
+    secret.write_text("right-s3cr3t\n")
+    cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [parse(AURORA)[0][0]["cgroup_path"]], "v2")
+    with ReplayServer(routes(AURORA), tls=server_tls(pki)) as agent:
+        agent.authorization = "Basic " + base64.b64encode(b"owca:right-s3cr3t").decode()
+        source = MesosDiscovery(url=agent.url, ca_bundle=pki["ca"], username="owca",
+                                password_file=str(secret))
+        stage = Discover(DiscoverConfig(source=source), {"--cgroupfs": cgroupfs})
+        with caplog.at_level(logging.DEBUG):
+            good = stage.produce()[0]
+            assert [t["id"] for t in good["tasks"]] == [parse(AURORA)[0][0]["id"]]
+            secret.write_text("wrong-s3cr3t\n")
+            bad = stage.produce()[0]
+            unauthenticated = MesosDiscovery(url=agent.url, ca_bundle=pki["ca"])
+            with pytest.raises(DiscoveryError) as e:
+                unauthenticated.list_tasks(Paths(cgroupfs=cgroupfs))
+    assert str(e.value) == f"POST {agent.url}/api/v1 GET_CONTAINERS: HTTP 401 Unauthorized"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "HTTP 401 Unauthorized" in errors[0]
+    assert source._client.retries == 0  # a refusal does not pass by itself
+    seen = caplog.text + str(good) + str(bad)
+    for leak in ("right-s3cr3t", "wrong-s3cr3t", base64.b64encode(b"owca:right").decode()[:8]):
+        assert leak not in seen
 
 
 def test_https_agent_with_an_unknown_ca_is_refused(pki, tmp_path):

@@ -31,7 +31,7 @@ def run_pipeline(config: str, cycles: int, logs, timeout: float = 90.0) -> str:
     Their stderr goes to files in `logs` (a pipe nobody reads could fill up)."""
     env = tool_env()
     stages = {"discover": tool_command("discover", "-c", config, "--interval", "0.4"),
-              "measure": tool_command("measure"), "detect": tool_command("detect"),
+              "measure": tool_command("measure", "-c", config), "detect": tool_command("detect"),
               "ship": tool_command("ship")}
     procs = []
 
@@ -121,4 +121,4 @@ def test_shipped_metrics_match_the_kernel_and_the_processes(tmp_path):
 
     # the other stages ran: the platform was measured, the detector was asked
     assert ("platform_cpu_usage", "0") in latest
-    assert ("anomaly_count", "") in latest
+    assert ("anomalies_found", "") in latest     # anomaly_count in frames

@@ -12,7 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import load_tool
 from kafka_broker import (HOST, ShipProcess, anomalies, free_port, measurements, port_open,
                           wait_until)
-from owca.prometheus import family_name, merge, strip_timestamps
+from owca import frames
+from owca.exposition import family_name, merge, strip_timestamps
+from owca.prometheus import accepts_gzip
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -27,16 +29,30 @@ def test_family_name():
     assert family_name('# owca metrics seq=1\n') == ""
 
 
-def test_merge_keeps_the_first_text_s_family_when_two_have_it():
-    metrics = ('# TYPE up gauge\nup{host="n"} 1 1000\n'
-               '# HELP x X.\n# TYPE x counter\nx{host="n"} 5 1000\n')
-    anomalies_text = ('# TYPE anomaly gauge\nanomaly{uuid="u"} 1 1000\n'
-                      '# HELP x X.\n# TYPE x counter\nx{host="n"} 9 1000\n')
+def test_merge_serves_every_series_of_a_family_two_texts_have_once():
+    metrics = ('# HELP up Up.\n# TYPE up gauge\nup{host="n"} 1 1000\n'
+               '# HELP x_total X.\n# TYPE x_total counter\n'
+               'x_total{host="n",stage="measure"} 5 1000\n')
+    anomalies_text = ('# HELP anomaly A.\n# TYPE anomaly gauge\nanomaly{uuid="u} v"} 1 1000\n'
+                      '# HELP x_total X.\n# TYPE x_total counter\n'
+                      'x_total{host="n",stage="detect"} 9 1000\n'
+                      'x_total{host="n",stage="measure"} 7 1000\n')   # a repeat: the first wins
     assert merge([metrics, anomalies_text]) == (
-        '# TYPE up gauge\nup{host="n"} 1 1000\n'
-        '# HELP x X.\n# TYPE x counter\nx{host="n"} 5 1000\n'
-        '# TYPE anomaly gauge\nanomaly{uuid="u"} 1 1000\n')
+        '# HELP up Up.\n# TYPE up gauge\nup{host="n"} 1 1000\n'
+        '# HELP x_total X.\n# TYPE x_total counter\n'
+        'x_total{host="n",stage="measure"} 5 1000\nx_total{host="n",stage="detect"} 9 1000\n'
+        '# HELP anomaly A.\n# TYPE anomaly gauge\nanomaly{uuid="u} v"} 1 1000\n')
     assert merge([]) == ""
+
+
+@pytest.mark.parametrize("header, gzip_", [
+    ("gzip", True), ("gzip, deflate, br", True), ("GZIP;q=0.5", True), ("*", True),
+    ("gzip;q=0", False), ("gzip; q=0.0, identity", False), ("*;q=0", False),
+    ("*, gzip;q=0", False), ("identity", False), ("", False), ("deflate", False),
+    ("gzip;q=bad", False),
+])
+def test_accepts_gzip_follows_the_weights(header, gzip_):
+    assert accepts_gzip(header) is gzip_
 
 
 def test_strip_timestamps():
@@ -78,12 +94,12 @@ def endpoint(tmp_path):
     """Start owca-ship with a PrometheusStorage; yields (ship, url, write_config)."""
     started = []
 
-    def start(extra=""):
+    def start(extra="", args=()):
         port = free_port()
         config = tmp_path / f"owca-{port}.yaml"
         config.write_text(f"ship:\n  storages:\n    - !PrometheusStorage\n"
                           f"      port: {port}\n{extra}")
-        ship = ShipProcess(str(config), str(tmp_path / f"ship-{port}.log"))
+        ship = ShipProcess(str(config), str(tmp_path / f"ship-{port}.log"), *args)
         started.append(ship)
         wait_until(lambda: port_open(port) or ship.proc.poll() is not None,
                    what="the endpoint to listen")
@@ -111,6 +127,7 @@ def test_scrape_serves_the_latest_cycle(endpoint):
     samples = samples_of(body)
     assert one(samples, "platform_mem_usage_bytes", host=HOST).value == 5003
     assert one(samples, "task_cpu_usage_seconds_total", task_id="t1", app="mc").value == 1.5
+    assert b"\n# TYPE task_cpu_usage_seconds_total counter\n" in body   # the Prometheus name
     assert one(samples, "anomaly", uuid="u3", contended_task_id="t1").value == 1
     assert not [s for s in samples.values() if s.timestamp is not None]
     assert one(samples, "owca_frames_read_total", stage="ship").value == 5
@@ -122,6 +139,10 @@ def test_scrape_serves_the_latest_cycle(endpoint):
     status, gz_headers, gz_body = scrape(url + "/metrics", {"Accept-Encoding": "gzip"})
     assert gz_headers["Content-Encoding"] == "gzip"
     assert gzip.decompress(gz_body) == body
+    for refusing in ("gzip;q=0", "identity", "*;q=0, deflate"):
+        status, plain_headers, plain_body = scrape(url + "/metrics",
+                                                   {"Accept-Encoding": refusing})
+        assert "Content-Encoding" not in plain_headers and plain_body == body, refusing
     status, _, body404 = scrape(url + "/other")
     assert status == 404 and b"/metrics" in body404
 
@@ -131,6 +152,61 @@ def test_scrape_serves_the_latest_cycle(endpoint):
     assert one(samples, "owca_ship_scrapes_total", storage="PrometheusStorage").value >= 5
     assert ship.terminate() == 0, ship.log()
     assert not port_open(int(url.rsplit(":", 1)[1]))
+
+
+def stage_samples(stage, seq, bad=0):
+    """What a stage adds to the frames it writes: its own counters and cycle time."""
+    labels = {"stage": stage}
+    return [frames.sample("owca_frames_read_total", seq, labels, "counter"),
+            frames.sample("owca_bad_frames_total", bad, labels, "counter"),
+            frames.sample("owca_cycle_duration_seconds", 0.001 * seq, labels)]
+
+
+def test_every_series_of_every_category_is_served(endpoint):
+    """A family that more than one category carries (a stage's own counters and cycle
+    time: owca-measure's in the metrics, owca-detect's in the anomalies, owca-allocate's
+    in the allocations) is served with the series of all of them, once each."""
+    from kafka_broker import allocations
+    ship, url = endpoint()
+    for seq in (1, 2):
+        m, a, al = measurements(seq), anomalies(seq), allocations(seq)
+        m["metrics"] = stage_samples("measure", seq)
+        a["metrics"] = stage_samples("detect", seq, bad=3)
+        al["metrics"] = stage_samples("allocate", seq) + al["metrics"]
+        ship.send(m, a, al)
+    wait_until(lambda: b'stage="allocate"} 2' in scrape(url + "/metrics")[2], what="cycle 2")
+    samples = samples_of(scrape(url + "/metrics")[2])
+    for stage in ("measure", "detect", "allocate"):
+        assert one(samples, "owca_cycle_duration_seconds", stage=stage).value == 0.002
+        assert one(samples, "owca_frames_read_total", stage=stage).value == 2
+    assert one(samples, "owca_bad_frames_total", stage="detect").value == 3
+    assert one(samples, "owca_frames_read_total", stage="ship").value == 4  # at cycle 2 metrics
+    assert one(samples, "allocations_total").value == 1
+    assert ship.finish() == 0, ship.log()
+
+
+def test_clients_that_hang_up_cost_one_debug_line_each(endpoint):
+    """Clients that reset their connection mid-request: no traceback, nothing at the
+    default log level; at debug level one line each."""
+    import struct
+    import time
+    for level, expected in (("info", 0), ("debug", 20)):
+        ship, url = endpoint(args=("--log-level", level))
+        ship.send(measurements(1))
+        wait_until(lambda: scrape(url + "/metrics")[0] == 200, what="the first cycle")
+        port = int(url.rsplit(":", 1)[1])
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port)) as s:
+                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")   # no end of headers
+                # SO_LINGER 0: close() sends a reset, not a FIN
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        assert scrape(url + "/metrics")[0] == 200      # the endpoint still serves
+        time.sleep(0.5)   # let the server's threads log what they will (none must be missed)
+        assert ship.terminate() == 0
+        lines = [line for line in ship.log().splitlines() if "failed:" in line]
+        assert "Traceback" not in ship.log(), ship.log()
+        assert len(lines) == expected, ship.log()
+        assert all(line.startswith("owca-ship: debug: ") for line in lines), lines
 
 
 def test_concurrent_scrapes_each_see_one_whole_cycle(endpoint):

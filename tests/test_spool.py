@@ -14,6 +14,7 @@ from owca.spool import (CORRUPT, FULL, TOO_LARGE, CorruptRecord, Spool, SpoolErr
                         decode_record, encode_record, parse_name, record_name)
 
 from conftest import ROOT
+from small_fs import small_fs  # noqa: F401  (a fixture)
 
 
 def records_on_disk(directory):
@@ -243,4 +244,49 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path, round_):
     # At most the one append in progress got its name without being acknowledged.
     assert len(seqs) - acknowledged in (0, 1)
     assert not [n for n in os.listdir(tmp_path) if n.endswith(spool_mod.TMP_SUFFIX)]
+    s.close()
+
+
+# -- a full filesystem -----------------------------------------------------------------
+
+def test_full_filesystem_drops_the_oldest_not_the_newest(small_fs):
+    """The spool's filesystem fills long before the spool's own bounds: the oldest
+    records make room for the new ones, each counted as disk_full; none is refused."""
+    fs = small_fs(1 << 20)
+    fs.fill(leave_free=200_000)
+    directory = os.path.join(fs.path, "spool")
+    s = Spool(directory, max_bytes=1 << 30, max_records=1 << 20)
+    for seq in range(1, 101):
+        s.append({"seq": seq}, b"x" * 20_000)             # 2 MB in all, on 200 kB
+    kept = [m["seq"] for m in drain(s)]
+    assert kept and kept == list(range(101 - len(kept), 101))   # the newest, in order
+    assert s.dropped[spool_mod.DISK_FULL] == 100 - len(kept)
+    assert s.dropped[FULL] == 0
+    s.close()
+
+
+def test_free_space_reserve_is_kept(small_fs):
+    fs = small_fs(2 << 20)
+    fs.fill(leave_free=600_000)
+    directory = os.path.join(fs.path, "spool")
+    reserve = 300_000
+    s = Spool(directory, max_bytes=1 << 30, max_records=1 << 20, min_free_bytes=reserve)
+    for seq in range(1, 61):
+        s.append({"seq": seq}, b"x" * 20_000)
+        assert s.free_bytes() >= reserve
+    kept = [m["seq"] for m in drain(s)]
+    assert 5 < len(kept) < 20 and kept == list(range(61 - len(kept), 61))
+    assert s.dropped[spool_mod.DISK_FULL] == 60 - len(kept)
+    s.close()
+
+
+def test_no_room_even_for_one_record_drops_it_counted(small_fs):
+    fs = small_fs(1 << 20)
+    directory = os.path.join(fs.path, "spool")
+    s = Spool(directory, max_bytes=1 << 30, max_records=1 << 20)
+    fs.fill(leave_free=0)
+    with pytest.raises(spool_mod.SpoolFull, match="no room on its filesystem"):
+        s.append({"seq": 1}, b"x" * 20_000)
+    assert s.dropped[spool_mod.DISK_FULL] == 1 and len(s) == 0
+    assert not [n for n in os.listdir(directory) if n.endswith(spool_mod.TMP_SUFFIX)]
     s.close()

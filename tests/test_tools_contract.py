@@ -239,7 +239,8 @@ def test_replaying_a_recording_twice_gives_identical_output(tmp_path):
             assert detect.wait(60) == 0 and ship.returncode == 0
             outputs.append(ship.stdout)
     assert outputs[0] == outputs[1]
-    assert b"task_cpu_usage_seconds{" in outputs[0] and b"anomaly_count{" in outputs[0]
+    # Frames keep their names; the exposition has the Prometheus ones.
+    assert b"task_cpu_usage_seconds_total{" in outputs[0] and b"anomalies_found{" in outputs[0]
 
 
 def test_ship_leaves_out_and_counts_values_that_are_not_numbers():
@@ -253,7 +254,22 @@ def test_ship_leaves_out_and_counts_values_that_are_not_numbers():
     assert result.returncode == 0
     text = result.stdout.decode()
     assert 'task_mem_numa_pages{host="n1",task_id="t1",task_name="t1",numa_node="1"} 7' in text
-    assert "task_cpu_usage_seconds{" not in text and "task_mem_usage_bytes{" not in text
+    assert "task_cpu_usage_seconds_total{" not in text and "task_mem_usage_bytes{" not in text
     counts = [line for line in text.splitlines() if line.startswith("owca_ship_bad_values_total")]
     assert [float(line.split()[1]) for line in counts] == [0, 3]  # as of before each cycle
     assert "cycle 1: 3 metric values are not finite numbers" in result.stderr.decode()
+
+
+@pytest.mark.parametrize("tool", ("discover",) + FILTERS)
+def test_check_config_loads_the_configuration_and_runs_nothing(tool, tmp_path):
+    """What the Ansible role runs on each stage's file before installing it."""
+    good = run(tool, ["--check-config", "--config", os.path.join(ROOT, "configs",
+                                                                 "node-systemd.yaml")],
+               stdin=measurements_line(1))
+    assert (good.returncode, good.stdout, good.stderr) == (0, b"", b"")
+    bad = tmp_path / f"{tool}.yaml"
+    bad.write_text(f"# {tool}\n{tool}:\n  interval: 5\n  no_such_field: 1\n")
+    result = run(tool, ["--check-config", "--config", str(bad)])
+    assert result.returncode == 2 and result.stdout == b""
+    (line,) = result.stderr.decode().splitlines()
+    assert line.startswith(f"owca-{tool}: error: {bad}:4: ") and "no_such_field" in line

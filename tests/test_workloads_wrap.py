@@ -259,7 +259,7 @@ def test_wrk_against_nginx_reaches_owca_ship_labelled_with_the_task_id(nginx_tas
     assert 0 < sample("apm_latency_p50_seconds") <= sample("apm_latency_p99_seconds")
     assert sample("apm_throughput_per_second") > 100
     assert sample("apm_slo") == 0.002
-    assert sample("task_cpu_usage_seconds") > 0  # with the task's cgroup metrics
+    assert sample("task_cpu_usage_seconds_total") > 0  # with the task's cgroup metrics
     assert not path.exists()  # withdrawn when the wrapper stopped
 
 

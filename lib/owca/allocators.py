@@ -27,6 +27,21 @@ class Allocator:
     # owns nothing yet) is handed empty ones, and the cycle reads nothing.
     reads_current_allocations = True
 
+    # Other managers write the same files (the kubelet resets a pod's CFS quota on its
+    # own schedule, systemd rewrites the values of the units it owns).  When a value
+    # OWCA wrote for this allocator is found changed, OWCA counts it
+    # (allocation_external_changes_total), logs it once, and asks this: True writes
+    # the allocator's value again at once; False leaves the other writer's value in
+    # place until the allocator asks for another value or the file changes again (and
+    # OWCA does not restore over it).  Either way the other writer's value is never
+    # taken for the task's original.
+    reapply_external_changes = True
+
+    def reapply_external_change(self, task_id: str, type_: str, wanted, found) -> bool:
+        """Whether OWCA writes `wanted` again over `found` (both in the units of the
+        allocation types; rdt: the group's schemata lines); this cycle's answer."""
+        return self.reapply_external_changes
+
     def allocate(self, platform, tasks_measurements: Dict[str, dict],
                  tasks_resources: Dict[str, dict], tasks_labels: Dict[str, dict],
                  tasks_allocations: Dict[str, dict]):
@@ -71,6 +86,8 @@ class StaticAllocator(Allocator):
     """Allocations from fixed rules: each matching rule's allocations, in order (a later
     rule wins a type both set).  A type a task stops matching is withdrawn."""
     rules: List[StaticRule]
+    # False: a value another writer changed is left as it is (Allocator above).
+    reapply_external_changes: bool = True
     _given: Dict[str, set] = field(default_factory=dict, init=False, repr=False)
 
     def allocate(self, platform, tasks_measurements, tasks_resources, tasks_labels,

@@ -14,6 +14,7 @@ without O_CREAT and with O_NOFOLLOW, so nothing is ever created and no link is
 followed.  The period (cpu.cfs_period_us, the second field of cpu.max) is read,
 never written.
 """
+import errno
 import os
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -40,6 +41,9 @@ V2_FILES = {
     CPUSET_CPUS: "cpuset.cpus",
     CPUSET_MEMS: "cpuset.mems",
 }
+# A cgroup named so is a systemd unit's own; systemd writes its attributes.
+SYSTEMD_UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
+DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
 # What a v2 cpuset inherits when its own file is empty.
 V2_EFFECTIVE = {CPUSET_CPUS: "cpuset.cpus.effective", CPUSET_MEMS: "cpuset.mems.effective"}
 
@@ -128,6 +132,25 @@ def write_file(path: str, text: str) -> None:
         os.close(fd)
 
 
+def restore_file(path: str, text: str) -> str:
+    """Write back a file's original `text`; returns what was written.
+
+    A v2 cpuset that was empty (it used its parent's) cannot be emptied again while the
+    cgroup has processes: the kernel says ENOSPC.  What the empty file meant, the
+    parent's effective set, is written instead."""
+    try:
+        write_file(path, text)
+        return text
+    except OSError as e:
+        name = os.path.basename(path)
+        if e.errno != errno.ENOSPC or text or name not in ("cpuset.cpus", "cpuset.mems"):
+            raise
+    parent = os.path.join(os.path.dirname(os.path.dirname(path)), name + ".effective")
+    inherited = read_file(parent)
+    write_file(path, inherited)
+    return inherited
+
+
 def read_file(path: str) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
@@ -183,6 +206,27 @@ class TaskCgroupFiles:
         """Tells this cgroup from one created later at the same path."""
         st = os.stat(self.directory(type_))
         return st.st_dev, st.st_ino
+
+    def systemd_unit(self) -> str:
+        """The systemd unit whose own cgroup this is, unless a cgroup above it is
+        delegated (Delegate=yes, marked by systemd with a delegate xattr): "" when
+        the cgroup is not systemd's to write.  systemd rewrites a unit's cpu.max,
+        cpu.weight and cpuset files on daemon-reload and set-property, so OWCA
+        writing them would be a tug of war (v2 only: systemd owns the unified tree)."""
+        name = os.path.basename(self.cgroup_path.rstrip("/"))
+        if self.version != "v2" or not name.endswith(SYSTEMD_UNIT_SUFFIXES):
+            return ""
+        directory = os.path.dirname(self.directory(CPU_QUOTA))
+        root = os.path.realpath(self._roots[CPU_QUOTA])
+        while len(directory) > len(root):
+            for attr in DELEGATE_XATTRS:
+                try:
+                    if os.getxattr(directory, attr, follow_symlinks=False) == b"1":
+                        return ""
+                except OSError:
+                    continue
+            directory = os.path.dirname(directory)
+        return name
 
     def thread_ids(self) -> list:
         """The ids of every thread in the cgroup (for resctrl, which groups threads)."""

@@ -20,8 +20,47 @@ change only with a new entry here.
 """
 
 
+RDT_MONITORING = """
+## About RDT monitoring
+
+`measure: {rdt_monitoring: true}` (and `--resctrlfs DIR`, default `/sys/fs/resctrl`) gives
+each task a resctrl monitoring group, `owca-mon-<digest of the task id>`, in `mon_groups/`
+of the control group that holds the task's threads (the default group, or the `owca-*`
+group of an rdt allocation; when the task moves, so does its group). Every cycle the
+task's threads that are not in it yet are moved in, one id per write; threads that end
+leave it by themselves. The group is removed when the task goes and when owca-measure
+stops; groups of a run that was killed are removed at the next start. Nothing else is
+written: not a control group's `tasks`, not another monitoring group. resctrl not mounted
+or without `info/L3_MON` fails at start (exit 2).
+
+- The RMID budget: the default group, every control group and every monitoring group hold
+  one of `info/L3_MON/num_rmids`. Tasks that already have a group keep it; the others get
+  one in task id order while RMIDs are left. A task without one (the budget spent, or the
+  kernel's ENOSPC for RMIDs still in limbo) is counted in `owca_rdt_unmonitored_tasks` and
+  logged once, and gets no RDT figures.
+- Rates: a bandwidth counter's change since the last cycle over the time between the two
+  reads. A value of `Unavailable` (or `Error`) costs that cycle's rate and the next (a
+  rate needs two values in a row); a counter that went back (wrapped, or a new RMID)
+  costs one. The `task_mem_bandwidth*_bytes` counters add only the changes that were
+  rates, so they never go back.
+- Platform figures sum every control group's `mon_data` per cache id; a control group
+  made since the last cycle has no rate yet, and the platform's rate waits for it.
+
+Tested (tests/test_rdt_monitor.py) on a hand-written resctrl tree
+(tests/fixtures/resctrl_mon) driven by tests/fake_node.py, which does what
+Documentation/arch/x86/resctrl.rst says the kernel does for monitoring groups. What those
+tests cannot cover: anything the hardware measures (the counters are set by the tests),
+how long RMIDs stay in limbo, when a real counter reads `Unavailable`, sub-NUMA
+clustering (`mon_sub_L3_*`), AMD's assignable counters, and real processes' threads.
+"""
+
+
+def markdown() -> str:
+    return HEADER + render_markdown() + RDT_MONITORING
+
+
 def main():
-    print(HEADER + render_markdown(), end="")
+    print(markdown(), end="")
 
 
 if __name__ == "__main__":

@@ -6,22 +6,41 @@ Every sample carries the cycle's timestamp in milliseconds.  Labels:
 - nested metrics: one label per level, named by the metric's spec;
 - anomalies: `anomaly{type, resource, contended_task_id, contending_task_id, uuid} 1`.
 
+Metric names: frames carry OWCA's registered names; here, at the exposition
+boundary, each becomes its Prometheus name (owca.metrics.exposed_name: a counter
+ends in `_total`).  A registered metric has its registered type whatever its
+sample says; an unregistered one (a plug-in's) the sample's type and help.
+
 This is owca-ship's hot path (a hundred tasks are a few thousand samples per
 cycle): label strings are rendered once and cached, numbers are checked by
 exact type, and each sample is one f-string.
 """
-from typing import Dict, List
+from typing import Dict, Iterable, List
 
-from owca.metrics import spec_for
+from owca.metrics import REGISTRY, exposed_name, spec_for
 
 CATEGORY_OF_KIND = {"measurements": "metrics", "tasks": "metrics",
                     "anomalies": "anomalies", "allocations": "allocations"}
 
 _CACHE_LIMIT = 100000  # rendered label strings kept; tasks come and go
 
+# frame name -> exposition name of the registered metrics (the hot loop's lookup)
+_EXPOSED = {name: spec.exposed_name for name, spec in REGISTRY.items()}
+
+
+def _exposed(name: str, type_=None) -> str:
+    found = _EXPOSED.get(name)
+    if found is not None:
+        return found
+    return exposed_name(name, type_)
+
 
 def escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
 
 
 def label_string(labels: Dict[str, str]) -> str:
@@ -29,13 +48,74 @@ def label_string(labels: Dict[str, str]) -> str:
     return ",".join(f'{k}="{escape(str(v))}"' for k, v in labels.items())
 
 
+def family_name(line: str) -> str:
+    """The metric a line of exposition text belongs to ('' for other comments)."""
+    if line.startswith("#"):
+        parts = line.split(None, 3)
+        return parts[2] if len(parts) >= 3 and parts[1] in ("HELP", "TYPE") else ""
+    for i, ch in enumerate(line):
+        if ch in "{ \n":
+            return line[:i]
+    return line
+
+
+def _series(line: str) -> str:
+    """A sample line's name and labels: what makes it one series."""
+    end = line.rfind("} ")
+    return line[:end + 1] if end >= 0 else line.split(" ", 1)[0]
+
+
+def merge(texts: Iterable[str]) -> str:
+    """Several exposition texts (the cycles of several categories) as one valid text:
+    the samples of a metric family that more than one text gives are served together,
+    under one HELP and TYPE (the first text's), every series once (the first text's)."""
+    families: Dict[str, list] = {}    # name -> [HELP line, TYPE line, sample lines, series]
+    for text in texts:
+        for line in text.splitlines(keepends=True):
+            name = family_name(line)
+            if not name:
+                continue
+            family = families.get(name)
+            if family is None:
+                family = families[name] = ["", "", [], set()]
+            if line[0] == "#":
+                slot = 0 if line.startswith("# HELP") else 1
+                if not family[slot]:
+                    family[slot] = line
+                continue
+            series = _series(line)
+            if series not in family[3]:
+                family[3].add(series)
+                family[2].append(line)
+    out = []
+    for help_line, type_line, lines, _ in families.values():
+        out.append(help_line)
+        out.append(type_line)
+        out.extend(lines)
+    return "".join(out)
+
+
+def strip_timestamps(text: str) -> str:
+    """Exposition text as rendered here, each sample line ending in a timestamp, without
+    the timestamps (for scrapers and textfile collectors, which stamp samples themselves)."""
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith("#") or not line.strip():
+            out.append(line)
+        else:
+            out.append(line.rstrip("\n").rpartition(" ")[0] + "\n")
+    return "".join(out)
+
+
 class Block:
     """Samples grouped by metric name (the format wants a name's samples together)."""
 
     def __init__(self, ts_ms: int, level_labels: Dict[tuple, str]):
         self.ts = f" {ts_ms}\n"
-        self.lines: Dict[str, List[str]] = {}
+        self.lines: Dict[str, List[str]] = {}      # by frame name
+        self.exposed: Dict[str, str] = {}          # frame name -> exposition name
         self.types: Dict[str, str] = {}
+        self.helps: Dict[str, str] = {}
         self.bad_values = 0
         self._level_labels = level_labels
 
@@ -43,8 +123,10 @@ class Block:
         """`prefix` is the rendered label string shared by the sample's labels."""
         t = type(value)
         if t is int or (t is float and value - value == 0):  # finite numbers, not bools
-            self.lines_for(name, type_).append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix
-                                               else f"{name} {value}{self.ts}")
+            lines = self.lines_for(name, type_)
+            name = self.exposed[name]
+            lines.append(f"{name}{{{prefix}}} {value}{self.ts}" if prefix
+                         else f"{name} {value}{self.ts}")
         elif t is dict:
             self._add_nested(name, prefix, value, spec_for(name).levels, 0, type_)
         else:
@@ -55,6 +137,7 @@ class Block:
         cache = self._level_labels
         lines = None
         ts = self.ts
+        exposed = self.exposed.get(name) or _exposed(name, type_)
         for key, sub in value.items():
             label = cache.get((level, key))
             if label is None:
@@ -66,7 +149,7 @@ class Block:
             if t is int or (t is float and sub - sub == 0):
                 if lines is None:
                     lines = self.lines_for(name, type_)
-                lines.append(f"{name}{{{inner}}} {sub}{ts}")
+                lines.append(f"{exposed}{{{inner}}} {sub}{ts}")
             elif t is dict:
                 self._add_nested(name, inner, sub, levels, depth + 1, type_)
             else:
@@ -76,21 +159,23 @@ class Block:
         lines = self.lines.get(name)
         if lines is None:
             lines = self.lines[name] = []
-            if type_:
+            if type_ and name not in REGISTRY:   # the registry's type is normative
                 self.types[name] = type_
+            self.exposed[name] = _exposed(name, self.types.get(name))
         return lines
 
     def add_task_metrics(self, prefix: str, metrics: dict):
         """add_value() for each of a task's metrics, inlined: the hottest loop."""
         ts = self.ts
         lines_of = self.lines
+        exposed_of = self.exposed
         for name, value in metrics.items():
             t = type(value)
             if t is int or (t is float and value - value == 0):
                 lines = lines_of.get(name)
                 if lines is None:
-                    lines = lines_of[name] = []
-                lines.append(f"{name}{{{prefix}}} {value}{ts}")
+                    lines = self.lines_for(name)
+                lines.append(f"{exposed_of[name]}{{{prefix}}} {value}{ts}")
             elif t is dict:
                 self._add_nested(name, prefix, value, spec_for(name).levels, 0, None)
             else:
@@ -99,15 +184,20 @@ class Block:
     def add_sample(self, sample: dict, host_prefix: str):
         labels = sample.get("labels") or {}
         prefix = f"{host_prefix},{label_string(labels)}" if labels else host_prefix
-        self.add_value(sample["name"], prefix, sample["value"], sample.get("type"))
+        name = sample["name"]
+        if "help" in sample and name not in REGISTRY:
+            self.helps.setdefault(name, sample["help"])
+        self.add_value(name, prefix, sample["value"], sample.get("type"))
 
     def render(self) -> str:
         out = []
         for name, lines in self.lines.items():
+            if not lines:
+                continue
             spec = spec_for(name)
-            if spec.help:
-                out.append(f"# HELP {name} {spec.help}\n")
-            out.append(f"# TYPE {name} {self.types.get(name) or spec.type}\n")
+            exposed = self.exposed[name]
+            out.append(f"# HELP {exposed} {escape_help(self.helps.get(name) or spec.help)}\n")
+            out.append(f"# TYPE {exposed} {self.types.get(name) or spec.type}\n")
             out.extend(lines)
         return "".join(out)
 

@@ -14,7 +14,10 @@ cycle must end in bounded time with one line that says what went wrong:
   as long as the deadline leaves room; other answers (401, 403, 404, a
   redirect, a TLS certificate the CA does not vouch for) are not: they will
   not change on their own;
-- TLS is verified by default (`ca_bundle` names the CA file to trust);
+- TLS is verified by default (`ca_bundle` names the CA file to trust), against
+  the url's host or `server_name` (sent as SNI too: a kubelet's serving
+  certificate names the node, not 127.0.0.1); `verify: false` adds one
+  warning at start and nothing per request;
   credentials (a bearer token re-read from `token_file` on each request, so
   that a rotated token is picked up; a user and `password_file`; a client
   certificate) are refused over plain http;
@@ -32,7 +35,9 @@ import json
 import logging
 import os
 import random
+import re
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 from urllib.parse import urlsplit
@@ -43,6 +48,8 @@ from owca.discover import DiscoveryError
 log = logging.getLogger("owca.http")
 
 READ_CHUNK = 64 * 1024
+_HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                        r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
 
 
 @dataclass
@@ -61,6 +68,10 @@ class HttpOptions:
     ca_bundle: Optional[str] = None
     # false turns TLS verification off (logged at start): for tests only.
     verify: bool = True
+    # The name the server's certificate must carry, sent as SNI, when it is not
+    # the url's host (a kubelet's certificate names its node: url
+    # https://127.0.0.1:10250 with server_name: <node name>).
+    server_name: Optional[str] = None
     client_cert: Optional[str] = None
     client_key: Optional[str] = None
     # Bearer token, re-read on every request.
@@ -97,6 +108,11 @@ def check_http_options(o: HttpOptions) -> None:
         raise ValueError("client_key needs client_cert")
     if o.ca_bundle and not o.verify:
         raise ValueError("ca_bundle with verify: false: choose one")
+    if o.server_name is not None:
+        if parts.scheme != "https":
+            raise ValueError("server_name: only with an https url")
+        if not _HOST_NAME.match(o.server_name):
+            raise ValueError(f"server_name: expected a DNS name, got {o.server_name!r:.80}")
     credentials = o.token_file or o.username or o.client_cert
     if credentials and parts.scheme != "https":
         raise ValueError(f"credentials would cross the network in clear: use an https url, "
@@ -130,6 +146,9 @@ class HttpClient:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.verify = options.ca_bundle or options.verify
+        if options.server_name:
+            self.session.mount(self.base.split("://", 1)[0] + "://",
+                               _server_name_adapter(requests, options.server_name))
         if options.client_cert:
             self.session.cert = (options.client_cert, options.client_key) \
                 if options.client_key else options.client_cert
@@ -205,9 +224,15 @@ class HttpClient:
             raise _Retry("deadline reached before the request")
         timeout = min(self.options.timeout, left)
         try:
-            response = self.session.request(
-                method, url, json=body, headers=self._headers(), stream=True,
-                timeout=(timeout, timeout), allow_redirects=False)
+            with warnings.catch_warnings():
+                if not self.options.verify:
+                    # Said once at start; urllib3 would add a multi-line
+                    # warning on each request.  This request's only.
+                    warnings.simplefilter("ignore",
+                                          self.urllib3.exceptions.InsecureRequestWarning)
+                response = self.session.request(
+                    method, url, json=body, headers=self._headers(), stream=True,
+                    timeout=(timeout, timeout), allow_redirects=False)
         except self.requests.exceptions.Timeout:
             if timeout < self.options.timeout:
                 raise _Retry(f"no answer before the deadline ({self.options.deadline:g} s)") \
@@ -267,6 +292,15 @@ class HttpClient:
             out.append(frames.sample("owca_orchestrator_request_duration_seconds",
                                      round(self.last_duration, 6), labels))
         return out
+
+
+def _server_name_adapter(requests, server_name: str):
+    """A transport that sends `server_name` as SNI and verifies the certificate for it."""
+    class ServerNameAdapter(requests.adapters.HTTPAdapter):
+        def init_poolmanager(self, *args, **kwargs):
+            kwargs["server_hostname"] = server_name
+            super().init_poolmanager(*args, **kwargs)
+    return ServerNameAdapter()
 
 
 def _no_constants(name: str):

@@ -33,7 +33,8 @@ from typing import Dict, List, Literal, Optional
 
 from owca import frames
 from owca.config import register
-from owca.spool import CORRUPT, FULL, TOO_LARGE, Record, Spool, SpoolError
+from owca.spool import (CORRUPT, DISK_FULL, FULL, TOO_LARGE, Record, Spool, SpoolError,
+                        SpoolFull)
 from owca.storage import CATEGORIES, Cycle, Storage, StorageError
 
 log = logging.getLogger("owca.kafka")
@@ -41,7 +42,8 @@ log = logging.getLogger("owca.kafka")
 DEFAULT_TOPICS = {c: f"owca_{c}" for c in CATEGORIES}
 CONTENT_TYPE = b"text/plain; version=0.0.4; charset=utf-8"
 REJECTED = "rejected"
-DROP_REASONS = (FULL, TOO_LARGE, REJECTED, CORRUPT)
+DROP_REASONS = (FULL, DISK_FULL, TOO_LARGE, REJECTED, CORRUPT)
+DROP_LOG_SECONDS = 60     # a spool that drops says so at most this often
 TOPIC_NAME = re.compile(r"[a-zA-Z0-9._-]{1,249}\Z")
 MiB = 1024 * 1024
 
@@ -58,16 +60,25 @@ def _permanent_errors() -> tuple:
 
 class ClientErrors(logging.Handler):
     """Keeps the Kafka client's last error line instead of printing it: the client logs
-    every refused connection, the sender says once why delivery stopped."""
+    every refused connection, the sender says once why delivery stopped.  It also counts
+    the connections the client reports lost or refused, as they happen: the client
+    itself retries for up to its delivery timeout before a send fails, and an outage
+    must not stay unseen that long."""
 
     def __init__(self):
         super().__init__(logging.ERROR)
         self.last = None
+        self.connection_errors = 0
 
     def emit(self, record):
         message = record.getMessage().splitlines()[0]
         if message.startswith("Connection failed: "):   # the cause, not the consequences
             self.last = message[len("Connection failed: "):]
+        _, lost, why = message.partition("Connection lost: ")
+        if lost:
+            self.connection_errors += 1
+            if self.last is None:
+                self.last = why
 
     @classmethod
     def install(cls) -> "ClientErrors":
@@ -109,6 +120,7 @@ class Sender(threading.Thread):
         self.sent = 0
         self.errors = 0
         self._producer = None
+        self._errors_seen = 0    # connection errors counted when delivery last worked
         self._closing = threading.Event()
         self._abort = threading.Event()
         self._permanent = ()
@@ -151,6 +163,12 @@ class Sender(threading.Thread):
     def _attempt(self):
         """Deliver the oldest record: (outcome, error), (None, None) when there was none."""
         self.client_errors.last = None
+        if self._producer is not None and \
+                self.client_errors.connection_errors != self._errors_seen:
+            # A connection broke since the last delivery (the broker went while the
+            # sender was idle): fail now, rather than inside send(), which would wait
+            # up to its max_block_ms for the broker's metadata.
+            return FAILED, "connection to the broker lost"
         outcome, error = self._connect()
         if outcome is not None:
             return outcome, self._with_cause(error)
@@ -163,6 +181,7 @@ class Sender(threading.Thread):
         if outcome == DELIVERED:
             self.spool.release(record, delivered=True)
             self.sent += 1
+            self._errors_seen = self.client_errors.connection_errors
         elif outcome == REFUSED:
             self.spool.drop(record, REJECTED)
             log.error("kafka: %s cycle %s refused by the broker, dropped: %s",
@@ -184,6 +203,7 @@ class Sender(threading.Thread):
                 self._producer = self.make_producer()
             except Exception as e:  # any client error means: not reachable now
                 return FAILED, _describe(e)
+            self._errors_seen = self.client_errors.connection_errors
         return None, None
 
     def _deliver(self, record: Record):
@@ -198,6 +218,12 @@ class Sender(threading.Thread):
         while not done.wait(0.1):
             if self._abort.is_set():
                 return FAILED, "stopped"
+            if self.client_errors.connection_errors != self._errors_seen:
+                # The connection broke under the send: the attempt has failed now, not
+                # when the client's delivery timeout runs out (the record may have
+                # reached the broker: sent again, it may arrive twice, as at-least-once
+                # allows).
+                return FAILED, "connection to the broker lost"
         if future.succeeded():
             return DELIVERED, None
         if isinstance(future.exception, self._permanent):
@@ -251,6 +277,7 @@ class KafkaStorage(Storage):
     spool_max_bytes: int = 256 * MiB
     spool_max_cycles: int = 100000
     spool_fsync: bool = True
+    spool_min_free_bytes: int = 64 * MiB
     flush_timeout_seconds: float = 10.0
     send_timeout_seconds: float = 30.0
     retry_backoff_seconds: float = 0.5
@@ -276,13 +303,14 @@ class KafkaStorage(Storage):
         self._check()
         self._producer_config = self.producer_config()
         self._spool = self._sender = None
-        self._dropped_logged = None   # when a full spool was last reported
+        self._dropped_logged = None   # (when, drops counted then) of the last warning
 
     def start(self) -> None:
         """Open the spool (resuming what a previous run left) and start delivering."""
         try:
             self._spool = Spool(self.spool_directory, self.spool_max_bytes,
-                                self.spool_max_cycles, fsync=self.spool_fsync)
+                                self.spool_max_cycles, fsync=self.spool_fsync,
+                                min_free_bytes=self.spool_min_free_bytes)
         except SpoolError as e:
             raise StorageError(str(e)) from None
         self._sender = Sender(self._spool, self._make_producer, self.retry_backoff_seconds,
@@ -307,6 +335,8 @@ class KafkaStorage(Storage):
         for name in ("spool_max_bytes", "spool_max_cycles", "max_request_size_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number")
+        if self.spool_min_free_bytes < 0:
+            raise ValueError("spool_min_free_bytes: expected 0 or more bytes")
         for name in ("flush_timeout_seconds", "send_timeout_seconds", "retry_backoff_seconds",
                      "retry_backoff_max_seconds"):
             if not getattr(self, name) > 0:
@@ -374,14 +404,31 @@ class KafkaStorage(Storage):
         meta = {"topic": self.topics[cycle.category], "category": cycle.category,
                 "seq": cycle.seq, "ts": cycle.ts, "host": cycle.host}
         try:
-            dropped = self._spool.append(meta, cycle.text.encode())
+            self._spool.append(meta, cycle.text.encode())
+        except SpoolFull:
+            pass            # counted; the warning below says it
         except SpoolError as e:
             raise StorageError(str(e)) from None
-        if dropped and (self._dropped_logged is None
-                        or time.monotonic() - self._dropped_logged > 60):
-            self._dropped_logged = time.monotonic()
-            log.warning("kafka: spool full (%d cycles, %d bytes): dropping the oldest cycles; "
-                        "%d dropped so far", *self._spool.depth(), self._spool.dropped[FULL])
+        finally:
+            self._report_drops()
+
+    def _report_drops(self):
+        """A warning when cycles were dropped to make room, at most once a minute: the
+        counters count every drop, the log only says that it happens, and why."""
+        dropped = self._spool.dropped
+        total = dropped[FULL] + dropped[DISK_FULL]
+        now = time.monotonic()
+        last = self._dropped_logged
+        if total == (last[1] if last else 0) or (last and now - last[0] < DROP_LOG_SECONDS):
+            return
+        self._dropped_logged = (now, total)
+        cycles, nbytes = self._spool.depth()
+        log.warning("kafka: spool %s full: dropping the oldest cycles to make room (%d "
+                    "cycles, %d bytes kept, %d bytes free on its filesystem); dropped so far: "
+                    "%d for spool_max_cycles/spool_max_bytes, %d for the disk "
+                    "(spool_min_free_bytes %d)", self.spool_directory, cycles, nbytes,
+                    self._spool.free_bytes(), dropped[FULL], dropped[DISK_FULL],
+                    self.spool_min_free_bytes)
 
     def samples(self) -> List[dict]:
         if self._spool is None:
@@ -393,7 +440,9 @@ class KafkaStorage(Storage):
                frames.sample("owca_ship_sent_cycles_total", self._sender.sent, labels,
                              "counter"),
                frames.sample("owca_ship_send_errors_total", self._sender.errors, labels,
-                             "counter")]
+                             "counter"),
+               frames.sample("owca_ship_connection_errors_total",
+                             self._sender.client_errors.connection_errors, labels, "counter")]
         for reason in DROP_REASONS:
             out.append(frames.sample("owca_ship_dropped_cycles_total",
                                      self._spool.dropped[reason],

@@ -3,8 +3,10 @@
 The kubelet answers a PodList: `items[] {metadata {uid, name, namespace,
 labels, annotations}, spec {containers[], initContainers[], overhead,
 priorityClassName, nodeName}, status {phase, qosClass, containerStatuses[]
-{name, containerID "<runtime>://<id>", state {running?}}}}`; each container
-spec has `resources {requests, limits}` of Kubernetes quantities.
+{name, containerID "<runtime>://<id>", state {running?}}},
+initContainerStatuses[] (the same)}}`; each container spec has `resources
+{requests, limits}` of Kubernetes quantities, an init container
+`restartPolicy` (Always: a sidecar).  Absent and null lists are empty.
 
 Every pod in phase Running is a task (or, with `task: container`, each of its
 running containers is):
@@ -56,6 +58,8 @@ PODS_PATH = "/pods"
 
 # Kubernetes resource name -> the name in the frame (others: sanitised).
 RESOURCE_NAMES = {"cpu": "cpus", "memory": "mem_bytes", "ephemeral-storage": "disk_bytes"}
+# Resources counted in bytes: whole numbers.
+BYTE_RESOURCES = ("memory", "ephemeral-storage", "storage")
 
 # Container runtime (the scheme of a containerID) -> its cgroup name, per driver.
 CONTAINER_CGROUP = {
@@ -77,7 +81,8 @@ _SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9,
 @register
 @dataclass
 class KubernetesDiscovery(OrchestratorSource):
-    # The read-only port; the secure port is https://<node>:10250 with token_file.
+    # The read-only port (off on current clusters); the secure port is
+    # https://127.0.0.1:10250 with server_name (the node's name), ca_bundle, token_file.
     url: str = "http://127.0.0.1:10255"
     # A task per pod (its containers are sub-cgroups) or per container.
     task: Literal["pod", "container"] = "pod"
@@ -176,22 +181,41 @@ def container_cgroup_path(pod_path: str, container_id: str, driver: str) -> str:
 
 
 def qos_class(spec: dict, where: str) -> str:
-    """The pod's QoS class computed from its containers, as the kubelet does."""
-    containers = _containers(spec, where, "initContainers") + _containers(spec, where)
-    any_set, guaranteed = False, True
+    """The pod's QoS class computed from its containers, as the kubelet does.
+
+    Only cpu and memory count, and only quantities above zero: a pod whose
+    containers all ask for `cpu: 0` is BestEffort.  Guaranteed needs every
+    container (init containers included) to set both limits, and the pod's
+    summed requests to equal its summed limits.  A request left out defaults
+    to the limit, as the API server fills it in.
+    """
+    requests, limits, guaranteed = {}, {}, True
+    containers = _containers(spec, where) + _containers(spec, where, "initContainers")
     for c in containers:
         resources = optional(c, "resources", dict, where, {})
-        requests = optional(resources, "requests", dict, where, {})
-        limits = optional(resources, "limits", dict, where, {})
+        req = optional(resources, "requests", dict, where, {})
+        lim = optional(resources, "limits", dict, where, {})
+        found = set()
         for name in ("cpu", "memory"):
-            if name in requests or name in limits:
-                any_set = True
-            if name not in limits or parse_quantity(requests.get(name, limits[name])) \
-                    != parse_quantity(limits[name]):
-                guaranteed = False
-    if not any_set:
+            if lim.get(name) is not None and parse_quantity(lim[name]) > 0:
+                found.add(name)
+                limits[name] = limits.get(name, 0) + parse_quantity(lim[name])
+            text = req.get(name) if req.get(name) is not None else lim.get(name)
+            if text is not None and parse_quantity(text) > 0:
+                requests[name] = requests.get(name, 0) + parse_quantity(text)
+        if found != {"cpu", "memory"}:
+            guaranteed = False
+    if not requests and not limits:
         return "BestEffort"
-    return "Guaranteed" if guaranteed else "Burstable"
+    if guaranteed and all(limits.get(n) == v for n, v in requests.items()) \
+            and len(requests) == len(limits):
+        return "Guaranteed"
+    return "Burstable"
+
+
+def is_sidecar(container: dict) -> bool:
+    """An init container that runs beside the app ones (restartPolicy: Always)."""
+    return container.get("restartPolicy") == "Always"
 
 
 def _containers(spec: dict, where: str, key: str = "containers") -> list:
@@ -220,29 +244,56 @@ def _container_resources(c: dict, where: str) -> Tuple[Dict[str, float], Dict[st
 def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[str, float]:
     """Requests and limits of a pod (or of its container `only`), frame-named.
 
-    A pod's effective request is the larger of its app containers' sum and its
-    largest init container (they run one at a time, before the others), plus
-    its overhead; a limit counts only when every app container sets it.
+    As the kubelet and the scheduler count them: init containers run in
+    order, a one-shot one to completion before the next starts, and a sidecar
+    (restartPolicy: Always) keeps running from its start on.  So a one-shot
+    init container needs its own resources plus those of the sidecars started
+    before it; the pod needs the larger of that and the sum of its app
+    containers and all its sidecars; then its overhead.  A limit counts only
+    when every container that runs throughout (app and sidecar) sets it.
+    Sums are rounded to the quantities' precision (milli-units; bytes).
     """
-    apps = _containers(spec, where)
+    apps = list(enumerate(_containers(spec, where)))
+    inits = list(enumerate(_containers(spec, where, "initContainers")))
     if only is not None:
-        apps = [c for c in apps if c.get("name") == only]
+        apps = [(i, c) for i, c in apps if c.get("name") == only]
+        inits = [(i, c) for i, c in inits if c.get("name") == only and is_sidecar(c)]
     requests, limits, unlimited = {}, {}, set()
-    for i, c in enumerate(apps):
+
+    def add(into, more):
+        for name, v in more.items():
+            into[name] = into.get(name, 0) + v
+
+    for i, c in apps:
         req, lim = _container_resources(c, f"{where}.containers[{i}]")
-        for name, v in req.items():
-            requests[name] = requests.get(name, 0) + v
-        for name, v in lim.items():
-            limits[name] = limits.get(name, 0) + v
+        add(requests, req)
+        add(limits, lim)
         unlimited.update(n for n in ("cpu", "memory", "ephemeral-storage") if n not in lim)
+    init_requests, init_limits = {}, {}
+    sidecar_requests, sidecar_limits = {}, {}
+    for i, c in inits:
+        req, lim = _container_resources(c, f"{where}.initContainers[{i}]")
+        if is_sidecar(c):
+            add(requests, req)
+            add(limits, lim)
+            add(sidecar_requests, req)
+            add(sidecar_limits, lim)
+            unlimited.update(n for n in ("cpu", "memory", "ephemeral-storage") if n not in lim)
+            req, lim = sidecar_requests, sidecar_limits
+        else:
+            req, lim = dict(req), dict(lim)
+            add(req, sidecar_requests)
+            add(lim, sidecar_limits)
+        for name, v in req.items():
+            init_requests[name] = max(init_requests.get(name, 0), v)
+        for name, v in lim.items():
+            init_limits[name] = max(init_limits.get(name, 0), v)
     if only is None:
-        for i, c in enumerate(_containers(spec, where, "initContainers")):
-            req, lim = _container_resources(c, f"{where}.initContainers[{i}]")
-            for name, v in req.items():
-                requests[name] = max(requests.get(name, 0), v)
-            for name, v in lim.items():
-                if name in limits:
-                    limits[name] = max(limits[name], v)
+        for name, v in init_requests.items():
+            requests[name] = max(requests.get(name, 0), v)
+        for name, v in init_limits.items():
+            if name in limits:
+                limits[name] = max(limits[name], v)
         for name, v in _quantities(optional(spec, "overhead", dict, where, {}),
                                    where + ".overhead").items():
             requests[name] = requests.get(name, 0) + v
@@ -250,23 +301,42 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
                 limits[name] += v
     out = {}
     for name, v in requests.items():
-        out[RESOURCE_NAMES.get(name) or sanitize_label_name(name)] = v
+        out[resource_name(name)] = quantity_precision(name, v)
     for name, v in limits.items():
         if name not in unlimited:
-            out["limit_" + (RESOURCE_NAMES.get(name) or sanitize_label_name(name))] = v
+            out["limit_" + resource_name(name)] = quantity_precision(name, v)
     return out
+
+
+def resource_name(name: str) -> str:
+    return RESOURCE_NAMES.get(name) or sanitize_label_name(name)
+
+
+def quantity_precision(name: str, value: float):
+    """A sum of quantities at the precision Kubernetes keeps them.
+
+    Byte resources are whole bytes; every other resource (cpu) in milli-units,
+    the kubelet's own precision for cpu.  Adding floats (`100m` + `48m`)
+    otherwise shows noise (0.14800000000000002).
+    """
+    if name in BYTE_RESOURCES or name.startswith("hugepages-"):
+        return int(round(value))
+    rounded = round(value, 3)
+    return int(rounded) if float(rounded).is_integer() else rounded
 
 
 def parse_pods(answer, task: str = "pod", driver: str = "cgroupfs", root=(),
                namespaces=(), annotations=("*",)):
     """(tasks, problems): the running pods (or containers) of a kubelet's PodList."""
-    if not isinstance(answer, dict) or not isinstance(answer.get("items"), list):
+    # The kubelet encodes a node with no pods as "items": null.
+    if not isinstance(answer, dict) or "items" not in answer \
+            or not isinstance(answer["items"], (list, type(None))):
         raise DiscoveryError(f"/pods answer: expected a PodList with items, got "
                              f"{type(answer).__name__} {str(answer)[:60]!r}")
     if answer.get("kind", "PodList") != "PodList":
         raise DiscoveryError(f"/pods answer: kind is {answer.get('kind')!r:.40}, not PodList")
     tasks, problems = [], []
-    for i, pod in enumerate(answer["items"]):
+    for i, pod in enumerate(answer["items"] or []):
         where = f"items[{i}]"
         try:
             if not isinstance(pod, dict):
@@ -326,17 +396,19 @@ def _pod_tasks(pod, meta, status, task, driver, root, annotations, pod_where, pr
 
 
 def _running_containers(status, pod_path, driver, pod_where, problems):
-    """(name, cgroup path) of the pod's running containers; the others are skipped."""
+    """(name, cgroup path) of the pod's running containers, app ones first, then
+    the running init containers (sidecars); the others are skipped."""
     out = []
-    for i, cs in enumerate(optional(status, "containerStatuses", list, "status", [])):
-        at = f"status.containerStatuses[{i}]"
-        try:
-            cname = need(cs, "name", str, at)
-            state = optional(cs, "state", dict, at, {})
-            if "running" not in state:
-                continue
-            out.append((cname, container_cgroup_path(pod_path, need(cs, "containerID", str, at),
-                                                     driver)))
-        except InvalidEntry as e:
-            problems.append(f"{pod_where}: container left out: {e}")
+    for key in ("containerStatuses", "initContainerStatuses"):
+        for i, cs in enumerate(optional(status, key, list, "status", [])):
+            at = f"status.{key}[{i}]"
+            try:
+                cname = need(cs, "name", str, at)
+                state = optional(cs, "state", dict, at, {})
+                if state.get("running") is None:
+                    continue
+                out.append((cname, container_cgroup_path(
+                    pod_path, need(cs, "containerID", str, at), driver)))
+            except InvalidEntry as e:
+                problems.append(f"{pod_where}: container left out: {e}")
     return out

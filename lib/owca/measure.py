@@ -17,6 +17,7 @@ from owca.cgroups import CgroupGone, TaskCgroup, fd_usage, raise_fd_limit
 from owca.config import ConfigError
 from owca.paths import paths_from_options
 from owca.platform import PlatformReader
+from owca.rdt_monitor import start_rdt_monitor
 from owca.stage import Stage
 
 log = logging.getLogger("owca.measure")
@@ -48,6 +49,9 @@ class MeasureConfig:
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
     apm_max_age: float = 30.0
+    # --- Intel RDT monitoring through resctrl (lib/owca/rdt_monitor.py) ---
+    # A resctrl monitoring group per task: its L3 occupancy and memory bandwidth.
+    rdt_monitoring: bool = False
 
     def __post_init__(self):
         if self.perf_events:
@@ -68,7 +72,8 @@ class Measure(Stage):
         super().__init__(cfg, options)
         self.paths = paths_from_options(procfs=options.get("--procfs"),
                                         sysfs=options.get("--sysfs"),
-                                        cgroupfs=options.get("--cgroupfs"))
+                                        cgroupfs=options.get("--cgroupfs"),
+                                        resctrlfs=options.get("--resctrlfs"))
         raise_fd_limit()
         self.platform = PlatformReader(self.paths)
         self.readers: Dict[str, TaskCgroup] = {}
@@ -79,6 +84,7 @@ class Measure(Stage):
         self.readers_created = 0  # the next reader's phase for its slow metrics
         self.perf = self._start_perf()
         self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
+        self.rdt = start_rdt_monitor(self.paths) if cfg.rdt_monitoring else None
 
     def _start_perf(self):
         if not self.cfg.perf_events:
@@ -124,14 +130,18 @@ class Measure(Stage):
                 self.readers_created += 1
         if self.perf is not None:
             self.perf.update({i: t["cgroup_path"] for i, t in current.items()})
+        if self.rdt is not None:
+            self.rdt.update({i: t["cgroup_path"] for i, t in current.items()})
 
     def measure(self, seq: int) -> dict:
         started = time.monotonic()
         ts = time.time()
         platform = self.platform.read()
+        rdt_tasks, rdt_platform = self.rdt.read_cycle() if self.rdt is not None else ({}, {})
+        platform.update(rdt_platform)
         out = {}
         tasks = self.tasks
-        for task_id, metrics in self.read_tasks(seq).items():
+        for task_id, metrics in self.read_tasks(seq, rdt_tasks).items():
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = tasks[task_id]
@@ -151,12 +161,15 @@ class Measure(Stage):
             own += self.perf.samples(labels)
         if self.apm is not None:
             own += self.apm.samples(labels)
+        if self.rdt is not None:
+            own += self.rdt.samples(labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 
-    def read_tasks(self, seq: int) -> Dict[str, dict]:
+    def read_tasks(self, seq: int, extra: Dict[str, dict] = None) -> Dict[str, dict]:
         """Every task's metrics of this cycle: its cgroup's, its perf counters',
-        its APM file's.  A task whose cgroup is gone is left out."""
+        its APM file's, and `extra`'s (RDT monitoring).  A task whose cgroup is gone
+        is left out."""
         perf = self.perf.read() if self.perf is not None else {}
         apm = self.apm.read() if self.apm is not None else {}
         measured = {}
@@ -171,6 +184,8 @@ class Measure(Stage):
                 metrics.update(perf.get(task_id, ()))
             if apm:
                 metrics.update(apm.get(task_id, ()))
+            if extra:
+                metrics.update(extra.get(task_id, ()))
             measured[task_id] = metrics
         return measured
 
@@ -181,4 +196,6 @@ class Measure(Stage):
         self.platform.close()
         if self.perf is not None:
             self.perf.close()
+        if self.rdt is not None:
+            self.rdt.close()
         return []

@@ -94,7 +94,9 @@ def _answer(answer, call: str) -> dict:
 
 
 def _list(obj: dict, key: str, where: str) -> list:
-    value = obj.get(key, [])
+    value = obj.get(key)
+    if value is None:  # absent or null: empty
+        return []
     if not isinstance(value, list):
         raise DiscoveryError(f"{where}.{key}: expected a list, got {type(value).__name__}")
     return value
@@ -125,7 +127,7 @@ def parse_containers(answer) -> Tuple[Containers, List[str]]:
 def parse_state(answer, containers: Containers, cgroups_root: str = "mesos"):
     """(tasks, problems): the running tasks of GET_STATE that have a container."""
     body = _answer(answer, "GET_STATE")
-    get_tasks = body.get("get_tasks", {})
+    get_tasks = {} if body.get("get_tasks") is None else body["get_tasks"]
     if not isinstance(get_tasks, dict):
         raise DiscoveryError("GET_STATE answer: get_tasks is not an object")
     frameworks = _framework_names(body)
@@ -161,19 +163,26 @@ def _task(t: dict, containers: Containers, frameworks: Dict[str, str], root: str
           where: str, problems: List[str]) -> dict:
     tid = task_id(_value(t, "task_id", where), where + ".task_id")
     framework = _value(t, "framework_id", where)
-    executor = _value(t, "executor_id", where) if "executor_id" in t else tid
+    executor = _value(t, "executor_id", where) if t.get("executor_id") is not None else tid
+    docker = optional(t, "container", dict, where, {}).get("type") == "DOCKER"
+    if docker:
+        raise InvalidEntry("it runs in the Docker containerizer (container.type DOCKER), "
+                           "whose cgroups are Docker's, not the agent's: not supported; "
+                           "run it in the Mesos containerizer (docs/discovery.md)")
     container = containers.get((framework, executor))
     if container is None:
         raise InvalidEntry(f"the agent lists no container for its executor {executor!r:.80}")
     cgroup_path = f"{root}/{container}"
-    task = {"id": tid, "name": optional(t, "name", str, where, tid),
+    # The name is optional, and may be empty: the id stands in (docs/protocol.md).
+    task = {"id": tid, "name": optional(t, "name", str, where, tid) or tid,
             "cgroup_path": cgroup_path, "labels": {}, "resources": {}}
     nested = _nested_container(t, container, where)
     if nested:
         task["cgroup_path"] = f"{cgroup_path}/mesos/{nested}"
         task["executor_cgroup_path"] = cgroup_path
     labels = task["labels"]
-    pairs = [(label.get("key"), label.get("value", "")) if isinstance(label, dict)
+    pairs = [(label.get("key"), "" if label.get("value") is None else label["value"])
+             if isinstance(label, dict)
              else (None, None) for label in optional(optional(t, "labels", dict, where, {}),
                                                      "labels", list, where, [])]
     # A bad label costs only itself, not the task.
@@ -223,5 +232,17 @@ def _resources(t: dict, where: str):
         role = optional(info, "role", str, at + ".allocation_info") or optional(r, "role", str, at)
         if role:
             roles.add(role)
-        revocable = revocable or "revocable" in r
-    return resources, roles, revocable
+        revocable = revocable or r.get("revocable") is not None
+    return {k: _precision(k, v) for k, v in resources.items()}, roles, revocable
+
+
+def _precision(key: str, value: float):
+    """A sum of Mesos scalars at the precision Mesos keeps them.
+
+    Mesos stores scalars as fixed-point numbers with three decimal digits;
+    MB become whole bytes.  Adding floats (0.1 + 0.048) otherwise shows noise.
+    """
+    if key.endswith("_bytes"):
+        return int(round(value))
+    rounded = round(value, 3)
+    return int(rounded) if float(rounded).is_integer() else rounded

@@ -8,7 +8,14 @@ node) is nested in frames one level per dimension,
 one label per level, named by `levels`.
 
 Plug-ins may emit metrics that are not registered here; they are exported as
-gauges, nested levels labelled `level1`, `level2`, ...
+gauges (or with the type their sample gives), nested levels labelled `level1`,
+`level2`, ...
+
+Frames carry the names registered here (WCA's names, which dashboards use).  The
+Prometheus exposition, and only it, follows Prometheus' naming rules (`promtool check
+metrics`): a counter's name ends in `_total`, and no other metric's name ends in
+`_count`, `_sum` or `_bucket`.  `exposed_name()` gives the name a metric has there;
+docs/metrics.md lists the names that differ.
 """
 from dataclasses import dataclass
 from typing import Dict, Tuple
@@ -25,6 +32,11 @@ class MetricSpec:
     source: str
     levels: Tuple[str, ...] = ()
     scope: str = "task"  # task, platform, internal, anomaly, allocation, apm
+    exposed: str = ""    # the name in the Prometheus exposition, where the rule gives none
+
+    @property
+    def exposed_name(self) -> str:
+        return self.exposed or exposed_name(self.name, self.type)
 
 
 def _specs(*specs: MetricSpec) -> Dict[str, MetricSpec]:
@@ -154,7 +166,7 @@ ANOMALY = _specs(
       "contending_task_id (one sample per contending task) and uuid.", "owca-detect",
       scope="anomaly"),
     M("anomaly_count", GAUGE, "anomalies", "Anomalies the detector found in the cycle.",
-      "owca-detect", scope="anomaly"),
+      "owca-detect", scope="anomaly", exposed="anomalies_found"),
 )
 
 # -- perf counters (owca-measure, owca-perf) ----------------------------------------------
@@ -234,13 +246,22 @@ ALLOCATION = _specs(
       "resctrl <group>/schemata MB", scope="allocation"),
     M("allocations_count", COUNTER, "changes",
       "Allocation changes written (and restores), since the start; with --dry-run, the "
-      "changes that would have been written.", "owca-allocate", scope="allocation"),
+      "changes that would have been written.", "owca-allocate", scope="allocation",
+      exposed="allocations_total"),
     M("allocation_errors_count", COUNTER, "errors",
       "Allocations refused (invalid) or failed (write error), since the start.",
-      "owca-allocate", scope="allocation"),
+      "owca-allocate", scope="allocation", exposed="allocation_errors_total"),
     M("allocation_error", GAUGE, "boolean",
       "1 for each allocation refused or failed in the cycle; labels task_id, type, reason.",
       "owca-allocate", scope="allocation"),
+    M("allocation_external_changes_total", COUNTER, "changes",
+      "Values OWCA wrote that another writer (the kubelet, systemd, an operator) changed, "
+      "counted once per change, since the start; labels task_id, type, file.",
+      "owca-allocate", scope="allocation"),
+    M("allocation_journal_errors_total", COUNTER, "errors",
+      "Journal problems since the start; label reason: corrupt (a journal set aside at "
+      "start, its originals not restored), write (a save that failed: the cycle's "
+      "changes were not written).", "owca-allocate", scope="allocation"),
 )
 
 # -- shipping (owca-ship) --------------------------------------------------------------------
@@ -251,7 +272,8 @@ SHIP = _specs(
       "numbers (a string, a boolean, null).", "owca-ship", scope="internal"),
     M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
       "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
-      "to make room), too_large (bigger than the spool), rejected (refused by the broker), "
+      "to keep spool_max_cycles and spool_max_bytes), disk_full (the oldest, or at worst "
+      "the new one, when the filesystem's free space or spool_min_free_bytes ran out), too_large (bigger than the spool), rejected (refused by the broker), "
       "corrupt (a damaged spool file).", "owca-ship: KafkaStorage", scope="internal"),
     M("owca_ship_spool_cycles", GAUGE, "cycles",
       "Cycles waiting in a storage's spool for the broker.", "owca-ship: KafkaStorage",
@@ -264,6 +286,10 @@ SHIP = _specs(
     M("owca_ship_send_errors_total", COUNTER, "errors",
       "Failed attempts to deliver a cycle (broker unreachable, timeout, error); each is "
       "retried with backoff.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_connection_errors_total", COUNTER, "connections",
+      "Connections to the broker that the Kafka client reported refused or lost, counted "
+      "as they happen (a send in flight then fails at once).", "owca-ship: KafkaStorage",
+      scope="internal"),
     M("owca_ship_scrapes_total", COUNTER, "requests",
       "HTTP requests to the Prometheus endpoint.", "owca-ship: PrometheusStorage",
       scope="internal"),
@@ -354,11 +380,56 @@ APM = _specs(
       scope="internal"),
 )
 
+# -- RDT monitoring through resctrl (owca-measure, rdt_monitoring: true) --------------
+_MON = "resctrl mon_data/mon_L3_<cache id>/"
+_RATE = ("; the change since the last cycle over its duration (absent the first cycle of a "
+         "group, after `Unavailable`, and when the counter went back)")
+_SUM_TASK = ("the task's monitoring group (owca-mon-*), summed over cache ids; absent while "
+             "any reads `Unavailable`")
+_SUM_PLATFORM = "every control group (the default one included; each counts its MON groups)"
+RDT_MONITORING = _specs(
+    M("task_llc_occupancy_bytes", GAUGE, "bytes", "L3 cache the task's threads occupy.",
+      _MON + "llc_occupancy of " + _SUM_TASK),
+    M("task_mem_bandwidth_bytes", COUNTER, "bytes",
+      "Memory traffic of the task's threads (local and remote) since OWCA began "
+      "monitoring it; a counter that went back (a new RMID) adds nothing.",
+      _MON + "mbm_total_bytes of " + _SUM_TASK),
+    M("task_mem_bandwidth_local_bytes", COUNTER, "bytes",
+      "Memory traffic of the task's threads to their local NUMA node, as "
+      "task_mem_bandwidth_bytes.", _MON + "mbm_local_bytes of " + _SUM_TASK),
+    M("task_mem_bandwidth_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth of the task's threads (local and remote).",
+      _MON + "mbm_total_bytes of " + _SUM_TASK + _RATE),
+    M("task_mem_bandwidth_local_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth of the task's threads to their local NUMA node.",
+      _MON + "mbm_local_bytes of " + _SUM_TASK + _RATE),
+    M("platform_llc_occupancy_bytes", GAUGE, "bytes", "L3 cache occupied, per cache.",
+      _MON + "llc_occupancy summed over " + _SUM_PLATFORM, levels=("cache_id",),
+      scope="platform"),
+    M("platform_mem_bandwidth_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth (local and remote), per L3 cache domain.",
+      _MON + "mbm_total_bytes summed over " + _SUM_PLATFORM + _RATE,
+      levels=("cache_id",), scope="platform"),
+    M("platform_mem_bandwidth_local_bytes_per_second", GAUGE, "bytes per second",
+      "Memory bandwidth to the local NUMA node, per L3 cache domain.",
+      _MON + "mbm_local_bytes summed over " + _SUM_PLATFORM + _RATE,
+      levels=("cache_id",), scope="platform"),
+    M("owca_rdt_monitored_tasks", GAUGE, "tasks",
+      "Tasks with a resctrl monitoring group of OWCA's.", "owca-measure", scope="internal"),
+    M("owca_rdt_unmonitored_tasks", GAUGE, "tasks",
+      "Tasks left without a monitoring group in the last cycle: the RMIDs "
+      "(info/L3_MON/num_rmids) are spent, or the kernel refused one.",
+      "owca-measure", scope="internal"),
+    M("owca_rdt_rmids", GAUGE, "RMIDs", "The platform's monitoring ids, every group's "
+      "included.", "resctrl info/L3_MON/num_rmids", scope="internal"),
+)
+
 SECTIONS = {
     "Tasks: cgroups": TASK_CGROUP,
     "Tasks: bookkeeping": TASK_INTERNAL,
     "Tasks: perf counters": PERF,
     "Platform": PLATFORM,
+    "Tasks and platform: RDT monitoring": RDT_MONITORING,
     "Anomalies": ANOMALY,
     "Allocations": ALLOCATION,
     "Application performance (workload wrappers)": APM,
@@ -374,12 +445,32 @@ for _section in SECTIONS.values():
         REGISTRY[_name] = _spec
 
 
+PLUGIN_HELP = "Emitted by a plug-in; not in OWCA's metric registry."
+
+
+def exposed_name(name: str, type_: str) -> str:
+    """A metric's name in the Prometheus exposition, by Prometheus' rules: a counter's
+    ends in `_total`; `_count`, `_sum`, `_bucket` belong to histograms and summaries."""
+    if type_ == COUNTER:
+        return name if name.endswith("_total") else name + "_total"
+    for suffix in ("_count", "_sum", "_bucket"):
+        if name.endswith(suffix):
+            return name[:-len(suffix)] + "_" + suffix[1:] + "_value"
+    return name
+
+
 def spec_for(name: str) -> MetricSpec:
     """The registered spec, or a gauge with generic level names for a plug-in's metric."""
     spec = REGISTRY.get(name)
     if spec is None:
-        spec = MetricSpec(name, GAUGE, "", "", "plug-in", scope="plugin")
+        spec = MetricSpec(name, GAUGE, "", PLUGIN_HELP, "plug-in", scope="plugin")
     return spec
+
+
+def renamed() -> Dict[str, str]:
+    """{frame name: exposition name} of the registered metrics whose names differ."""
+    return {name: spec.exposed_name for name, spec in REGISTRY.items()
+            if spec.exposed_name != name}
 
 
 def render_markdown() -> str:
@@ -395,4 +486,18 @@ def render_markdown() -> str:
             levels = ", ".join(s.levels) or "—"
             out.append(f"| `{s.name}` | {s.type} | {s.unit} | {levels} | {s.source} | {s.help} |")
         out.append("")
+    out.append("## Names in the Prometheus exposition\n")
+    out.append("Frames carry the names above. The Prometheus text exposition (the endpoint, "
+               "the files, the Kafka messages) follows Prometheus' naming rules, so that "
+               "`promtool check metrics` passes: a counter's name ends in `_total`, and only "
+               "histograms and summaries end in `_count`. These metrics are exposed under "
+               "another name:\n")
+    out.append("| name in frames | name in the exposition |")
+    out.append("|---|---|")
+    for name, exposed in renamed().items():
+        out.append(f"| `{name}` | `{exposed}` |")
+    out.append("")
+    out.append("A plug-in's unregistered metric keeps its name (with `_total` added when its "
+               "sample says `counter`); its HELP is the sample's `help`, or a line saying "
+               "it comes from a plug-in.\n")
     return "\n".join(out)

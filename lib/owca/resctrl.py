@@ -243,8 +243,8 @@ class ResctrlFS:
         finally:
             os.close(fd)
 
-    def directories(self) -> List[str]:
-        with os.scandir(self.root) as entries:
+    def directories(self, *parts: str) -> List[str]:
+        with os.scandir(self.path(*parts)) as entries:
             return [e.name for e in entries if e.is_dir(follow_symlinks=False)]
 
     def write(self, text: str, *parts: str) -> None:

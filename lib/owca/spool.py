@@ -14,16 +14,22 @@ leaves only a temporary file, discarded at the next start; a record file whose
 length or checksum does not match (a disk that lied) is discarded when it is
 read, and counted.  Neither stops the spool.
 
-Bounds: at most `max_records` records and `max_bytes` bytes of record files.
-An append that would exceed them drops the oldest records first, except the
-one a sender holds (`take()` .. `release()`), which is kept so that a record
-on its way to the broker is never reported as dropped.  A record larger than
-`max_bytes` on its own is refused.
+Bounds: at most `max_records` records and `max_bytes` bytes of record files, and
+at least `min_free_bytes` left free on the spool's filesystem after an append
+(checked with statvfs before each write, so that the spool never takes what the
+rest of the node needs).  An append that would break a bound drops the oldest
+records first, except the one a sender holds (`take()` .. `release()`), which is
+kept so that a record on its way to the broker is never reported as dropped.
+The same holds when the filesystem fills before the bounds (ENOSPC, EDQUOT: other
+files grew): the oldest records make room, and only when none is left to drop is
+the new record itself dropped (SpoolFull).  Every drop is counted by reason.
+A record larger than `max_bytes` on its own is refused.
 
 Thread safety: one appender and one sender (`take`/`release`) may work at once.
 A lock file (`flock`) keeps a second process off the same directory.
 """
 import collections
+import errno
 import fcntl
 import json
 import logging
@@ -46,10 +52,17 @@ NAME_DIGITS = 20
 
 # Reasons a record leaves the spool without being delivered.
 FULL, TOO_LARGE, CORRUPT = "spool_full", "too_large", "corrupt"
+DISK_FULL = "disk_full"          # the filesystem's free space (or the reserve) ran out
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
 class SpoolError(Exception):
     """The spool cannot be used or written (one line)."""
+
+
+class SpoolFull(SpoolError):
+    """The filesystem has no room for the record even with every older one dropped: the
+    record itself was dropped (counted under disk_full)."""
 
 
 class CorruptRecord(ValueError):
@@ -120,12 +133,14 @@ def _fsync_dir(fd: int):
 class Spool:
     """Records in `directory`, oldest first, bounded by records and bytes."""
 
-    def __init__(self, directory: str, max_bytes: int, max_records: int, fsync: bool = True):
-        if max_bytes <= 0 or max_records <= 0:
+    def __init__(self, directory: str, max_bytes: int, max_records: int, fsync: bool = True,
+                 min_free_bytes: int = 0):
+        if max_bytes <= 0 or max_records <= 0 or min_free_bytes < 0:
             raise SpoolError("spool bounds must be positive")
         self.directory = directory
         self.max_bytes = max_bytes
         self.max_records = max_records
+        self.min_free_bytes = min_free_bytes
         self.fsync = fsync
         self.dropped = collections.Counter()   # reason -> records
         self.bytes = 0
@@ -206,44 +221,78 @@ class Spool:
             self._next_id += 1
         tmp = os.path.join(self.directory, f".{record_id}{TMP_SUFFIX}")
         final = os.path.join(self.directory, record_name(record_id))
-        try:
-            with open(tmp, "xb", opener=_private) as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
-            os.rename(tmp, final)
-            if self.fsync:
-                _fsync_dir(self._dir_fd)
-        except OSError as e:
+        dropped = self._make_room(len(data))
+        while True:
             try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise SpoolError(f"spool {self.directory}: cannot write a record: "
-                             f"{e.strerror}") from None
+                self._write(tmp, final, data)
+                break
+            except OSError as e:
+                try:
+                    os.unlink(tmp)
+                except OSError:
+                    pass
+                if e.errno not in _NO_SPACE:
+                    raise SpoolError(f"spool {self.directory}: cannot write a record: "
+                                     f"{e.strerror}") from None
+                with self._cond:     # the disk filled before the bounds: the oldest go
+                    if not self._drop_oldest(DISK_FULL):
+                        self.dropped[DISK_FULL] += 1
+                        raise SpoolFull(f"spool {self.directory}: no room on its filesystem "
+                                        f"({e.strerror}) with no older cycle left to drop: "
+                                        f"this one is dropped") from None
+                    dropped += 1
         with self._cond:
-            dropped = self._enforce_bounds(len(data))
+            dropped += self._enforce_bounds(len(data))
             self._index.append((record_id, len(data)))
             self.bytes += len(data)
             self._cond.notify_all()
         return dropped
 
+    def _write(self, tmp: str, final: str, data: bytes):
+        with open(tmp, "xb", opener=_private) as f:
+            f.write(data)
+            f.flush()
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.rename(tmp, final)
+        if self.fsync:
+            _fsync_dir(self._dir_fd)
+
+    def free_bytes(self) -> int:
+        """Bytes an unprivileged writer may still use on the spool's filesystem."""
+        st = os.fstatvfs(self._dir_fd)
+        return st.f_bavail * st.f_frsize
+
+    def _make_room(self, size: int) -> int:
+        """Drop the oldest records until `size` more bytes leave min_free_bytes free."""
+        if not self.min_free_bytes:
+            return 0
+        # A file takes whole blocks; a little more for its directory entry.
+        need = size + 2 * os.fstatvfs(self._dir_fd).f_frsize + self.min_free_bytes
+        dropped = 0
+        with self._cond:
+            while self.free_bytes() < need and self._drop_oldest(DISK_FULL):
+                dropped += 1
+        return dropped
+
+    def _drop_oldest(self, reason: str) -> bool:
+        """Drop the oldest record the sender does not hold (under the lock); False when
+        there is none."""
+        for i, (record_id, size) in enumerate(self._index):
+            if record_id != self._held:
+                del self._index[i]
+                self.bytes -= size
+                self._unlink(record_id)
+                self.dropped[reason] += 1
+                return True
+        return False
+
     def _enforce_bounds(self, incoming: int) -> int:
         """Drop the oldest records not held by the sender until `incoming` more fits."""
         extra = 1 if incoming else 0
         dropped = 0
-        i = 0
         while (len(self._index) + extra > self.max_records
-               or self.bytes + incoming > self.max_bytes) and i < len(self._index):
-            record_id, size = self._index[i]
-            if record_id == self._held:
-                i += 1
-                continue
-            del self._index[i]
-            self.bytes -= size
-            self._unlink(record_id)
-            self.dropped[FULL] += 1
+               or self.bytes + incoming > self.max_bytes) and self._drop_oldest(FULL):
             dropped += 1
         return dropped
 

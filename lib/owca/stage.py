@@ -18,7 +18,7 @@ import time
 from docopt import DocoptExit, docopt
 
 from owca import config, frames, startup
-from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, LineReader,
+from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
                          OutputClosed, OutputStalled, Signals, stop_requested, write_all)
 
 log = logging.getLogger("owca")
@@ -318,7 +318,13 @@ def run_source(stage: Stage, writer: FrameWriter, signals: Signals, once: bool,
     try:
         while not signals.stop:
             started = time.monotonic()
-            for out in stage.produce():
+            try:
+                # A source may wait on an orchestrator: a stop must not.
+                with signals.interruptible():
+                    produced = stage.produce()
+            except Interrupted:
+                break
+            for out in produced:
                 writer.write(out)
             stage.stats.cycle_duration = time.monotonic() - started
             if once:
@@ -425,6 +431,8 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
             config.register_external(spec)
         parse_interval(args.get("--interval"))
         cfg = config.load_section(args.get("--config"), stage_class.name, schema)
+        if args.get("--check-config"):  # what a rollout runs before installing a file
+            return EXIT_OK
         if startup.STDIN in startup.closed and not source:
             raise DataError("standard input is closed: nothing to read frames from")
         if startup.STDOUT in startup.closed and stage_class.writes_stdout(cfg):

@@ -9,8 +9,12 @@
   in hand is finished and written before the tool exits.  A write that blocks
   (a reader downstream that stalled) is given STOP_GRACE seconds after the
   signal, then abandoned with OutputStalled: a stop is prompt whatever the
-  neighbours do, and a stage still restores what it changed (close()).
+  neighbours do, and a stage still restores what it changed (close()).  Only
+  a wait on something outside the node's control (an orchestrator that does
+  not answer) is cut short at once: inside `Signals.interruptible()` a stop
+  raises `Interrupted`.
 """
+import contextlib
 import errno
 import logging
 import os
@@ -83,12 +87,21 @@ def write_all(fd: int, data) -> None:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+class Interrupted(BaseException):
+    """A stop signal arrived inside Signals.interruptible().
+
+    A BaseException, so that no `except Exception` of a library (requests,
+    urllib3) on the way out mistakes it for an error of its own and retries.
+    """
+
+
 class Signals:
     """SIGTERM/SIGINT set `stop`; `fileno()` becomes readable when one arrives."""
 
     def __init__(self):
         self.stop = False
         self.signum = None
+        self._interruptible = False
         self._r, self._w = os.pipe()
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
@@ -103,6 +116,22 @@ class Signals:
         _stop_requested = True
         if _in_write:
             _arm_grace()
+        if self._interruptible:
+            # Python retries a system call that a signal interrupted (PEP 475)
+            # unless the handler raises: this ends a blocked socket read now.
+            self._interruptible = False
+            raise Interrupted()
+
+    @contextlib.contextmanager
+    def interruptible(self):
+        """Within: a stop signal raises Interrupted wherever the code waits."""
+        if self.stop:
+            raise Interrupted()
+        self._interruptible = True
+        try:
+            yield
+        finally:
+            self._interruptible = False
 
     def fileno(self) -> int:
         return self._r

@@ -11,13 +11,12 @@ read-only, so owca-allocate runs with --dry-run here and no allocation is
 written; the tasks are measured through its writable cgroup v2 tree.
 """
 import re
-import shutil
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 import owca_nspawn
 from owca_ansible import REPO, Playbook, recap
@@ -234,9 +233,33 @@ def test_each_stage_runs_with_only_what_it_needs(node, deployed):
     inside = f"nsenter --mount --target {pids['owca-allocate.service']}"
     cgroup = f"/sys/fs/cgroup/unified/system.slice/{LOAD_UNIT}/cgroup.freeze"
     assert node.ssh(f"{inside} sh -c 'echo 0 > {cgroup}'", check=False).returncode == 0
-    for path in ("/etc/owca/allocate.yaml", "/opt/owca/bin/owca-allocate", "/sys/kernel/mm/ksm/run"):
+    for path in ("/opt/owca/bin/owca-allocate", "/sys/kernel/mm/ksm/run"):
         attempt = node.ssh(f"{inside} sh -c ': >> {path}'", check=False)
         assert attempt.returncode != 0 and "Read-only file system" in attempt.stderr, path
+
+
+def test_each_stage_reads_only_its_own_configuration(node, deployed):
+    """No stage sees another's configuration, nor (allocate, which runs as root)
+    any of the node's own root-only files: each gets its file as a credential."""
+    services = [f"owca-{s}.service" for s in STAGES]
+    pids = {u: s["MainPID"] for u, s in units_state(node, services, props=("MainPID",)).items()}
+    secrets = [f"/etc/owca/{s}.yaml" for s in STAGES]
+    for unit, pid in pids.items():
+        # Its own mount namespace, with its own user's rights (setpriv drops root's).
+        uid = node.ssh(f"awk '/^Uid:/ {{print $2}}' /proc/{pid}/status").stdout.strip()
+        inside = (f"nsenter --mount --target {pid} setpriv --reuid={uid} --regid={uid}"
+                  f" --clear-groups")
+        for path in secrets:
+            read = node.ssh(f"{inside} cat {path}", check=False)
+            assert read.returncode != 0 and read.stdout == "", f"{unit} reads {path}"
+        own = node.ssh(f"{inside} cat /run/credentials/{unit}/config", check=False)
+        assert own.returncode == 0 and unit.split("-")[1].split(".")[0] + ":" in own.stdout, unit
+    allocate = f"nsenter --mount --target {pids['owca-allocate.service']}"
+    keys = node.ssh("ls /etc/ssh/ssh_host_*_key").stdout.split()
+    assert keys
+    for path in keys + ["/etc/shadow"]:
+        read = node.ssh(f"{allocate} cat {path}", check=False)
+        assert read.returncode != 0 and read.stdout == "", f"allocate reads {path}"
 
 
 # -- the running pipeline --------------------------------------------------------
@@ -249,14 +272,14 @@ def test_pipeline_ships_metrics_of_the_nodes_units(node, deployed):
         r"^(\w+)\{[^}]*" + re.escape(task) + r"[^}]*\} (\S+)", block, re.M)}
     why = "\n".join(line for line in block.splitlines() if LOAD_UNIT in line) or block[:3000]
     why += node.ssh("journalctl --no-pager -n 20 -u owca-measure", check=False).stdout
-    assert samples.get("task_cpu_usage_seconds", 0) > 0, why
+    assert samples.get("task_cpu_usage_seconds_total", 0) > 0, why   # the exposition name
     # perf counters in cgroup mode (owca-measure holds CAP_PERFMON and nothing
     # else) need the perf_event controller on cgroup2. The kernel is the host's:
     # while the host binds perf_event to a v1 hierarchy (hierarchy id not 0 in
     # /proc/cgroups), this container, which has no such mount, cannot count.
     hierarchy = node.ssh("awk '$1 == \"perf_event\" {print $2}' /proc/cgroups").stdout.strip()
     if hierarchy == "0":
-        assert samples.get("task_task_clock_seconds", 0) > 0, why
+        assert samples.get("task_task_clock_seconds_total", 0) > 0, why
     assert 'task_id="/system.slice/ssh.service"' in block
     # Every stage put its own counters in the stream: no bad frame anywhere.
     bad = re.findall(r'^owca_bad_frames_total\{[^}]*stage="(\w+)"[^}]*\} (\S+)', block, re.M)
@@ -350,27 +373,69 @@ def test_a_changed_stage_configuration_restarts_only_that_stage(node, playbook, 
     assert "detector: !NOPAnomalyDetector {}" in node.ssh("cat /etc/owca/detect.yaml").stdout
 
 
-def test_upgrade_restarts_every_stage_and_keeps_the_fifos(node, playbook, deployed,
-                                                         tmp_path):
-    """A new release: every stage restarted gracefully, the FIFOs untouched."""
-    old_release = playbook.home / "release"
-    new_release = tmp_path / "release"
-    new_release.mkdir()
-    for wheel in old_release.glob("*.whl"):
-        shutil.copy(wheel, new_release)
-    (sdist,) = old_release.glob("owca-*.tar.gz")
+# -- a broken rollout -----------------------------------------------------------
+
+def test_a_configuration_the_tool_refuses_fails_the_play_and_changes_nothing(
+        node, playbook, deployed):
+    services = [f"owca-{s}.service" for s in STAGES]
+    before = units_state(node, services)
+    file_before = node.ssh("cat /etc/owca/detect.yaml").stdout
+    result = playbook.run("-e", "owca_detect_config='detector: !NoSuchDetector {}'",
+                          check=False)
+    assert result.returncode != 0
+    assert recap(result.stdout)[HOST]["failed"] == 1
+    out = result.stdout + result.stderr
+    assert "owca-detect: error: " in out and "unknown tag !NoSuchDetector" in out, out
+    assert node.ssh("cat /etc/owca/detect.yaml").stdout == file_before
+    assert units_state(node, services) == before
+
+
+def test_a_stage_that_fails_after_starting_fails_the_play_naming_it(node, playbook, deployed):
+    """A configuration that loads but cannot run (ship's port is taken by sshd)."""
+    taken = node.port
+    result = playbook.run("-e", "owca_ship_config='storages: [!PrometheusStorage "
+                                f"{{port: {taken}}}]'", check=False)
+    assert result.returncode != 0 and recap(result.stdout)[HOST]["failed"] == 1
+    out = result.stdout + result.stderr
+    message = re.search(r"owca-ship\.service is (\w+) \((\S+)\): (.*)", out)
+    assert message, out[-3000:]
+    assert "Address already in use" in message.group(3), message.group(0)
+    assert "owca-ship: error: " in message.group(3)
+    # the same play with the good configuration repairs it
+    result = playbook.run()
+    assert recap(result.stdout)[HOST]["failed"] == 0
+    state = units_state(node, [f"owca-{s}.service" for s in STAGES])
+    assert all(s["SubState"] == "running" for s in state.values()), state
+
+
+# -- upgrade -------------------------------------------------------------------
+
+def test_upgrade_as_documented_installs_the_new_version_and_restarts_every_stage(
+        node, playbook, deployed, tmp_path):
+    """docs/deploy.md, Upgrade: bump the version in the checkout, run the playbook again.
+
+    The checkout here is a copy of this one (its source distribution, unpacked)
+    with the version bumped; the release directory is the one the first run
+    made. Every stage is restarted gracefully and runs the new code; the FIFOs
+    are untouched.
+    """
+    release = playbook.home / "release"
+    (sdist,) = release.glob("owca-*.tar.gz")
     version = sdist.name[len("owca-"):-len(".tar.gz")]
-    bump_version(sdist, new_release, f"{version}.post1")
+    new = f"{version}.post1"
+    checkout = bumped_checkout(sdist, tmp_path, new)
     services = [f"owca-{s}.service" for s in STAGES]
     sockets = [f"owca-{s}.socket" for s in FIFO_STAGES]
     wait_for_new_cycles(node, 2)
     before = units_state(node, services + sockets, props=("MainPID", "ActiveEnterTimestamp"))
     shipped_before = shipped_seqs(node)
 
-    result = playbook.run("-e", f"owca_release_dir={new_release}")
+    result = playbook.run("-e", f"owca_source_dir={checkout}")
     assert recap(result.stdout)[HOST]["failed"] == 0
-    installed = node.ssh("/opt/owca/bin/python -c \"import owca; print(owca.__version__)\"")
-    assert installed.stdout.strip() == f"{version}.post1"
+    assert [p.name for p in release.glob("owca-*.tar.gz")] == [f"owca-{new}.tar.gz"]
+    for stage in STAGES:
+        shown = node.ssh(f"/opt/owca/bin/owca-{stage} --version").stdout.strip()
+        assert shown == new, f"owca-{stage} --version: {shown}"
     assert node.ssh("ls /opt/owca/release").stdout.split().count(sdist.name) == 0
     wait_for_new_cycles(node, 3)
     after = units_state(node, services + sockets, props=("MainPID", "ActiveEnterTimestamp"))
@@ -380,26 +445,23 @@ def test_upgrade_restarts_every_stage_and_keeps_the_fifos(node, playbook, deploy
         assert after[unit] == before[unit], f"{unit} was restarted"
     # Stopped with SIGTERM, each stage wrote what it held: the old discover's
     # cycles all arrive, then the new one's from 1, none missing in between.
-    new = shipped_seqs(node)[len(shipped_before):]
-    restart = new.index(1)
-    assert new[:restart] == list(range(shipped_before[-1] + 1, shipped_before[-1] + 1 + restart))
-    assert new[restart:] == list(range(1, len(new) - restart + 1))
+    arrived = shipped_seqs(node)[len(shipped_before):]
+    restart = arrived.index(1)
+    assert arrived[:restart] == list(range(shipped_before[-1] + 1,
+                                           shipped_before[-1] + 1 + restart))
+    assert arrived[restart:] == list(range(1, len(arrived) - restart + 1))
 
 
-def bump_version(sdist, dest, version):
-    """A copy of the source distribution `sdist` that calls itself `version`."""
-    with tempfile.TemporaryDirectory() as work:
-        with tarfile.open(sdist) as tar:
-            tar.extractall(work, filter="data")
-        (top,) = Path(work).iterdir()
-        init = top / "lib" / "owca" / "__init__.py"
-        init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
-                               init.read_text()))
-        pkg_info = top / "PKG-INFO"
-        pkg_info.write_text(re.sub(r"^Version: .*$", f"Version: {version}",
-                                   pkg_info.read_text(), flags=re.M))
-        with tarfile.open(dest / f"owca-{version}.tar.gz", "w:gz") as tar:
-            tar.add(top, arcname=f"owca-{version}")
+def bumped_checkout(sdist, work, version):
+    """A checkout made from the source distribution `sdist`, its version bumped."""
+    with tarfile.open(sdist) as tar:
+        tar.extractall(work, filter="data")
+    (top,) = [p for p in Path(work).iterdir() if p.name.startswith("owca-")]
+    init = top / "lib" / "owca" / "__init__.py"
+    init.write_text(re.sub(r'__version__ = "[^"]*"', f'__version__ = "{version}"',
+                           init.read_text()))
+    (top / "PKG-INFO").unlink()
+    return top
 
 
 # -- removal ---------------------------------------------------------------------
@@ -414,3 +476,10 @@ def test_absent_leaves_nothing_behind(node, playbook, deployed, pristine):
                     " find /run/private /var/lib/private -mindepth 1", check=False).stdout.strip() == ""
     again = playbook.run("-e", "owca_state=absent")
     assert recap(again.stdout)[HOST]["changed"] == 0
+    # docs/deploy.md, Removal: the Debian packages of owca_apt_packages stay,
+    # python3-apt among them (Ansible's apt module needs it, and installs it).
+    defaults = yaml.safe_load((REPO / "ansible/roles/owca/defaults/main.yml").read_text())
+    assert "python3-apt" in defaults["owca_apt_packages"]
+    for package in defaults["owca_apt_packages"]:
+        status = node.ssh(f"dpkg-query -W -f='${{Status}}' {package}", check=False).stdout
+        assert status == "install ok installed", package

@@ -45,6 +45,42 @@ def test_ansible_lint_production_profile_passes():
     assert "Profile 'production' was required, and it passed" in result.stdout + result.stderr
 
 
+def test_debians_ansible_lint_production_profile_passes(tmp_path):
+    """Debian bookworm's ansible-lint (6.13), with its own ansible-core, as an
+    operator on a bookworm controller runs it (requirements/apt.txt)."""
+    lint = Path("/usr/bin/ansible-lint")
+    if not lint.exists():
+        pytest.skip("Debian's ansible-lint is not installed (requirements/apt.txt)")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    result = subprocess.run([str(lint), "--offline", "--nocolor"], capture_output=True,
+                            text=True, cwd=ANSIBLE_DIR, timeout=300, env=env)
+    assert result.returncode == 0, tail(result.stdout + result.stderr)
+    assert "Passed with production profile" in result.stdout + result.stderr
+
+
+def test_min_ansible_version_is_the_tested_one():
+    """meta/main.yml's minimum is the ansible-core the tests pin and run."""
+    meta = yaml.safe_load((ROLE / "meta" / "main.yml").read_text())
+    pins = dict(re.findall(r"^([\w-]+)==(\S+)$",
+                           (REPO / "requirements" / "test.txt").read_text(), re.M))
+    assert "ansible-core" in pins and "ansible-lint" in pins
+    assert ".".join(pins["ansible-core"].split(".")[:2]) == meta["galaxy_info"][
+        "min_ansible_version"]
+    if (VENV_BIN / "ansible-playbook").exists():
+        from importlib.metadata import version
+        assert version("ansible-core") == pins["ansible-core"]
+        assert version("ansible-lint") == pins["ansible-lint"]
+
+
+def test_the_docs_name_the_packages_the_role_installs_and_removal_keeps():
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    docs = (REPO / "docs" / "deploy.md").read_text()
+    row = re.search(r"^\| `owca_apt_packages` \| `\[([^\]]*)\]`", docs, re.M).group(1)
+    assert [p.strip() for p in row.split(",")] == defaults["owca_apt_packages"]
+    # Ansible's apt module installs python3-apt when it is missing: the role says so
+    assert "python3-apt" in defaults["owca_apt_packages"]
+
+
 def test_every_role_variable_is_validated_and_documented():
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     specs = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())
