@@ -254,7 +254,9 @@ def run(row: Row):
 def cycles(tool: str, out: bytes) -> int:
     if tool == "ship":
         return out.count(b"# owca metrics ")
-    return sum(1 for line in out.splitlines() if json.loads(line)["kind"] == OUTPUT_KIND[tool])
+    frames_ = [json.loads(line) for line in out.splitlines()]
+    # owca-allocate's last frame when it stops (`shutdown`) is no cycle of its own
+    return sum(1 for f in frames_ if f["kind"] == OUTPUT_KIND[tool] and not f.get("shutdown"))
 
 
 def counters(tool: str, out: bytes) -> dict:
