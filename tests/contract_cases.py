@@ -52,7 +52,7 @@ HOST_NEWLINE = (b'{"v":1,"kind":"measurements","ts":1,"host":"n1\\nowca_injected
 BAD_SAMPLE = (b'{"v":1,"kind":"%s","ts":1,"host":"n1","seq":1,%s,'
               b'"metrics":[{"name":"app latency.p99","value":1},{"name":"ok_one","value":2}]}\n')
 BOM = b"\xef\xbb\xbf"
-ANOMALIES = b'{"v":1,"kind":"anomalies","ts":1,"host":"n1","seq":1,"anomalies":[]}\n'
+ALLOCATIONS = b'{"v":1,"kind":"allocations","ts":1,"host":"n1","seq":1,"allocations":{}}\n'
 SLOW_PLUGIN = ("import time\n"
                "open('{dir}/importing', 'w').close()\n"
                "time.sleep(600)\n")
@@ -275,8 +275,8 @@ CASES = [
     row("NUL bytes", FILTERS, 0, r"{tool}: error: line 1: NUL byte at byte 0",
         stdin=[b'\x00{"v":1}\n', GOOD], stream={"counters": {"owca_bad_frames_total": 1}}),
     row("byte order mark at the start", ("measure", "detect", "allocate"), 0, None,
-        stdin=[BOM + ANOMALIES, GOOD],
-        stream={"absent": [BOM], "contains": [ANOMALIES],
+        stdin=[BOM + ALLOCATIONS, GOOD],
+        stream={"absent": [BOM], "contains": [ALLOCATIONS],
                 "counters": {"owca_bad_frames_total": 0}}),
     row("byte order mark in mid-stream", FILTERS, 0,
         r"{tool}: error: line 2: a byte order mark \(U\+FEFF\) begins the line",

@@ -214,37 +214,86 @@ def test_replay_through_owca_detect_and_owca_ship(tmp_path):
 # -- a short live run -------------------------------------------------------------------------------
 
 def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
-    """About 45 s: nginx under sine load, stress-cpu on its core for 12 s."""
+    """About a minute: nginx under sine load, its SLO calibrated; stress-cpu aggressive on
+    its core in the middle, stress-io a decoy before it, a load surge at the end."""
     catalog = load_catalog()
-    reason = unavailable([catalog["nginx"], catalog["stress-cpu"]])
+    reason = unavailable([catalog[n] for n in ("nginx", "stress-cpu", "stress-io")])
     if reason:
         pytest.skip(reason)
     out_dir = tmp_path / "out"
     run = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "run",
                           "-o", str(out_dir),
                           os.path.join(WORKLOADS, "scenarios", "short-cpu.yaml")],
-                         capture_output=True, text=True, timeout=180, env=tool_env())
+                         capture_output=True, text=True, timeout=300, env=tool_env())
     assert run.returncode == 0, run.stderr
     assert "no antagonist" in run.stdout
     truth = json.loads((out_dir / "ground_truth.json").read_text())
-    assert truth["completed"]
+    assert truth["completed"] and truth["version"] == 2
+    hp = truth["hp"]["task_id"]
+    be = {t["name"]: i for i, t in truth["tasks"].items() if t["role"] == "be"}
+    assert set(be) == {"cpu", "io"}
+    # each BE task's phases follow one another from before t=0 to the end, as scheduled
+    for name in be:
+        mine = [p for p in truth["phases"] if p["task"] == name]
+        assert mine[0]["start_ts"] < truth["started_ts"] and mine[-1]["stop_ts"] == \
+            truth["ended_ts"]
+        assert all(a["stop_ts"] == b["start_ts"] for a, b in zip(mine, mine[1:]))
+    kinds = {n: [p["kind"] for p in truth["phases"] if p["task"] == n] for n in be}
+    assert kinds == {"cpu": ["quiet", "aggressive", "quiet"],
+                     "io": ["quiet", "benign", "quiet"]}
     (cpu,) = truth["antagonists"]
     assert cpu["workload"] == "stress-cpu" and cpu["resource"] == "cpu"
-    assert 11 < cpu["stop_ts"] - cpu["start_ts"] < 14
-    hp = truth["hp"]["task_id"]
+    aggressive = [p for p in truth["phases"] if p["kind"] == "aggressive"][0]
+    assert aggressive["progress"]["ops"] > 0 and aggressive["progress"]["unit"] == "bogo-ops"
+    (surge,) = [p for p in truth["phases"] if p["kind"] == "surge"]
+    assert surge["task"] == "nginx" and surge["task_id"] == hp
+    # the SLO was calibrated here, and the wrapper published it
+    calibration = truth["hp"]["slo_calibration"]
+    assert calibration["samples"] and truth["hp"]["slo"] == calibration["slo"] == \
+        pytest.approx(3 * calibration["sli_median"], rel=1e-5)
+    assert truth["host_load"] and "other_cpu_on_hp_cpus" in truth["host_load"][0]
+    assert isinstance(truth["noisy"]["flag"], bool)
     lines = (out_dir / "recording.jsonl").read_bytes().splitlines()
     measurements = [frames.validate(frames.decode(line)) for line in lines
                     if frames.sniff(line) == (1, "measurements")]
     assert len(measurements) >= 30
-    with_apm = [m for m in measurements if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
+    # every task in every interval: a task's presence tells nothing of what it does
+    assert all(set(m["tasks"]) == {hp, *be.values()} for m in measurements)
+    with_apm = [m["tasks"][hp]["metrics"] for m in measurements
+                if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
     assert len(with_apm) >= 25
-    assert any(cpu["task_id"] in m["tasks"] for m in measurements)
+    assert all(m["apm_slo"] == truth["hp"]["slo"] and "apm_report_timestamp_seconds" in m
+               for m in with_apm)
+    assert all("task_run_queue_delay_seconds" in m["tasks"][hp]["metrics"]
+               for m in measurements[1:])
     assert "apm_latency_p99_seconds{" in (out_dir / "metrics.prom").read_text()
     # the run left no cgroup and no APM file behind
     parent = os.path.dirname(hp)
     for controller in ("cpu", "cpuacct", "memory", "cpuset"):
         assert not os.path.exists(Paths().cgroup_v1(controller, parent))
+    assert not os.path.exists(Paths().cgroup_v2(parent))
     assert os.listdir(out_dir / "apm") == []
+
+
+def test_a_pipeline_stage_that_dies_fails_the_run_in_one_line(tmp_path):
+    """owca-detect refuses its configuration (exit 2): the run stops, exit 1, one line."""
+    catalog = load_catalog()
+    reason = unavailable([catalog["nginx"], catalog["stress-cpu"]])
+    if reason:
+        pytest.skip(reason)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(VALID.replace("name: t", "name: dies").replace(
+        "hp: {workload: nginx,", "hp: {workload: nginx, calibrate: 0,"))
+    config = tmp_path / "bad.yaml"
+    config.write_text("detect:\n  detector: !NoSuchDetector {}\n")
+    run = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "run",
+                          "-o", str(tmp_path / "out"), "-c", str(config), str(scenario)],
+                         capture_output=True, text=True, timeout=180, env=tool_env())
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "pipeline stage detect exited with status 2" in errors[0]
+    truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
+    assert not truth["completed"]
 
 
 def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):
@@ -267,3 +316,95 @@ def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):
         assert not os.path.exists(Paths().cgroup_v1("memory", os.path.dirname(w.cgroup_path)))
     finally:
         launcher.stop_all(timeout=2)
+
+
+# -- the scenario format, version 2: BE tasks with phases, surges ---------------------------------
+
+PHASED = """
+name: p
+duration: 60
+hp: {workload: nginx, load: {base: 100, amplitude: 50, period: 10}, quota: 0.5}
+be:
+  - name: cpu
+    workload: stress-cpu
+    phases: [{start: 5, stop: 10}, {start: 20, stop: 30, mode: benign}]
+  - {name: rec, workload: stress-reclaim, memory_limit: 64M, phases: [{start: 8, stop: 12}]}
+surges: [{start: 40, stop: 50}]
+measure: {slow_metrics_every: 5}
+"""
+
+
+def test_a_phased_scenario_and_its_defaults():
+    from owca_workloads.scenario import be_tasks
+    s = parse_scenario(PHASED)
+    assert (s.hp.calibrate, s.hp.slo_factor, s.hp.quota) == (20.0, 3.0, 0.5)
+    assert [(b.name, [(p.start, p.stop, p.mode) for p in b.phases]) for b in be_tasks(s)] == [
+        ("cpu", [(5, 10, "aggressive"), (20, 30, "benign")]), ("rec", [(8, 12, "aggressive")])]
+    assert s.surges[0].rate is None and s.surges[0].connections == 4
+    assert s.measure == {"slow_metrics_every": 5}
+    # version 1's antagonists are BE tasks of one aggressive phase
+    (old,) = be_tasks(parse_scenario(VALID))
+    assert old.workload == "stress-cpu" and [(p.start, p.mode) for p in old.phases] == \
+        [(5, "aggressive")]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (("{start: 20, stop: 30, mode: benign}", "{start: 8, stop: 30, mode: benign}"),
+     "phases overlap"),
+    (("mode: benign", "mode: loud"), "mode 'loud'"),
+    (("memory_limit: 64M", "memory_limit: lots"), "expected bytes"),
+    (("quota: 0.5", "quota: 0"), "positive number of cores"),
+    (("name: rec,", "name: cpu,"), "is taken"),
+    (("surges: [{start: 40, stop: 50}]", "surges: [{start: 40, stop: 70}]"), "surges[0]"),
+    (("measure: {slow_metrics_every: 5}", "measure: [1]"), "measure: expected a mapping"),
+])
+def test_bad_phased_scenarios_are_refused_with_the_reason(change, reason):
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(PHASED.replace(*change), "bad.yaml")
+    assert str(e.value).startswith("bad.yaml: ") and reason in str(e.value)
+
+
+def test_be_progress_from_stress_ng_and_sysbench_output():
+    from owca_workloads.progress import parse_progress, with_progress
+    assert with_progress(["stress-ng", "--cpu", "1"])[-1] == "--metrics-brief"
+    assert with_progress(["sysbench", "cpu", "run"]) == \
+        ["sysbench", "cpu", "--report-interval=1", "run"]
+    stress = ("stress-ng: metrc: [11348] stressor       bogo ops real time  usr time\n"
+              "stress-ng: metrc: [11348] cpu                3474      3.05      2.29      0.01"
+              "      1140.88        1509.87\n")
+    assert parse_progress(stress) == {"ops": 3474, "seconds": 3.05,
+                                      "ops_per_second": round(3474 / 3.05, 3),
+                                      "unit": "bogo-ops"}
+    with open(os.path.join(WORKLOADS, "samples", "sysbench-cpu.txt")) as f:
+        sample = f.read()
+    lines = "[ 1s ] thds: 1 eps: 1873.18 lat (ms,95%): 0.97\n" \
+            "[ 2s ] thds: 1 eps: 2442.19 lat (ms,95%): 0.43\n"
+    assert parse_progress(lines) == {"ops": 4315.37, "seconds": 2.0,
+                                     "ops_per_second": 2157.685, "unit": "events"}
+    assert parse_progress("nothing here\n") is None and parse_progress(sample) is None
+
+
+def test_host_load_from_proc_stat_and_psi():
+    from owca_workloads.hostload import CLK_TCK, cpu_busy_seconds, psi_some_total_seconds
+    stat = ("cpu  10 0 10 100 0 0 0 0 0 0\n"
+            "cpu0 100 5 20 1000 7 1 2 3 0 0\ncpu1 1 0 1 10 0 0 0 0 0 0\nintr 5\n")
+    assert cpu_busy_seconds(stat) == {0: 131 / CLK_TCK, 1: 2 / CLK_TCK}  # idle, iowait out
+    assert psi_some_total_seconds("some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\n"
+                                  "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n") == 2.5
+
+
+def test_a_configuration_adds_owca_allocate_and_merges_its_measure_section(tmp_path):
+    from owca_workloads.scenario import Runner
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("measure:\n  slow_metrics_every: 3\n  apm_dir: /elsewhere\n"
+                      "detect:\n  detector: !NOPAnomalyDetector {}\n"
+                      "allocate:\n  allocator: !SomePlugin {x: 1}\n")
+    s = parse_scenario(PHASED)
+    runner = Runner(s, str(tmp_path / "out"), str(config), plugins=["m:C"])
+    assert runner.stages() == ["discover", "measure", "detect", "allocate", "tee", "ship"]
+    section = runner.measure_section()
+    assert section["slow_metrics_every"] == 3  # the configuration's over the scenario's
+    assert section["apm_dir"] == str(tmp_path / "out" / "apm")  # the runner's own
+    plain = Runner(s, str(tmp_path / "out"))
+    assert plain.stages() == ["discover", "measure", "detect", "tee", "ship"]
+    assert plain.measure_section()["slow_metrics_every"] == 5  # the scenario's

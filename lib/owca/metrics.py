@@ -80,12 +80,20 @@ TASK_CGROUP = _specs(
     M("task_pressure_avg10_percent", GAUGE, "percent",
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
-      "v2: cpu.pressure, memory.pressure, io.pressure avg10",
+      "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
+      "io.pressure avg10",
       levels=("resource", "stall")),
     M("task_pressure_stall_seconds", COUNTER, "seconds",
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
-      "v2: cpu.pressure, memory.pressure, io.pressure total (us)",
+      "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
+      "io.pressure total (us)",
       levels=("resource", "stall")),
+    M("task_run_queue_delay_seconds", COUNTER, "seconds",
+      "Time the threads of the task's cgroup (and of its descendants) spent runnable but "
+      "waiting for a CPU; an exited thread's last value is kept, so the counter never "
+      "falls (cAdvisor's container_cpu_schedstat_run_queue_seconds_total).",
+      "/proc/TID/schedstat, 2nd field (ns), of each thread in the v1 cpuacct `tasks` or "
+      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off"),
     M("owca_files_not_kept_open", GAUGE, "files",
       "Kernel files (cgroup, /proc) opened, read and closed each cycle instead of held "
       "open, because the soft RLIMIT_NOFILE left no descriptors for them (slower).",
@@ -167,6 +175,49 @@ ANOMALY = _specs(
       scope="anomaly"),
     M("anomaly_count", GAUGE, "anomalies", "Anomalies the detector found in the cycle.",
       "owca-detect", scope="anomaly", exposed="anomalies_found"),
+)
+
+# -- the built-in detector (owca-detect: !ContentionDetector, docs/detection.md) ---------
+_CD = "owca-detect: !ContentionDetector"
+CONTENTION = _specs(
+    M("contention_score", GAUGE, "robust standard deviations",
+      "How far the HP task's decision signal (its SLI, else its worst stall signal) is "
+      "above its normal at the current load, in MADs scaled to a standard deviation; "
+      "label task_id.  Absent in a cycle the task could not be judged.", _CD,
+      scope="anomaly"),
+    M("contention_undecided", GAUGE, "boolean",
+      "1 for an HP task the detector refused to judge this cycle; labels task_id, reason "
+      "(history, missing, few_requests, stale, cpu_floor, multiplexed, no_signal).", _CD,
+      scope="anomaly"),
+    M("contention_undecided_total", COUNTER, "task cycles",
+      "HP task cycles left undecided since the start, per reason (label reason).", _CD,
+      scope="anomaly"),
+    M("contention_signal_refused", GAUGE, "boolean",
+      "1 for each signal of an HP task left out this cycle for poor data; labels "
+      "task_id, signal, reason (history, few_requests, stale, cpu_floor, multiplexed).",
+      _CD, scope="anomaly"),
+    M("contention_unexplained", GAUGE, "boolean",
+      "1 for an HP task flagged as degraded whose degradation no best-effort task's usage "
+      "change explains (no anomaly is reported for it unless report_unexplained); labels "
+      "task_id, resource, cause (own_usage: the task's own usage rose most, a load the "
+      "wrapper does not see; outside: nobody's did).", _CD, scope="anomaly"),
+    M("contention_tracked_tasks", GAUGE, "tasks",
+      "Tasks whose state the detector keeps (bounded: absent ones are forgotten).", _CD,
+      scope="anomaly"),
+    M("contention_signal_z", GAUGE, "robust standard deviations",
+      "In an anomaly's metrics: each judged signal's distance from its normal; labels "
+      "contended_task_id, signal.", _CD, scope="anomaly"),
+    M("contention_contender_score", GAUGE, "ratio",
+      "In an anomaly's metrics: how well a contending task's usage change explains the "
+      "degradation, 0 to 1; labels contended_task_id, contending_task_id.", _CD,
+      scope="anomaly"),
+    M("contention_confidence", GAUGE, "ratio",
+      "In an anomaly's metrics: the best contender's score minus the best score of a task "
+      "not named, 0 to 1 (0 when none is named); label contended_task_id.", _CD,
+      scope="anomaly"),
+    M("contention_episode_cycles", GAUGE, "cycles",
+      "In an anomaly's metrics: cycles since the episode's first degraded cycle; label "
+      "contended_task_id.", _CD, scope="anomaly"),
 )
 
 # -- perf counters (owca-measure, owca-perf) ----------------------------------------------
@@ -366,6 +417,10 @@ APM = _specs(
       "Times owca-wrap restarted the wrapped command (--restart).", _WRAP, scope="apm"),
     M("apm_child_up", GAUGE, "boolean", "1 while the wrapped command runs.", _WRAP,
       scope="apm"),
+    M("apm_report_timestamp_seconds", GAUGE, "seconds since the epoch",
+      "When owca-wrap parsed the workload's latest report (the end of the span its "
+      "latency describes); the frame's ts is when owca-measure read the file.", _WRAP,
+      scope="apm"),
     M("owca_apm_files", GAUGE, "files",
       "Fresh APM files owca-measure merged in its last cycle.", "owca-measure",
       scope="internal"),
@@ -431,6 +486,7 @@ SECTIONS = {
     "Platform": PLATFORM,
     "Tasks and platform: RDT monitoring": RDT_MONITORING,
     "Anomalies": ANOMALY,
+    "Detection: !ContentionDetector": CONTENTION,
     "Allocations": ALLOCATION,
     "Application performance (workload wrappers)": APM,
     "Internal: every tool": INTERNAL,

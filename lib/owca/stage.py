@@ -114,6 +114,7 @@ class Stage:
     forward_consumed = True  # write the consumed frame on before what process() adds
     paced_by_interval = False  # cycles come from idle() on the clock, not from input
     forwards_unknown = True    # pass on what it does not understand (a sink counts it)
+    replaces = ()  # kinds it makes itself: one from upstream (a replayed recording's) is dropped
 
     def __init__(self, cfg, options: dict):
         self.cfg = cfg
@@ -215,9 +216,13 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
                 sniffed = frames.sniff(line)
                 try:
                     if sniffed is not None and (sniffed[1] not in consumes
-                                                or not frames.is_known(*sniffed)):
+                                                or not frames.is_known(*sniffed)
+                                                or sniffed[1] in stage.replaces):
                         frames.parse(line)  # a JSON object, whatever its prefix says
-                        _pass_on(stage, writer, line, sniffed, warned)
+                        if sniffed[1] in stage.replaces:
+                            stats.skipped_frames += 1
+                        else:
+                            _pass_on(stage, writer, line, sniffed, warned)
                         continue
                     frame = frames.decode(line)
                     known = frames.is_known(frame["v"], frame["kind"])
