@@ -49,7 +49,7 @@ def run_pipeline(config: str, cycles: int, logs, timeout: float = 90.0) -> str:
         ship = procs[-1]
         out = b""
         deadline = time.monotonic() + timeout
-        while out.count(b"\ntask_cpu_usage_seconds{") < 2 * cycles:  # two tasks a cycle
+        while out.count(b"\ntask_cpu_usage_seconds_total{") < 2 * cycles:  # two tasks a cycle
             left = deadline - time.monotonic()
             assert left > 0, f"fewer than {cycles} cycles in {timeout} s: {stderr_of_all()}"
             ready, _, _ = select.select([ship.stdout], [], [], left)
