@@ -60,6 +60,7 @@ bench: venv helper
 	$(PY) benchmarks/prometheus_scrape.py --tasks 200 --scrapes 1000 --parallel 50
 	$(PY) benchmarks/ship_faults.py outage --runs 3
 	$(PY) benchmarks/ship_faults.py full-disk --cycles 900 --reserve 262144
+	$(PY) benchmarks/forward_check.py --tasks 100
 
 clean:
 	rm -rf build dist $(VENV) lib/*.egg-info

@@ -39,6 +39,33 @@ def tool_env() -> dict:
     return env
 
 
+def blocked_writing(pid: int) -> bool:
+    """True while the process is blocked writing to a pipe (its reader stalled)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return "pipe_write" in f.read()
+    except FileNotFoundError:
+        return False
+
+
+def wchan_missing():
+    """Why /proc/PID/wchan cannot tell where a process waits here, or None."""
+    import subprocess
+    import time
+    child = subprocess.Popen(["sleep", "5"])
+    try:
+        for _ in range(200):
+            with open(f"/proc/{child.pid}/wchan") as f:
+                wchan = f.read().strip()
+            if wchan not in ("", "0"):
+                return None
+            time.sleep(0.01)
+        return "/proc/PID/wchan does not name kernel functions here"
+    finally:
+        child.kill()
+        child.wait()
+
+
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES

@@ -158,7 +158,7 @@ def test_an_invalid_allocation_is_reported_and_the_others_applied(node, caplog):
     assert samples(frame, "allocation_errors_count") == {(): 3}
     logged = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
     assert len(logged) == 3 and all("\n" not in m for m in logged)
-    assert "cycle 1: task a: cpu_quota: cpu_quota 1.5 is out of range" in logged[0] + \
+    assert "cycle 1: task a: cpu_quota 1.5 is out of range" in logged[0] + \
         logged[1] + logged[2]
     # The same error again: in the frame and the counter, logged once only.
     caplog.clear()

@@ -14,7 +14,7 @@ from contextlib import ExitStack
 import pytest
 
 from cgroup_helpers import BURN_FOREVER, read_int, v1_cgroup, v1_missing, wait_line
-from conftest import ROOT, tool_command, tool_env
+from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
 from owca import frames
 from owca.allocate import Allocate, AllocateConfig, read_topology
 from owca.paths import DEFAULT_PATHS
@@ -184,8 +184,11 @@ STATIC = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
           "        allocations: {cpu_quota: 0.1, cpu_shares: 0.25, cpuset_cpus: '0'}\n")
 
 
-@pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed"])
+@pytest.mark.parametrize("stop", ["eof", "sigterm", "sigint", "stdout closed",
+                                  "sigterm, stdout stalled", "sigint, stdout stalled"])
 def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
+    if stop.endswith("stdout stalled") and wchan_missing():
+        pytest.skip(wchan_missing())
     parent, task, sibling = family
     start(task)
     before = settings(parent, task, sibling)
@@ -209,6 +212,22 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
             tool.stdout.close()   # `owca-allocate | head -2`: the next write fails
             tool.stdin.write(frames.encode(measurements(2, task.path, {"priority": "be"})))
             tool.stdin.close()
+        elif stop.endswith("stdout stalled"):
+            # The reader of stdout stops reading: frames go in until the tool is blocked
+            # writing its output, then the signal (systemd's stop, a Ctrl-C).
+            os.set_blocking(tool.stdin.fileno(), False)
+            seq, pending = 1, b""
+            deadline = time.monotonic() + 120  # a guard against a hang only
+            while not blocked_writing(tool.pid) and time.monotonic() < deadline:
+                if not pending:
+                    seq += 1
+                    pending = frames.encode(measurements(seq, task.path, {"priority": "be"}))
+                try:
+                    pending = pending[os.write(tool.stdin.fileno(), pending):]
+                except BlockingIOError:
+                    time.sleep(0.01)
+            assert blocked_writing(tool.pid)
+            os.kill(tool.pid, signal.SIGTERM if stop.startswith("sigterm") else signal.SIGINT)
         else:
             os.kill(tool.pid, signal.SIGTERM if stop == "sigterm" else signal.SIGINT)
         assert tool.wait(timeout=30) == 0, tool.stderr.read()

@@ -1,7 +1,7 @@
 """Configuration: YAML tags build checked objects; every error names file and line."""
 import textwrap
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional
+from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import pytest
 
@@ -143,3 +143,53 @@ def test_plain_classes_are_checked_from_their_signature(tmp_path):
     with pytest.raises(ConfigError, match="<config>:2: SigEngine.size: expected int"):
         config.load_section(None, "detect", AnySchema, text="detect:\n"
                             "  thing: !SigEngine {size: x}\n")
+
+
+@register
+@dataclass
+class SampleRanged:
+    ratio: Annotated[float, config.Range(0, 1)] = 0.5
+    window: Annotated[int, config.Range(1, 100)] = 10
+    pause: Optional[config.Seconds] = None
+    poll_interval: float = 1.0        # a duration, by its name
+    max_items: int = 5                # a count, by its name
+    offset: float = 0.0               # nothing implied: any finite number
+
+
+@pytest.mark.parametrize("text, message", [
+    ("ratio: 1.5", "SampleRanged.ratio: expected a number >= 0 and <= 1, got 1.5"),
+    ("window: 0", "SampleRanged.window: expected a number >= 1 and <= 100, got 0"),
+    ("pause: 0", "SampleRanged.pause: expected a number > 0 and <= 31536000, got 0.0"),
+    ("pause: .inf", "SampleRanged.pause: expected a finite number, got inf"),
+    ("poll_interval: -5", "SampleRanged.poll_interval: expected a number > 0 and <= 31536000, "
+                          "got -5.0"),
+    ("poll_interval: .nan", "SampleRanged.poll_interval: expected a finite number, got nan"),
+    ("max_items: -1", "SampleRanged.max_items: expected a number >= 0, got -1"),
+    ("offset: -.inf", "SampleRanged.offset: expected a finite number, got -inf"),
+])
+def test_numeric_fields_are_checked_against_their_range(tmp_path, text, message):
+    path = tmp_path / "owca.yaml"
+    path.write_text(f"detect:\n  thing: !SampleRanged\n    {text}\n")
+    with pytest.raises(ConfigError) as e:
+        config.load_section(str(path), "detect", AnySchema)
+    assert str(e.value) == f"{path}:3: {message}"
+
+
+def test_values_within_their_range_are_built(tmp_path):
+    path = tmp_path / "owca.yaml"
+    path.write_text("detect:\n  thing: !SampleRanged {ratio: 1, window: 100, pause: 0.5,"
+                    " poll_interval: 2, max_items: 0, offset: -3}\n")
+    thing = config.load_section(str(path), "detect", AnySchema).thing
+    assert (thing.ratio, thing.window, thing.pause, thing.max_items, thing.offset) == \
+        (1.0, 100, 0.5, 0, -3.0)
+
+
+def test_range_for_reads_a_declaration_before_the_name():
+    assert config.range_for("interval", float) == config.SECONDS
+    assert config.range_for("flush_timeout_seconds", float) == config.SECONDS
+    assert config.range_for("period_us", int) == config.POSITIVE
+    assert config.range_for("spool_max_bytes", int) == config.COUNT
+    assert config.range_for("threshold", float) is None
+    declared = config.Range(-1, 1)
+    assert config.range_for("interval", Annotated[float, declared]) == declared
+    assert config.range_for("interval", Optional[Annotated[float, declared]]) == declared

@@ -1,5 +1,6 @@
 """The frame protocol: encoding, sniffing, and every validation error."""
 import json
+import re
 
 import pytest
 
@@ -101,3 +102,44 @@ def test_valid_frames_of_every_kind_pass():
     frames.validate(measurements())
     frames.validate(frames.anomalies_frame(1, [], ts=1, host="h"))
     frames.validate(frames.allocations_frame(1, {"a": {"cpu_quota": 0.5}}, ts=1, host="h"))
+
+
+def test_pace_is_learnt_from_the_frames_ts():
+    from owca.stage import UNKNOWN_PACE_SILENCE, Pace
+    pace = Pace()
+    assert pace.expected(1.0) == 1.0                      # nothing read yet: our interval
+    pace.saw(100.0)
+    assert pace.expected(1.0) == UNKNOWN_PACE_SILENCE / 3  # upstream started, pace unknown
+    pace.saw(100.0)                                       # a frame of the same cycle
+    assert not pace.known
+    pace.saw(110.0)
+    assert pace.known and pace.expected(1.0) == 10.0      # discovery every 10 s
+    assert pace.expected(30.0) == 30.0                    # never less than our interval
+
+
+def test_names_left_out_are_counted_and_the_frame_kept():
+    check = frames.NameCheck()
+    frame = {"v": 1, "kind": "measurements", "ts": 1, "host": "h", "seq": 1,
+             "platform": {"platform_x": 1, "bad name": 2},
+             "tasks": {"t": {"metrics": {"task_up": 1, "app latency.p99": 3}}},
+             "metrics": [{"name": "ok", "value": 1},
+                         {"name": "ok", "value": 1, "labels": {"bad-label": "x"}}]}
+    frames.validate(check.frame(frame))
+    assert frame["platform"] == {"platform_x": 1}
+    assert frame["tasks"]["t"]["metrics"] == {"task_up": 1}
+    assert frame["metrics"] == [{"name": "ok", "value": 1}]
+    assert check.bad == 3
+    check.frame({"kind": "measurements", "platform": {"bad name": 2}})
+    assert check.bad == 4
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'\x00{"v":1}\n', "NUL byte at byte 0"),
+    (b'{"v":1,"kind":"x\x00"}\n', "NUL byte at byte 16"),
+    (b'\xef\xbb\xbf{"v":1}\n', "a byte order mark (U+FEFF) begins the line"),
+    (b'{"v":1,"kind":"tasks", broken\n', "invalid JSON"),
+    (b'\xff\n', "not UTF-8"),
+])
+def test_parse_names_what_a_reader_cannot_see(line, reason):
+    with pytest.raises(frames.FrameError, match=re.escape(reason)):
+        frames.parse(line)

@@ -25,18 +25,17 @@ METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_alloca
 
 
 def write_config(tmp_path, bootstrap, spool, extra="", more_storages=""):
+    """`extra` lines (`      key: value`) add fields or replace the defaults' (a key
+    given twice is a configuration error)."""
+    fields = {"bootstrap_servers": f"[{bootstrap}]", "spool_directory": str(spool),
+              "send_timeout_seconds": "2", "retry_backoff_seconds": "0.1",
+              "retry_backoff_max_seconds": "0.5", "flush_timeout_seconds": "5"}
+    for line in extra.splitlines():
+        key, _, value = line.strip().partition(":")
+        fields[key] = value.strip()
+    body = "".join(f"      {key}: {value}\n" for key, value in fields.items())
     path = tmp_path / "owca.yaml"
-    path.write_text(f"""\
-ship:
-  storages:
-    - !KafkaStorage
-      bootstrap_servers: [{bootstrap}]
-      spool_directory: {spool}
-      send_timeout_seconds: 2
-      retry_backoff_seconds: 0.1
-      retry_backoff_max_seconds: 0.5
-      flush_timeout_seconds: 5
-{extra}{more_storages}""")
+    path.write_text(f"ship:\n  storages:\n    - !KafkaStorage\n{body}{more_storages}")
     return str(path)
 
 

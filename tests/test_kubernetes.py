@@ -397,7 +397,7 @@ def test_config_builds_the_source_and_refuses_bad_options(tmp_path):
         ("    cgroup_driver: upstart\n", "expected one of"),
         ("    cgroup_root: /a/../b\n", "cannot be part of a cgroup path"),
         ("    url: ftp://x\n", "expected http(s)://"),
-        ("    timeout: 0\n", "positive"),
+        ("    timeout: 0\n", "timeout: expected a number > 0"),
         ("    ca_bundle: /nonexistent/ca.pem\n", "cannot read"),
         ("    priority: !PriorityRule {qos_classes: [Gold]}\n", "unknown class"),
     ]:

@@ -238,7 +238,7 @@ def test_config_with_a_cgroups_root_and_refusals(tmp_path):
     # A refusal that names its field points at the field's line, others at the object's.
     for bad, line, reason in [("cgroups_root: ../x", 3, "cannot be part of a cgroup path"),
                               ("username: ops", 2, "go together"),
-                              ("retries: -1", 3, "0 or more"),
+                              ("retries: -1", 3, "retries: expected a number >= 0"),
                               ("url: 'http://user:pw@agent:5051'", 3,
                                "no query, fragment or credentials")]:
         with pytest.raises(config.ConfigError) as e:

@@ -781,7 +781,9 @@ class Allocate(Stage):
         key = (task_id, type_, reason)
         level = logging.DEBUG if key in self._logged else logging.ERROR
         self._logged.add(key)
-        log.log(level, "cycle %s: task %s: %s: %s", seq, task_id, type_, reason)
+        if not reason.startswith(type_):  # most reasons name their type already
+            reason = f"{type_}: {reason}"
+        log.log(level, "cycle %s: task %s: %s", seq, task_id, reason)
 
     def _forget_cleared_errors(self, errors) -> None:
         self._logged.intersection_update(errors)

@@ -14,6 +14,8 @@ any registered subclass, which is how dependencies are injected.
 """
 import dataclasses
 import importlib
+import math
+import re
 import types
 import typing
 
@@ -22,6 +24,79 @@ _REGISTRY: typing.Dict[str, type] = {}
 
 class ConfigError(Exception):
     """A configuration that cannot be used; str() is `file:line: reason`."""
+
+
+# -- ranges of numeric fields ---------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric field takes, declared on its annotation:
+
+        interval: Annotated[float, Range(0, 3600, min_excluded=True)] = 5.0
+        port: Annotated[int, Range(1, 65535)] = 9477
+
+    Checked when the configuration is loaded; a value outside is `file:line`.
+    """
+    min: float = None
+    max: float = None
+    min_excluded: bool = False
+
+    def refuses(self, value) -> bool:
+        if self.min is not None and (value < self.min or (self.min_excluded and value == self.min)):
+            return True
+        return self.max is not None and value > self.max
+
+    def __str__(self) -> str:
+        low = None if self.min is None else f"{'>' if self.min_excluded else '>='} {self.min:.15g}"
+        high = None if self.max is None else f"<= {self.max:.15g}"
+        return " and ".join(p for p in (low, high) if p) or "any number"
+
+
+MAX_SECONDS = 365 * 86400.0
+SECONDS = Range(0, MAX_SECONDS, min_excluded=True)   # a duration or an interval
+POSITIVE = Range(0, min_excluded=True)
+COUNT = Range(0)                                      # a count, a size, a limit
+Seconds = typing.Annotated[float, SECONDS]
+
+# A numeric field without a declared Range gets one from its name: a duration
+# must be positive (an interval of 0 or -5 spins a CPU), a count, size or
+# limit must not be negative.  Every float must be finite.
+_DURATION_NAME = re.compile(r"(?:^|_)(?:interval|timeout|deadline|backoff|period|age|"
+                            r"staleness|seconds|duration)(?:_|$)")
+_SUBSECOND_NAME = re.compile(r"_(?:ms|us|ns)$")
+_COUNT_NAME = re.compile(r"(?:^|_)(?:max|min|bytes|count|cycles|retries|every|depth|port|"
+                         r"connections|bits|size|limit)(?:_|$)")
+
+
+def range_for(name: str, hint) -> typing.Optional[Range]:
+    """The Range a field is checked against: declared, else implied by its name."""
+    declared = _declared_range(hint)
+    if declared is not None:
+        return declared
+    if _SUBSECOND_NAME.search(name):
+        return POSITIVE
+    if _DURATION_NAME.search(name):
+        return SECONDS
+    if _COUNT_NAME.search(name):
+        return COUNT
+    return None
+
+
+def _declared_range(hint):
+    if typing.get_origin(hint) is typing.Annotated:
+        for extra in hint.__metadata__:
+            if isinstance(extra, Range):
+                return extra
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(hint):
+            found = _declared_range(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def register(cls=None, *, name: str = None):
@@ -52,12 +127,34 @@ def register_external(spec: str) -> type:
             module = _import_file(module_name)
         else:
             module = importlib.import_module(module_name)
-    except Exception as e:  # any import-time failure of a plug-in is a usage error
-        raise ConfigError(f"-r {spec}: cannot import {module_name}: {e}") from None
+    except (Exception, SystemExit) as e:  # any import-time failure of a plug-in,
+        # sys.exit() in it too, is a usage error that names the plug-in's line
+        where = _where_raised(e)
+        raise ConfigError(f"{where + ': ' if where else ''}-r {spec}: cannot import "
+                          f"{module_name}: {_import_failure(e)}") from None
     cls = getattr(module, class_name, None)
     if not isinstance(cls, type):
         raise ConfigError(f"-r {spec}: {module_name} has no class {class_name}")
     return register(cls)
+
+
+def _import_failure(e: BaseException) -> str:
+    if isinstance(e, SystemExit):
+        return f"it called sys.exit({e.code!r}) while being imported"
+    return f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
+
+
+def _where_raised(e: BaseException) -> str:
+    """`file:line` of the plug-in's line that failed: a syntax error's own, else the
+    innermost frame of the traceback outside the import machinery."""
+    if isinstance(e, SyntaxError) and e.filename:
+        return f"{e.filename}:{e.lineno}"
+    import traceback
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if "importlib" not in f.filename and f.filename != __file__]
+    if frames:
+        return f"{frames[-1].filename}:{frames[-1].lineno}"
+    return ""
 
 
 def _import_file(path: str):
@@ -97,10 +194,18 @@ def load_section(path: str, section: str, schema: type, text: str = None):
         return schema()
     if text is None:
         try:
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
+            with open(path, "rb") as f:
+                data = f.read()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as e:
+            newline = b"\n"
+            line = data.count(newline, 0, e.start) + 1
+            column = e.start - data.rfind(newline, 0, e.start)
+            raise ConfigError(f"{path}:{line}: not UTF-8: {e.reason} at byte {column} of "
+                              f"the line") from None
     where = path or "<config>"
     import yaml
     try:
@@ -112,6 +217,7 @@ def load_section(path: str, section: str, schema: type, text: str = None):
         raise ConfigError(f"{where}:{line}: invalid YAML: {problem}") from None
     if root is None:
         return schema()
+    _refuse_duplicate_keys(root, where)
     builder = _Builder(where)
     if not isinstance(root, yaml.MappingNode) or root.tag != "tag:yaml.org,2002:map":
         raise ConfigError(f"{where}:{root.start_mark.line + 1}: expected a mapping of "
@@ -132,6 +238,26 @@ def load_section(path: str, section: str, schema: type, text: str = None):
 SECTIONS = ("discover", "measure", "detect", "allocate", "ship")
 
 
+def _refuse_duplicate_keys(root, where: str) -> None:
+    """YAML's last-one-wins for a repeated key hides a mistake: each one is an error."""
+    import yaml
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    first = seen.setdefault(key_node.value, key_node)
+                    if first is not key_node:
+                        raise ConfigError(f"{where}:{key_node.start_mark.line + 1}: key "
+                                          f"{key_node.value!r} given twice (first on line "
+                                          f"{first.start_mark.line + 1})")
+                stack += (key_node, value_node)
+        elif isinstance(node, yaml.SequenceNode):
+            stack += node.value
+
+
 class _Builder:
     def __init__(self, filename: str):
         self.filename = filename
@@ -142,9 +268,18 @@ class _Builder:
 
     def build(self, node, expected, where):
         import yaml
-        if node.tag.startswith("!"):
-            return self.build_tagged(node, expected, where)
         origin = typing.get_origin(expected)
+        if origin is typing.Annotated:
+            value = self.build(node, typing.get_args(expected)[0], where)
+            self.check_range(node, value, _declared_range(expected), where)
+            return value
+        if node.tag.startswith("!"):
+            if origin in (list, typing.List) or expected is list:
+                self.error(node, f"{where}: expected a list, got one {node.tag} "
+                                 f"(a list of one is `- {node.tag} ...`)")
+            if origin in (dict, typing.Dict) or expected is dict:
+                self.error(node, f"{where}: expected a mapping, got {node.tag}")
+            return self.build_tagged(node, expected, where)
         args = typing.get_args(expected)
         if expected is typing.Any:
             return self.build_any(node, where)
@@ -223,14 +358,14 @@ class _Builder:
 
     def construct(self, cls, node, where):
         if dataclasses.is_dataclass(cls):
-            hints = typing.get_type_hints(cls)
+            hints = typing.get_type_hints(cls, include_extras=True)
             fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
             required = {n for n, f in fields.items()
                         if f.default is dataclasses.MISSING
                         and f.default_factory is dataclasses.MISSING}
         else:
             import inspect
-            hints = typing.get_type_hints(cls.__init__)
+            hints = typing.get_type_hints(cls.__init__, include_extras=True)
             params = list(inspect.signature(cls).parameters.values())
             fields = {p.name: p for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD,
                                                                p.KEYWORD_ONLY)}
@@ -243,8 +378,11 @@ class _Builder:
                 known = ", ".join(sorted(fields)) or "none"
                 self.error(key_node, f"{cls.__name__}: unknown field {key!r} (fields: {known})")
             key_nodes[key] = key_node
-            kwargs[key] = self.build(value_node, hints.get(key, typing.Any),
-                                     f"{cls.__name__}.{key}")
+            hint = hints.get(key, typing.Any)
+            kwargs[key] = value = self.build(value_node, hint, f"{cls.__name__}.{key}")
+            if _declared_range(hint) is None and _is_number(value):
+                self.check_range(value_node, value, range_for(key, hint),
+                                 f"{cls.__name__}.{key}")
         missing = sorted(required - kwargs.keys())
         if missing:
             self.error(node, f"{cls.__name__}: missing field {', '.join(map(repr, missing))}")
@@ -255,7 +393,17 @@ class _Builder:
             field_name = str(e).split(":", 1)[0].strip()
             self.error(key_nodes.get(field_name, node), f"{cls.__name__}: {e}")
 
+    def check_range(self, node, value, allowed, where):
+        if not _is_number(value):
+            return
+        if isinstance(value, float) and not math.isfinite(value):
+            self.error(node, f"{where}: expected a finite number, got {value!r}")
+        if allowed is not None and allowed.refuses(value):
+            self.error(node, f"{where}: expected a number {allowed}, got {value!r}")
+
     def check_scalar(self, node, value, expected, where):
+        if expected is float and isinstance(value, float) and not math.isfinite(value):
+            self.error(node, f"{where}: expected a finite number, got {value!r}")
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             return float(value)
         if expected is int and isinstance(value, bool):

@@ -7,6 +7,7 @@ cheap sniffing that lets a stage forward a frame it does not consume without
 parsing it.
 """
 import json
+import logging
 import math
 import os
 import re
@@ -30,6 +31,8 @@ METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*\Z")
 # it: a frame with another key order is parsed in full.
 _PREFIX = b'{"v":'
 _KIND_AT = b',"kind":"'
+
+log = logging.getLogger("owca")
 
 
 class FrameError(ValueError):
@@ -103,16 +106,33 @@ def sniff(line: bytes):
     return version, line[start:end].decode("ascii", "replace")
 
 
-def decode(line: bytes) -> dict:
-    """Parse a line into a frame and check its common fields (not its body)."""
+def parse(line: bytes):
+    """The JSON object of a line, not checked further; FrameError when it is none.
+
+    Decoded as UTF-8 here rather than by json.loads, which guesses UTF-16 or -32
+    from a NUL byte and calls the line "not UTF-8" for it.
+    """
     try:
-        frame = json.loads(line)
+        text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FrameError(f"not UTF-8: {e.reason} at byte {e.start}") from None
-    except ValueError as e:
+    try:
+        frame = json.loads(text)
+    except ValueError as e:  # the causes a reader cannot see, named before JSON's own
+        nul = line.find(b"\0")
+        if nul >= 0:
+            raise FrameError(f"NUL byte at byte {nul}") from None
+        if text.startswith("\ufeff"):
+            raise FrameError("a byte order mark (U+FEFF) begins the line") from None
         raise FrameError(f"invalid JSON: {e}") from None
-    if not isinstance(frame, dict):
+    if type(frame) is not dict:
         raise FrameError(f"a frame is a JSON object, got {type(frame).__name__}")
+    return frame
+
+
+def decode(line: bytes) -> dict:
+    """Parse a line into a frame and check its common fields (not its body)."""
+    frame = parse(line)
     check_header(frame)
     return frame
 
@@ -295,3 +315,110 @@ _BODY_CHECKS = {
     "anomalies": _check_anomalies,
     "allocations": _check_allocations,
 }
+
+
+# -- names on their way in ------------------------------------------------------------
+
+_GOOD_METRIC_NAMES = set()
+
+
+class NameCheck:
+    """Metric and label names checked where they enter a stage's frames.
+
+    A metric with a name the exposition format cannot carry (`app latency.p99`)
+    would make every Prometheus block it is in unreadable; one with a bad label
+    name too.  Such a metric is left out of the frame, counted in `bad`, and
+    reported once per name; the rest of the frame goes on.  Good names are
+    remembered (bounded), so that a name is matched once, not once per task per
+    cycle.
+    """
+
+    def __init__(self):
+        self.bad = 0
+        self.lineno = 0  # of the input line being checked, for the report
+        self._reported = set()
+
+    def _report(self, name, where, reason):
+        self.bad += 1
+        if name not in self._reported and len(self._reported) < 10000:
+            self._reported.add(name)
+            log.error("line %d: %s: %s %r is not a valid name: left out (reported once)",
+                      self.lineno, where, reason, name)
+
+    def _good_metric(self, name) -> bool:
+        if name in _GOOD_METRIC_NAMES:
+            return True
+        if type(name) is not str or not METRIC_NAME.match(name):
+            return False
+        if len(_GOOD_METRIC_NAMES) < 10000:
+            _GOOD_METRIC_NAMES.add(name)
+        return True
+
+    def values(self, metrics, where):
+        """A metrics object ({name: value}) without the names that are not metric names."""
+        if type(metrics) is not dict:
+            return metrics  # the frame's validation reports a wrong shape
+        if _GOOD_METRIC_NAMES.issuperset(metrics):  # the hot path: one C loop
+            return metrics
+        good = self._good_metric
+        for name in metrics:
+            if not good(name):
+                break
+        else:
+            return metrics
+        out = {}
+        for name, value in metrics.items():
+            if good(name):
+                out[name] = value
+            else:
+                self._report(name, where, "metric name")
+        return out
+
+    def samples(self, samples, where):
+        """A list of samples without those whose metric or label names are not valid."""
+        if type(samples) is not list:
+            return samples
+        out = []
+        for s in samples:
+            if type(s) is dict:
+                name = s.get("name")
+                if isinstance(name, str) and not self._good_metric(name):
+                    self._report(name, where, "metric name")
+                    continue
+                labels = s.get("labels")
+                if type(labels) is dict:
+                    bad = [k for k in labels if k not in _GOOD_LABEL_NAMES
+                           and not (isinstance(k, str) and LABEL_NAME.match(k))]
+                    if bad:
+                        self._report(bad[0], f"{where} {name}", "label name")
+                        continue
+            out.append(s)
+        return out
+
+    def frame(self, frame: dict) -> dict:
+        """Every name of a decoded frame checked in place; the frame's shape is not
+        (validate() does that)."""
+        self.samples_of(frame)
+        if frame.get("kind") == "measurements":
+            if "platform" in frame:
+                frame["platform"] = self.values(frame["platform"], "platform")
+            tasks = frame.get("tasks")
+            if type(tasks) is dict:
+                known = _GOOD_METRIC_NAMES.issuperset  # the hot path: no call per name
+                for task in tasks.values():
+                    if type(task) is dict:
+                        metrics = task.get("metrics")
+                        if type(metrics) is dict and not known(metrics):
+                            task["metrics"] = self.values(metrics, "task metrics")
+        return frame
+
+    def samples_of(self, frame: dict) -> dict:
+        """The names of a frame's samples (its `metrics`, an anomaly's evidence) checked in
+        place: where a plug-in's extra metrics enter a frame a stage writes."""
+        if "metrics" in frame:
+            frame["metrics"] = self.samples(frame["metrics"], "metrics")
+        if frame.get("kind") == "anomalies" and type(frame.get("anomalies")) is list:
+            for a in frame["anomalies"]:
+                if type(a) is dict and "metrics" in a:
+                    a["metrics"] = self.samples(a["metrics"], "anomaly metrics")
+        return frame

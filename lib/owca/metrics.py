@@ -145,6 +145,10 @@ INTERNAL = _specs(
     M("owca_bad_frames_total", COUNTER, "frames",
       "Lines a stage reported and skipped: invalid JSON, bad fields, too long, truncated.",
       "every tool", scope="internal"),
+    M("owca_bad_metric_names_total", COUNTER, "metrics",
+      "Metrics left out of the frames a stage read (or a plug-in returned) because their "
+      "metric or label name is not valid in the exposition format; each name is reported "
+      "once.", "every tool but owca-discover", scope="internal"),
     M("owca_skipped_frames_total", COUNTER, "frames",
       "Frames of an unknown kind or version that owca-ship could not store.",
       "owca-ship", scope="internal"),

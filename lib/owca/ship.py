@@ -31,6 +31,10 @@ class Ship(Stage):
     forward_consumed = False
     forwards_unknown = False
 
+    @classmethod
+    def writes_stdout(cls, cfg) -> bool:
+        return any(isinstance(s, StdoutStorage) for s in cfg.storages)
+
     def __init__(self, cfg: ShipConfig, options: dict):
         super().__init__(cfg, options)
         self.formatter = Formatter()

@@ -11,18 +11,57 @@ error (a bad frame under --strict, an unusable input or output); 2 on a usage or
 configuration error.
 """
 import logging
+import re
 import sys
 import time
 
 from docopt import DocoptExit, docopt
 
-from owca import config, frames
+from owca import config, frames, startup
 from owca.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
-                         OutputClosed, Signals)
+                         OutputClosed, OutputStalled, Signals, stop_requested, write_all)
 
 log = logging.getLogger("owca")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+# --interval, as a configured duration (owca.config.SECONDS): select() refuses a
+# timeout beyond what the C library can hold, and a year between cycles is a typo.
+MAX_INTERVAL = config.MAX_SECONDS
+
+# Until two frames have shown the upstream's pace, silence is suspect only after
+# this long (or three of our own intervals, whichever is longer): a discovery
+# every 10 s is normal under a stage measuring every second.
+UNKNOWN_PACE_SILENCE = 60.0
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_BOM = b"\xef\xbb\xbf"
+
+
+def one_line(text: str) -> str:
+    """Control characters (a newline, an escape sequence from a bad task id) escaped:
+    what a tool writes on stderr is one line, and no input can drive the terminal."""
+    return _CONTROL.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class _OneLineFormatter(logging.Formatter):
+    def formatMessage(self, record):
+        return one_line(super().formatMessage(record))
+
+
+class _StderrHandler(logging.StreamHandler):
+    """After a stop signal, a line for a stderr that stalled (`2>&1 | stuck`) gets the
+    same grace as a frame, then is dropped: nothing keeps a stopping tool alive."""
+
+    def emit(self, record):
+        if not stop_requested():
+            return super().emit(record)
+        try:
+            self.flush()
+            write_all(self.stream.fileno(), (self.format(record) + "\n").encode("utf-8",
+                                                                                "replace"))
+        except (OutputClosed, OSError, ValueError, AttributeError):
+            pass  # no fd (a test's capture), or stalled: the line is lost, not the stop
 
 
 class UsageError(Exception):
@@ -41,6 +80,7 @@ class Stats:
         self.frames_read = 0
         self.bad_frames = 0
         self.skipped_frames = 0
+        self.names = frames.NameCheck()  # metric and label names of the frames read
         self.cycle_duration = 0.0
         self.writer = None
         # Off for byte-identical replays of a recorded stream (--no-timing).
@@ -59,6 +99,9 @@ class Stats:
                                      round(self.cycle_duration, 6), labels))
         if self.skipped_frames:
             out.append(frames.sample("owca_skipped_frames_total", self.skipped_frames, labels,
+                                     "counter"))
+        if self.names.bad:
+            out.append(frames.sample("owca_bad_metric_names_total", self.names.bad, labels,
                                      "counter"))
         return out
 
@@ -82,6 +125,11 @@ class Stage:
         self.stats = Stats(self.name)
         self.stats.timing = not options.get("--no-timing")
 
+    @classmethod
+    def writes_stdout(cls, cfg) -> bool:
+        """Whether a stage so configured writes to stdout (a sink's storages may not)."""
+        return True
+
     # filters
     def process(self, frame: dict) -> list:
         """Frames (dicts or encoded lines) to write after the input frame."""
@@ -104,8 +152,8 @@ def setup_logging(tool: str, level: str) -> None:
     numeric = logging.getLevelName(level.upper()) if level else logging.INFO
     if not isinstance(numeric, int):
         raise UsageError(f"--log-level: unknown level {level!r} (debug, info, warning, error)")
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"{tool}: %(levelname)s: %(message)s"))
+    handler = _StderrHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter(f"{tool}: %(levelname)s: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         root.removeHandler(h)
@@ -124,8 +172,9 @@ def parse_interval(value) -> float:
         seconds = float(value)
     except ValueError:
         raise UsageError(f"--interval: expected seconds, got {value!r}") from None
-    if not seconds > 0:
-        raise UsageError(f"--interval: expected a positive number of seconds, got {value!r}")
+    if not 0 < seconds <= MAX_INTERVAL:  # NaN too
+        raise UsageError(f"--interval: expected a positive number of seconds, at most "
+                         f"{MAX_INTERVAL:.0f}, got {value!r}")
     return seconds
 
 
@@ -135,16 +184,23 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
 
     With an interval, stage.idle() runs every `interval` seconds whether or not
     input arrives (owca-measure measures on that clock), and a stage warns when
-    three intervals pass with no input.  With `once`, the loop ends after the
-    first cycle: the first consumed frame, or for a stage paced by its
+    no input came for three times the longer of its interval and the upstream's
+    pace (the spacing of the consumed frames' `ts`).  With `once`, the loop ends
+    after the first cycle: the first consumed frame, or for a stage paced by its
     interval, the first idle() that wrote a frame.
+
+    A frame forwarded unparsed on the strength of its prefix is still checked to
+    be a JSON object (benchmarks/forward_check.py: a few microseconds for the
+    small frames forwarded in a pipeline).
     """
     stats = stage.stats
     stats.writer = writer
+    names = stats.names
     consumes = set(stage.consumes)
     warned = set()
     last_input = time.monotonic()
     next_tick = None if not interval else last_input + interval
+    pace = Pace()
     try:
         while True:
             timeout = None if next_tick is None else max(0.0, next_tick - time.monotonic())
@@ -153,30 +209,38 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
             if event == LINE:
                 if line.isspace():
                     continue  # an empty line is no frame (docs/protocol.md, Transport)
+                if reader.lineno == 1 and line.startswith(_BOM):
+                    line = line[3:]  # a recording saved by an editor; not forwarded
                 stats.frames_read += 1
                 last_input = time.monotonic()
                 sniffed = frames.sniff(line)
-                if sniffed is not None and sniffed[1] in stage.replaces:
-                    stats.skipped_frames += 1
-                    continue
-                if sniffed is not None and (sniffed[1] not in consumes
-                                            or not frames.is_known(*sniffed)):
-                    _pass_on(stage, writer, line, sniffed, warned)
-                    continue
                 try:
+                    if sniffed is not None and (sniffed[1] not in consumes
+                                                or not frames.is_known(*sniffed)
+                                                or sniffed[1] in stage.replaces):
+                        frames.parse(line)  # a JSON object, whatever its prefix says
+                        if sniffed[1] in stage.replaces:
+                            stats.skipped_frames += 1
+                        else:
+                            _pass_on(stage, writer, line, sniffed, warned)
+                        continue
                     frame = frames.decode(line)
                     known = frames.is_known(frame["v"], frame["kind"])
                     if not known or frame["kind"] not in consumes:
                         _pass_on(stage, writer, line, (frame["v"], frame["kind"]), warned)
                         continue
-                    frames.validate(frame)
+                    names.lineno = reader.lineno
+                    frames.validate(names.frame(frame))
                 except frames.FrameError as e:
                     _bad_line(stats, reader.lineno, str(e), strict)
                     continue
+                pace.saw(frame["ts"])
                 started = time.monotonic()
                 if stage.forward_consumed:
                     writer.write(line)
                 for out in stage.process(frame):
+                    if type(out) is dict:  # a plug-in's extra metrics enter here
+                        names.samples_of(out)
                     writer.write(out)
                 wrote = not stage.paced_by_interval
                 stats.cycle_duration = time.monotonic() - started
@@ -191,15 +255,45 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
                     wrote = stage.paced_by_interval
                 now = time.monotonic()
                 next_tick = max(next_tick + interval, now)
-                if now - last_input >= 3 * interval:
-                    log.warning("no input for %.0f s (3 intervals): is the stage upstream "
-                                "running?", now - last_input)
+                expected = pace.expected(interval)
+                if now - last_input >= 3 * expected:
+                    log.warning("no input for %.0f s (3 times the %s of %.0f s): is the stage "
+                                "upstream running?", now - last_input,
+                                "upstream's pace" if pace.known else "expected pace",
+                                expected)
                     last_input = now
             if once and wrote:
                 break
     finally:
         finish(stage, writer)
     return EXIT_OK
+
+
+class Pace:
+    """How often the upstream writes, from the `ts` of the frames a stage consumes."""
+
+    def __init__(self):
+        self.frames = 0
+        self.last_ts = None
+        self.seconds = None  # the latest positive spacing
+
+    @property
+    def known(self) -> bool:
+        return self.seconds is not None
+
+    def saw(self, ts: float) -> None:
+        self.frames += 1
+        if self.last_ts is not None and ts > self.last_ts:
+            self.seconds = ts - self.last_ts
+        self.last_ts = ts
+
+    def expected(self, interval: float) -> float:
+        """The spacing of frames that is no reason to worry (silence of three times it is)."""
+        if self.seconds is not None:
+            return max(interval, self.seconds)
+        if self.frames:  # one frame: the upstream started, its pace is not known yet
+            return max(interval, UNKNOWN_PACE_SILENCE / 3)
+        return interval
 
 
 def _pass_on(stage, writer, line, version_kind, warned):
@@ -266,16 +360,33 @@ def parse_args(tool: str, doc: str, argv=None, options_first: bool = False):
     try:
         return docopt(doc, argv=argv, version=_version(), options_first=options_first), None
     except DocoptExit as e:
-        reason = str(e).splitlines()[0] if str(e).strip() else "bad arguments"
-        if reason.startswith("Usage:"):
-            reason = "bad arguments"
-        print(f"{tool}: usage error: {reason}; see '{tool} --help'", file=sys.stderr)
+        reason = _usage_reason(str(e))
+        print(one_line(f"{tool}: usage error: {reason}; see '{tool} --help'"), file=sys.stderr)
         return None, EXIT_USAGE
     except SystemExit as e:  # --help and --version print and exit 0
         return None, e.code if isinstance(e.code, int) else EXIT_OK
     except BrokenPipeError:  # `--help | head -1`
         FrameWriter(1).silence()
         return None, EXIT_OK
+
+
+_UNMATCHED = re.compile(r"(Option|Argument)\((?:None|'([^']*)'), (?:None|'([^']*)')")
+
+
+def _usage_reason(message: str) -> str:
+    """docopt's refusal in the user's words, not its internals
+    (`found unmatched (duplicate?) arguments [Option(None, '--x', 0, True)]`)."""
+    first = message.strip().splitlines()[0] if message.strip() else ""
+    if "unmatched" in first:
+        found = _UNMATCHED.search(first)
+        if found:
+            kind, short, long_or_value = found.groups()
+            if kind == "Option":
+                return f"unknown option {long_or_value or short}"
+            return f"unexpected argument {long_or_value!r}"
+    if not first or first.startswith("Usage:"):
+        return "bad arguments"
+    return first
 
 
 def run_guarded(tool: str, debug: bool, body) -> int:
@@ -286,14 +397,18 @@ def run_guarded(tool: str, debug: bool, body) -> int:
     """
     try:
         return body()
+    except OutputStalled as e:
+        log.warning("stopped: %s", e)
+        FrameWriter(1).silence()
+        return EXIT_OK
     except OutputClosed:
         FrameWriter(1).silence()
         return EXIT_OK
     except (UsageError, config.ConfigError) as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
+        print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
         return EXIT_USAGE
     except DataError as e:
-        print(f"{tool}: error: {e}", file=sys.stderr)
+        print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
@@ -301,7 +416,7 @@ def run_guarded(tool: str, debug: bool, body) -> int:
         if debug:
             import traceback
             traceback.print_exc()
-        print(f"{tool}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(one_line(f"{tool}: error: {type(e).__name__}: {e}"), file=sys.stderr)
         return EXIT_ERROR
 
 
@@ -323,8 +438,13 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         cfg = config.load_section(args.get("--config"), stage_class.name, schema)
         if args.get("--check-config"):  # what a rollout runs before installing a file
             return EXIT_OK
-        stage = stage_class(cfg, args)
+        if startup.STDIN in startup.closed and not source:
+            raise DataError("standard input is closed: nothing to read frames from")
+        if startup.STDOUT in startup.closed and stage_class.writes_stdout(cfg):
+            raise DataError("standard output is closed: nowhere to write frames")
+        # From here a signal lets the stage finish the frame in hand and restore.
         signals = Signals()
+        stage = stage_class(cfg, args)
         writer = FrameWriter(1)
         if source:
             return run_source(stage, writer, signals, bool(args.get("--once")),

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 from typing import List
 
 from owca.config import register
-from owca.stream import FrameWriter
+from owca.exposition import escape
+from owca.stream import FrameWriter, write_all as _write_all
 
 CATEGORIES = ("metrics", "anomalies", "allocations")
 
@@ -55,13 +56,9 @@ class StorageError(Exception):
 
 
 def _block(cycle: Cycle) -> str:
-    return f"# owca {cycle.category} seq={cycle.seq} host={cycle.host}\n{cycle.text}"
-
-
-def _write_all(fd: int, data: bytes):
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
+    # The host name comes from a frame: escaped like a label value, so that no
+    # character of it can end the comment line and start a sample of its own.
+    return f"# owca {cycle.category} seq={cycle.seq} host={escape(cycle.host)}\n{cycle.text}"
 
 
 @register

@@ -6,9 +6,13 @@
 - Output is one os.write per frame: nothing sits in a userspace buffer when a
   stage is killed, and a reader downstream never waits on a flush.
 - SIGTERM and SIGINT only set a flag (and wake select through a pipe): the frame
-  in hand is finished and written before the tool exits.  Only a wait on
-  something outside the node's control (an orchestrator that does not answer)
-  is cut short: inside `Signals.interruptible()` a stop raises `Interrupted`.
+  in hand is finished and written before the tool exits.  A write that blocks
+  (a reader downstream that stalled) is given STOP_GRACE seconds after the
+  signal, then abandoned with OutputStalled: a stop is prompt whatever the
+  neighbours do, and a stage still restores what it changed (close()).  Only
+  a wait on something outside the node's control (an orchestrator that does
+  not answer) is cut short at once: inside `Signals.interruptible()` a stop
+  raises `Interrupted`.
 """
 import contextlib
 import errno
@@ -27,9 +31,60 @@ LINE, EOF, TIMEOUT, STOP, BAD = "line", "eof", "timeout", "stop", "bad"
 
 READ_CHUNK = 1 << 16  # 64 KiB: one read per typical frame, and a small buffer
 
+# Seconds a write blocked by a stalled reader may go on after SIGTERM/SIGINT: long
+# enough for a reader that is merely slow to take the frame in hand, short beside
+# systemd's stop timeout (90 s), after which SIGKILL would leave nothing restored.
+STOP_GRACE = 1.0
+
+# Shared by every writer of the process (frames, the stdout and log storages):
+# set by the stop handler, and while a write is in progress.
+_stop_requested = False
+_in_write = False
+_grace_armed = False
+
 
 class OutputClosed(Exception):
     """The reader of our stdout went away (`| head -1`)."""
+
+
+class OutputStalled(OutputClosed):
+    """A stop signal came while a write was blocked, and the write did not end in time."""
+
+
+def _arm_grace():
+    global _grace_armed
+    if not _grace_armed:
+        _grace_armed = True
+        signal.setitimer(signal.ITIMER_REAL, STOP_GRACE)
+
+
+def _on_alarm(_signum, _frame):
+    # Only a write still blocked when the grace ends is abandoned; raised here, the
+    # exception leaves the interrupted os.write (PEP 475 retries only when a handler
+    # returns).
+    if _in_write:
+        raise OutputStalled("the reader of the output stalled: a frame was not written")
+
+
+def stop_requested() -> bool:
+    return _stop_requested
+
+
+def write_all(fd: int, data) -> None:
+    """Write all of `data` to `fd`, unless a stop signal comes while the reader stalls."""
+    global _in_write, _grace_armed
+    view = memoryview(data)
+    _in_write = True
+    try:
+        if _stop_requested:
+            _arm_grace()
+        while view:
+            view = view[os.write(fd, view):]
+    finally:
+        _in_write = False
+        if _grace_armed:
+            _grace_armed = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
 
 
 class Interrupted(BaseException):
@@ -52,10 +107,15 @@ class Signals:
         os.set_blocking(self._w, False)
         self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
         self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _on_alarm)
 
     def _handle(self, signum, _frame):
+        global _stop_requested
         self.stop = True
         self.signum = signum
+        _stop_requested = True
+        if _in_write:
+            _arm_grace()
         if self._interruptible:
             # Python retries a system call that a signal interrupted (PEP 475)
             # unless the handler raises: this ends a blocked socket read now.
@@ -95,6 +155,8 @@ class Signals:
         return False
 
     def close(self):
+        global _stop_requested
+        _stop_requested = False
         signal.set_wakeup_fd(self._old_fd)
         for s, handler in self._old.items():
             signal.signal(s, handler)
@@ -181,11 +243,8 @@ class FrameWriter:
     def write(self, data) -> None:
         if isinstance(data, dict):
             data = frames.encode(data)
-        view = memoryview(data)
         try:
-            while view:
-                n = os.write(self.fd, view)
-                view = view[n:]
+            write_all(self.fd, data)
         except BrokenPipeError:
             raise OutputClosed() from None
         except OSError as e:
