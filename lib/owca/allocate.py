@@ -40,6 +40,7 @@ from owca.paths import paths_from_options
 from owca.resctrl import (DEFAULT_GROUP, Group, Resctrl, ResctrlFS, is_owca_group,
                           schemata_matches, schemata_of, validate_on_platform)
 from owca.stage import Stage
+from owca import slo_controller  # noqa: F401  (registers !SloController, !SloRdt)
 
 log = logging.getLogger("owca.allocate")
 
@@ -121,6 +122,11 @@ class Allocate(Stage):
         self._logged = set()
         self._last = (0, None, None)    # seq, ts, host of the last cycle
         self._closed = False
+        if callable(getattr(cfg.allocator, "observe_anomalies", None)):
+            # An allocator that uses the detector's anomalies gets each anomalies frame
+            # (forwarded unchanged); it sees them in the next cycle, as they follow
+            # their cycle's measurements frame.
+            self.consumes = ("measurements", "anomalies")
         # A stage that ends by an exception (a closed stdout mid-cycle) skips
         # close(); the node must still get its values back.
         atexit.register(self._restore_everything)
@@ -187,6 +193,9 @@ class Allocate(Stage):
     # -- the cycle ---------------------------------------------------------------------
 
     def process(self, frame: dict) -> list:
+        if frame["kind"] == "anomalies":
+            self._observe_anomalies(frame)
+            return []
         self._last = (frame["seq"], frame["ts"], frame["host"])
         tasks = frame["tasks"]
         if not self.originals and not self.desired and \
@@ -252,6 +261,14 @@ class Allocate(Stage):
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))
         return out
+
+    def _observe_anomalies(self, frame: dict) -> None:
+        try:
+            self.cfg.allocator.observe_anomalies(frame.get("anomalies") or [])
+        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self.errors += 1
+            log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
+                      type(self.cfg.allocator).__name__, type(e).__name__, e)
 
     def _ask_allocator(self, frame: dict, current: dict):
         allocator = self.cfg.allocator
