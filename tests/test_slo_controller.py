@@ -88,17 +88,25 @@ class Node:
 
 def test_ample_slack_grows_be_step_by_step_to_the_ceiling(sysfs):
     node = Node(controller(sysfs, max_step=1, min_dwell=2, verify_intervals=2))
-    levels, quotas = [], []
+    levels, quotas, at_level = [], [], {}
     for _ in range(40):
         allocations = node.cycle(pressure=0.3)
         levels.append(node.ctl.level)
         quotas.append(allocations["batch1"]["cpu_quota"])
+        at_level[node.ctl.level] = allocations["batch1"]
     assert levels[-1] == node.ctl.levels
     steps = [b - a for a, b in zip(levels, levels[1:]) if b != a]
     assert steps and all(s == 1 for s in steps)           # max_step
     changed = [i for i, (a, b) in enumerate(zip(levels, levels[1:])) if a != b]
     assert all(b - a >= 2 for a, b in zip(changed, changed[1:]))   # min_dwell
-    assert quotas == sorted(quotas) and quotas[-1] == 1.0 and quotas[0] < 0.1
+    assert quotas == sorted(quotas) and quotas[-1] == 1.0 and quotas[0] < 0.2
+    # Below lend_level BE keeps to the cores no HP task uses; one level below, it has
+    # them in full (what static isolation gives: 3 of 4 CPUs, shared by the 2 BE tasks).
+    lend = node.ctl.lend_level
+    assert at_level[lend - 1]["cpuset_cpus"] == "1-3"
+    assert at_level[lend - 1]["cpu_quota"] == pytest.approx(0.75 / 2)
+    assert at_level[lend]["cpuset_cpus"] == "0-3"
+    assert at_level[lend]["cpu_quota"] > 0.75 / 2
     final = node.cycle(pressure=0.3)
     # At the ceiling BE has the HP core too, and the ceiling's shares.
     assert final["batch1"]["cpuset_cpus"] == "0-3"

@@ -397,7 +397,8 @@ class SloController(Allocator):
             f = 0.0 if task_id in cut else fraction
             values = {}
             if CPU_QUOTA in self.knobs:
-                values[CPU_QUOTA] = self._quota(f, len(be))
+                values[CPU_QUOTA] = self._quota(0 if task_id in cut else self.level, len(be),
+                                                cpus[2] if cpus else None)
             if CPU_SHARES in self.knobs:
                 values[CPU_SHARES] = round(self.shares_floor * (
                     self.shares_ceiling / self.shares_floor) ** f, 4)
@@ -411,14 +412,27 @@ class SloController(Allocator):
                                              {"task_id": task_id}))
         return self._respect_others(wanted, current, metrics)
 
-    def _quota(self, fraction: float, n_be: int) -> float:
-        if fraction >= 1.0 and self.quota_ceiling >= 1.0:
+    def _quota(self, level: int, n_be: int, home_share: Optional[float]) -> float:
+        """Each BE task's quota at `level`: the BE total, shared equally.  With cpusets the
+        total rises from the floor to the BE home cores' share of the platform at
+        lend_level - 1 (BE has its own cores in full, as static isolation gives it), then
+        on to the ceiling as HP cores are lent; without, straight from floor to ceiling."""
+        if level >= self.levels and self.quota_ceiling >= 1.0:
             return 1.0
-        total = self.quota_floor + (self.quota_ceiling - self.quota_floor) * fraction
+        floor, ceiling = self.quota_floor, self.quota_ceiling
+        if home_share is None or not floor < home_share < ceiling \
+                or self.lend_level > self.levels:
+            total = floor + (ceiling - floor) * level / self.levels
+        elif level < self.lend_level:
+            total = floor + (home_share - floor) * level / max(1, self.lend_level - 1)
+        else:
+            total = home_share + (ceiling - home_share) * (level - self.lend_level + 1) / \
+                (self.levels - self.lend_level + 1)
         return round(min(1.0, total / n_be), 4)
 
     def _cpusets(self, platform, hp, current, metrics):
-        """(floor cpus, this level's cpus) for BE, or None when cpusets are left alone."""
+        """(floor cpus, this level's cpus, the floor cpus' share of the platform) for BE, or
+        None when cpusets are left alone."""
         online = self._online(platform)
         excluded = frozenset(parse_list(self.reserved_cpus)) if self.reserved_cpus \
             else frozenset()
@@ -461,7 +475,7 @@ class SloController(Allocator):
             lent = math.ceil((self.level - self.lend_level + 1) / span * len(lendable))
         # The cores farthest from the first ones (where HP tasks usually start) go first.
         given = frozenset(home).union(*lendable[len(lendable) - lent:])
-        return format_list(home), format_list(given)
+        return format_list(home), format_list(given), len(home) / len(online)
 
     def _online(self, platform) -> FrozenSet[int]:
         try:
