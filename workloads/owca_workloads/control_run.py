@@ -302,11 +302,12 @@ def calibrate(scenario: dict, out_dir: str, seconds: float = 15.0,
     launcher = Launcher(f"/owca-control-alone-{scenario['name']}-{os.getpid()}", paths,
                         state_file=os.path.join(out_dir, "launcher-state.json"))
     online = other_cpus("", paths)
-    rates = {}
+    rates, logs = {}, []
     try:
         for b in scenario["be"]:
+            logs.append(open(os.path.join(out_dir, f"{b['name']}.log"), "ab"))
             start(launcher, catalog[b["workload"]], b["name"],
-                  os.path.join(out_dir, "run", b["name"]), online)
+                  os.path.join(out_dir, "run", b["name"]), online, logs[-1])
         time.sleep(2.0)
         first = {b["name"]: _usage(launcher, b["name"]) for b in scenario["be"]}
         t0 = time.monotonic()
@@ -316,6 +317,8 @@ def calibrate(scenario: dict, out_dir: str, seconds: float = 15.0,
             rates[b["name"]] = round((_usage(launcher, b["name"]) - first[b["name"]]) / dt, 4)
     finally:
         launcher.stop_all()
+        for f in logs:
+            f.close()
     return rates
 
 

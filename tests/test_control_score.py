@@ -1,0 +1,84 @@
+"""The controller's scores (workloads/owca_workloads/control_score.py) on a made-up run:
+a recording and a ground truth written here, so that every figure is known."""
+import json
+import os
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "workloads"))
+from owca_workloads import control_score  # noqa: E402
+
+T0 = 1000.0
+HP = "/run/web"
+BE = "/run/batch"
+
+
+def write_run(d, pressures, be_cpu, quotas, alone=1.0):
+    """One cycle a second from T0: HP pressure, BE CPU seconds (cumulative), BE quota."""
+    os.makedirs(d)
+    truth = {"version": 1, "kind": "control", "scenario": "s", "config": "controller",
+             "interval": 1, "started_ts": T0, "ended_ts": T0 + len(pressures) - 1,
+             "hps": [{"task_id": HP, "name": "web", "slo": 0.002,
+                      "sli_metric": "apm_latency_p99_seconds"}],
+             "antagonists": [{"name": "batch", "task_id": BE, "start_ts": T0 + 10}],
+             "surges": [], "be_alone": {"batch": alone},
+             "host_load": [{"ts": T0, "other_cores": 0.5, "loadavg1": 1.0},
+                           {"ts": T0 + 1, "other_cores": 0.7, "loadavg1": 1.2}]}
+    with open(os.path.join(d, "ground_truth.json"), "w") as f:
+        json.dump(truth, f)
+    with open(os.path.join(d, "recording.jsonl"), "w") as f:
+        for i, (p, cpu, q) in enumerate(zip(pressures, be_cpu, quotas)):
+            ts = T0 + i
+            tasks = {HP: {"labels": {"role": "hp"}, "metrics": {
+                         "apm_sli_normalized": 1 / p, "apm_sli": 0.002 * p,
+                         "apm_latency_p99_seconds": 0.002 * p,
+                         "apm_throughput_per_second": 100 + i}},
+                     BE: {"labels": {"role": "be"},
+                          "metrics": {"task_cpu_usage_seconds": cpu}}}
+            f.write(json.dumps({"v": 1, "kind": "measurements", "ts": ts, "seq": i,
+                                "platform": {"platform_topology_cpus": 2},
+                                "tasks": tasks}) + "\n")
+            f.write(json.dumps({"v": 1, "kind": "allocations", "ts": ts, "seq": i,
+                                "allocations": {BE: {"cpu_quota": q}} if i and
+                                q != quotas[i - 1] else {},
+                                "metrics": [{"name": "allocation_cpu_quota", "value": q,
+                                             "labels": {"task_id": BE}},
+                                            {"name": "slo_controller_rollbacks_total",
+                                             "value": 1 if i > 30 else 0}]}) + "\n")
+
+
+def test_the_scores_of_a_known_run(tmp_path):
+    d = str(tmp_path / "run")
+    # 60 s: within the SLO but for 3 reports after the BE start at t=10; BE uses half a
+    # CPU all along (alone it uses one); its quota steps up twice and down once.
+    pressures = [0.5] * 60
+    pressures[11:14] = [1.5, 1.3, 1.1]
+    quotas = [0.1] * 20 + [0.2] * 20 + [0.3] * 10 + [0.2] * 10
+    write_run(d, pressures, [0.5 * i for i in range(60)], quotas)
+    s = control_score.score_dir(d)
+    assert s["intervals"] == 60
+    assert s["within_slo"] == pytest.approx(57 / 60, abs=1e-4)
+    assert s["worst_p99_seconds"] == pytest.approx(0.003)
+    assert s["recovery_intervals"] == {"batch": 4.0}    # broken at t=11, back at t=14
+    assert s["be_work_vs_alone"] == pytest.approx(0.5, abs=0.01)
+    assert s["changes"] == 3 and s["rollbacks"] == 1
+    # Steady stretches only (t=10..30, the 20 s after the BE start, left out: 9 s + 28 s
+    # remain): up at 40, down at 50, one change of sign.
+    assert s["sign_changes_per_minute"] == pytest.approx(1 / (37 / 60), abs=0.01)
+    assert s["host_other_cores_mean"] == pytest.approx(0.6)
+
+
+def test_a_run_that_never_recovers_and_the_table(tmp_path):
+    pressures = [0.5] * 12 + [2.0] * 18
+    write_run(str(tmp_path / "a"), pressures, [0.0] * 30, [0.1] * 30)
+    write_run(str(tmp_path / "b"), [0.5] * 30, [0.25 * i for i in range(30)], [0.1] * 30)
+    runs = control_score.find_runs([str(tmp_path)])
+    scores = [control_score.score_dir(d) for d in runs]
+    assert scores[0]["recovery_intervals"] == {"batch": None}
+    assert scores[0]["worst_recovery_intervals"] is None
+    table = control_score.format_table(scores)
+    row = table.splitlines()[2]
+    assert row.startswith("| s | controller | 2 |") and "(1 never)" in row
