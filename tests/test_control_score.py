@@ -82,3 +82,25 @@ def test_a_run_that_never_recovers_and_the_table(tmp_path):
     table = control_score.format_table(scores)
     row = table.splitlines()[2]
     assert row.startswith("| s | controller | 2 |") and "(1 never)" in row
+
+
+def test_the_labs_ground_truth_scores_be_work_in_ops(tmp_path):
+    d = str(tmp_path / "run")
+    write_run(d, [0.5] * 20, [0.1 * i for i in range(20)], [0.1] * 20)
+    path = os.path.join(d, "ground_truth.json")
+    with open(path) as f:
+        truth = json.load(f)
+    truth.pop("antagonists")
+    truth["phases"] = [
+        {"task": "batch", "kind": "aggressive", "start_ts": T0 + 5, "stop_ts": T0 + 15,
+         "progress": {"ops": 300, "seconds": 10.0}},
+        {"task": "batch", "kind": "benign", "start_ts": T0 + 15, "stop_ts": T0 + 19,
+         "progress": {"ops": 100, "seconds": 4.0}},
+        {"task": "web", "kind": "surge", "start_ts": T0 + 16, "stop_ts": T0 + 18}]
+    truth["be_alone_ops_per_second"] = {"batch": 50.0}
+    with open(path, "w") as f:
+        json.dump(truth, f)
+    s = control_score.score_dir(d)
+    assert s["be_ops"] == 400
+    assert s["be_work_vs_alone"] == pytest.approx(400 / (50.0 * 14), abs=1e-4)
+    assert set(s["recovery_intervals"]) == {"batch", "web"}

@@ -204,7 +204,9 @@ def score(run: dict) -> dict:
     events += [(p["start_ts"], p.get("task", p["kind"])) for p in truth.get("phases", [])
                if p.get("kind") in ("aggressive", "surge")]
     recovery = {}
-    for start, name in events:
+    for start, name in sorted(events):
+        if name in recovery:      # the lab's phases: one task may have several
+            name = f"{name}@{round(start - truth.get('started_ts', 0))}"
         worst = 0.0
         for hp in hps:
             r = _recovery(_reports(run, hp["name"]), start, interval)
@@ -213,7 +215,7 @@ def score(run: dict) -> dict:
     # BE work over the run: each task's CPU time from t=0 (or its start) to the end.
     t0, t1 = truth.get("started_ts", 0), truth.get("ended_ts", math.inf)
     used = alone = 0.0
-    be_alone = truth.get("be_alone") or {}
+    be_alone = truth.get("be_alone") or {}   # CPU cores each BE task uses alone
     for task_id, series in run["be_usage"].items():
         inside = [(ts, v) for ts, v in series if t0 - interval <= ts <= t1]
         if len(inside) < 2:
@@ -222,6 +224,7 @@ def score(run: dict) -> dict:
         rate = be_alone.get(run["be_names"].get(task_id))
         if rate is not None:
             alone += rate * (inside[-1][0] - inside[0][0])
+    ops = _be_ops(truth)
     busy_windows = [(s, s + RECOVERY_WINDOW) for s, _ in events] + \
         [(u["start_ts"], u.get("stop_ts", u["start_ts"]) + 10) for u in truth.get("surges", [])]
     steady = lambda ts: not any(a <= ts <= b for a, b in busy_windows)  # noqa: E731
@@ -238,7 +241,9 @@ def score(run: dict) -> dict:
         "worst_recovery_intervals": (None if any(v is None for v in recovery.values())
                                      else max(recovery.values(), default=0.0)),
         "be_cpu_seconds": round(used, 2),
-        "be_work_vs_alone": round(used / alone, 4) if alone else None,
+        "be_work_vs_alone": (ops["vs_alone"] if ops else
+                             round(used / alone, 4) if alone else None),
+        "be_ops": ops["ops"] if ops else None,
         "changes": run["changes"], "rollbacks": run["rollbacks"],
         "sign_changes_per_minute": _sign_changes(run["be_alloc"], steady),
         "host_other_cores_mean": round(statistics.fmean(others), 3) if others else None,
@@ -246,6 +251,20 @@ def score(run: dict) -> dict:
         "host_loadavg1_mean": (round(statistics.fmean(h["loadavg1"] for h in host), 2)
                                if host and "loadavg1" in host[0] else None),
     }
+
+
+def _be_ops(truth: dict) -> Optional[dict]:
+    """BE work in the lab's terms (ground truth version 2): the ops of every BE phase, and
+    against `be_alone_ops_per_second` ({task name: ops/s alone}) when the lab records it."""
+    phases = [p for p in truth.get("phases", []) if p.get("progress") and
+              p.get("kind") != "surge"]
+    if not phases:
+        return None
+    alone_rates = truth.get("be_alone_ops_per_second") or {}
+    done = sum(p["progress"].get("ops", 0) for p in phases)
+    alone = sum(alone_rates[p["task"]] * p["progress"].get("seconds", 0) for p in phases
+                if p.get("task") in alone_rates)
+    return {"ops": done, "vs_alone": round(done / alone, 4) if alone else None}
 
 
 def score_dir(run_dir: str, plot_dir: Optional[str] = None) -> dict:
