@@ -104,3 +104,19 @@ def test_the_labs_ground_truth_scores_be_work_in_ops(tmp_path):
     assert s["be_ops"] == 400
     assert s["be_work_vs_alone"] == pytest.approx(400 / (50.0 * 14), abs=1e-4)
     assert set(s["recovery_intervals"]) == {"batch", "web"}
+
+
+def test_the_plot_has_the_sli_the_be_allocation_and_the_be_work(tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib is not installed (plots only)")
+    d = str(tmp_path / "run")
+    write_run(d, [0.5] * 20, [0.1 * i for i in range(20)], [0.1] * 10 + [0.2] * 10)
+    control_score.score_dir(d, plot_dir=str(tmp_path / "plots"))
+    with open(tmp_path / "plots" / f"{tmp_path.name}-run.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(3, 1)
+    control_score.panels(axes, control_score.load_run(d))
+    assert [ax.get_ylabel() for ax in axes] == ["SLI / SLO", "BE CPUs allowed",
+                                                "BE CPU used (cores)"]
+    assert max(axes[1].lines[0].get_ydata()) == pytest.approx(0.4)   # 0.2 of 2 CPUs
+    plt.close(fig)

@@ -81,16 +81,19 @@ def load_run(run_dir: str) -> dict:
             be_names.setdefault(task_id, t.get("name", task_id))
     run = {"dir": run_dir, "truth": truth, "intervals": [], "be_alloc": [],
            "be_usage": {}, "rollbacks": 0, "changes": 0}
-    ncpus = None
+    ncpus, present = None, set()
     for frame in read_frames(run_dir):
         kind, ts = frame.get("kind"), frame.get("ts", 0)
         if kind == "measurements":
             ncpus = frame.get("platform", {}).get("platform_topology_cpus") or ncpus
             tasks = frame.get("tasks", {})
+            present = set()
             for task_id, task in tasks.items():
                 if task.get("labels", {}).get("role") == "be" or \
                         task.get("labels", {}).get("priority") == "be":
                     be_names.setdefault(task_id, task.get("name", task_id))
+                if task_id in be_names:
+                    present.add(task_id)
                 if task_id in be_names and "task_cpu_usage_seconds" in task.get("metrics", {}):
                     run["be_usage"].setdefault(task_id, []).append(
                         (ts, task["metrics"]["task_cpu_usage_seconds"]))
@@ -109,7 +112,7 @@ def load_run(run_dir: str) -> dict:
             if t0 <= ts <= t1:
                 run["changes"] += sum(len(v) for t, v in (frame.get("allocations") or {}).items()
                                       if t in be_names)
-            alloc = _be_allocation(frame.get("metrics", []), be_names, ncpus or 1, truth)
+            alloc = _be_allocation(frame.get("metrics", []), present, ncpus or 1, truth)
             if alloc is not None:
                 run["be_alloc"].append((ts, alloc))
             for s in frame.get("metrics", []):
@@ -120,12 +123,15 @@ def load_run(run_dir: str) -> dict:
     return run
 
 
-def _be_allocation(samples, be_names, ncpus, truth) -> Optional[float]:
-    """CPUs the BE tasks may use this cycle: per task min(quota x CPUs, its cpuset)."""
+def _be_allocation(samples, be_tasks, ncpus, truth) -> Optional[float]:
+    """CPUs the BE tasks (those of this cycle) may use: per task min(quota x CPUs, its
+    cpuset), summed, at most the node's."""
+    if not be_tasks:
+        return 0.0
     quota, cpus = {}, {}
     for s in samples:
         task = (s.get("labels") or {}).get("task_id")
-        if task not in be_names:
+        if task not in be_tasks:
             continue
         if s["name"] == "allocation_cpu_quota":
             quota[task] = min(1.0, s["value"]) * ncpus
@@ -136,11 +142,17 @@ def _be_allocation(samples, be_names, ncpus, truth) -> Optional[float]:
         be_cpus = truth.get("be_cpus")
         if not be_cpus:
             return None
-        n = sum(len(range(int(a), int(b) + 1)) if "-" in p else 1
-                for p in be_cpus.split(",") for a, _, b in [p.partition("-")])
-        return float(n)
-    return round(sum(min(quota.get(t, ncpus), cpus.get(t, ncpus))
-                     for t in set(quota) | set(cpus)), 4)
+        return float(min(ncpus, len(be_tasks) * _count(be_cpus)))
+    return round(min(ncpus, sum(min(quota.get(t, ncpus), cpus.get(t, ncpus))
+                                for t in be_tasks)), 4)
+
+
+def _count(cpu_list: str) -> int:
+    n = 0
+    for part in cpu_list.split(","):
+        first, _, last = part.partition("-")
+        n += int(last or first) - int(first) + 1
+    return n
 
 
 def _reports(run: dict, name: str) -> List[tuple]:
@@ -345,6 +357,7 @@ def panels(axes, run: dict) -> None:
         r = _reports(run, hp["name"])
         axes[0].plot([ts - t0 for ts, _ in r], [p for _, p in r], label=hp["name"])
     axes[0].axhline(1.0, color="red", linewidth=0.8)
+    axes[0].set_yscale("log")
     axes[0].set_ylabel("SLI / SLO")
     axes[0].legend(loc="upper right")
     axes[1].step([ts - t0 for ts, _ in run["be_alloc"]], [v for _, v in run["be_alloc"]],
