@@ -9,7 +9,7 @@ Usage:
 
 Commands:
   run     One run of SCENARIO (benchmarks/control/*.yaml) under CONFIG (none, static,
-          controller) into DIR.
+          controller, controller-floor) into DIR.
   matrix  For each scenario, BE alone first (the reference of BE work), then every
           configuration, repeat after repeat (so that a host that grows busy later
           spoils every configuration alike), each run in DIR/<scenario>/<config>-<r>.
@@ -19,7 +19,7 @@ Commands:
 Options:
   --out DIR       Where runs go [default: ./control-runs].
   --repeats N     Runs per scenario and configuration [default: 3].
-  --configs LIST  Comma-separated [default: none,static,controller].
+  --configs LIST  Comma-separated [default: none,static,controller,controller-floor].
   --json          Every run's scores as JSON lines.
   --plot DIR      One PNG per run (matplotlib): SLI, BE allocation, BE work.
   -h, --help      Show this help.

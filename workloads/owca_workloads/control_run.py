@@ -8,7 +8,10 @@ One run is one scenario (benchmarks/control/*.yaml) under one configuration:
 
     none        every BE task on every CPU, nothing applied (NOPAllocator)
     static      every BE task pinned, from its start, to the CPUs no HP task uses
-    controller  BE tasks start on every CPU; !SloController moves them
+    controller  BE tasks start on every CPU; !SloController (its defaults) moves them
+    controller-floor  the same, with static isolation as its floor: BE never has less
+                than the cores no HP uses (quota_floor = their share, lend_level 1), so
+                the controller only decides when to lend it the HP cores
 
 A BE task's work is the CPU time its cgroup used (the recording's
 task_cpu_usage_seconds); `be_alone` (calibrate()) is what the same BE tasks
@@ -35,7 +38,7 @@ from owca_workloads.scenario import PIPELINE, other_cpus, tool_argv, tool_env
 
 log = logging.getLogger("owca.control_run")
 
-CONFIGS = ("none", "static", "controller")
+CONFIGS = ("none", "static", "controller", "controller-floor")
 STAGES = PIPELINE[:3] + ("allocate",) + PIPELINE[3:]
 
 
@@ -50,11 +53,13 @@ def load(path: str) -> dict:
     return s
 
 
-def allocator_yaml(config: str, scenario: dict) -> str:
+def allocator_yaml(config: str, scenario: dict, home_share: float = None) -> str:
     """The allocate section of a configuration."""
-    if config == "controller":
+    if config.startswith("controller"):
         params = {"hp_labels": {"role": "hp"}, "be_labels": {"role": "be"},
                   **scenario["controller"]}
+        if config == "controller-floor":
+            params.update(quota_floor=round(home_share, 4), lend_level=1)
         body = yaml.safe_dump(params, default_flow_style=False, sort_keys=False)
         body = "".join(f"    {line}\n" for line in body.splitlines())
         return f"allocate:\n  allocator: !SloController\n{body}"
@@ -144,10 +149,16 @@ class ControlRun:
                 f"  apm_max_age: {max(10.0, 5 * self.s['interval'])}\n"
                 f"ship:\n  storages:\n    - !FileStorage\n"
                 f"      path: {q(self.path('metrics.prom'))}\n"
-                + allocator_yaml(self.config, self.s))
+                + allocator_yaml(self.config, self.s, self.home_share()))
         with open(self.path("pipeline.yaml"), "w") as f:
             f.write(text)
         return self.path("pipeline.yaml")
+
+    def home_share(self) -> float:
+        """The share of the platform that the cores no HP task uses are."""
+        online = other_cpus("", self.paths).split(",")
+        home = (self.s.get("loadgen_cpus") or other_cpus(self.s["cpus"], self.paths)).split(",")
+        return len(home) / len(online)
 
     def start_pipeline(self, config: str, cpus: str) -> None:
         from owca_workloads.launch import enter_cgroups

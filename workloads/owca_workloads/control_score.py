@@ -317,7 +317,7 @@ def format_table(scores: List[dict]) -> str:
             x["be_vs_static"] = x["be_cpu_seconds"] / static[scn] if static.get(scn) else None
     head = "| scenario | config | runs | " + " | ".join(c[1] for c in COLUMNS) + " |"
     lines = [head, "|" + "---|" * (3 + len(COLUMNS))]
-    order = {"none": 0, "static": 1, "controller": 2}
+    order = {"none": 0, "static": 1, "controller": 2, "controller-floor": 3}
     for (scn, cfg) in sorted(groups, key=lambda k: (k[0], order.get(k[1], 9))):
         runs = groups[(scn, cfg)]
         cells = []
