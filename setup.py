@@ -1,4 +1,6 @@
-"""OWCA: the package from lib/, the five tools from bin/, and the C perf helper.
+"""OWCA: the package from lib/, the five tools from bin/, and the C perf helper;
+from a source tree also the workload tools of workloads/ (owca-launch, owca-wrap,
+owca-sine, owca-scenario) as commands.
 
 The helper (bin/owca-perf.c) is compiled with the system's C compiler when the
 scripts are built, and installed beside the tools as `owca-perf`.
@@ -35,13 +37,25 @@ def read_version():
     raise RuntimeError("no __version__ in lib/owca/__init__.py")
 
 
+# The workload tools (docs/workloads.md) are installed as commands where the tree has
+# workloads/; they read its catalog.yaml and scripts/, so `make venv`'s editable
+# install keeps them where they are.  An install without workloads/ (the workloads
+# image copies it elsewhere) has the five pipeline tools only.
+WORKLOADS_PACKAGE = os.path.join("workloads", "owca_workloads")
+WORKLOAD_TOOLS = {"owca-launch": "launch_tool", "owca-wrap": "wrap_tool",
+                  "owca-sine": "sine_tool", "owca-scenario": "scenario_tool"}
+HAS_WORKLOADS = os.path.isdir(WORKLOADS_PACKAGE)
+
 setup(
     name="owca",
     version=read_version(),
     description="Orchestration-aware Workload Collocation Agent",
     python_requires=">=3.9",
-    package_dir={"": "lib"},
-    packages=find_packages("lib"),
+    package_dir={"": "lib", **({"owca_workloads": WORKLOADS_PACKAGE} if HAS_WORKLOADS else {})},
+    packages=find_packages("lib") + (["owca_workloads"] if HAS_WORKLOADS else []),
+    entry_points={"console_scripts": [f"{name}=owca_workloads.{module}:main"
+                                      for name, module in WORKLOAD_TOOLS.items()]}
+    if HAS_WORKLOADS else {},
     scripts=sorted(p for p in glob.glob("bin/owca-*") if not p.endswith(".c")),
     install_requires=[
         "PyYAML>=5.4",
@@ -49,5 +63,7 @@ setup(
         "requests>=2.25",
         "docopt-ng>=0.9",
     ],
+    # `owca-scenario score --plot` draws its pictures with matplotlib.
+    extras_require={"plot": ["matplotlib>=3.5"]},
     cmdclass={"build_scripts": BuildScriptsWithHelper},
 )

@@ -19,6 +19,10 @@ the measurements frame.  "perf part" is PerfCounters.read() alone,
 Python and helper; "perf open" PerfCounters.update() in the first cycle, which
 opens every task's groups.  Everything is divided by N: microseconds per task.
 
+"run-queue delay part" is the steady cycle without perf less the same cycle with
+measure's `run_queue_delay: false`: what task_run_queue_delay_seconds costs (the
+task's thread list and each thread's /proc/TID/schedstat; one thread per task here).
+
 Beside it, on the same cgroups and in the same run:
   --floor BINARY  a floor program taking `-n N -p PREFIX -k` and printing one JSON
                   object with cycle_ms and open_ms (the reference floor.c: perf
@@ -235,9 +239,9 @@ class TimedStage:
     """A Measure stage and the CPU time it spends: this process's, plus its
     perf helper's; perf_cpu collects PerfCounters.read() alone."""
 
-    def __init__(self, events, helper=None, perf_root=None):
+    def __init__(self, events, helper=None, perf_root=None, run_queue_delay=True):
         cfg = MeasureConfig(perf_events=list(events) or None, perf_helper=helper,
-                            perf_cgroup_root=perf_root)
+                            perf_cgroup_root=perf_root, run_queue_delay=run_queue_delay)
         self.stage = Measure(cfg, {"--no-timing": True})
         self.perf = self.stage.perf
         self.read_cpu = []         # Measure.read_tasks() per cycle: cgroup files and perf
@@ -274,7 +278,9 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
     """Two Measure stages on the same cgroups, without and with perf: each one's
     first cycle, then their steady cycles interleaved so that both see the same
     machine."""
-    runs = {"without_perf": TimedStage([]), "with_perf": TimedStage(events, helper, perf_root)}
+    runs = {"without_perf": TimedStage([]), "with_perf": TimedStage(events, helper, perf_root),
+            # the run-queue delay's cost: the cycle without perf, less this one
+            "without_perf_or_run_queue_delay": TimedStage([], run_queue_delay=False)}
     results = {}
     try:
         for name, run in runs.items():
@@ -291,6 +297,9 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
         for name, run in runs.items():
             results[name]["cycle_us_per_task"] = summary_us(steady[name][warmup:], cgroups.n)
             results[name]["read_us_per_task"] = summary_us(run.read_cpu[1 + warmup:], cgroups.n)
+        results["run_queue_delay_us_per_task"] = round(
+            results["without_perf"]["cycle_us_per_task"]["median"]
+            - results["without_perf_or_run_queue_delay"]["cycle_us_per_task"]["median"], 2)
         run = runs["with_perf"]
         counted = run.perf.read()
         results["with_perf"].update(
@@ -433,12 +442,12 @@ def run_perf_stat(cgroups, events, settle=1.0, seconds=2.0):
 def table(results):
     rows = ["| N | measure first, no perf | measure first, perf | measure cycle, no perf | "
             "measure cycle, perf | read part, perf | perf part | perf open | floor -k cycle | "
-            "floor -k open | perf stat interval | leanest Python cycle |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "floor -k open | perf stat interval | leanest Python cycle | run-queue delay part |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         floor, stat = r.get("floor_k", {}), r.get("perf_stat", {})
         lean = r.get("lean_python", {}).get("cycle_us_per_task", {})
-        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
             r["n"], r["without_perf"]["first_us_per_task"], r["with_perf"]["first_us_per_task"],
             r["without_perf"]["cycle_us_per_task"]["median"],
             r["with_perf"]["cycle_us_per_task"]["median"],
@@ -446,7 +455,8 @@ def table(results):
             r["with_perf"]["perf_part_us_per_task"]["median"],
             r["with_perf"]["perf_open_us_per_task"],
             floor.get("cycle_us_per_task", "-"), floor.get("open_us_per_task", "-"),
-            stat.get("interval_us_per_task", "-"), lean.get("median", "-")))
+            stat.get("interval_us_per_task", "-"), lean.get("median", "-"),
+            r.get("run_queue_delay_us_per_task", "-")))
     return "\n".join(rows)
 
 

@@ -309,7 +309,7 @@ def test_files_stay_open_between_reads_and_close_releases_them():
     assert open_fds() == before  # opened lazily
     reader.read()
     held = open_fds() - before
-    assert held == len(cgroups.V1_FILES)
+    assert held == len(cgroups.V1_FILES)  # (the thread list, `tasks`, is opened per read)
     reader.read()
     assert open_fds() - before == held
     reader.close()
@@ -411,6 +411,7 @@ def test_v1_cgroup_removed_between_cycles_is_gone():
         wait_line(child, "running")
         reader = TaskCgroup(DEFAULT_PATHS, cg.path)
         assert "task_cpu_usage_seconds" in reader.read()
+        # (the thread list, `tasks`, is opened per read; the thread's schedstat is in /proc)
         assert fds_into(cg.dirs.values()) == len(cgroups.V1_FILES)
         cg.cleanup()  # kills the child, removes the directories
         with pytest.raises(CgroupGone, match="removed"):
@@ -458,9 +459,11 @@ def test_1000_readers_under_a_1024_fd_soft_limit():
     assert len(result["keys"]) == 1  # every reader got every metric
     assert "task_cpu_usage_seconds" in result["keys"][0]
     assert "task_mem_numa_pages" in result["keys"][0]
+    assert "task_run_queue_delay_seconds" in result["keys"][0]
     assert 0 < result["usage"]["kept_open"] <= 1024 - 128
+    # each reader: its cgroup files and the one thread's schedstat
     assert result["usage"]["kept_open"] + result["usage"]["not_kept_open"] == \
-        1000 * len(cgroups.V1_FILES)
+        1000 * (len(cgroups.V1_FILES) + 1)
     assert "opened for each read" in out.stderr  # said once, in the log
     assert out.stderr.count("opened for each read") == 1
 

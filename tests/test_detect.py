@@ -87,3 +87,19 @@ def test_anomaly_uuid_depends_on_what_not_on_order():
     b = ContentionAnomaly("llc", "hp", ["be2", "be1"]).to_dict()
     assert a["uuid"] == b["uuid"] == anomaly_uuid("contention", "llc", "hp", ["be1", "be2"])
     assert ContentionAnomaly("cpu", "hp", ["be1", "be2"]).to_dict()["uuid"] != a["uuid"]
+
+
+def test_a_replayed_recording_has_one_anomalies_frame_per_cycle_the_detectors():
+    """A recording holds the anomalies of its run: replayed, they are dropped (counted as
+    skipped), so that each measurements frame is followed by this detector's only."""
+    first = run_detect("-r", PLUGIN, "-c", CONFIG, stdin=stream())
+    assert first.returncode == 0, first.stderr
+    recording = first.stdout + frames.encode(frames.tasks_frame(3, []))
+    replay = run_detect("--no-timing", stdin=recording)  # the NOP detector this time
+    assert replay.returncode == 0, replay.stderr
+    out = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert [f["kind"] for f in out] == ["measurements", "anomalies"] * 2 + ["tasks"]
+    assert all(f["anomalies"] == [] for f in out if f["kind"] == "anomalies")
+    # counted by the time of the second cycle: the recording's first anomalies frame
+    skipped = [m["value"] for m in out[-2]["metrics"] if m["name"] == "owca_skipped_frames_total"]
+    assert skipped == [1]

@@ -214,37 +214,86 @@ def test_replay_through_owca_detect_and_owca_ship(tmp_path):
 # -- a short live run -------------------------------------------------------------------------------
 
 def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
-    """About 45 s: nginx under sine load, stress-cpu on its core for 12 s."""
+    """About a minute: nginx under sine load, its SLO calibrated; stress-cpu aggressive on
+    its core in the middle, stress-io a decoy before it, a load surge at the end."""
     catalog = load_catalog()
-    reason = unavailable([catalog["nginx"], catalog["stress-cpu"]])
+    reason = unavailable([catalog[n] for n in ("nginx", "stress-cpu", "stress-io")])
     if reason:
         pytest.skip(reason)
     out_dir = tmp_path / "out"
     run = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "run",
                           "-o", str(out_dir),
                           os.path.join(WORKLOADS, "scenarios", "short-cpu.yaml")],
-                         capture_output=True, text=True, timeout=180, env=tool_env())
+                         capture_output=True, text=True, timeout=300, env=tool_env())
     assert run.returncode == 0, run.stderr
     assert "no antagonist" in run.stdout
     truth = json.loads((out_dir / "ground_truth.json").read_text())
-    assert truth["completed"]
+    assert truth["completed"] and truth["version"] == 2
+    hp = truth["hp"]["task_id"]
+    be = {t["name"]: i for i, t in truth["tasks"].items() if t["role"] == "be"}
+    assert set(be) == {"cpu", "io"}
+    # each BE task's phases follow one another from before t=0 to the end, as scheduled
+    for name in be:
+        mine = [p for p in truth["phases"] if p["task"] == name]
+        assert mine[0]["start_ts"] < truth["started_ts"] and mine[-1]["stop_ts"] == \
+            truth["ended_ts"]
+        assert all(a["stop_ts"] == b["start_ts"] for a, b in zip(mine, mine[1:]))
+    kinds = {n: [p["kind"] for p in truth["phases"] if p["task"] == n] for n in be}
+    assert kinds == {"cpu": ["quiet", "aggressive", "quiet"],
+                     "io": ["quiet", "benign", "quiet"]}
     (cpu,) = truth["antagonists"]
     assert cpu["workload"] == "stress-cpu" and cpu["resource"] == "cpu"
-    assert 11 < cpu["stop_ts"] - cpu["start_ts"] < 14
-    hp = truth["hp"]["task_id"]
+    aggressive = [p for p in truth["phases"] if p["kind"] == "aggressive"][0]
+    assert aggressive["progress"]["ops"] > 0 and aggressive["progress"]["unit"] == "bogo-ops"
+    (surge,) = [p for p in truth["phases"] if p["kind"] == "surge"]
+    assert surge["task"] == "nginx" and surge["task_id"] == hp
+    # the SLO was calibrated here, and the wrapper published it
+    calibration = truth["hp"]["slo_calibration"]
+    assert calibration["samples"] and truth["hp"]["slo"] == calibration["slo"] == \
+        pytest.approx(3 * calibration["sli_median"], rel=1e-5)
+    assert truth["host_load"] and "other_cpu_on_hp_cpus" in truth["host_load"][0]
+    assert isinstance(truth["noisy"]["flag"], bool)
     lines = (out_dir / "recording.jsonl").read_bytes().splitlines()
     measurements = [frames.validate(frames.decode(line)) for line in lines
                     if frames.sniff(line) == (1, "measurements")]
     assert len(measurements) >= 30
-    with_apm = [m for m in measurements if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
+    # every task in every interval: a task's presence tells nothing of what it does
+    assert all(set(m["tasks"]) == {hp, *be.values()} for m in measurements)
+    with_apm = [m["tasks"][hp]["metrics"] for m in measurements
+                if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
     assert len(with_apm) >= 25
-    assert any(cpu["task_id"] in m["tasks"] for m in measurements)
+    assert all(m["apm_slo"] == truth["hp"]["slo"] and "apm_report_timestamp_seconds" in m
+               for m in with_apm)
+    assert all("task_run_queue_delay_seconds" in m["tasks"][hp]["metrics"]
+               for m in measurements[1:])
     assert "apm_latency_p99_seconds{" in (out_dir / "metrics.prom").read_text()
     # the run left no cgroup and no APM file behind
     parent = os.path.dirname(hp)
     for controller in ("cpu", "cpuacct", "memory", "cpuset"):
         assert not os.path.exists(Paths().cgroup_v1(controller, parent))
+    assert not os.path.exists(Paths().cgroup_v2(parent))
     assert os.listdir(out_dir / "apm") == []
+
+
+def test_a_pipeline_stage_that_dies_fails_the_run_in_one_line(tmp_path):
+    """owca-detect refuses its configuration (exit 2): the run stops, exit 1, one line."""
+    catalog = load_catalog()
+    reason = unavailable([catalog["nginx"], catalog["stress-cpu"]])
+    if reason:
+        pytest.skip(reason)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(VALID.replace("name: t", "name: dies").replace(
+        "hp: {workload: nginx,", "hp: {workload: nginx, calibrate: 0,"))
+    config = tmp_path / "bad.yaml"
+    config.write_text("detect:\n  detector: !NoSuchDetector {}\n")
+    run = subprocess.run([sys.executable, os.path.join(WORKLOADS, "owca-scenario"), "run",
+                          "-o", str(tmp_path / "out"), "-c", str(config), str(scenario)],
+                         capture_output=True, text=True, timeout=180, env=tool_env())
+    assert run.returncode == 1
+    errors = [line for line in run.stderr.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and "pipeline stage detect exited with status 2" in errors[0]
+    truth = json.loads((tmp_path / "out" / "ground_truth.json").read_text())
+    assert not truth["completed"]
 
 
 def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):

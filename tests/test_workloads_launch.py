@@ -157,3 +157,48 @@ def test_owca_launch_refuses_an_unknown_workload():
                           "nosuch"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "no workload 'nosuch'" in out.stderr
+
+
+def test_on_a_hybrid_host_a_workload_also_gets_its_cgroup2_group(launcher):
+    """v1 controllers with cgroup2 beside them: the same path in cgroup2 too, for PSI and
+    perf events (docs/protocol.md: one path in every hierarchy)."""
+    if PATHS.cgroup_v2_root == PATHS.cgroupfs or \
+            not os.path.exists(os.path.join(PATHS.cgroup_v2_root, "cgroup.procs")):
+        pytest.skip("not a hybrid host")
+    w = launcher.start("hp", ["sleep", "60"], role="hp")
+    assert cgroups_of(w.pid)[""] == w.cgroup_path  # the "0::/path" line
+    launcher.stop("hp", timeout=2)
+    assert not os.path.exists(PATHS.cgroup_v2(w.cgroup_path))
+
+
+def test_replace_changes_the_work_and_keeps_the_task(launcher, tmp_path):
+    w = launcher.start("be", ["sleep", "60"])
+    first = w.pid
+    launcher.replace("be", ["sh", "-c", "sleep 61 & wait"], timeout=2)
+    assert not alive(first)
+    assert launcher.launched["be"].pid != first and alive(launcher.launched["be"].pid)
+    assert wait_for(lambda: len(CgroupSet(PATHS, w.cgroup_path).pids()) == 2)
+    assert cgroups_of(launcher.launched["be"].pid)["cpu"] == w.cgroup_path
+    assert '"sleep 61 & wait"' in (tmp_path / "state.json").read_text()  # recorded
+
+
+def test_a_cpu_quota_is_set_in_cores(launcher):
+    w = launcher.start("hp", ["sleep", "60"], cpu_quota_cores=0.5, role="hp")
+    cpu = PATHS.cgroup_v1("cpu", w.cgroup_path)
+    with open(os.path.join(cpu, "cpu.cfs_quota_us")) as q, \
+            open(os.path.join(cpu, "cpu.cfs_period_us")) as p:
+        assert int(q.read()) == int(p.read()) // 2
+
+
+def test_the_installed_owca_launch_lists_the_catalog_as_the_docs_call_it(tmp_path):
+    """docs/workloads.md: after `make venv`, .venv/bin/owca-launch (beside this Python) runs
+    from anywhere, with no PYTHONPATH (it failed with No module named 'owca' before)."""
+    command = os.path.join(os.path.dirname(sys.executable), "owca-launch")
+    assert os.access(command, os.X_OK), "owca-launch is not installed beside " + sys.executable
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    out = subprocess.run([command, "list"], capture_output=True, text=True, timeout=60,
+                         cwd=str(tmp_path), env=env)
+    assert out.returncode == 0, out.stderr
+    names = [line.split()[0] for line in out.stdout.splitlines()]
+    assert {"nginx", "redis", "memcached", "stress-cpu", "stress-reclaim", "stress-io"} \
+        <= set(names)

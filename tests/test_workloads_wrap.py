@@ -65,6 +65,25 @@ def test_frames_carry_parsed_values_sli_labels_and_counters():
     assert [f["seq"] for f in got] == list(range(1, len(got) + 1))
 
 
+def test_the_reports_own_time_is_published_with_its_values():
+    """apm_report_timestamp_seconds: when the latest report was parsed, not when the file
+    or frame was written, so that a reader aligns a latency with the span it describes."""
+    child = py("import time; print('warming up', flush=True); time.sleep(0.6); "
+               "print('lat=2ms latency_p99_seconds', flush=True); time.sleep(1.0)")
+    out = wrap("--task-id", "t", "--frames", "--no-apm-file", "--interval", "0.2", LATENCY,
+               "--", *child)
+    assert out.returncode == 0, out.stderr
+    got = frames_of(out.stdout)
+    before = [f for f in got if "apm_latency_p99_seconds" not in f["tasks"]["t"]["metrics"]]
+    after = [f for f in got if "apm_latency_p99_seconds" in f["tasks"]["t"]["metrics"]]
+    assert before and len(after) >= 3
+    assert all("apm_report_timestamp_seconds" not in f["tasks"]["t"]["metrics"] for f in before)
+    stamps = {f["tasks"]["t"]["metrics"]["apm_report_timestamp_seconds"] for f in after}
+    assert len(stamps) == 1  # one report, republished with its own time
+    stamp = stamps.pop()
+    assert before[-1]["ts"] <= stamp <= after[0]["ts"] < after[-1]["ts"]
+
+
 def test_higher_is_better_sli_is_not_inverted():
     out = wrap("--task-id", "t", "--frames", "--no-apm-file", "--slo", "100",
                "--sli-metric", "apm_throughput_per_second", "--higher-is-better",

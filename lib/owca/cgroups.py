@@ -30,11 +30,22 @@ task's directory in the unified hierarchy):
 | task_mem_soft_limit_bytes | memory.soft_limit_in_bytes | memory.low |
 | task_mem_page_faults | memory.stat total_pgfault | memory.stat pgfault |
 | task_mem_numa_pages | memory.numa_stat hierarchical_total | memory.numa_stat anon + file |
-| task_pressure_* | — | cpu.pressure, memory.pressure, io.pressure |
+| task_pressure_* | the task's cgroup2 group, where it has one (a hybrid host) | cpu.pressure, memory.pressure, io.pressure |
+| task_run_queue_delay_seconds | /proc/TID/schedstat of the threads in cpuacct's `tasks` | the same, threads in `cgroup.threads` |
 
 The v1 page faults and NUMA pages are the hierarchical ones, like
 memory.usage_in_bytes, so that a task whose cgroup has children (a pod and its
 containers) is measured whole.
+
+On a hybrid host (v1 controllers, cgroup2 mounted at `unified/`) a task read from
+v1 whose path also exists in the cgroup2 hierarchy gets its PSI from there: the
+protocol names a task by one path in every hierarchy, and PSI exists only in v2.
+
+The run-queue delay (RunQueueDelay) sums the second field of each thread's
+/proc/TID/schedstat (nanoseconds spent runnable but waiting for a CPU) over the
+threads of the cgroup and of its descendants (the descendants are listed again on
+the slow cycles).  A thread that exits takes its delay with it; its last value is
+kept, so that the counter never falls.
 """
 import errno
 import logging
@@ -428,6 +439,82 @@ V2_FILES = (
 )
 
 
+def _read_once(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+class RunQueueDelay:
+    """Seconds the threads of a cgroup (and its descendants) waited on a run queue.
+
+    Each thread's /proc/TID/schedstat is held open (a KeptFile) while the thread is
+    in the cgroup; a thread that left or exited adds its last value to `retired`.
+    """
+
+    def __init__(self, paths: Paths, directory: str, threads_file: str):
+        self.paths = paths
+        self.directory = directory
+        self.threads_file = threads_file
+        self.keep_lists = threads_file != "tasks"
+        self.lists = [KeptFile(os.path.join(directory, threads_file))]
+        self.threads: Dict[bytes, list] = {}   # tid -> [KeptFile, last ns]
+        self.retired = 0
+        self.relist()
+
+    def relist(self) -> None:
+        """Find the descendants' thread files again (new containers of a pod)."""
+        own = self.lists[0].path
+        found = [own] + [os.path.join(d, self.threads_file)
+                         for d, _dirs, _files in os.walk(self.directory)
+                         if os.path.normpath(d) != os.path.normpath(self.directory)]
+        kept = {f.path: f for f in self.lists}
+        for f in self.lists:
+            if f.path not in found:
+                f.close()
+        self.lists = [kept.get(path) or KeptFile(path) for path in found]
+
+    def read(self) -> Optional[float]:
+        """The counter in seconds; None when the cgroup's thread list is unreadable or
+        no thread was ever seen in it."""
+        tids = set()
+        for i, listing in enumerate(self.lists):
+            try:
+                # v1's `tasks` is opened afresh: on a held fd the kernel may serve the
+                # pid list it built for an earlier read (kept for a second after it)
+                data = listing.read_bytes() if self.keep_lists else _read_once(listing.path)
+                tids.update(data.split())
+            except OSError:
+                if i == 0:
+                    return None  # the cgroup itself: the caller learns why from its files
+        threads = self.threads
+        if not tids and not threads and not self.retired:
+            return None  # no thread seen yet: nothing waited, and nothing to say
+        for tid in list(threads):
+            if tid not in tids:
+                kept, last = threads.pop(tid)
+                kept.close()
+                self.retired += last
+        total = self.retired
+        for tid in tids:
+            entry = threads.get(tid)
+            if entry is None:
+                entry = threads[tid] = [KeptFile(self.paths.proc(tid.decode(), "schedstat"),
+                                                 SINGLE_NUMBER_BUFFER), 0]
+            try:
+                entry[1] = int(entry[0].read_bytes().split()[1])
+            except (OSError, IndexError, ValueError):
+                pass  # exited since the listing: its last value stands
+            total += entry[1]
+        return total / 1e9
+
+    def close(self) -> None:
+        for listing in self.lists:
+            listing.close()
+        for kept, _last in self.threads.values():
+            kept.close()
+        self.threads.clear()
+
+
 class _Source(KeptFile):
     """One file of a task's cgroup and what it yields.
 
@@ -456,7 +543,7 @@ class TaskCgroup:
     """
 
     def __init__(self, paths: Paths, cgroup_path: str, version: str = "auto",
-                 slow_every: int = 1, phase: int = 0):
+                 slow_every: int = 1, phase: int = 0, run_queue_delay: bool = True):
         if version not in VERSIONS:
             raise ValueError(f"cgroup version: expected one of {', '.join(VERSIONS)}, "
                              f"got {version!r}")
@@ -472,6 +559,8 @@ class TaskCgroup:
         self._slow_sources = None     # read every slow_every times
         self._slow_values = {}
         self._reads = 0
+        self.run_queue_delay = run_queue_delay
+        self._rq = None
 
     def _setup(self) -> None:
         paths, cgroup_path = self.paths, self.cgroup_path
@@ -490,6 +579,11 @@ class TaskCgroup:
         if version == "v1":
             sources = [(name, _Source(dirs[c], name, into, True if c == found else None))
                        for c, name, into in V1_FILES]
+            hybrid = paths.cgroup_v2(cgroup_path)
+            if paths.cgroup_v2_root != paths.cgroupfs and os.path.isdir(hybrid):
+                sources += [(name, _Source(hybrid, name, into, True))
+                            for _, name, into in V2_FILES if name.endswith(".pressure")]
+            threads = (dirs[found], "tasks")
         else:
             directory = paths.cgroup_v2(cgroup_path)
             if not os.path.isdir(directory):
@@ -498,6 +592,9 @@ class TaskCgroup:
             version = "v2"
             sources = [(name, _Source(directory, name, into, True))
                        for _, name, into in V2_FILES]
+            threads = (directory, "cgroup.threads")
+        if self.run_queue_delay:
+            self._rq = RunQueueDelay(paths, *threads)
         slow = SLOW_FILES if self.slow_every > 1 else frozenset()
         self._sources = [src for name, src in sources if name not in slow]
         self._slow_sources = [src for name, src in sources if name in slow]
@@ -516,6 +613,12 @@ class TaskCgroup:
             self._slow_values = slow
         self._read_all(self._sources, out)
         out.update(self._slow_values)
+        if self._rq is not None:
+            if (reads + self.phase) % max(self.slow_every, 10) == 0:
+                self._rq.relist()
+            delay = self._rq.read()
+            if delay is not None:
+                out["task_run_queue_delay_seconds"] = delay
         return out
 
     def _read_all(self, sources: list, out: dict) -> None:
@@ -577,6 +680,9 @@ class TaskCgroup:
         if self._sources is not None:
             for src in self._sources + self._slow_sources:
                 src.close()
+        if self._rq is not None:
+            self._rq.close()
+            self._rq = None
         self._sources = self._slow_sources = None
         self._slow_values = {}
         self._reads = 0

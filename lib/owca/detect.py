@@ -1,7 +1,8 @@
 """owca-detect: hands each `measurements` frame to a detector plug-in.
 
 The measurements frame is forwarded unchanged (its line, not a re-encoding),
-followed by an `anomalies` frame of the same cycle.
+followed by an `anomalies` frame of the same cycle.  An `anomalies` frame from
+upstream (a replayed recording's) is dropped and counted as skipped.
 
 Detector API (DESIGN.md):
 
@@ -113,6 +114,9 @@ def anomaly_dicts(anomalies) -> List[dict]:
 class Detect(Stage):
     name = "detect"
     consumes = ("measurements",)
+    # A recording replayed through owca-detect carries the anomalies of its run: they
+    # are dropped, so that each cycle has one anomalies frame, this detector's.
+    replaces = ("anomalies",)
 
     def __init__(self, cfg: DetectConfig, options: dict):
         super().__init__(cfg, options)

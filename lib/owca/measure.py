@@ -34,6 +34,9 @@ class MeasureConfig:
     # docs/metrics.md) are read every this many cycles, spread evenly over the
     # tasks; in between their last values are reported.  1 reads them every cycle.
     slow_metrics_every: int = 10
+    # task_run_queue_delay_seconds: each thread's /proc/TID/schedstat read every
+    # cycle (benchmarks/measure_cycle.py measures the cost); false reads none.
+    run_queue_delay: bool = True
     # --- perf counters: the perf section (lib/owca/perf.py) plugs in here ---
     # Events counted per task (docs/perf.md), e.g. [instructions, cycles,
     # task-clock, stalled_mem_loads=0x140014a3]; none: no perf helper at all.
@@ -120,7 +123,8 @@ class Measure(Stage):
             if task_id not in self.readers:
                 self.readers[task_id] = TaskCgroup(
                     self.paths, task["cgroup_path"], self.cfg.cgroup_version,
-                    slow_every=self.cfg.slow_metrics_every, phase=self.readers_created)
+                    slow_every=self.cfg.slow_metrics_every, phase=self.readers_created,
+                    run_queue_delay=self.cfg.run_queue_delay)
                 self.readers_created += 1
         if self.perf is not None:
             self.perf.update({i: t["cgroup_path"] for i, t in current.items()})

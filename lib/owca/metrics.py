@@ -68,12 +68,20 @@ TASK_CGROUP = _specs(
     M("task_pressure_avg10_percent", GAUGE, "percent",
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
-      "v2: cpu.pressure, memory.pressure, io.pressure avg10",
+      "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
+      "io.pressure avg10",
       levels=("resource", "stall")),
     M("task_pressure_stall_seconds", COUNTER, "seconds",
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
-      "v2: cpu.pressure, memory.pressure, io.pressure total (us)",
+      "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
+      "io.pressure total (us)",
       levels=("resource", "stall")),
+    M("task_run_queue_delay_seconds", COUNTER, "seconds",
+      "Time the threads of the task's cgroup (and of its descendants) spent runnable but "
+      "waiting for a CPU; an exited thread's last value is kept, so the counter never "
+      "falls (cAdvisor's container_cpu_schedstat_run_queue_seconds_total).",
+      "/proc/TID/schedstat, 2nd field (ns), of each thread in the v1 cpuacct `tasks` or "
+      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off"),
     M("owca_files_not_kept_open", GAUGE, "files",
       "Kernel files (cgroup, /proc) opened, read and closed each cycle instead of held "
       "open, because the soft RLIMIT_NOFILE left no descriptors for them (slower).",
@@ -375,6 +383,10 @@ APM = _specs(
     M("apm_child_restarts_total", COUNTER, "restarts",
       "Times owca-wrap restarted the wrapped command (--restart).", _WRAP, scope="apm"),
     M("apm_child_up", GAUGE, "boolean", "1 while the wrapped command runs.", _WRAP,
+      scope="apm"),
+    M("apm_report_timestamp_seconds", GAUGE, "seconds since the epoch",
+      "When owca-wrap parsed the workload's latest report (the end of the span its "
+      "latency describes); the frame's ts is when owca-measure read the file.", _WRAP,
       scope="apm"),
     M("owca_apm_files", GAUGE, "files",
       "Fresh APM files owca-measure merged in its last cycle.", "owca-measure",

@@ -71,6 +71,7 @@ class Stage:
     forward_consumed = True  # write the consumed frame on before what process() adds
     paced_by_interval = False  # cycles come from idle() on the clock, not from input
     forwards_unknown = True    # pass on what it does not understand (a sink counts it)
+    replaces = ()  # kinds it makes itself: one from upstream (a replayed recording's) is dropped
 
     def __init__(self, cfg, options: dict):
         self.cfg = cfg
@@ -155,6 +156,9 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
                 stats.frames_read += 1
                 last_input = time.monotonic()
                 sniffed = frames.sniff(line)
+                if sniffed is not None and sniffed[1] in stage.replaces:
+                    stats.skipped_frames += 1
+                    continue
                 if sniffed is not None and (sniffed[1] not in consumes
                                             or not frames.is_known(*sniffed)):
                     _pass_on(stage, writer, line, sniffed, warned)

@@ -55,6 +55,13 @@ class Workload:
     load: Optional[Load] = None
     slo: Optional[float] = None
     sli_metric: str = "apm_latency_p99_seconds"
+    # be: the light version of its work, a decoy of the scenarios' benign phases
+    benign: Optional[List[str]] = None
+    # be: its memory limit (bytes) in the scenarios, so that it reclaims under it
+    memory_limit_bytes: Optional[int] = None
+    # hp: extra clients of a load-only surge (templates: {rate} {duration} {connections}
+    # {delay_ms} {requests} and the workload's), measured by no one
+    surge: Optional[List[str]] = None
 
     def values(self, run_dir: str, port: Optional[int]) -> Dict[str, str]:
         values = {"run_dir": run_dir, "workloads": WORKLOADS_DIR}
@@ -111,7 +118,15 @@ def _entry(name: str, raw) -> Workload:
                             load=Load(**{**load, "command": [str(a) for a in load["command"]]})
                             if load else None,
                             slo=raw.get("slo"),
-                            sli_metric=raw.get("sli_metric", "apm_latency_p99_seconds"))
+                            sli_metric=raw.get("sli_metric", "apm_latency_p99_seconds"),
+                            benign=[str(a) for a in raw["benign"]] if raw.get("benign")
+                            else None,
+                            memory_limit_bytes=parse_bytes(raw["memory_limit"])
+                            if raw.get("memory_limit") is not None else None,
+                            surge=[str(a) for a in raw["surge"]] if raw.get("surge")
+                            else None)
+    except ValueError as e:
+        raise CatalogError(f"{name}: {e}") from None
     except (KeyError, TypeError) as e:
         raise CatalogError(f"{name}: {type(e).__name__}: {e}") from None
     if workload.role not in ROLES:
@@ -119,6 +134,17 @@ def _entry(name: str, raw) -> Workload:
     if workload.role == "hp" and workload.load is None:
         raise CatalogError(f"{name}: an hp workload needs a load")
     return workload
+
+
+_SIZE = re.compile(r"^([0-9]+)([KMG]?)$")
+
+
+def parse_bytes(value) -> int:
+    """12345, "256M", "1G" -> bytes (K, M, G: powers of 1024)."""
+    m = _SIZE.match(str(value).strip())
+    if not m:
+        raise ValueError(f"expected bytes such as 268435456 or 256M, got {value!r}")
+    return int(m.group(1)) * 1024 ** " KMG".index(m.group(2) or " ")
 
 
 def load_catalog(path: str = CATALOG) -> Dict[str, Workload]:
@@ -189,13 +215,14 @@ def wrapped_load(workload: Workload, task_id: str, run_dir: str, port: Optional[
 
 
 def start(launcher, workload: Workload, name: str, run_dir: str, cpus: Optional[str] = None,
-          log_file=None, ready_timeout: float = 15.0):
-    """Launch a catalog workload in its cgroup; wait until its port accepts connections.
-    (Launched, port)."""
+          log_file=None, ready_timeout: float = 15.0, **options):
+    """Launch a catalog workload in its cgroup (options: Launcher.start's, e.g.
+    cpu_quota_cores); wait until its port accepts connections.  (Launched, port)."""
     port = free_port() if workload.needs_port() else None
     argv = workload.prepare(run_dir, port)
     launched = launcher.start(name, argv, cpus=cpus, cwd=run_dir, stdout=log_file,
-                              stderr=log_file, role=workload.role, workload=workload.name)
+                              stderr=log_file, role=workload.role, workload=workload.name,
+                              **options)
     if port is not None:
         try:
             wait_tcp(port, ready_timeout, alive=lambda: launcher.running(name))

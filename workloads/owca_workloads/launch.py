@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -45,23 +46,41 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
+# The pseudo-controller of the cgroup2 hierarchy of a hybrid host (v1 controllers,
+# cgroup2 at `unified/`): a group there gives a task PSI and perf cgroup events.
+UNIFIED = "unified"
+
+
+def hybrid(paths: Paths) -> bool:
+    """v1 controllers with a cgroup2 hierarchy mounted beside them."""
+    root = paths.cgroup_v2_root
+    return os.path.normpath(root) != os.path.normpath(paths.cgroupfs) \
+        and os.path.exists(os.path.join(root, "cgroup.procs"))
+
+
 class CgroupSet:
-    """One cgroup path in several v1 hierarchies."""
+    """One cgroup path in several v1 hierarchies, and on a hybrid host in cgroup2 too
+    (the same path in every hierarchy, as docs/protocol.md names a task)."""
 
     def __init__(self, paths: Paths, cgroup_path: str, controllers=CONTROLLERS):
         self.paths = paths
         self.cgroup_path = cgroup_path
         self.controllers = tuple(controllers)
+        if UNIFIED not in self.controllers and hybrid(paths):
+            self.controllers += (UNIFIED,)
 
     def dir(self, controller: str) -> str:
+        if controller == UNIFIED:
+            return self.paths.cgroup_v2(self.cgroup_path)
         return self.paths.cgroup_v1(controller, self.cgroup_path)
 
     def missing_controllers(self) -> List[str]:
-        return [c for c in self.controllers
-                if not os.path.exists(os.path.join(self.paths.cgroup_v1(c), "cgroup.procs"))]
+        return [c for c in self.controllers if c != UNIFIED
+                and not os.path.exists(os.path.join(self.paths.cgroup_v1(c), "cgroup.procs"))]
 
     def create(self, cpus: Optional[str] = None, mems: Optional[str] = None,
-               memory_limit_bytes: Optional[int] = None) -> None:
+               memory_limit_bytes: Optional[int] = None,
+               cpu_quota_cores: Optional[float] = None) -> None:
         """mkdir in every hierarchy; cpuset gets cpus (default: its parent's) and mems."""
         missing = self.missing_controllers()
         if missing:
@@ -77,6 +96,11 @@ class CgroupSet:
         if memory_limit_bytes is not None and "memory" in self.controllers:
             _write(os.path.join(self.dir("memory"), "memory.limit_in_bytes"),
                    str(memory_limit_bytes))
+        if cpu_quota_cores is not None and "cpu" in self.controllers:
+            period = 100000  # microseconds, the kernel's default CFS period
+            _write(os.path.join(self.dir("cpu"), "cpu.cfs_period_us"), str(period))
+            _write(os.path.join(self.dir("cpu"), "cpu.cfs_quota_us"),
+                   str(max(1000, int(cpu_quota_cores * period))))
 
     def _init_cpuset(self, path: str, cpus: Optional[str], mems: Optional[str]) -> None:
         """A new cpuset is empty, and a process cannot enter it until it has cpus and
@@ -167,6 +191,7 @@ class Launcher:
         self.parent_set = CgroupSet(self.paths, self.parent, self.controllers)
         self.parent_made = False
         self.extra_cgroups: List[str] = []  # made for processes started elsewhere
+        self._save_lock = threading.Lock()  # a scenario changes its tasks from threads
 
     def _make_parent(self) -> None:
         if not self.parent_made:
@@ -190,12 +215,14 @@ class Launcher:
     def start(self, name: str, argv: List[str], cpus: Optional[str] = None,
               memory_limit_bytes: Optional[int] = None, cwd: Optional[str] = None,
               env: Optional[dict] = None, stdout=None, stderr=None, role: str = "be",
-              workload: str = "", labels: Optional[dict] = None) -> Launched:
+              workload: str = "", labels: Optional[dict] = None,
+              cpu_quota_cores: Optional[float] = None) -> Launched:
         if name in self.launched or "/" in name or name in ("", ".", ".."):
             raise LaunchError(f"workload name {name!r}: taken or not a cgroup name")
         self._make_parent()
         cgroups = self.cgroups(name)
-        cgroups.create(cpus=cpus, memory_limit_bytes=memory_limit_bytes)
+        cgroups.create(cpus=cpus, memory_limit_bytes=memory_limit_bytes,
+                       cpu_quota_cores=cpu_quota_cores)
         try:
             popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
                                      cwd=cwd, env=env, start_new_session=True,
@@ -206,11 +233,37 @@ class Launcher:
         launched = Launched(name=name, cgroup_path=cgroups.cgroup_path, pid=popen.pid,
                             argv=list(argv), started_ts=time.time(), cpus=cpus, role=role,
                             workload=workload, labels=dict(labels or {}))
-        self.launched[name] = launched
-        self.popens[name] = popen
+        with self._save_lock:
+            self.launched[name] = launched
+            self.popens[name] = popen
         self.save()
         log.info("started %s (pid %d) in %s%s", name, popen.pid, cgroups.cgroup_path,
                  f" on cpus {cpus}" if cpus else "")
+        return launched
+
+    def replace(self, name: str, argv: List[str], cwd: Optional[str] = None,
+                stdout=None, stderr=None, timeout: float = 5.0) -> Launched:
+        """Stop a workload's processes (by its recorded group, then whatever is left in
+        its cgroup) and start `argv` in the same cgroups: the task stays, its work
+        changes (a scenario's phases).  The previous process's exit status is kept."""
+        launched = self.launched[name]
+        cgroups = self.cgroups(name)
+        launched.exit_status = stop_process_group(launched.pid, self.popens.get(name),
+                                                  timeout, self.paths)
+        left = kill_cgroup(cgroups, timeout)
+        if left:
+            raise LaunchError(f"{name}: pids {sorted(left)} would not leave "
+                              f"{launched.cgroup_path}")
+        try:
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                                     stderr=stderr, cwd=cwd, start_new_session=True,
+                                     preexec_fn=enter_cgroups(cgroups.procs_files()))
+        except (OSError, subprocess.SubprocessError) as e:
+            raise LaunchError(f"{name}: cannot start {argv[0]}: {e}") from None
+        launched.pid, launched.argv = popen.pid, list(argv)
+        self.popens[name] = popen
+        self.save()
+        log.info("%s: now %s (pid %d)", name, argv[0], popen.pid)
         return launched
 
     def running(self, name: str) -> bool:
@@ -258,6 +311,10 @@ class Launcher:
     def save(self) -> None:
         if not self.state_file:
             return
+        with self._save_lock:
+            self._save()
+
+    def _save(self) -> None:
         state = {"parent": self.parent, "controllers": list(self.controllers),
                  "parent_made": self.parent_made, "extra_cgroups": list(self.extra_cgroups),
                  "workloads": [asdict(w) for w in self.launched.values()]}

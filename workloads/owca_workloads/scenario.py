@@ -1,18 +1,24 @@
-"""Interference scenarios: an HP workload under sine load, BE antagonists at scripted times.
+"""Interference scenarios: an HP workload under load, BE tasks with scripted phases.
 
-The runner starts the HP workload in its own cgroup, pinned to the scenario's
-cores; its load generator (owca-sine under owca-wrap, on other cores) keeps the
-HP task's APM file fresh; the real pipeline runs beside it,
+The runner starts the HP workload in its own cgroup (v1, and on a hybrid host a
+cgroup2 group at the same path, for PSI and perf events), pinned to the
+scenario's cores, optionally under a CPU quota.  Every BE task of the scenario
+is started at once, in its own cgroup on the same cores, and stays for the whole
+run: between its phases it idles (`quiet`, an idle process), in a `benign` phase
+it runs a light version of its work (a decoy), in an `aggressive` one the
+antagonist at full strength; several overlap.  Load-only `surges` add unmeasured
+clients of the HP with no antagonist.  Before t=0 the HP's SLO is calibrated on
+this host: its SLI at peak load with every BE task idle, times a factor.  The
+real pipeline runs beside it,
 
     owca-discover (static file) | owca-measure (apm_dir) | owca-detect
-        | tee recording.jsonl | owca-ship (file storage)
+        [| owca-allocate] | tee recording.jsonl | owca-ship (file storage)
 
-and the antagonists are started and stopped, each in its own cgroup on the HP
-task's cores, at the times the scenario names.  The static tasks file lists the
-HP task and the antagonists that run, so that the recording holds exactly them.
-Beside the recording the runner writes the ground truth: which antagonist ran
-when, on which cores, against which HP task, and the load's parameters.
-docs/workloads.md describes both formats.
+and a stage that dies ends the run with an error.  Beside the recording the
+runner writes the ground truth (version 2): the phases, when each really began
+and ended, the BE tasks' progress in each, the host's own load per interval, the
+SLO calibration, and whether the run was noisy.  docs/workloads.md describes
+the formats.
 """
 import json
 import logging
@@ -21,6 +27,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
@@ -29,19 +36,38 @@ import yaml
 
 from owca.paths import Paths
 
-from owca_workloads.catalog import Workload, load_catalog, start, wrapped_load
-from owca_workloads.cli import WORKLOADS_DIR
-from owca_workloads.launch import Launcher, enter_cgroups
+from owca_workloads import score
+from owca_workloads.catalog import (Workload, fill, load_catalog, parse_bytes, start,
+                                    wrapped_load)
+from owca_workloads.cli import WORKLOADS_DIR, ToolError
+from owca_workloads.hostload import HostLoad
+from owca_workloads.launch import Launcher, LaunchError, enter_cgroups
+from owca_workloads.progress import parse_progress, with_progress
 
 log = logging.getLogger("owca.scenario")
 
 ROOT = os.path.dirname(WORKLOADS_DIR)
-GROUND_TRUTH_VERSION = 1
-PIPELINE = ("discover", "measure", "detect", "tee", "ship")
+GROUND_TRUTH_VERSION = 2
+MODES = ("aggressive", "benign")
+# A BE task between its phases: a process that does nothing, so that the task (its
+# cgroup, a pid) is there in every interval and its presence tells nothing.
+IDLE_COMMAND = ["sleep", "infinity"]
+DEFAULT_BENIGN = ["stress-ng", "--cpu", "1", "--cpu-load", "10", "--timeout", "0"]
+# Host-load thresholds of a noisy run: others' CPU on the HP's cores, in cores, in
+# at least this share of the intervals.
+BUSY_CORES = 0.15
+BUSY_SHARE = 0.2
+# The perf software events asked for where the helper is installed (no hardware PMU
+# is needed; a task's cgroup2 group carries them on a hybrid host).
+PERF_SOFTWARE_EVENTS = ["task-clock", "context-switches", "cpu-migrations", "page-faults"]
 
 
 class ScenarioError(ValueError):
     """A scenario file that cannot be used: `file: reason`."""
+
+
+class StageDied(ToolError):
+    """A pipeline stage ended during the run (one line, naming it and its log)."""
 
 
 @dataclass
@@ -57,12 +83,31 @@ class LoadSpec:
 class HpSpec:
     workload: str
     name: Optional[str] = None
-    slo: Optional[float] = None
+    slo: Optional[float] = None        # used as is when calibrate is 0
     load: LoadSpec = field(default_factory=LoadSpec)
+    quota: Optional[float] = None      # cores (cpu.cfs_quota_us / cpu.cfs_period_us)
+    calibrate: float = 20.0            # seconds of the quiet, peak-load calibration
+    slo_factor: float = 3.0            # SLO = factor x the calibration's median SLI
+
+
+@dataclass
+class PhaseSpec:
+    start: float
+    stop: float
+    mode: str = "aggressive"
+
+
+@dataclass
+class BeSpec:
+    workload: str
+    name: Optional[str] = None
+    phases: List[PhaseSpec] = field(default_factory=list)
+    memory_limit: Optional[object] = None   # bytes or "256M"; default: the catalog's
 
 
 @dataclass
 class AntagonistSpec:
+    """Version 1's form: a BE task with one aggressive phase."""
     workload: str
     start: float
     stop: float
@@ -70,16 +115,28 @@ class AntagonistSpec:
 
 
 @dataclass
+class SurgeSpec:
+    start: float
+    stop: float
+    rate: Optional[float] = None       # requests per second (default: the load's base)
+    connections: int = 4
+
+
+@dataclass
 class Scenario:
     name: str
     duration: float
     hp: HpSpec
+    be: List[BeSpec] = field(default_factory=list)
     antagonists: List[AntagonistSpec] = field(default_factory=list)
+    surges: List[SurgeSpec] = field(default_factory=list)
     interval: float = 1.0
     cpus: str = "0"
     loadgen_cpus: Optional[str] = None
     # Seconds of load before t=0, so that the first samples are not a cold start.
     warmup: float = 4.0
+    # Merged into owca-measure's section (apm_dir is the runner's).
+    measure: Dict[str, object] = field(default_factory=dict)
 
 
 def _build(cls, raw, where: str):
@@ -101,9 +158,29 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     raw["hp"] = _build(HpSpec, hp, f"{where}: hp")
     raw["antagonists"] = [_build(AntagonistSpec, a, f"{where}: antagonists[{i}]")
                           for i, a in enumerate(raw.get("antagonists") or [])]
+    be = []
+    for i, b in enumerate(raw.get("be") or []):
+        b = dict(b) if isinstance(b, dict) else b
+        if isinstance(b, dict):
+            b["phases"] = [_build(PhaseSpec, p, f"{where}: be[{i}].phases[{j}]")
+                           for j, p in enumerate(b.get("phases") or [])]
+        be.append(_build(BeSpec, b, f"{where}: be[{i}]"))
+    raw["be"] = be
+    raw["surges"] = [_build(SurgeSpec, x, f"{where}: surges[{i}]")
+                     for i, x in enumerate(raw.get("surges") or [])]
+    if not isinstance(raw.get("measure") or {}, dict):
+        raise ScenarioError(f"{where}: measure: expected a mapping (owca-measure's section)")
+    raw["measure"] = dict(raw.get("measure") or {})
     scenario = _build(Scenario, raw, where)
     check_scenario(scenario, where)
     return scenario
+
+
+def be_tasks(s: Scenario) -> List[BeSpec]:
+    """The scenario's BE tasks; version 1's antagonists as tasks of one aggressive phase."""
+    return list(s.be) + [BeSpec(workload=a.workload, name=a.name,
+                                phases=[PhaseSpec(a.start, a.stop, "aggressive")])
+                         for a in s.antagonists]
 
 
 def check_scenario(s: Scenario, where: str, catalog: Dict[str, Workload] = None) -> None:
@@ -116,19 +193,46 @@ def check_scenario(s: Scenario, where: str, catalog: Dict[str, Workload] = None)
     if hp is None or hp.role != "hp":
         raise ScenarioError(f"{where}: hp.workload {s.hp.workload!r} is not an hp workload "
                             f"of the catalog")
-    names = {s.hp.name or s.hp.workload, "loadgen", "pipeline"}
-    for i, a in enumerate(s.antagonists):
-        be = catalog.get(a.workload)
-        if be is None or be.role != "be":
-            raise ScenarioError(f"{where}: antagonists[{i}].workload {a.workload!r} is not a "
+    if s.hp.calibrate < 0 or not s.hp.slo_factor > 0:
+        raise ScenarioError(f"{where}: hp: expected calibrate >= 0 and slo_factor > 0")
+    if s.hp.calibrate == 0 and s.hp.slo is None and hp.slo is None:
+        raise ScenarioError(f"{where}: hp: no slo and no calibration")
+    if s.hp.quota is not None and not s.hp.quota > 0:
+        raise ScenarioError(f"{where}: hp.quota: expected a positive number of cores")
+    names = {s.hp.name or s.hp.workload, "loadgen", "pipeline", "calibration"}
+    for i, a in enumerate(be_tasks(s)):
+        key = f"be[{i}]" if i < len(s.be) else f"antagonists[{i - len(s.be)}]"
+        wl = catalog.get(a.workload)
+        if wl is None or wl.role != "be":
+            raise ScenarioError(f"{where}: {key}.workload {a.workload!r} is not a "
                                 f"be workload of the catalog")
-        if not 0 <= a.start < a.stop <= s.duration:
-            raise ScenarioError(f"{where}: antagonists[{i}]: expected 0 <= start < stop <= "
-                                f"duration ({s.duration})")
+        last = 0.0
+        for j, p in enumerate(sorted(a.phases, key=lambda p: p.start)):
+            if not 0 <= p.start < p.stop <= s.duration:
+                raise ScenarioError(f"{where}: {key}: expected 0 <= start < stop <= "
+                                    f"duration ({s.duration})")
+            if p.start < last:
+                raise ScenarioError(f"{where}: {key}: phases overlap at {p.start}")
+            if p.mode not in MODES:
+                raise ScenarioError(f"{where}: {key}: mode {p.mode!r}: expected one of "
+                                    f"{', '.join(MODES)}")
+            last = p.stop
+        if a.memory_limit is not None:
+            try:
+                parse_bytes(a.memory_limit)
+            except ValueError as e:
+                raise ScenarioError(f"{where}: {key}.memory_limit: {e}") from None
         name = a.name or a.workload
-        if name in names:
-            raise ScenarioError(f"{where}: antagonists[{i}]: name {name!r} is taken")
+        if name in names or name.startswith("surge-") or "/" in name:
+            raise ScenarioError(f"{where}: {key}: name {name!r} is taken")
         names.add(name)
+    for i, x in enumerate(s.surges):
+        if not 0 <= x.start < x.stop <= s.duration or x.connections < 1 \
+                or (x.rate is not None and not x.rate > 0):
+            raise ScenarioError(f"{where}: surges[{i}]: expected 0 <= start < stop <= duration, "
+                                f"rate > 0, connections >= 1")
+        if hp.surge is None:
+            raise ScenarioError(f"{where}: surges: the catalog's {hp.name} has no surge command")
 
 
 def load_scenario(path: str) -> Scenario:
@@ -171,22 +275,61 @@ def tool_env() -> dict:
     return env
 
 
+class _AnyTagLoader(yaml.SafeLoader):
+    """Reads a configuration's plain sections, whatever tags its other sections use."""
+
+
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def config_sections(path: Optional[str]) -> Dict[str, object]:
+    """The top-level sections of a pipeline configuration (tagged values read as None)."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            raw = yaml.load(f, Loader=_AnyTagLoader)  # noqa: S506 (a SafeLoader subclass)
+    except OSError as e:
+        raise ScenarioError(f"{path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ScenarioError(f"{path}: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ScenarioError(f"{path}: expected a mapping of sections")
+    return raw
+
+
+def perf_helper_available() -> bool:
+    try:
+        from owca.perf import find_helper
+        find_helper()
+        return True
+    except (ImportError, OSError):
+        return False
+
+
 class Runner:
-    def __init__(self, scenario: Scenario, out_dir: str, detect_config: Optional[str] = None,
-                 signals=None, paths: Paths = None, catalog: Dict[str, Workload] = None):
+    def __init__(self, scenario: Scenario, out_dir: str, config: Optional[str] = None,
+                 signals=None, paths: Paths = None, catalog: Dict[str, Workload] = None,
+                 plugins: List[str] = (), run: int = 1):
         self.s = scenario
         self.out = os.path.abspath(out_dir)
-        self.detect_config = detect_config
+        self.config = os.path.abspath(config) if config else None
+        self.sections = config_sections(config)
+        self.plugins = list(plugins)
+        self.run_number = run
         self.signals = signals
         self.paths = paths or Paths()
         self.catalog = catalog or load_catalog()
         self.parent = f"/owca-scenario-{scenario.name}-{os.getpid()}"
         self.launcher = Launcher(self.parent, self.paths,
                                  state_file=os.path.join(self.out, "launcher-state.json"))
-        self.pipeline: List[subprocess.Popen] = []
+        self.pipeline: List[tuple] = []   # (stage, Popen)
         self.logs = {}
         self.origin = None
-        self.events = []
+        self.host_load: List[dict] = []
+        self._sampler_stop = threading.Event()
 
     # -- files --------------------------------------------------------------------------
     def path(self, *parts) -> str:
@@ -198,7 +341,8 @@ class Runner:
         return self.logs[name]
 
     def write_tasks(self) -> None:
-        """The static discovery file: the HP task and the antagonists now running."""
+        """The static discovery file: the HP task and every BE task (all of them, all
+        the time: what a BE task does is for the detector to find out)."""
         tasks = []
         for w in self.launcher.launched.values():
             if w.role in ("hp", "be") and w.stopped_ts is None:
@@ -210,16 +354,27 @@ class Runner:
             yaml.safe_dump(tasks, f, sort_keys=False)
         os.replace(tmp, self.path("tasks.yaml"))
 
+    def measure_section(self) -> dict:
+        """The scenario's measure section, the configuration's over it, the APM
+        directory the runner's; perf software events where the helper is installed."""
+        section = {}
+        if perf_helper_available():
+            section["perf_events"] = list(PERF_SOFTWARE_EVENTS)
+        section.update(self.s.measure)
+        section.update(self.sections.get("measure") or {})
+        section["apm_dir"] = self.path("apm")
+        section.setdefault("apm_max_age", max(10.0, 5 * self.s.interval))
+        return section
+
     def write_pipeline_config(self) -> str:
-        """The configuration of discover, measure and ship (detect takes its own)."""
-        q = json.dumps  # a JSON string is a YAML double-quoted scalar
+        """The configuration of discover, measure and ship (detect and allocate take the
+        user's configuration)."""
+        q = json.dumps  # JSON is YAML: a string is a double-quoted scalar, a dict a flow map
         text = (f"discover:\n"
                 f"  source: !StaticDiscovery\n"
                 f"    file: {q(self.path('tasks.yaml'))}\n"
                 f"  interval: {self.s.interval}\n"
-                f"measure:\n"
-                f"  apm_dir: {q(self.path('apm'))}\n"
-                f"  apm_max_age: {max(10.0, 5 * self.s.interval)}\n"
+                f"measure: {q(self.measure_section())}\n"
                 f"ship:\n"
                 f"  storages:\n"
                 f"    - !FileStorage\n"
@@ -230,22 +385,29 @@ class Runner:
         return path
 
     # -- the pipeline -------------------------------------------------------------------
+    def stages(self) -> List[str]:
+        allocate = ["allocate"] if self.sections.get("allocate") is not None else []
+        return ["discover", "measure", "detect"] + allocate + ["tee", "ship"]
+
     def start_pipeline(self, config: str, cpus: str) -> None:
         """The pipeline's stages in a cgroup of their own on `cpus` (the load generator's),
         so that their cycles do not disturb the HP task's cores."""
         enter = enter_cgroups(self.launcher.make_cgroup("pipeline", cpus).procs_files())
+        plugins = [a for spec in self.plugins for a in ("-r", spec)]
+        user = ["-c", self.config] if self.config else []
         commands = {
             "discover": tool_argv("discover") + ["-c", config],
             "measure": tool_argv("measure") + ["-c", config],
-            "detect": tool_argv("detect") + (["-c", self.detect_config]
-                                             if self.detect_config else []),
+            "detect": tool_argv("detect") + user + plugins,
+            "allocate": tool_argv("allocate") + user + plugins,
             "tee": ["tee", self.path("recording.jsonl")],
             "ship": tool_argv("ship") + ["-c", config],
         }
         stdin = subprocess.DEVNULL
         env = tool_env()
-        for stage in PIPELINE:
-            last = stage == PIPELINE[-1]
+        stages = self.stages()
+        for stage in stages:
+            last = stage == stages[-1]
             p = subprocess.Popen(commands[stage], stdin=stdin,
                                  stdout=subprocess.DEVNULL if last else subprocess.PIPE,
                                  stderr=self.log_file(stage), env=env, start_new_session=True,
@@ -253,24 +415,48 @@ class Runner:
             if stdin is not subprocess.DEVNULL:
                 stdin.close()  # the next stage holds it now
             stdin = p.stdout
-            self.pipeline.append(p)
+            self.pipeline.append((stage, p))
+
+    def check_pipeline(self) -> None:
+        """StageDied when a stage ended while the run goes on: the one that failed (its
+        neighbours then end on a closed pipe, with status 0), else the first that ended."""
+        ended = [(stage, p.returncode) for stage, p in self.pipeline if p.poll() is not None]
+        if not ended:
+            return
+        stage, code = next(((s, c) for s, c in ended if c != 0), ended[0])
+        self.log_file(stage).flush()
+        raise StageDied(f"pipeline stage {stage} exited with status {code}: "
+                        f"{last_line(self.path('logs', stage + '.log'))} (logs/{stage}.log)")
 
     def stop_pipeline(self, timeout: float = 20.0) -> None:
         """SIGTERM to the source; every later stage ends on its input's EOF."""
         if not self.pipeline:
             return
-        source = self.pipeline[0]
+        source = self.pipeline[0][1]
         if source.poll() is None:
             source.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for p in self.pipeline:
+        for stage, p in self.pipeline:
             try:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                log.error("pipeline stage %s (pid %d) did not end: killing it", p.args[-1], p.pid)
+                log.error("pipeline stage %s (pid %d) did not end: killing it", stage, p.pid)
                 p.kill()
                 p.wait()
         self.pipeline = []
+
+    # -- the host's load ----------------------------------------------------------------
+    def sample_host(self) -> None:
+        sampler = HostLoad(self.paths, self.parent, _cpu_list(self.s.cpus))
+        sampler.sample()
+        while not self._sampler_stop.wait(self.s.interval):
+            try:
+                got = sampler.sample()
+            except (OSError, ValueError) as e:
+                log.warning("host load not sampled: %s", e)
+                continue
+            if got is not None:
+                self.host_load.append(got)
 
     # -- the run ------------------------------------------------------------------------
     def stopping(self) -> bool:
@@ -278,99 +464,334 @@ class Runner:
 
     def sleep_until(self, t: float) -> None:
         while not self.stopping():
+            if self.pipeline:
+                self.check_pipeline()
             left = t - time.monotonic()
             if left <= 0:
                 return
             if self.signals is not None:
-                self.signals.sleep(min(left, 1.0))
+                self.signals.sleep(min(left, 0.5))
             else:
-                time.sleep(min(left, 1.0))
+                time.sleep(min(left, 0.5))
 
     def run(self) -> dict:
+        if os.path.isdir(self.path("logs")):  # a previous run's, in this output directory
+            for name in os.listdir(self.path("logs")):
+                os.unlink(self.path("logs", name))
         os.makedirs(self.path("logs"), exist_ok=True)
         os.makedirs(self.path("apm"), exist_ok=True)
-        for stale in ("recording.jsonl", "ground_truth.json", "metrics.prom"):
+        for stale in ("recording.jsonl", "ground_truth.json", "metrics.prom", "summary.json"):
             if os.path.exists(self.path(stale)):
                 os.unlink(self.path(stale))
         s = self.s
         hp_wl = self.catalog[s.hp.workload]
         hp_name = s.hp.name or s.hp.workload
         loadgen_cpus = s.loadgen_cpus or other_cpus(s.cpus, self.paths)
-        truth = {"version": GROUND_TRUTH_VERSION, "scenario": s.name, "host": os.uname().nodename,
-                 "cpus": s.cpus, "loadgen_cpus": loadgen_cpus, "interval": s.interval,
-                 "duration": s.duration, "completed": False}
+        truth = {"version": GROUND_TRUTH_VERSION, "scenario": s.name, "run": self.run_number,
+                 "host": os.uname().nodename, "cpus": s.cpus, "loadgen_cpus": loadgen_cpus,
+                 "interval": s.interval, "duration": s.duration, "completed": False,
+                 "tasks": {}, "phases": [], "antagonists": []}
+        sampler = threading.Thread(target=self.sample_host, daemon=True)
+        self.phases: List[dict] = []
+        self.current: Dict[str, dict] = {}
+        error = None
         try:
             hp_dir = self.path("run", hp_name)
             hp, port = start(self.launcher, hp_wl, hp_name, hp_dir, s.cpus,
-                             self.log_file(hp_name))
+                             self.log_file(hp_name), cpu_quota_cores=s.hp.quota)
+            self.hp_port = port
+            truth["hp"] = {"task_id": hp.cgroup_path, "name": hp_name, "workload": hp_wl.name,
+                           "port": port, "sli_metric": hp_wl.sli_metric,
+                           "quota_cores": s.hp.quota}
+            truth["tasks"][hp.cgroup_path] = {"name": hp_name, "role": "hp",
+                                              "workload": hp_wl.name}
+            for b in be_tasks(s):
+                self.start_be(b, truth)
             self.write_tasks()
+            slo, calibration = self.calibrate(hp_wl, hp.cgroup_path, hp_dir, port, loadgen_cpus)
+            truth["hp"]["slo"] = slo
+            truth["hp"]["slo_calibration"] = calibration
             self.start_pipeline(self.write_pipeline_config(), loadgen_cpus)
             load = s.hp.load
             argv = wrapped_load(hp_wl, hp.cgroup_path, hp_dir, port, self.path("apm"),
                                 load.base, load.amplitude, load.period,
-                                slo=s.hp.slo, step=load.step, connections=load.connections,
+                                slo=slo, step=load.step, connections=load.connections,
                                 interval=min(1.0, s.interval),
                                 labels={"scenario": s.name})
             self.launcher.start("loadgen", argv, cpus=loadgen_cpus,
                                 stdout=self.log_file("loadgen"), stderr=self.log_file("loadgen"),
                                 role="loadgen", workload=hp_wl.load.parser)
-            load_started = time.time()
-            truth["hp"] = {"task_id": hp.cgroup_path, "name": hp_name, "workload": hp_wl.name,
-                           "port": port, "slo": s.hp.slo if s.hp.slo is not None else hp_wl.slo,
-                           "sli_metric": hp_wl.sli_metric,
-                           "load": {**asdict(load), "step": load.step or hp_wl.load.step,
-                                    "generator": hp_wl.load.command[0],
-                                    "fixed": hp_wl.load.fixed, "started_ts": load_started}}
+            truth["hp"]["load"] = {**asdict(load), "step": load.step or hp_wl.load.step,
+                                   "generator": hp_wl.load.command[0],
+                                   "fixed": hp_wl.load.fixed, "started_ts": time.time()}
             self.sleep_until(time.monotonic() + s.warmup)
             self.origin = time.monotonic()
             truth["started_ts"] = time.time()
-            truth["antagonists"] = self.play(hp.cgroup_path)
+            sampler.start()
+            self.play(hp_wl, hp_name, hp.cgroup_path, hp_dir, port, loadgen_cpus)
             truth["completed"] = not self.stopping()
+        except (ToolError, LaunchError) as e:
+            error = e
         finally:
             truth["ended_ts"] = time.time()
+            self._sampler_stop.set()
+            if sampler.is_alive():
+                sampler.join()
+            pipeline_alive = all(p.poll() is None for _, p in self.pipeline)
             self.stop_pipeline()
             self.launcher.stop_all()
-            truth.setdefault("antagonists", [])
+            for name in list(self.current):
+                self.close_phase(name, truth["ended_ts"])
+            for f in self.logs.values():
+                f.close()
+            self.finish_truth(truth)
             with open(self.path("ground_truth.json"), "w") as f:
                 json.dump(truth, f, indent=1)
                 f.write("\n")
-            for f in self.logs.values():
-                f.close()
+        if error is not None:
+            raise error
+        if not pipeline_alive and truth["completed"]:
+            raise StageDied("a pipeline stage ended before the run did (logs/)")
         return truth
 
-    def play(self, hp_task_id: str) -> List[dict]:
-        """The antagonists' script; what actually ran, when."""
+    def calibrate(self, hp_wl: Workload, task_id: str, hp_dir: str, port, cpus: str):
+        """The HP's SLO on this host: its SLI at peak load, every BE task idle, for
+        `calibrate` seconds; SLO = slo_factor x the median.  (slo, record)."""
         s = self.s
-        events = []
-        for a in s.antagonists:
-            events.append((a.start, 1, a))
-            events.append((a.stop, 0, a))
-        events.sort(key=lambda e: (e[0], e[1]))
-        record = {}
-        for at, starting, a in events:
-            self.sleep_until(self.origin + at)
-            if self.stopping():
-                break
-            name = a.name or a.workload
-            wl = self.catalog[a.workload]
+        fixed = s.hp.slo if s.hp.slo is not None else hp_wl.slo
+        if not s.hp.calibrate:
+            return fixed, {"seconds": 0, "slo": fixed, "fixed_slo": fixed}
+        load = s.hp.load
+        peak = load.base + load.amplitude
+        apm_dir = self.path("calibration")
+        os.makedirs(apm_dir, exist_ok=True)
+        argv = wrapped_load(hp_wl, task_id, hp_dir, port, apm_dir, peak, 0.0, load.period,
+                            slo=None, step=load.step, connections=load.connections,
+                            interval=0.5)
+        self.launcher.start("calibration", argv, cpus=cpus, stdout=self.log_file("calibration"),
+                            stderr=self.log_file("calibration"), role="loadgen",
+                            workload=hp_wl.load.parser)
+        step = load.step or hp_wl.load.step
+        self.sleep_until(time.monotonic() + step + 1.0)  # the first report is a cold one
+        samples = {}
+        deadline = time.monotonic() + s.hp.calibrate
+        from owca import apm
+        while time.monotonic() < deadline and not self.stopping():
+            for record in apm.ApmReader(apm_dir, 30.0).read().values():
+                at = record.get("apm_report_timestamp_seconds")
+                value = record.get(hp_wl.sli_metric)
+                if at is not None and value is not None:
+                    samples[at] = value
+            self.sleep_until(time.monotonic() + 0.5)
+        self.launcher.stop("calibration")
+        values = [v for _, v in sorted(samples.items())]
+        record = {"seconds": s.hp.calibrate, "rate": peak, "factor": s.hp.slo_factor,
+                  "samples": values, "fixed_slo": fixed}
+        if not values:
+            log.warning("SLO calibration: no report in %.0f s: the fixed SLO %s stands",
+                        s.hp.calibrate, fixed)
+            record.update(slo=fixed, sli_median=None)
+            return fixed, record
+        median = statistics.median(values)
+        slo = float(f"{s.hp.slo_factor * median:.6g}")
+        record.update(sli_median=median, slo=slo)
+        log.info("SLO calibrated: %s median %.6g at %g/s, SLO %.6g", hp_wl.sli_metric, median,
+                 peak, slo)
+        return slo, record
+
+    # -- the BE tasks' phases -----------------------------------------------------------
+    def start_be(self, b: BeSpec, truth: dict) -> None:
+        wl = self.catalog[b.workload]
+        name = b.name or b.workload
+        limit = parse_bytes(b.memory_limit) if b.memory_limit is not None \
+            else wl.memory_limit_bytes
+        run_dir = self.path("run", name)
+        wl.prepare(run_dir, None)
+        launched = self.launcher.start(name, IDLE_COMMAND, cpus=self.s.cpus,
+                                       memory_limit_bytes=limit, cwd=run_dir,
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       role="be", workload=wl.name)
+        truth["tasks"][launched.cgroup_path] = {"name": name, "role": "be", "workload": wl.name,
+                                                "resource": wl.resource,
+                                                "memory_limit_bytes": limit}
+        self.open_phase(name, launched.cgroup_path, "quiet", wl.resource, 0.0, None)
+
+    def open_phase(self, task: str, task_id: str, kind: str, resource, start_at, log_path,
+                   start_ts: Optional[float] = None):
+        self.current[task] = {"task": task, "task_id": task_id, "kind": kind,
+                              "resource": resource, "scheduled_start": start_at,
+                              "start_ts": start_ts or time.time(), "log": log_path}
+
+    def close_phase(self, task: str, stop_ts: float, scheduled_stop=None) -> None:
+        record = self.current.pop(task)
+        record["stop_ts"] = stop_ts
+        record["scheduled_stop"] = scheduled_stop if scheduled_stop is not None \
+            else self.s.duration
+        log_path = record.pop("log")
+        if log_path:
+            try:
+                with open(log_path, errors="replace") as f:
+                    record["progress"] = parse_progress(f.read())
+            except OSError:
+                record["progress"] = None
+        self.phases.append(record)
+
+    def switch_phase(self, b_name: str, wl: Workload, kind: str, at: float) -> None:
+        """The BE task's work becomes `kind` (aggressive, benign, quiet) at t=`at`."""
+        task_id = self.current[b_name]["task_id"]
+        if kind == "aggressive":
+            argv = wl.prepare(self.path("run", b_name), None)
+        elif kind == "benign":
+            argv = list(wl.benign or DEFAULT_BENIGN)
+        else:
+            argv = IDLE_COMMAND
+        log_path = None
+        out = subprocess.DEVNULL
+        if kind != "quiet":
+            argv = with_progress(argv)
+            log_path = self.path("logs", f"{b_name}.{len(self.phases)}.{kind}.log")
+            out = open(log_path, "ab")
+        try:
+            self.launcher.replace(b_name, argv, cwd=self.path("run", b_name), stdout=out,
+                                  stderr=out, timeout=5.0)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
+        now = time.time()  # the old work ended and the new one began just now
+        self.close_phase(b_name, now, at)
+        self.open_phase(b_name, task_id, kind, wl.resource, at, log_path, now)
+
+    def surge_argv(self, hp_wl: Workload, surge: SurgeSpec, hp_dir: str, port) -> List[str]:
+        duration = surge.stop - surge.start
+        rate = surge.rate or self.s.hp.load.base
+        values = hp_wl.values(hp_dir, port)
+        values.update(rate=f"{rate:g}", duration=f"{max(1, int(duration))}",
+                      connections=str(surge.connections),
+                      delay_ms=f"{surge.connections * 1000.0 / rate:.3f}",
+                      requests=str(int(rate * duration)))
+        return [fill(a, values) for a in hp_wl.surge]
+
+    def play(self, hp_wl: Workload, hp_name: str, hp_task_id: str, hp_dir: str, port,
+             loadgen_cpus: str) -> None:
+        """The phases' script: each BE task and the surges follow their own timeline in a
+        thread of their own, so that a task slow to stop delays no other task's changes;
+        this thread watches the pipeline and the signals until the end."""
+        s = self.s
+        timelines = []
+        for b in be_tasks(s):
+            changes = {}
+            for p in sorted(b.phases, key=lambda p: p.start):
+                changes.setdefault(p.stop, "quiet")
+                changes[p.start] = p.mode  # a phase that starts as another ends wins
+            timelines.append((self._play_be, (b.name or b.workload, self.catalog[b.workload],
+                                              sorted(changes.items()))))
+        if s.surges:
+            timelines.append((self._play_surges, (hp_wl, hp_name, hp_task_id, hp_dir, port,
+                                                  loadgen_cpus)))
+        self._done = threading.Event()
+        self._errors = []
+        threads = [threading.Thread(target=self._guarded, args=(f, a), daemon=True)
+                   for f, a in timelines]
+        for t in threads:
+            t.start()
+        try:
+            while not self._errors and time.monotonic() < self.origin + s.duration \
+                    and not self.stopping():
+                self.sleep_until(min(self.origin + s.duration, time.monotonic() + 0.5))
+        finally:
+            self._done.set()
+            for t in threads:
+                t.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def _guarded(self, play, args) -> None:
+        try:
+            play(*args)
+        except Exception as e:  # reported by the main thread, which stops the run
+            self._errors.append(e if isinstance(e, (ToolError, LaunchError))
+                                else ToolError(f"{type(e).__name__}: {e}"))
+
+    def _wait_until(self, at: float) -> bool:
+        """Until t=`at`; False when the run is ending."""
+        while not self._done.is_set():
+            left = self.origin + at - time.monotonic()
+            if left <= 0:
+                return True
+            self._done.wait(min(left, 0.5))
+        return False
+
+    def _play_be(self, name: str, wl: Workload, changes: List[tuple]) -> None:
+        for at, kind in changes:
+            if not self._wait_until(at):
+                return
+            self.switch_phase(name, wl, kind, at)
+
+    def _play_surges(self, hp_wl, hp_name, hp_task_id, hp_dir, port, loadgen_cpus) -> None:
+        events = sorted([(x.start, 1, i, x) for i, x in enumerate(self.s.surges)]
+                        + [(x.stop, 0, i, x) for i, x in enumerate(self.s.surges)])
+        for at, starting, i, spec in events:
+            if not self._wait_until(at):
+                return
+            name = f"surge-{i}"
             if starting:
-                launched, _ = start(self.launcher, wl, name, self.path("run", name), s.cpus,
-                                    self.log_file(name))
-                record[name] = {"name": name, "workload": wl.name, "resource": wl.resource,
-                                "task_id": launched.cgroup_path, "cpus": s.cpus,
-                                "contended_task_id": hp_task_id,
-                                "scheduled_start": a.start, "scheduled_stop": a.stop,
-                                "start_ts": launched.started_ts, "stop_ts": None}
+                self.launcher.start(name, self.surge_argv(hp_wl, spec, hp_dir, port),
+                                    cpus=loadgen_cpus, stdout=self.log_file(name),
+                                    stderr=self.log_file(name), role="loadgen",
+                                    workload="surge")
+                self.open_phase(name, hp_task_id, "surge", None, at, None)
+                self.current[name]["task"] = hp_name
             else:
-                stopped = self.launcher.stop(name)
-                record[name]["stop_ts"] = stopped.stopped_ts
-            self.write_tasks()
-        self.sleep_until(self.origin + s.duration)
-        now = time.time()
-        for name, r in record.items():  # stopped early, or by a signal
-            if r["stop_ts"] is None:
-                r["stop_ts"] = self.launcher.stop(name).stopped_ts or now
-        return list(record.values())
+                self.launcher.stop(name, timeout=2.0)
+                self.close_phase(name, time.time(), at)
+
+    # -- after the run ------------------------------------------------------------------
+    def finish_truth(self, truth: dict) -> None:
+        phases = sorted(self.phases, key=lambda p: (p["start_ts"], p["task"]))
+        truth["phases"] = phases
+        truth["host_load"] = self.host_load
+        # Version 1's view: one entry per aggressive phase.
+        hp_task = truth.get("hp", {}).get("task_id")
+        truth["antagonists"] = [
+            {"name": f"{p['task']}@{p['scheduled_start']:g}", "task": p["task"],
+             "workload": truth["tasks"].get(p["task_id"], {}).get("workload"),
+             "resource": p["resource"], "task_id": p["task_id"], "cpus": self.s.cpus,
+             "contended_task_id": hp_task, "scheduled_start": p["scheduled_start"],
+             "scheduled_stop": p["scheduled_stop"], "start_ts": p["start_ts"],
+             "stop_ts": p["stop_ts"]}
+            for p in phases if p["kind"] == "aggressive"]
+        if "started_ts" in truth and os.path.exists(self.path("recording.jsonl")):
+            with open(self.path("recording.jsonl"), "rb") as f:
+                truth["noisy"] = noisy(truth, f.read().splitlines())
+
+
+def last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            lines = f.read()[-4096:].decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        return "(no log)"
+    return lines[-1][:300] if lines else "(empty log)"
+
+
+def noisy(truth: dict, lines) -> dict:
+    """Whether the run says more about the host than about interference: the HP's quiet
+    SLI already breaks the SLO, or others used the HP's cores in many intervals."""
+    hp = truth["hp"]
+    slo = hp.get("slo")
+    quiet = [v for _ts, v, label in score.sli_by_label(truth, lines) if label == "quiet"]
+    median = statistics.median(quiet) if quiet else None
+    reasons = []
+    if median is not None and slo is not None and median > slo:
+        reasons.append(f"quiet {hp['sli_metric']} median {median:.6g} breaks the SLO {slo:.6g}")
+    load = truth.get("host_load") or []
+    busy = sum(1 for x in load if x.get("other_cpu_on_hp_cpus", 0) > BUSY_CORES)
+    share = busy / len(load) if load else 0.0
+    if share >= BUSY_SHARE:
+        reasons.append(f"others used more than {BUSY_CORES} cores of the HP cpus in "
+                       f"{100 * share:.0f}% of intervals")
+    return {"flag": bool(reasons), "reasons": reasons, "quiet_sli_median": median,
+            "quiet_samples": len(quiet), "slo": slo, "busy_intervals_fraction": round(share, 3)}
 
 
 # -- reading a recording back ---------------------------------------------------------------
@@ -407,6 +828,8 @@ def summarize(recording_lines, truth: dict, metric: Optional[str] = None) -> dic
     samples = [(ts, v) for ts, v in hp_samples(lines, hp["task_id"], metric)
                if ts >= truth.get("started_ts", 0)]
     windows = [(a["start_ts"], a["stop_ts"], a["name"]) for a in truth.get("antagonists", [])]
+    windows += [(p["start_ts"], p["stop_ts"], f"surge@{p['scheduled_start']:g}")
+                for p in truth.get("phases", []) if p["kind"] == "surge"]
     baseline, during = [], {name: [] for _, _, name in windows}
     for ts, value in samples:
         inside = [name for start, stop, name in windows if start <= ts - lag and ts <= stop]

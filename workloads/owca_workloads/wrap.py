@@ -137,6 +137,8 @@ class Wrapper:
         now = self.clock()
         for name, value in got.items():
             self.values[name] = (value, now)
+        if got:  # the report's own time, so that a reader aligns it with its interval
+            self.values["apm_report_timestamp_seconds"] = (now, now)
 
     # -- publishing -------------------------------------------------------------------
     def current_metrics(self) -> Dict[str, float]:
