@@ -34,12 +34,12 @@ from owca.paths import Paths
 
 from owca_workloads.catalog import load_catalog, start, tool, wrapped_load
 from owca_workloads.launch import Launcher
-from owca_workloads.scenario import PIPELINE, other_cpus, tool_argv, tool_env
+from owca_workloads.scenario import other_cpus, tool_argv, tool_env
 
 log = logging.getLogger("owca.control_run")
 
 CONFIGS = ("none", "static", "controller", "controller-floor")
-STAGES = PIPELINE[:3] + ("allocate",) + PIPELINE[3:]
+STAGES = ("discover", "measure", "detect", "allocate", "tee", "ship")
 
 
 def load(path: str) -> dict:
