@@ -103,7 +103,7 @@ def test_the_labs_ground_truth_scores_be_work_in_ops(tmp_path):
     s = control_score.score_dir(d)
     assert s["be_ops"] == 400
     assert s["be_work_vs_alone"] == pytest.approx(400 / (50.0 * 14), abs=1e-4)
-    assert set(s["recovery_intervals"]) == {"batch", "web"}
+    assert set(s["recovery_intervals"]) == {"batch", "surge"}
 
 
 def test_the_plot_has_the_sli_the_be_allocation_and_the_be_work(tmp_path):

@@ -27,6 +27,7 @@ import statistics
 from typing import Dict, List, Optional
 
 RECOVERY_WINDOW = 20.0
+SURGE = "surge"
 
 
 def find_runs(dirs: List[str]) -> List[str]:
@@ -177,6 +178,12 @@ def _recovery(reports, start: float, interval: float) -> Optional[float]:
     return None if back is None else round((back - start) / interval, 2)
 
 
+def _worst(values) -> Optional[float]:
+    """The largest; None (never recovered) wins; None of nothing is 0."""
+    values = list(values)
+    return None if any(v is None for v in values) else max(values, default=0.0)
+
+
 def _sign_changes(series: List[tuple], quiet) -> float:
     points = [(ts, v) for ts, v in series if quiet(ts)]
     if len(points) < 2:
@@ -212,9 +219,9 @@ def score(run: dict) -> dict:
                           if h["pressure"] is not None), default=None)
     events = [(a["start_ts"], a["name"]) for a in truth.get("antagonists", [])
               if a.get("start_ts", 0) >= truth.get("started_ts", 0)]
-    events += [(u["start_ts"], "surge") for u in truth.get("surges", [])]
-    events += [(p["start_ts"], p.get("task", p["kind"])) for p in truth.get("phases", [])
-               if p.get("kind") in ("aggressive", "surge")]
+    events += [(u["start_ts"], SURGE) for u in truth.get("surges", [])]
+    events += [(p["start_ts"], SURGE if p["kind"] == "surge" else p.get("task", p["kind"]))
+               for p in truth.get("phases", []) if p.get("kind") in ("aggressive", "surge")]
     recovery = {}
     for start, name in sorted(events):
         if name in recovery:      # the lab's phases: one task may have several
@@ -250,8 +257,11 @@ def score(run: dict) -> dict:
         "worst_p99_seconds": max(p99s) if p99s else None,
         "worst_pressure": round(worst_pressure, 3) if worst_pressure is not None else None,
         "recovery_intervals": recovery,
-        "worst_recovery_intervals": (None if any(v is None for v in recovery.values())
-                                     else max(recovery.values(), default=0.0)),
+        "worst_recovery_intervals": _worst(recovery.values()),
+        "antagonist_recovery_intervals": _worst(v for k, v in recovery.items()
+                                                if not k.startswith(SURGE)),
+        "surge_recovery_intervals": _worst(v for k, v in recovery.items()
+                                           if k.startswith(SURGE)),
         "be_cpu_seconds": round(used, 2),
         "be_work_vs_alone": (ops["vs_alone"] if ops else
                              round(used / alone, 4) if alone else None),
@@ -296,7 +306,9 @@ def _run_name(run_dir: str) -> str:
 
 COLUMNS = (("within_slo", "within SLO", "{:.0%}"),
            ("worst_p99_seconds", "worst p99 ms", "{:.1f}", 1000.0),
-           ("worst_recovery_intervals", "recovery (intervals)", "{:.0f}"),
+           ("antagonist_recovery_intervals", "recovery after antagonist (intervals)",
+            "{:.1f}"),
+           ("surge_recovery_intervals", "recovery after surge (intervals)", "{:.1f}"),
            ("be_work_vs_alone", "BE work / alone", "{:.2f}"),
            ("be_vs_static", "BE work / static", "{:.2f}"),
            ("changes", "changes", "{:.0f}"),
@@ -326,7 +338,7 @@ def format_table(scores: List[dict]) -> str:
             if any(v is None for v in values):
                 known = [v for v in values if v is not None]
                 missing = len(values) - len(known)
-                if key == "worst_recovery_intervals":
+                if key.endswith("recovery_intervals"):
                     cells.append((_cell(known, fmt, scale) + " " if known else "") +
                                  f"({missing} never)")
                 else:
