@@ -316,3 +316,95 @@ def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):
         assert not os.path.exists(Paths().cgroup_v1("memory", os.path.dirname(w.cgroup_path)))
     finally:
         launcher.stop_all(timeout=2)
+
+
+# -- the scenario format, version 2: BE tasks with phases, surges ---------------------------------
+
+PHASED = """
+name: p
+duration: 60
+hp: {workload: nginx, load: {base: 100, amplitude: 50, period: 10}, quota: 0.5}
+be:
+  - name: cpu
+    workload: stress-cpu
+    phases: [{start: 5, stop: 10}, {start: 20, stop: 30, mode: benign}]
+  - {name: rec, workload: stress-reclaim, memory_limit: 64M, phases: [{start: 8, stop: 12}]}
+surges: [{start: 40, stop: 50}]
+measure: {slow_metrics_every: 5}
+"""
+
+
+def test_a_phased_scenario_and_its_defaults():
+    from owca_workloads.scenario import be_tasks
+    s = parse_scenario(PHASED)
+    assert (s.hp.calibrate, s.hp.slo_factor, s.hp.quota) == (20.0, 3.0, 0.5)
+    assert [(b.name, [(p.start, p.stop, p.mode) for p in b.phases]) for b in be_tasks(s)] == [
+        ("cpu", [(5, 10, "aggressive"), (20, 30, "benign")]), ("rec", [(8, 12, "aggressive")])]
+    assert s.surges[0].rate is None and s.surges[0].connections == 4
+    assert s.measure == {"slow_metrics_every": 5}
+    # version 1's antagonists are BE tasks of one aggressive phase
+    (old,) = be_tasks(parse_scenario(VALID))
+    assert old.workload == "stress-cpu" and [(p.start, p.mode) for p in old.phases] == \
+        [(5, "aggressive")]
+
+
+@pytest.mark.parametrize("change, reason", [
+    (("{start: 20, stop: 30, mode: benign}", "{start: 8, stop: 30, mode: benign}"),
+     "phases overlap"),
+    (("mode: benign", "mode: loud"), "mode 'loud'"),
+    (("memory_limit: 64M", "memory_limit: lots"), "expected bytes"),
+    (("quota: 0.5", "quota: 0"), "positive number of cores"),
+    (("name: rec,", "name: cpu,"), "is taken"),
+    (("surges: [{start: 40, stop: 50}]", "surges: [{start: 40, stop: 70}]"), "surges[0]"),
+    (("measure: {slow_metrics_every: 5}", "measure: [1]"), "measure: expected a mapping"),
+])
+def test_bad_phased_scenarios_are_refused_with_the_reason(change, reason):
+    with pytest.raises(ScenarioError) as e:
+        parse_scenario(PHASED.replace(*change), "bad.yaml")
+    assert str(e.value).startswith("bad.yaml: ") and reason in str(e.value)
+
+
+def test_be_progress_from_stress_ng_and_sysbench_output():
+    from owca_workloads.progress import parse_progress, with_progress
+    assert with_progress(["stress-ng", "--cpu", "1"])[-1] == "--metrics-brief"
+    assert with_progress(["sysbench", "cpu", "run"]) == \
+        ["sysbench", "cpu", "--report-interval=1", "run"]
+    stress = ("stress-ng: metrc: [11348] stressor       bogo ops real time  usr time\n"
+              "stress-ng: metrc: [11348] cpu                3474      3.05      2.29      0.01"
+              "      1140.88        1509.87\n")
+    assert parse_progress(stress) == {"ops": 3474, "seconds": 3.05,
+                                      "ops_per_second": round(3474 / 3.05, 3),
+                                      "unit": "bogo-ops"}
+    with open(os.path.join(WORKLOADS, "samples", "sysbench-cpu.txt")) as f:
+        sample = f.read()
+    lines = "[ 1s ] thds: 1 eps: 1873.18 lat (ms,95%): 0.97\n" \
+            "[ 2s ] thds: 1 eps: 2442.19 lat (ms,95%): 0.43\n"
+    assert parse_progress(lines) == {"ops": 4315.37, "seconds": 2.0,
+                                     "ops_per_second": 2157.685, "unit": "events"}
+    assert parse_progress("nothing here\n") is None and parse_progress(sample) is None
+
+
+def test_host_load_from_proc_stat_and_psi():
+    from owca_workloads.hostload import CLK_TCK, cpu_busy_seconds, psi_some_total_seconds
+    stat = ("cpu  10 0 10 100 0 0 0 0 0 0\n"
+            "cpu0 100 5 20 1000 7 1 2 3 0 0\ncpu1 1 0 1 10 0 0 0 0 0 0\nintr 5\n")
+    assert cpu_busy_seconds(stat) == {0: 131 / CLK_TCK, 1: 2 / CLK_TCK}  # idle, iowait out
+    assert psi_some_total_seconds("some avg10=1.00 avg60=0.50 avg300=0.10 total=2500000\n"
+                                  "full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n") == 2.5
+
+
+def test_a_configuration_adds_owca_allocate_and_merges_its_measure_section(tmp_path):
+    from owca_workloads.scenario import Runner
+    config = tmp_path / "pipeline.yaml"
+    config.write_text("measure:\n  slow_metrics_every: 3\n  apm_dir: /elsewhere\n"
+                      "detect:\n  detector: !NOPAnomalyDetector {}\n"
+                      "allocate:\n  allocator: !SomePlugin {x: 1}\n")
+    s = parse_scenario(PHASED)
+    runner = Runner(s, str(tmp_path / "out"), str(config), plugins=["m:C"])
+    assert runner.stages() == ["discover", "measure", "detect", "allocate", "tee", "ship"]
+    section = runner.measure_section()
+    assert section["slow_metrics_every"] == 3  # the configuration's over the scenario's
+    assert section["apm_dir"] == str(tmp_path / "out" / "apm")  # the runner's own
+    plain = Runner(s, str(tmp_path / "out"))
+    assert plain.stages() == ["discover", "measure", "detect", "tee", "ship"]
+    assert plain.measure_section()["slow_metrics_every"] == 5  # the scenario's

@@ -158,3 +158,25 @@ def test_plot_writes_one_png_per_run(tmp_path):
     with open(png, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     assert os.path.getsize(png) > 20000  # five panels drawn, not an empty canvas
+
+
+def test_the_k_mad_baseline_flags_a_report_far_above_the_median_once_it_has_history():
+    sys.path.insert(0, os.path.join(ROOT, "configs", "examples"))
+    from mad_detector import MadDetector
+    d = MadDetector(metric="apm_sli", k=3.0, window=20, min_history=10)
+    labels = {HP: {"role": "hp"}, CPU: {"role": "be"}, IO: {"role": "be"}}
+
+    def cycle(report, sli, cpu, io):
+        m = {HP: {"apm_sli": sli, "apm_report_timestamp_seconds": report},
+             CPU: {"task_cpu_usage_seconds": cpu}, IO: {"task_cpu_usage_seconds": io}}
+        return d.detect(None, m, {}, labels)[0]
+
+    values = [0.0010, 0.0012, 0.0011, 0.0009, 0.0010, 0.0011, 0.0012, 0.0010, 0.0009]
+    for i, v in enumerate(values):
+        assert cycle(i, v, i, 2 * i) == []          # fewer than min_history reports
+    assert cycle(9, 0.0050, 9, 18) == []            # the 10th is judged by none: kept
+    (a,) = cycle(10, 0.0100, 15, 19)                # median 0.00105, MAD 0.0001
+    assert a.contended_task_id == HP and a.contending_task_ids == [CPU]  # CPU grew 6, IO 1
+    (again,) = cycle(10, 0.0100, 16, 20)            # the same report, read again
+    assert again.contending_task_ids == [CPU]
+    assert cycle(11, 0.0011, 17, 21) == []

@@ -217,8 +217,11 @@ def score(run: dict) -> dict:
     p99s = [h["p99"] for i in intervals for h in i["hp"].values() if h["p99"] is not None]
     worst_pressure = max((h["pressure"] for i in intervals for h in i["hp"].values()
                           if h["pressure"] is not None), default=None)
-    events = [(a["start_ts"], a["name"]) for a in truth.get("antagonists", [])
-              if a.get("start_ts", 0) >= truth.get("started_ts", 0)]
+    # The lab's version 2 lists every aggressive phase under `phases` (and again, version-1
+    # shaped, under `antagonists`): one of the two.
+    events = [] if truth.get("phases") else \
+        [(a["start_ts"], a["name"]) for a in truth.get("antagonists", [])
+         if a.get("start_ts", 0) >= truth.get("started_ts", 0)]
     events += [(u["start_ts"], SURGE) for u in truth.get("surges", [])]
     events += [(p["start_ts"], SURGE if p["kind"] == "surge" else p.get("task", p["kind"]))
                for p in truth.get("phases", []) if p.get("kind") in ("aggressive", "surge")]

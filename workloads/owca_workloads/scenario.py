@@ -34,6 +34,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
+from owca import apm
 from owca.paths import Paths
 
 from owca_workloads import score
@@ -330,6 +331,10 @@ class Runner:
         self.origin = None
         self.host_load: List[dict] = []
         self._sampler_stop = threading.Event()
+        self.phases: List[dict] = []          # ended phases, as they really ran
+        self.current: Dict[str, dict] = {}    # task -> its phase now
+        self._done = threading.Event()        # set when the run ends: the timelines stop
+        self._errors: List[Exception] = []    # what a timeline's thread ran into
 
     # -- files --------------------------------------------------------------------------
     def path(self, *parts) -> str:
@@ -492,8 +497,6 @@ class Runner:
                  "interval": s.interval, "duration": s.duration, "completed": False,
                  "tasks": {}, "phases": [], "antagonists": []}
         sampler = threading.Thread(target=self.sample_host, daemon=True)
-        self.phases: List[dict] = []
-        self.current: Dict[str, dict] = {}
         error = None
         try:
             hp_dir = self.path("run", hp_name)
@@ -575,7 +578,6 @@ class Runner:
         self.sleep_until(time.monotonic() + step + 1.0)  # the first report is a cold one
         samples = {}
         deadline = time.monotonic() + s.hp.calibrate
-        from owca import apm
         while time.monotonic() < deadline and not self.stopping():
             for record in apm.ApmReader(apm_dir, 30.0).read().values():
                 at = record.get("apm_report_timestamp_seconds")
@@ -688,8 +690,6 @@ class Runner:
         if s.surges:
             timelines.append((self._play_surges, (hp_wl, hp_name, hp_task_id, hp_dir, port,
                                                   loadgen_cpus)))
-        self._done = threading.Event()
-        self._errors = []
         threads = [threading.Thread(target=self._guarded, args=(f, a), daemon=True)
                    for f, a in timelines]
         for t in threads:

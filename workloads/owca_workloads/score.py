@@ -207,7 +207,8 @@ def score(truth: dict, lines, anomalies_by_seq: Dict[int, list]) -> dict:
     for p in all_phases:
         if p["kind"] != "aggressive":
             continue
-        window = [x for x in intervals if p["start_ts"] <= x["ts"] <= p["stop_ts"] + interval + step]
+        window = [x for x in intervals
+                  if p["start_ts"] <= x["ts"] <= p["stop_ts"] + interval + step]
         hits = [x for x in window if x["alarms"]]
         named = [a for x in hits for a in x["alarms"]]
         episodes.append({

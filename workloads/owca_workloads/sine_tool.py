@@ -57,7 +57,6 @@ Examples:
   owca-wrap --task-id /owca/nginx --parser wrk --parser owca-sine \\
       owca-sine --base 800 --amplitude 400 --period 60 ... -- wrk ...
 """
-import os
 import sys
 
 

@@ -67,7 +67,6 @@ Examples:
   owca-wrap --task-id /owca/app --frames --no-apm-file --regex \\
       'p99=(?P<value>[0-9.]+)(?P<unit>ms) (?P<name>latency_p99_seconds)' ./app | owca-ship
 """
-import os
 import sys
 
 
