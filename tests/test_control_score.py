@@ -120,3 +120,19 @@ def test_the_plot_has_the_sli_the_be_allocation_and_the_be_work(tmp_path):
                                                 "BE CPU used (cores)"]
     assert max(axes[1].lines[0].get_ydata()) == pytest.approx(0.4)   # 0.2 of 2 CPUs
     plt.close(fig)
+
+
+def test_the_be_allocation_is_bounded_by_the_be_cpusets_together():
+    def cpuset(task, cpus):
+        return {"name": "allocation_cpuset_cpus", "value": len(control_score._ids(cpus)),
+                "labels": {"task_id": task, "cpus": cpus}}
+
+    def quota(task, q):
+        return {"name": "allocation_cpu_quota", "value": q, "labels": {"task_id": task}}
+
+    both_on_one = [cpuset("a", "1"), cpuset("b", "1"), quota("a", 1.0), quota("b", 1.0)]
+    assert control_score._be_allocation(both_on_one, {"a", "b"}, 4, {}) == 1.0
+    capped = [cpuset("a", "0-3"), cpuset("b", "2-3"), quota("a", 0.1), quota("b", 0.1)]
+    assert control_score._be_allocation(capped, {"a", "b"}, 4, {}) == pytest.approx(0.8)
+    assert control_score._be_allocation([], {"a"}, 2, {"be_cpus": "1"}) == 1.0
+    assert control_score._be_allocation(both_on_one, set(), 2, {}) == 0.0

@@ -125,35 +125,34 @@ def load_run(run_dir: str) -> dict:
 
 
 def _be_allocation(samples, be_tasks, ncpus, truth) -> Optional[float]:
-    """CPUs the BE tasks (those of this cycle) may use: per task min(quota x CPUs, its
-    cpuset), summed, at most the node's."""
+    """CPUs the BE tasks (those of this cycle) may use together: their quotas summed (each
+    at most its cpuset), at most the CPUs of their cpusets together, at most the node's."""
     if not be_tasks:
         return 0.0
-    quota, cpus = {}, {}
+    quota, cpus, union = {}, {}, set()
     for s in samples:
-        task = (s.get("labels") or {}).get("task_id")
-        if task not in be_tasks:
+        labels = s.get("labels") or {}
+        if labels.get("task_id") not in be_tasks:
             continue
         if s["name"] == "allocation_cpu_quota":
-            quota[task] = min(1.0, s["value"]) * ncpus
+            quota[labels["task_id"]] = min(1.0, s["value"]) * ncpus
         elif s["name"] == "allocation_cpuset_cpus":
-            cpus[task] = s["value"]
+            cpus[labels["task_id"]] = s["value"]
+            union.update(_ids(labels.get("cpus", "")))
     if not quota and not cpus:
         # An allocator that reads nothing back: the cpuset the BE tasks were started on.
-        be_cpus = truth.get("be_cpus")
-        if not be_cpus:
-            return None
-        return float(min(ncpus, len(be_tasks) * _count(be_cpus)))
-    return round(min(ncpus, sum(min(quota.get(t, ncpus), cpus.get(t, ncpus))
-                                for t in be_tasks)), 4)
+        return float(len(_ids(truth["be_cpus"]))) if truth.get("be_cpus") else None
+    total = sum(min(quota.get(t, ncpus), cpus.get(t, ncpus)) for t in be_tasks)
+    return round(min(ncpus, len(union) if union else ncpus, total), 4)
 
 
-def _count(cpu_list: str) -> int:
-    n = 0
+def _ids(cpu_list: str) -> set:
+    out = set()
     for part in cpu_list.split(","):
-        first, _, last = part.partition("-")
-        n += int(last or first) - int(first) + 1
-    return n
+        if part:
+            first, _, last = part.partition("-")
+            out.update(range(int(first), int(last or first) + 1))
+    return out
 
 
 def _reports(run: dict, name: str) -> List[tuple]:
