@@ -390,3 +390,16 @@ def test_owca_allocate_hands_the_detectors_anomalies_to_the_controller(tmp_path)
     assert ("slo_controller_named_cut", "be") in names
     stage.close()
     shutil.rmtree(cgroupfs)
+
+
+def test_every_parameter_is_in_docs_control_md_with_its_default():
+    import dataclasses
+    import re
+    with open(os.path.join(ROOT, "docs", "control.md")) as f:
+        rows = {m.group(1): m.group(2) for m in
+                re.finditer(r"^\| `(\w+)` \| ([^|]+) \|", f.read(), re.M)}
+    for f in dataclasses.fields(SloController):
+        assert f.name in rows, f"docs/control.md: no row for {f.name}"
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert re.match(rf"{default:g}\b", rows[f.name]), (f.name, rows[f.name])
