@@ -48,6 +48,7 @@ from owca.paths import paths_from_options
 from owca.resctrl import (DEFAULT_GROUP, Group, Resctrl, ResctrlFS, format_schemata,
                           is_owca_group, schemata_matches, schemata_of, validate_on_platform)
 from owca.stage import DataError, Stage
+from owca import slo_controller  # noqa: F401  (registers !SloController, !SloRdt)
 
 log = logging.getLogger("owca.allocate")
 
@@ -193,6 +194,11 @@ class Allocate(Stage):
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
         self._adopt()
+        if callable(getattr(cfg.allocator, "observe_anomalies", None)):
+            # An allocator that uses the detector's anomalies gets each anomalies frame
+            # (forwarded unchanged); it sees them in the next cycle, as they follow
+            # their cycle's measurements frame.
+            self.consumes = ("measurements", "anomalies")
         # A stage that ends by an exception (a closed stdout mid-cycle) skips
         # close(); the node must still get its values back.
         atexit.register(self._restore_everything)
@@ -326,6 +332,10 @@ class Allocate(Stage):
     # -- the cycle ---------------------------------------------------------------------
 
     def process(self, frame: dict) -> list:
+        if frame["kind"] == "anomalies":
+            # For the allocator; the stage has forwarded the frame already (forward_consumed).
+            self._observe_anomalies(frame)
+            return []
         self._last = (frame["seq"], frame["ts"], frame["host"])
         self._last_frame = frame
         tasks = frame["tasks"]
@@ -401,6 +411,14 @@ class Allocate(Stage):
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))
         return out
+
+    def _observe_anomalies(self, frame: dict) -> None:
+        try:
+            self.cfg.allocator.observe_anomalies(frame.get("anomalies") or [])
+        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self.errors += 1
+            log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
+                      type(self.cfg.allocator).__name__, type(e).__name__, e)
 
     def _ask_allocator(self, frame: dict, current: dict):
         allocator = self.cfg.allocator

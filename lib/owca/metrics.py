@@ -315,6 +315,46 @@ ALLOCATION = _specs(
       "changes were not written).", "owca-allocate", scope="allocation"),
 )
 
+# -- the SLO controller (owca-allocate: !SloController) ----------------------------------
+# (section of the control engineer; docs/control.md)
+_CTL = "owca-allocate: !SloController"
+CONTROL = _specs(
+    M("slo_controller_be_level", GAUGE, "level",
+      "The BE level after the cycle: 0 is the floor, `levels` the ceiling.", _CTL,
+      scope="allocation"),
+    M("slo_controller_decision", GAUGE, "boolean",
+      "1, with label action: grow, shrink, cut, cut_named, rollback or hold.", _CTL,
+      scope="allocation"),
+    M("slo_controller_hold", GAUGE, "boolean",
+      "1 when the cycle made no decision or left a knob alone; label reason: missing_sli, "
+      "stale_sli, no_new_sli, cpu_manager_state.", _CTL, scope="allocation"),
+    M("slo_controller_hp_pressure", GAUGE, "SLI / SLO",
+      "An HP task's SLI against its SLO, lower is better: 1 at the objective; label task_id.",
+      _CTL, scope="allocation"),
+    M("slo_controller_slack", GAUGE, "fraction",
+      "1 - the worst HP pressure: negative when an SLO is broken.", _CTL, scope="allocation"),
+    M("slo_controller_changes_total", COUNTER, "changes",
+      "Changes of the BE level since the start.", _CTL, scope="allocation"),
+    M("slo_controller_rollbacks_total", COUNTER, "rollbacks",
+      "Growth steps taken back because the HP's SLI worsened beyond its noise (or broke "
+      "the SLO) while they were watched.", _CTL, scope="allocation"),
+    M("slo_controller_named_cut", GAUGE, "boolean",
+      "1 for a BE task held at the floor because a detector named it as contending; label "
+      "task_id.", _CTL, scope="allocation"),
+    M("slo_controller_overridden", GAUGE, "boolean",
+      "1 while a BE value someone else rewrote is left as they set it; labels task_id, type.",
+      _CTL, scope="allocation"),
+    M("slo_controller_overrides_total", COUNTER, "overrides",
+      "BE values found rewritten by someone else after OWCA had set them.", _CTL,
+      scope="allocation"),
+    M("slo_controller_excluded_cpus", GAUGE, "cpus",
+      "Online CPUs never given to BE: the kubelet's exclusive ones and reserved_cpus; label "
+      "cpus (the list).", _CTL, scope="allocation"),
+    M("slo_controller_cpu_manager_state_errors_total", COUNTER, "errors",
+      "Cycles in which the kubelet's CPU manager checkpoint could not be used (BE cpusets "
+      "then left alone).", _CTL, scope="allocation"),
+)
+
 # -- shipping (owca-ship) --------------------------------------------------------------------
 # (section of the storage engineer)
 SHIP = _specs(
@@ -488,6 +528,7 @@ SECTIONS = {
     "Anomalies": ANOMALY,
     "Detection: !ContentionDetector": CONTENTION,
     "Allocations": ALLOCATION,
+    "Allocations: the SLO controller": CONTROL,
     "Application performance (workload wrappers)": APM,
     "Internal: every tool": INTERNAL,
     "Internal: discovery from orchestrators": ORCHESTRATOR,
