@@ -136,3 +136,45 @@ def test_the_be_allocation_is_bounded_by_the_be_cpusets_together():
     assert control_score._be_allocation(capped, {"a", "b"}, 4, {}) == pytest.approx(0.8)
     assert control_score._be_allocation([], {"a"}, 2, {"be_cpus": "1"}) == 1.0
     assert control_score._be_allocation(both_on_one, set(), 2, {}) == 0.0
+
+
+def as_lab_recording(d):
+    """The made-up run with the fields the lab's runner also writes (one `hp`, phases
+    that end), so that owca-scenario score reads it as a lab recording."""
+    path = os.path.join(d, "ground_truth.json")
+    with open(path) as f:
+        truth = json.load(f)
+    truth["hp"] = dict(truth["hps"][0], workload="web")
+    truth["antagonists"][0].update(stop_ts=T0 + 30, resource="cpu")
+    with open(path, "w") as f:
+        json.dump(truth, f)
+
+
+def test_owca_scenario_score_adds_the_controllers_figures_to_a_run_with_allocations(tmp_path):
+    from owca_workloads import score
+    d = str(tmp_path / "run")
+    pressures = [0.5] * 60
+    pressures[11:14] = [1.5, 1.3, 1.1]
+    write_run(d, pressures, [0.5 * i for i in range(60)],
+              [0.1] * 20 + [0.2] * 20 + [0.3] * 10 + [0.2] * 10)
+    as_lab_recording(d)
+    (name, s, *_), = score.score_dirs([d], recorded=True)
+    assert s["control"] == control_score.score_dir(d)
+    assert s["control"]["within_slo"] == pytest.approx(57 / 60, abs=1e-4)
+    assert s["control"]["changes"] == 3
+    text = score.format_recording(name, s)
+    assert "control: within SLO 95%" in text and "changes 3, rollbacks" in text
+
+
+def test_a_recording_without_allocations_has_no_controller_figures(tmp_path):
+    from owca_workloads import score
+    d = str(tmp_path / "run")
+    write_run(d, [0.5] * 20, [0.1 * i for i in range(20)], [0.1] * 20)
+    as_lab_recording(d)
+    path = os.path.join(d, "recording.jsonl")
+    with open(path) as f:
+        kept = [line for line in f if '"kind": "allocations"' not in line]
+    with open(path, "w") as f:
+        f.writelines(kept)
+    (name, s, *_), = score.score_dirs([d], recorded=True)
+    assert "control" not in s and "control:" not in score.format_recording(name, s)

@@ -18,7 +18,9 @@ Commands:
              through owca-detect with -c and -r (or, with the option --recorded, take
              its own anomalies), and print per episode and overall: recall, precision, time to
              detect, resource and antagonist named, false alarms per hour in quiet and
-             surge intervals, the share of SLI reports within the SLO and the BE work.
+             surge intervals, the share of SLI reports within the SLO and the BE work;
+             for a recording with allocations frames (owca-allocate in its pipeline),
+             also the controller's figures (docs/control.md).
   summarize  The HP task's SLI with no antagonist, under each aggressive phase and each
              surge, from DIR's recording and ground truth.
   stop       Stop what a run that did not end cleanly left in DIR (by the pids and

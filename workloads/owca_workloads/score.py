@@ -320,6 +320,15 @@ def format_recording(name: str, s: dict) -> str:
                      f"{_yes(e['resource_named']) if e['detected'] else '-':>9}"
                      f"{_yes(e['antagonist_named']) if e['detected'] else '-':>11}")
     lines.append("  " + format_totals(totals([s])))
+    if s.get("control"):
+        c = s["control"]
+        lines.append(
+            f"  control: within SLO {_f(c['within_slo'], '{:.0%}')}, worst p99 "
+            f"{_f(c['worst_p99_seconds'], '{:.6g}')} s, recovery after antagonist "
+            f"{_f(c['antagonist_recovery_intervals'], '{:.1f}')} and after surge "
+            f"{_f(c['surge_recovery_intervals'], '{:.1f}')} intervals, BE work / alone "
+            f"{_f(c['be_work_vs_alone'])}, changes {c['changes']}, rollbacks "
+            f"{c['rollbacks']}, sign changes {_f(c['sign_changes_per_minute'], '{:.1f}')}/min")
     if s["be_work"]:
         work = ", ".join(f"{task} " + " ".join(f"{k} {v:g}" for k, v in w.items()
                                                if k != "unit") + f" {w['unit']}"
@@ -349,6 +358,11 @@ def score_dirs(dirs: List[str], config: Optional[str] = None, plugins=(),
         lines = read_recording(d)
         anomalies = recorded_anomalies(lines) if recorded else replay(lines, config, plugins)
         s = score(truth, lines, anomalies)
+        if frames_of(lines, "allocations"):
+            # A run with owca-allocate in its pipeline: the controller's figures too
+            # (docs/control.md), from the same recording.
+            from owca_workloads import control_score
+            s["control"] = control_score.score(control_score.load_run(d))
         name = os.path.basename(os.path.normpath(d))
         if plot_dir:
             from owca_workloads.plot import plot_run
