@@ -52,6 +52,17 @@ def read_int(path: str) -> int:
         return int(f.read())
 
 
+def read_str(path: str) -> str:
+    """A cgroup file's value, without its newline."""
+    with open(path) as f:
+        return f.read().strip()
+
+
+def write_str(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
 class TestCgroup:
     """One cgroup (the same path in one or more hierarchies) and the children started in it."""
     __test__ = False  # not a pytest class

@@ -13,7 +13,8 @@ from contextlib import ExitStack
 
 import pytest
 
-from cgroup_helpers import BURN_FOREVER, read_int, v1_cgroup, v1_missing, wait_line
+from cgroup_helpers import (BURN_FOREVER, read_int, read_str, v1_cgroup, v1_missing,
+                            wait_line)
 from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
 from owca import frames
 from owca.allocate import Allocate, AllocateConfig, read_topology
@@ -30,17 +31,12 @@ def online_cpus():
     return len(read_topology(DEFAULT_PATHS).cpus)
 
 
-def read(path):
-    with open(path) as f:
-        return f.read().strip()
-
-
 def init_cpuset(cg):
     # A v1 cpuset takes no process until it has CPUs and memory nodes.
     parent = os.path.dirname(cg.dirs["cpuset"])
     for name in ("cpuset.cpus", "cpuset.mems"):
         with open(cg.file("cpuset", name), "w") as f:
-            f.write(read(os.path.join(parent, name)))
+            f.write(read_str(os.path.join(parent, name)))
 
 
 @pytest.fixture
@@ -80,7 +76,7 @@ def settings(*cgroups):
                 path = os.path.join(d, name)
                 if os.stat(path).st_mode & 0o200 and name not in ("release_agent",):
                     try:
-                        out[path] = read(path)
+                        out[path] = read_str(path)
                     except OSError:
                         continue  # write-only files
     return out
@@ -109,10 +105,10 @@ def test_quota_shares_and_cpusets_are_written_and_read_back(family, state):
     period = read_int(task.file("cpu", "cpu.cfs_period_us"))
     assert read_int(task.file("cpu", "cpu.cfs_quota_us")) == round(0.1 * period * ncpus)
     assert read_int(task.file("cpu", "cpu.shares")) == 512
-    assert read(task.file("cpuset", "cpuset.cpus")) == "0"
-    assert read(task.file("cpuset", "cpuset.mems")) == "0"
+    assert read_str(task.file("cpuset", "cpuset.cpus")) == "0"
+    assert read_str(task.file("cpuset", "cpuset.mems")) == "0"
     # The kernel applied it to the process in the cgroup.
-    status = read(f"/proc/{child.pid}/status")
+    status = read_str(f"/proc/{child.pid}/status")
     assert "Cpus_allowed_list:\t0\n" in status + "\n"
     # Read back from the cgroup in the next cycle.
     s.process(measurements(2, task.path))
@@ -161,7 +157,7 @@ def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family, state
 
 
 def _throttled(cg):
-    stat = dict(line.split() for line in read(cg.file("cpu", "cpu.stat")).splitlines())
+    stat = dict(line.split() for line in read_str(cg.file("cpu", "cpu.stat")).splitlines())
     return int(stat["nr_throttled"])
 
 
@@ -205,7 +201,7 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
         allocations = json.loads(tool.stdout.readline())
         assert allocations["allocations"]["task"]["cpu_shares"] == 0.25
         assert read_int(task.file("cpu", "cpu.shares")) == 256
-        assert read(task.file("cpuset", "cpuset.cpus")) == "0"
+        assert read_str(task.file("cpuset", "cpuset.cpus")) == "0"
         if stop == "eof":
             tool.stdin.close()
         elif stop == "stdout closed":

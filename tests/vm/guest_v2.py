@@ -23,7 +23,8 @@ from contextlib import ExitStack, contextmanager
 import pytest
 
 from cgroup_helpers import (ALLOCATE, BURN_FOREVER, BURN_THEN_SLEEP, TestCgroup, kill,
-                            process_cpu_seconds, read_int, tell, wait_line)
+                            process_cpu_seconds, read_int, read_str, tell, wait_line,
+                            write_str)
 from conftest import ROOT, tool_command, tool_env
 from owca import frames
 from owca.allocate import Allocate, AllocateConfig, read_topology
@@ -39,16 +40,6 @@ SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
 WRITE_FILES = ("cpu.max", "cpu.weight", "cpuset.cpus", "cpuset.mems")
 
 
-def read(path):
-    with open(path) as f:
-        return f.read().strip()
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def report(key, value):
     """A figure for the closing note (the host keeps the file)."""
     path = os.environ.get("OWCA_GUEST_REPORT")
@@ -56,7 +47,7 @@ def report(key, value):
         return
     data = json.loads(open(path).read()) if os.path.exists(path) else {}
     data[key] = value
-    write(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+    write_str(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
 def systemctl(*args):
@@ -71,13 +62,13 @@ def delegated():
     unit_path = f"/{SLICE}/{UNIT}"
     unit_dir = os.path.join(CGROUPFS, SLICE, UNIT)
     try:
-        pids = read(os.path.join(unit_dir, "cgroup.procs")).split()
+        pids = read_str(os.path.join(unit_dir, "cgroup.procs")).split()
         supervisor = os.path.join(unit_dir, "supervisor")
         os.mkdir(supervisor)
         for pid in pids:
-            write(os.path.join(supervisor, "cgroup.procs"), pid)
-        controllers = read(os.path.join(unit_dir, "cgroup.controllers")).split()
-        write(os.path.join(unit_dir, "cgroup.subtree_control"),
+            write_str(os.path.join(supervisor, "cgroup.procs"), pid)
+        controllers = read_str(os.path.join(unit_dir, "cgroup.controllers")).split()
+        write_str(os.path.join(unit_dir, "cgroup.subtree_control"),
               " ".join("+" + c for c in controllers))
         yield unit_path
     finally:
@@ -113,7 +104,7 @@ def settings(*dirs):
                     not name.endswith(".pressure") and \
                     name not in ("cgroup.procs", "cgroup.threads", "memory.reclaim"):
                 try:
-                    out[path] = read(path)
+                    out[path] = read_str(path)
                 except OSError:
                     continue     # write-only files
     return out
@@ -127,14 +118,14 @@ def as_restored(before, cg, written=("cpuset.cpus", "cpuset.mems")):
     for path, text in before.items():
         name = os.path.basename(path)
         if name in written and os.path.dirname(path) == cg.dirs["v2"] and text == "":
-            out[path] = read(os.path.join(os.path.dirname(os.path.dirname(path)),
+            out[path] = read_str(os.path.join(os.path.dirname(os.path.dirname(path)),
                                           name + ".effective"))
     return out
 
 
 def cpu_stat(cg):
     return {k: int(v) for k, v in (line.split() for line in
-                                    read(cg.file("v2", "cpu.stat")).splitlines())}
+                                    read_str(cg.file("v2", "cpu.stat")).splitlines())}
 
 
 def measurements(seq, tasks):
@@ -174,11 +165,11 @@ def test_the_guest_is_a_pure_v2_host_with_every_controller_in_the_delegated_unit
     assert os.path.exists(os.path.join(CGROUPFS, "cgroup.controllers"))
     assert not os.path.isdir(os.path.join(CGROUPFS, "cpu,cpuacct"))
     unit_dir = os.path.join(CGROUPFS, delegated.lstrip("/"))
-    enabled = set(read(os.path.join(unit_dir, "cgroup.subtree_control")).split())
+    enabled = set(read_str(os.path.join(unit_dir, "cgroup.subtree_control")).split())
     assert {"cpu", "cpuset", "memory", "io"} <= enabled
     # The v2 rule the layout follows: an inner node with controllers takes no process.
     with pytest.raises(OSError) as raised:
-        write(os.path.join(unit_dir, "cgroup.procs"), str(os.getpid()))
+        write_str(os.path.join(unit_dir, "cgroup.procs"), str(os.getpid()))
     assert raised.value.errno == 16   # EBUSY
 
 
@@ -209,7 +200,7 @@ def test_the_pipeline_measures_real_v2_tasks(delegated, tmp_path):
         kernel_cpu = cpu_stat(burner)["usage_usec"] / 1e6
         kernel_mem = read_int(holder.file("v2", "memory.current"))
         burnt = process_cpu_seconds(burning.pid)
-        pressure = {r: read(burner.file("v2", f"{r}.pressure")) for r in ("cpu", "memory", "io")}
+        pressure = {r: read_str(burner.file("v2", f"{r}.pressure")) for r in ("cpu", "memory", "io")}
     latest, _ = latest_samples(text)
     cpu = latest[("task_cpu_usage_seconds", "burner")][0]
     assert cpu == pytest.approx(kernel_cpu, rel=0.02)
@@ -269,11 +260,11 @@ def test_quota_weight_and_cpusets_take_effect_and_are_restored(family):
     frame = s.process(measurements(1, {"task": (task.path, {})}))[0]
     assert frame["errors"] == []
     quota_us = round(quota * 100000 * ncpus)
-    assert read(task.file("v2", "cpu.max")) == f"{quota_us} 100000"
-    assert read(task.file("v2", "cpu.weight")) == "200"
-    assert read(task.file("v2", "cpuset.cpus")) == last_cpu
-    assert read(task.file("v2", "cpuset.mems")) == "0"
-    assert f"Cpus_allowed_list:\t{last_cpu}\n" in read(f"/proc/{burner.pid}/status") + "\n"
+    assert read_str(task.file("v2", "cpu.max")) == f"{quota_us} 100000"
+    assert read_str(task.file("v2", "cpu.weight")) == "200"
+    assert read_str(task.file("v2", "cpuset.cpus")) == last_cpu
+    assert read_str(task.file("v2", "cpuset.mems")) == "0"
+    assert f"Cpus_allowed_list:\t{last_cpu}\n" in read_str(f"/proc/{burner.pid}/status") + "\n"
     # The cap holds: within the periods that passed, the loop got at most its quota of
     # each (and one period's worth of slack for the window's edges), and was throttled.
     after, delta = usage_rate(task, 3)
@@ -315,7 +306,7 @@ def test_a_controller_the_parent_does_not_enable_is_reported_not_enabled(delegat
     unit_dir = os.path.join(CGROUPFS, delegated.lstrip("/"))
     with task_cgroup(delegated, "cpu-only") as inner:
         # An inner node enabling cpu but not cpuset for its child, as a delegatee may.
-        write(inner.file("v2", "cgroup.subtree_control"), "+cpu")
+        write_str(inner.file("v2", "cgroup.subtree_control"), "+cpu")
         with task_cgroup(inner.path, "task") as task:
             start(task)
             parent_before = settings(unit_dir, inner.dirs["v2"])
@@ -384,8 +375,8 @@ def test_the_tool_restores_on_sigterm(be_task):
     task, config, now, before = be_task
     with allocate_tool(config) as tool:
         assert feed(tool, 1, task)["allocations"]["task"]["cpu_shares"] == 0.25
-        assert read(task.file("v2", "cpu.weight")) == "25"
-        assert read(task.file("v2", "cpuset.cpus")) == "0"
+        assert read_str(task.file("v2", "cpu.weight")) == "25"
+        assert read_str(task.file("v2", "cpuset.cpus")) == "0"
         stderr = stop(tool)
     assert now() == as_restored(before, task, ("cpuset.cpus",)), stderr
 
@@ -397,9 +388,9 @@ def test_a_restart_after_sigkill_restores_the_originals(be_task, tmp_path):
     env = {"STATE_DIRECTORY": str(state)}   # what systemd's StateDirectory= gives the unit
     with allocate_tool(config, env) as first:
         feed(first, 1, task)
-        assert read(task.file("v2", "cpu.weight")) == "25"
+        assert read_str(task.file("v2", "cpu.weight")) == "25"
         stop(first, signal.SIGKILL)
-    assert read(task.file("v2", "cpu.weight")) == "25"     # nobody restored
+    assert read_str(task.file("v2", "cpu.weight")) == "25"     # nobody restored
     assert (state / "allocations.journal").exists()       # but the journal holds them
     with allocate_tool(config, env) as second:
         feed(second, 2, task)
@@ -434,11 +425,11 @@ def test_a_systemd_units_own_cgroup_is_not_fought_over(delegated, tmp_path):
             assert "systemd" in errors[("plain", "cpu_quota")]
             assert settings(plain_dir) == before_plain
             written = settings(task.dirs["v2"])
-            assert read(task.file("v2", "cpu.weight")) == "200"
+            assert read_str(task.file("v2", "cpu.weight")) == "200"
             systemctl("daemon-reload")
             systemctl("set-property", "--runtime", unit, "CPUWeight=150")
             # systemd rewrote its own unit, and left the delegated subtree alone.
-            assert read(os.path.join(plain_dir, "cpu.weight")) == "150"
+            assert read_str(os.path.join(plain_dir, "cpu.weight")) == "150"
             assert settings(task.dirs["v2"]) == written
             frame = s.process(measurements(2, {"plain": (plain_path, {}),
                                                "task": (task.path, {})}))[0]
