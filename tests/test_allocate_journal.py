@@ -344,8 +344,8 @@ def _cycle(tool, frame):
 def test_sigkill_then_restart_then_clean_stop_gives_the_originals_back(tmp_path):
     """The field trial: killed after it capped a task, restarted, stopped cleanly."""
     from test_allocate_cgroups import init_cpuset, measurements as cg_measurements, online_cpus, \
-        read, start
-    from cgroup_helpers import v1_cgroup
+        start
+    from cgroup_helpers import read_str as read, v1_cgroup
     if online_cpus() != 2:
         pytest.skip("the trial's figures are for a 2-CPU node")
     config = tmp_path / "owca.yaml"

@@ -12,10 +12,10 @@ import subprocess
 
 import pytest
 
-from cgroup_helpers import read_int
+from cgroup_helpers import read_int, read_str
 from conftest import ROOT, tool_command, tool_env
 from owca import frames
-from test_allocate_cgroups import (CONTROLLERS, family, online_cpus, read,  # noqa: F401
+from test_allocate_cgroups import (CONTROLLERS, family, online_cpus,  # noqa: F401
                                    settings, start)
 from cgroup_helpers import v1_missing
 
@@ -56,7 +56,7 @@ def test_stopping_owca_allocate_restores_what_the_controller_changed(family, tmp
             if tool.poll() is None:
                 tool.kill()
     assert settings(parent, be, hp) == before
-    assert read(be.file("cpuset", "cpuset.cpus")) == read(parent.file("cpuset", "cpuset.cpus"))
+    assert read_str(be.file("cpuset", "cpuset.cpus")) == read_str(parent.file("cpuset", "cpuset.cpus"))
 
 
 def run_and_stop(tool, hp, be, before, stop):
