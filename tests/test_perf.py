@@ -498,13 +498,23 @@ def test_tasks_that_go_have_their_descriptors_closed(tasks, counters):
     assert open_fds(counting.helper.pid) == baseline
 
 
+def helper_fds(counters):
+    """(descriptors an idle helper holds, descriptors each counted task adds)."""
+    counting = counters()
+    counting.update({})
+    return open_fds(counting.helper.pid), \
+        len(counting.active_events) * counting.helper.hello.ncpus
+
+
 @needs_root
 def test_low_soft_fd_limit_is_raised(tasks, counters):
     prlimit = shutil.which('prlimit')
     if prlimit is None:
         pytest.skip('no prlimit (util-linux) to start the helper under a low limit')
     names = [tasks(SLEEP_100HZ)[0] for _ in range(12)]
-    counting = counters(wrapper=[prlimit, '--nofile=16:4096', '--'])
+    baseline, per_task = helper_fds(counters)
+    hard = max(4096, baseline + (len(names) + 1) * per_task)  # room for all on any CPU count
+    counting = counters(wrapper=[prlimit, '--nofile=16:%d' % hard, '--'])
     counting.update({n: n for n in names})
     assert counting.failed_tasks == {}
     assert set(counting.read()) == set(names)
@@ -516,15 +526,19 @@ def test_fd_limit_that_cannot_be_raised_is_reported(tasks, counters, caplog):
     if prlimit is None or setpriv is None:
         pytest.skip('no prlimit/setpriv (util-linux) to start the helper under a hard limit')
     names = [tasks(SLEEP_100HZ)[0] for _ in range(12)]
+    # A limit with room for four tasks' descriptors (one per event and CPU), whatever the
+    # CPU count; without CAP_SYS_RESOURCE the helper cannot raise it.
+    baseline, per_task = helper_fds(counters)
+    limit = baseline + 4 * per_task + per_task // 2
     caplog.set_level(logging.WARNING, logger='owca.perf')
-    # Without CAP_SYS_RESOURCE the hard limit of 16 stays.
     counting = counters(wrapper=[setpriv, '--bounding-set', '-sys_resource', '--inh-caps',
-                                 '-sys_resource', prlimit, '--nofile=16:16', '--'])
+                                 '-sys_resource', prlimit, '--nofile=%d:%d' % (limit, limit),
+                                 '--'])
     counting.update({n: n for n in names})
     failed = counting.failed_tasks
     counted = counting.read()
     assert failed and set(failed.values()) == {'EMFILE'}
-    assert counted and set(counted) | set(failed) == set(names)
+    assert len(counted) == 4 and set(counted) | set(failed) == set(names)
     assert any('%d tasks could not be counted' % len(failed) in r.getMessage()
                and 'EMFILE' in r.getMessage() for r in caplog.records)
     # Tasks that go free descriptors: the next update counts as many others.
