@@ -1,5 +1,6 @@
-"""The committed corpus (workloads/corpus/): every recording against its ground truth, and
-the two baselines replayed through owca-detect, their figures as docs/detection.md
+"""The committed corpora (workloads/corpus/, recorded on a busy host, and
+workloads/corpus-quiet/, on a quiet one): every recording against its ground truth,
+and the detectors replayed through owca-detect, their figures as docs/detection.md
 states them."""
 import os
 import sys
@@ -11,6 +12,7 @@ from owca import frames
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")
 CORPUS = os.path.join(WORKLOADS, "corpus")
+QUIET_CORPUS = os.path.join(WORKLOADS, "corpus-quiet")
 DETECTION_MD = os.path.join(ROOT, "docs", "detection.md")
 sys.path.insert(0, WORKLOADS)
 
@@ -23,14 +25,20 @@ BASELINES = {
     "k-MAD": ("configs/examples/mad-baseline.yaml",
               ["configs/examples/mad_detector.py:MadDetector"]),
 }
+DETECTORS = {"ContentionDetector": ("configs/examples/contention-lab.yaml", []), **BASELINES}
 
 
-def recordings():
-    return scoring.recording_dirs([CORPUS])
+def recordings(corpus=None):
+    return scoring.recording_dirs([corpus] if corpus else [CORPUS, QUIET_CORPUS])
 
 
-def test_the_corpus_covers_three_hp_workloads_and_every_antagonist_class():
-    truths = [scoring.read_truth(d) for d in recordings()]
+def corpus_id(path):
+    return os.path.join(os.path.basename(os.path.dirname(path)), os.path.basename(path))
+
+
+@pytest.mark.parametrize("corpus", [CORPUS, QUIET_CORPUS], ids=os.path.basename)
+def test_the_corpus_covers_three_hp_workloads_and_every_antagonist_class(corpus):
+    truths = [scoring.read_truth(d) for d in recordings(corpus)]
     assert len(truths) >= 8
     assert {t["hp"]["workload"] for t in truths} >= {"nginx", "redis", "memcached"}
     aggressive = {p["resource"] for t in truths for p in t["phases"] if p["kind"] == "aggressive"}
@@ -41,7 +49,7 @@ def test_the_corpus_covers_three_hp_workloads_and_every_antagonist_class():
         assert len({p["task"] for p in t["phases"] if p["kind"] != "surge"}) >= 3
 
 
-@pytest.mark.parametrize("path", recordings(), ids=os.path.basename)
+@pytest.mark.parametrize("path", recordings(), ids=corpus_id)
 def test_a_recording_matches_its_ground_truth(path):
     truth = scoring.read_truth(path)
     assert truth["version"] == 2 and truth["completed"]
@@ -71,11 +79,13 @@ def test_a_recording_matches_its_ground_truth(path):
         assert name in m, name
 
 
-def documented_figures():
-    """{(baseline, recording or "overall"): {column: text}} from docs/detection.md."""
+def documented_table(heading: str, key: str) -> dict:
+    """{(first column, recording or "overall"): {column: text}} from the tables of one
+    section of docs/detection.md whose header's first cell is `key`."""
     with open(DETECTION_MD) as f:
         text = f.read()
-    section = text[text.index("## Baselines"):]
+    section = text[text.index(heading) + len(heading):]
+    section = section[:section.index("\n## ")] if "\n## " in section else section
     rows = {}
     header = None
     for line in section.splitlines():
@@ -83,13 +93,17 @@ def documented_figures():
             header = None if not line.strip() else header
             continue
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if cells[0] == "baseline":
+        if cells[0] == key:
             header = cells
             continue
         if header is None or set(cells[0]) <= {"-", ":"}:
             continue
         rows[(cells[0], cells[1])] = dict(zip(header[2:], cells[2:]))
     return rows
+
+
+def documented_figures():
+    return documented_table("## Baselines", "baseline")
 
 
 def formatted(t: dict) -> dict:
@@ -115,3 +129,18 @@ def test_the_baselines_figures_are_the_documented_ones(baseline):
         scoring.totals([s for _, s, *_ in results]))
     for name, s, *_ in results:
         assert documented[(baseline, name)] == formatted(scoring.totals([s])), name
+
+
+@pytest.mark.parametrize("detector", sorted(DETECTORS))
+def test_the_quiet_corpus_figures_are_the_documented_ones(detector):
+    """The quiet-host corpus replayed through the real owca-detect: every figure of
+    docs/detection.md's "Scores on a quiet host", overall and per recording."""
+    config, plugins = DETECTORS[detector]
+    documented = documented_table("## Scores on a quiet host", "detector")
+    results = scoring.score_dirs([QUIET_CORPUS], os.path.join(ROOT, config),
+                                 [os.path.join(ROOT, p) for p in plugins])
+    assert len(results) == len([k for k in documented if k[0] == detector]) - 1 >= 8
+    assert documented[(detector, "overall")] == formatted(
+        scoring.totals([s for _, s, *_ in results]))
+    for name, s, *_ in results:
+        assert documented[(detector, name)] == formatted(scoring.totals([s])), name
