@@ -126,6 +126,8 @@ class Broker:
 
 
 S3_BUCKET = "tansu"
+# Makes s3rver's PutObject atomic, as S3's is (the file says why).
+S3RVER_ATOMIC = os.path.join(os.path.dirname(os.path.abspath(__file__)), "s3rver_atomic.js")
 
 
 def s3rver_binary() -> Optional[str]:
@@ -144,10 +146,15 @@ class DurableBroker(Broker):
         self.data_dir = tempfile.mkdtemp(prefix="owca-s3-")
         self.s3_port = free_port()
         self.s3_log = open(os.path.join(self.log_dir, "s3rver.log"), "wb")
+        program = os.path.realpath(s3rver)     # s3rver/bin/s3rver.js
+        store = os.path.join(os.path.dirname(os.path.dirname(program)), "lib", "stores",
+                             "filesystem.js")
         self.s3 = subprocess.Popen(
-            [s3rver, "--directory", self.data_dir, "--address", "127.0.0.1",
+            [shutil.which("node") or "node", "--require", S3RVER_ATOMIC, program,
+             "--directory", self.data_dir, "--address", "127.0.0.1",
              "--port", str(self.s3_port), "--configure-bucket", S3_BUCKET],
-            stdout=self.s3_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+            stdout=self.s3_log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=dict(os.environ, OWCA_S3RVER_STORE=store))
         deadline = time.monotonic() + 30
         while not port_open(self.s3_port):
             if self.s3.poll() is not None or time.monotonic() > deadline:
@@ -208,6 +215,7 @@ def durable_broker():
     try:
         yield b.start()
     finally:
+        print("durable broker's logs (shown when the test failed):\n" + b.log())
         b.close()
 
 

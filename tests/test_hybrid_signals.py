@@ -2,7 +2,9 @@
 the run-queue delay of a task's threads, per-task PSI and perf software events of a task
 whose controllers are v1 but which also has a cgroup2 group (a hybrid host)."""
 import contextlib
+import itertools
 import os
+import time
 
 import pytest
 
@@ -12,6 +14,8 @@ from owca.cgroups import RunQueueDelay, TaskCgroup
 from owca.measure import Measure, MeasureConfig
 from owca.paths import DEFAULT_PATHS
 from owca.perf import find_helper
+
+GUARD_SECONDS = 120  # a hang guard, not a timing expectation
 
 # Two threads spinning on CPU 0: each waits on the run queue while the other runs.
 # The second thread ends when told.
@@ -143,11 +147,18 @@ def test_perf_software_events_of_a_hybrid_task_through_its_cgroup2_group():
         try:
             tasks = [{"id": cg.path, "name": cg.path, "cgroup_path": cg.path}
                      for cg in (hybrid, v1_only)]
-            stage.process({"seq": 1, "tasks": tasks})
-            frame = stage.process({"seq": 2, "tasks": tasks})[0]
+            # Cycles until the spinning threads have been switched (a scheduler tick or
+            # more): on a loaded host they run late, so wait for the work, not a time.
+            deadline = time.monotonic() + GUARD_SECONDS
+            for seq in itertools.count(1):
+                frame = stage.process({"seq": seq, "tasks": tasks})[0]
+                counted = frame["tasks"][hybrid.path]["metrics"]
+                if counted.get("task_context_switches", 0) > 0 or seq > 1 and \
+                        time.monotonic() > deadline:
+                    break
+                time.sleep(0.05)
         finally:
             stage.close()
-        counted = frame["tasks"][hybrid.path]["metrics"]
         assert counted["task_context_switches"] > 0 and counted["task_task_clock_seconds"] > 0
         assert "task_context_switches" not in frame["tasks"][v1_only.path]["metrics"]
         assert "task_run_queue_delay_seconds" in frame["tasks"][v1_only.path]["metrics"]

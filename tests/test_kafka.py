@@ -486,7 +486,7 @@ def test_broker_crash_mid_stream_loses_nothing_duplicates_are_counted(durable_br
                f"{len(lost_by_owca)} lost, {duplicates} duplicates; acknowledged: "
                f"{len(lost_by_broker)} lost by the broker")
     print(summary)
-    assert lost_by_owca == [], summary
+    assert lost_by_owca == [], summary + "\nbroker:\n" + durable_broker.log()
     assert after == sorted(after), summary          # in order; a repeat next to itself
     assert first_occurrences(after) == list(range(head, n + 1)), summary
     assert duplicates <= 1, summary   # only the cycle in flight when the broker died

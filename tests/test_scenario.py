@@ -256,12 +256,15 @@ def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
     lines = (out_dir / "recording.jsonl").read_bytes().splitlines()
     measurements = [frames.validate(frames.decode(line)) for line in lines
                     if frames.sniff(line) == (1, "measurements")]
-    assert len(measurements) >= 30
+    # the pipeline ran from start to end; a loaded host may cost some cycles, not the run
+    assert len(measurements) >= truth["duration"] / truth["interval"] / 2
+    assert min(m["ts"] for m in measurements) <= truth["started_ts"] + 5 * truth["interval"]
+    assert max(m["ts"] for m in measurements) >= truth["ended_ts"] - 5 * truth["interval"]
     # every task in every interval: a task's presence tells nothing of what it does
     assert all(set(m["tasks"]) == {hp, *be.values()} for m in measurements)
     with_apm = [m["tasks"][hp]["metrics"] for m in measurements
                 if "apm_latency_p99_seconds" in m["tasks"][hp]["metrics"]]
-    assert len(with_apm) >= 25
+    assert len(with_apm) >= len(measurements) / 2
     assert all(m["apm_slo"] == truth["hp"]["slo"] and "apm_report_timestamp_seconds" in m
                for m in with_apm)
     assert all("task_run_queue_delay_seconds" in m["tasks"][hp]["metrics"]
