@@ -3,6 +3,7 @@ import importlib.machinery
 import importlib.util
 import os
 import sys
+import time
 
 import pytest
 
@@ -15,6 +16,21 @@ TOOLS = ("discover", "measure", "detect", "allocate", "ship")
 for p in (os.path.join(ROOT, "lib"), ROOT):
     if p not in sys.path:
         sys.path.insert(0, p)
+
+
+def wait_for(predicate, timeout: float, what: str, step: float = 0.3, detail=None):
+    """predicate()'s first true value, asked every `step` s.  After `timeout` s an
+    AssertionError names `what` (and adds detail(), where given): a guard against a
+    hang, not a timing goal, so make it generous."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}"
+                                 + (":\n" + detail() if detail else ""))
+        time.sleep(step)
 
 
 def load_tool(name: str):

@@ -410,11 +410,8 @@ def allocations(seq: int, host: str = HOST) -> dict:
 
 
 def wait_until(condition, timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.02)
+    from conftest import wait_for
+    wait_for(condition, timeout, what, step=0.02)
 
 
 class ShipProcess:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 import owca_nspawn
+from conftest import wait_for
 from owca_ansible import REPO, Playbook, recap
 
 STAGES = ("discover", "measure", "detect", "allocate", "ship")
@@ -125,16 +126,6 @@ def shipped_seqs(node):
 def last_metrics_block(node):
     text = node.ssh(f"tail -c 200000 {SHIPPED}").stdout
     return text.rsplit("# owca metrics seq=", 1)[-1]
-
-
-def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def wait_for_restart(node, unit, before):

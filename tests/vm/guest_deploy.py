@@ -15,11 +15,11 @@ import os
 import re
 import stat
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
+import conftest
 from conftest import ROOT
 
 IN_GUEST = os.environ.get("OWCA_IN_GUEST") == "1"
@@ -61,14 +61,9 @@ def shipped_seqs():
 
 
 def wait_for(predicate, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}:\n"
-                         + sh("journalctl --no-pager -n 40 -u 'owca-*'", check=False).stdout)
+    """conftest.wait_for, with the units' last journal lines when it times out."""
+    return conftest.wait_for(predicate, timeout, what, step=0.5, detail=lambda: sh(
+        "journalctl --no-pager -n 40 -u 'owca-*'", check=False).stdout)
 
 
 def wait_for_new_cycles(count, timeout=180):
