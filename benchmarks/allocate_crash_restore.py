@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(ROOT, "lib"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from cgroup_helpers import v1_cgroup, v1_missing, wait_line  # noqa: E402
-from owca import frames  # noqa: E402
+from owca.core import frames  # noqa: E402
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset")
 CONFIG = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"

@@ -2,7 +2,7 @@
 """The cost of checking that a frame forwarded on its prefix is a JSON object.
 
 A stage forwards a frame it does not consume after reading its version and
-kind off the line's prefix (lib/owca/frames.py, sniff()).  A line that begins
+kind off the line's prefix (lib/owca/core/frames.py, sniff()).  A line that begins
 like a frame but is broken (`{"v":1,"kind":"tasks", broken`) must still be a
 bad line wherever it is seen, so the forwarded line is parsed too
 (frames.parse(): UTF-8 decode and json.loads, no field checks).  This measures,
@@ -33,8 +33,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from owca import frames  # noqa: E402
-from owca.metrics import TASK_CGROUP  # noqa: E402
+from owca.core import frames  # noqa: E402
+from owca.core.metrics import TASK_CGROUP  # noqa: E402
 
 
 def lines(tasks: int) -> dict:

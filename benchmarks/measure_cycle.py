@@ -63,9 +63,10 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from owca import frames, perf  # noqa: E402
-from owca.measure import Measure, MeasureConfig  # noqa: E402
-from owca.paths import DEFAULT_PATHS as PATHS  # noqa: E402
+from owca.core import frames  # noqa: E402
+from owca.measure.sources import perf
+from owca.measure.stage import Measure, MeasureConfig  # noqa: E402
+from owca.core.paths import DEFAULT_PATHS as PATHS  # noqa: E402
 
 CONTROLLERS = ("cpu", "cpuacct", "memory")
 PERF_STAT_INTERVAL_MS = 100

@@ -36,8 +36,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "lib"))
 
-from owca import frames  # noqa: E402
-from owca.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
+from owca.core import frames  # noqa: E402
+from owca.core.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
 
 BIN = os.path.join(ROOT, "bin")
 CONTROLLERS = ("cpu", "cpuacct", "memory")

@@ -112,7 +112,7 @@ def wait_ready(port: int, proc):
 
 def start_owca(root, port, work, tasks):
     sys.path[:0] = [os.path.join(ROOT, "lib")]
-    from owca import frames
+    from owca.core import frames
     config = os.path.join(work, "owca.yaml")
     with open(config, "w") as f:
         f.write(f"ship:\n  storages:\n    - !PrometheusStorage\n      port: {port}\n")
@@ -127,7 +127,7 @@ def start_owca(root, port, work, tasks):
 
 def start_client_library(port, work, tasks):
     sys.path[:0] = [os.path.join(ROOT, "lib")]
-    from owca.exposition import Formatter, strip_timestamps
+    from owca.ship.exposition import Formatter, strip_timestamps
     path = os.path.join(work, "cycle.prom")
     with open(path, "w") as f:
         f.write(strip_timestamps(Formatter().format(frame(1, tasks)).render()))

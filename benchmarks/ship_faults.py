@@ -31,8 +31,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests")]
 
 from kafka_broker import Broker, free_port, measurements, tansu_binary  # noqa: E402
-from owca import frames  # noqa: E402
-from owca.spool import decode_record, parse_name  # noqa: E402
+from owca.core import frames  # noqa: E402
+from owca.ship.spool import decode_record, parse_name  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 

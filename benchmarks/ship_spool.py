@@ -29,9 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests")]
 
 from kafka_broker import Broker, ShipProcess, free_port, measurements, tansu_binary  # noqa: E402
-from owca.exposition import Formatter  # noqa: E402
-from owca.paths import DEFAULT_PATHS as PATHS  # noqa: E402
-from owca.spool import parse_name  # noqa: E402
+from owca.ship.exposition import Formatter  # noqa: E402
+from owca.core.paths import DEFAULT_PATHS as PATHS  # noqa: E402
+from owca.ship.spool import parse_name  # noqa: E402
 
 
 def frame(seq, tasks):

@@ -19,7 +19,7 @@ import uuid
 
 import pytest
 
-from owca.paths import DEFAULT_PATHS
+from owca.core.paths import DEFAULT_PATHS
 
 V1_CONTROLLERS = ("cpu", "cpuacct", "memory")
 

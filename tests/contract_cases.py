@@ -197,7 +197,7 @@ CASES = [
         args=["-r", "{plugin}:BadNames", "-c", "{config}"],
         config="detect: {detector: !BadNames {}}\n",
         plugin="from dataclasses import dataclass\n"
-               "from owca import frames\nfrom owca.detect import AnomalyDetector\n\n"
+               "from owca import frames\nfrom owca.detect.stage import AnomalyDetector\n\n"
                "@dataclass\nclass BadNames(AnomalyDetector):\n"
                "    def detect(self, *args):\n"
                "        return [], [frames.sample('my latency.p99', 1), "

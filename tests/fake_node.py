@@ -55,7 +55,7 @@ import errno
 import os
 import shutil
 
-from owca.resctrl import (ResctrlFS, format_schemata, parse_schemata, parse_thread_ids)
+from owca.core.resctrl import ResctrlFS, format_schemata, parse_schemata, parse_thread_ids
 
 NOT_GROUPS = ("info", "mon_groups", "mon_data")
 MON_GROUPS = "mon_groups"

@@ -387,7 +387,7 @@ TS0 = 1700000000.0
 
 
 def measurements(seq: int, host: str = HOST) -> dict:
-    from owca import frames
+    from owca.core import frames
     tasks = {"t1": {"name": "memcached", "cgroup_path": "/owca/t1", "labels": {"app": "mc"},
                     "resources": {"cpus": 2.0},
                     "metrics": {"task_cpu_usage_seconds": seq * 0.5,
@@ -397,14 +397,14 @@ def measurements(seq: int, host: str = HOST) -> dict:
 
 
 def anomalies(seq: int, host: str = HOST) -> dict:
-    from owca import frames
+    from owca.core import frames
     found = [{"type": "contention", "resource": "cpu", "contended_task_id": "t1",
               "contending_task_ids": ["t2"], "uuid": f"u{seq}", "metrics": []}]
     return frames.anomalies_frame(seq, found, ts=TS0 + seq, host=host)
 
 
 def allocations(seq: int, host: str = HOST) -> dict:
-    from owca import frames
+    from owca.core import frames
     return frames.allocations_frame(seq, {"t1": {"cpu_quota": 0.5}}, ts=TS0 + seq, host=host,
                                     metrics=[frames.sample("allocations_count", 1)])
 
@@ -426,7 +426,7 @@ class ShipProcess:
                                          stderr=log, env=tool_env(), cwd=ROOT)
 
     def send(self, *frames_):
-        from owca import frames
+        from owca.core import frames
         self.proc.stdin.write(b"".join(frames.encode(f) for f in frames_))
         self.proc.stdin.flush()
 

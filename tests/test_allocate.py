@@ -15,10 +15,10 @@ import pytest
 
 from conftest import ROOT, tool_command, tool_env
 from fake_node import changed_files, fake_cgroup_v2, fake_sysfs, snapshot
-from owca import frames, metrics
-from owca.allocate import Allocate, AllocateConfig
-from owca.allocators import Allocator
-from owca.cgroup_allocation import CgroupRefused, cgroup_dir
+from owca.core import frames, metrics
+from owca.allocate.stage import Allocate, AllocateConfig
+from owca.plugin import Allocator
+from owca.allocate.cgroup_files import CgroupRefused, cgroup_dir
 
 TASKS = {"a": "/owca/a", "b": "/owca/b"}
 
@@ -359,7 +359,7 @@ def test_the_tool_applies_a_static_configuration_and_restores_at_eof(node, tmp_p
 
 def test_an_allocator_that_does_not_look_costs_no_cgroup_reads(node):
     """NOPAllocator: no per-task values read (only the counters), until one that looks."""
-    from owca.allocators import NOPAllocator
+    from owca.plugin import NOPAllocator
     nop = Allocate(AllocateConfig(allocator=NOPAllocator()), {**node, "--no-timing": True})
     quiet = nop.process(measurements(1))[0]
     nop.close()

@@ -16,9 +16,9 @@ import pytest
 from cgroup_helpers import (BURN_FOREVER, read_int, read_str, v1_cgroup, v1_missing,
                             wait_line)
 from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
-from owca import frames
-from owca.allocate import Allocate, AllocateConfig, read_topology
-from owca.paths import DEFAULT_PATHS
+from owca.core import frames
+from owca.allocate.stage import Allocate, AllocateConfig, read_topology
+from owca.core.paths import DEFAULT_PATHS
 from test_allocate import Scripted
 
 CONTROLLERS = ("cpu", "cpuacct", "cpuset")

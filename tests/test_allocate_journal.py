@@ -22,9 +22,10 @@ import pytest
 from cgroup_helpers import v1_missing
 from conftest import ROOT, tool_command, tool_env
 from fake_node import FakeResctrlKernel
-from owca import frames, journal
-from owca.allocate import Allocate, AllocateConfig
-from owca.stage import DataError
+from owca.core import frames
+from owca.allocate import journal
+from owca.allocate.stage import Allocate, AllocateConfig
+from owca.core.stage import DataError
 from test_allocate import TASKS, Scripted, cg, measurements, node, put, samples  # noqa: F401
 from test_resctrl import BE, threads
 from test_resctrl import node as resctrl_node  # noqa: F401
@@ -435,7 +436,7 @@ def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_n
 
 
 def test_the_static_allocators_policy_is_configured(node):
-    from owca import config
+    from owca.core import config
     cfg = config.load_section(None, "allocate", AllocateConfig, text=(
         "allocate:\n  allocator: !StaticAllocator\n    reapply_external_changes: false\n"
         "    rules:\n      - allocations: {cpu_shares: 2}\n"))

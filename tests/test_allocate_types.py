@@ -2,11 +2,11 @@
 functions on literal values."""
 import pytest
 
-from owca import allocation, config
-from owca.allocation import InvalidAllocation, Topology, format_list, parse_list, validate
-from owca.allocators import StaticAllocator, StaticRule
-from owca.cgroup_allocation import (format_cpu_max, kernel_to_shares, parse_cpu_max,
-                                    quota_to_us, shares_to_kernel, us_to_quota)
+from owca.core import allocation, config
+from owca.core.allocation import InvalidAllocation, Topology, format_list, parse_list, validate
+from owca.allocate.allocators.static import StaticAllocator, StaticRule
+from owca.allocate.cgroup_files import (format_cpu_max, kernel_to_shares, parse_cpu_max,
+                                        quota_to_us, shares_to_kernel, us_to_quota)
 
 TWO_CPUS = Topology(cpus=frozenset((0, 1)), numa_nodes=frozenset((0,)))
 
@@ -141,7 +141,7 @@ allocate:
 
 
 def load(text):
-    from owca.allocate import AllocateConfig
+    from owca.allocate.stage import AllocateConfig
     return config.load_section(None, "allocate", AllocateConfig, text=text)
 
 
@@ -193,7 +193,7 @@ def test_the_example_configuration_loads(fixtures_dir):
     import os
     path = os.path.join(os.path.dirname(os.path.dirname(fixtures_dir)), "configs",
                         "static-allocator.yaml")
-    from owca.allocate import AllocateConfig
+    from owca.allocate.stage import AllocateConfig
     cfg = config.load_section(path, "allocate", AllocateConfig)
     assert isinstance(cfg.allocator, StaticAllocator)
     assert cfg.allocator.rules

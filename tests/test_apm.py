@@ -1,4 +1,4 @@
-"""APM files (lib/owca/apm.py) and their merge into owca-measure's task metrics."""
+"""APM files (lib/owca/measure/sources/apm.py) and their merge into owca-measure's task metrics."""
 import json
 import os
 import subprocess
@@ -6,8 +6,9 @@ import subprocess
 import pytest
 
 from conftest import tool_command, tool_env
-from owca import apm, frames
-from owca.apm import ApmError, ApmReader, ApmRecord
+from owca.measure.sources import apm
+from owca.core import frames
+from owca.measure.sources.apm import ApmError, ApmReader, ApmRecord
 
 
 def record(task_id="/owca/nginx", ts=1000.0, **metrics):
@@ -109,7 +110,7 @@ def test_reader_refuses_a_nonpositive_max_age(tmp_path):
 
 
 def test_reader_samples_are_registered_metrics(tmp_path):
-    from owca.metrics import REGISTRY
+    from owca.core.metrics import REGISTRY
     for s in ApmReader(str(tmp_path)).samples({"stage": "measure"}):
         frames.check_sample(s, "sample")
         assert s["name"] in REGISTRY

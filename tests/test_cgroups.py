@@ -1,4 +1,4 @@
-"""lib/owca/cgroups.py: parsers on literal strings, the reader on recorded trees and
+"""lib/owca/measure/sources/cgroup.py: parsers on literal strings, the reader on recorded trees and
 on real cgroups (v1 and v2) holding real processes.
 
 The recorded trees are described in tests/fixtures/cgroup_v{1,2}_tree/README.md;
@@ -22,12 +22,13 @@ from cgroup_helpers import (ALLOCATE, BURN_FOREVER, BURN_THEN_SLEEP, let_burn, n
                             needs_v2, process_cpu_seconds, read_int, tell, v1_cgroup,
                             v2_cgroup, wait_line)
 from conftest import FIXTURES, tool_command, tool_env
-from owca import cgroups
-from owca.cgroups import (V1_FILES, V2_FILES, CgroupGone, TaskCgroup, parse_cpu_stat,
-                          parse_memory_limit, parse_memory_stat, parse_numa_stat,
-                          parse_pressure)
-from owca.metrics import TASK_CGROUP
-from owca.paths import DEFAULT_PATHS, Paths
+from owca.measure.sources import cgroup as cgroups
+from owca.measure.sources.cgroup import (V1_FILES, V2_FILES, TaskCgroup, parse_cpu_stat,
+                                         parse_memory_limit, parse_memory_stat, parse_numa_stat,
+                                         parse_pressure)
+from owca.core.kernel import CgroupGone
+from owca.core.metrics import TASK_CGROUP
+from owca.core.paths import DEFAULT_PATHS, Paths
 
 V1_TREE = os.path.join(FIXTURES, "cgroup_v1_tree")
 V2_TREE = os.path.join(FIXTURES, "cgroup_v2_tree")
@@ -320,7 +321,7 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():
     code = textwrap.dedent("""
         import logging, resource, sys
         logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(message)s")
-        from owca.cgroups import raise_fd_limit
+        from owca.core.kernel import raise_fd_limit
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 256), hard))
         print(raise_fd_limit() == hard == resource.getrlimit(resource.RLIMIT_NOFILE)[0])
@@ -439,8 +440,9 @@ def test_1000_readers_under_a_1024_fd_soft_limit():
     """The budget keeps some files open, the rest are read open-read-close; all read."""
     code = textwrap.dedent("""
         import json, resource, sys
-        from owca.cgroups import TaskCgroup, fd_usage
-        from owca.paths import DEFAULT_PATHS
+        from owca.measure.sources.cgroup import TaskCgroup
+        from owca.core.kernel import fd_usage
+        from owca.core.paths import DEFAULT_PATHS
         hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
         resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
         readers = [TaskCgroup(DEFAULT_PATHS, sys.argv[1]) for _ in range(1000)]

@@ -5,8 +5,8 @@ from typing import Annotated, Any, Dict, List, Literal, Optional
 
 import pytest
 
-from owca import config
-from owca.config import ConfigError, register
+from owca.core import config
+from owca.core.config import ConfigError, register
 
 
 class Engine:
@@ -123,11 +123,11 @@ def test_register_external_by_module_and_by_file(tmp_path):
                       "        self.size = size\n")
     cls = config.register_external(f"{plugin}:PluginThing")
     assert config.registered("PluginThing") is cls
-    assert config.register_external("owca.detect:NOPAnomalyDetector").__name__ == \
+    assert config.register_external("owca.plugin:NOPAnomalyDetector").__name__ == \
         "NOPAnomalyDetector"
     for bad, message in [("nocolon", "expected module:Class"),
                          ("no_such_module_xyz:X", "cannot import"),
-                         ("owca.detect:NoSuchClass", "has no class")]:
+                         ("owca.detect.stage:NoSuchClass", "has no class")]:
         with pytest.raises(ConfigError, match=message):
             config.register_external(bad)
 

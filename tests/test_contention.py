@@ -15,11 +15,12 @@ import subprocess
 import pytest
 
 from conftest import FIXTURES, ROOT, tool_command, tool_env
-from owca import frames
-from owca.config import ConfigError, load_section
-from owca.contention import ContentionDetector
-from owca.detect import DetectConfig, anomaly_dicts, plugin_inputs
-from owca.priority import PriorityRule
+from owca.core import frames
+from owca.core.config import ConfigError, load_section
+from owca.detect.detectors.contention import ContentionDetector
+from owca.detect.stage import DetectConfig
+from owca.plugin import anomaly_dicts, plugin_inputs
+from owca.core.priority import PriorityRule
 
 DT = 2.0
 HP, HOG, DECOY, NOISY = "/lab/hp", "/lab/hog", "/lab/decoy", "/lab/noisy"
@@ -404,7 +405,7 @@ def test_replay_is_byte_identical(tmp_path):
 
 
 def test_every_metric_it_emits_is_registered():
-    from owca.metrics import REGISTRY
+    from owca.core.metrics import REGISTRY
     results = run(ContentionDetector(), cpu_episode(Stream()))
     names = {s["name"] for anomalies, extra in results for s in extra}
     names |= {s["name"] for anomalies, _ in results for a in anomalies for s in a["metrics"]}

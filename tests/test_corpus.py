@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from owca import frames
+from owca.core import frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

@@ -3,8 +3,8 @@ import json
 import subprocess
 
 from conftest import ROOT, tool_command, tool_env
-from owca import frames
-from owca.detect import ContentionAnomaly, anomaly_uuid
+from owca.core import frames
+from owca.plugin import ContentionAnomaly, anomaly_uuid
 
 PLUGIN = "configs/examples/threshold_detector.py:ThresholdDetector"
 CONFIG = "configs/examples/threshold-detector.yaml"
@@ -66,7 +66,7 @@ def test_anomalies_are_shipped_as_metrics():
 def test_a_failing_detector_costs_its_cycle_not_the_pipeline(tmp_path, capsys):
     plugin = tmp_path / "broken_detector.py"
     plugin.write_text(
-        "from owca.detect import AnomalyDetector\n"
+        "from owca.detect.stage import AnomalyDetector\n"
         "class BrokenDetector(AnomalyDetector):\n"
         "    def detect(self, platform, m, r, l):\n"
         "        raise RuntimeError('boom')\n")

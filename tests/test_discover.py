@@ -7,8 +7,10 @@ import pytest
 
 from cgroup_helpers import needs_v1, needs_v2, new_name, v1_cgroup, v2_cgroup
 from conftest import ROOT, tool_command, tool_env
-from owca.discover import CgroupDiscovery, StaticDiscovery, sanitize_label_name
-from owca.paths import DEFAULT_PATHS, Paths
+from owca.discover.sources.cgroup import CgroupDiscovery
+from owca.discover.sources.static import StaticDiscovery
+from owca.core.frames import sanitize_label_name
+from owca.core.paths import DEFAULT_PATHS, Paths
 
 SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
 
@@ -76,7 +78,7 @@ def test_static_file_that_breaks_keeps_the_last_good_list(tmp_path):
     (cgroupfs / "cpuacct" / "web").mkdir(parents=True)
     tasks_file = tmp_path / "tasks.yaml"
     tasks_file.write_text("- {cgroup_path: /web}\n")
-    from owca.discover import Discover, DiscoverConfig
+    from owca.discover.stage import Discover, DiscoverConfig
     stage = Discover(DiscoverConfig(source=StaticDiscovery(file=str(tasks_file))),
                      {"--cgroupfs": str(cgroupfs)})
     first = stage.produce()[0]

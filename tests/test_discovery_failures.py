@@ -20,11 +20,12 @@ import pytest
 from conftest import FIXTURES, tool_command, tool_env
 from orchestrator_server import (CLOSE, ERROR_500, GARBAGE, HANG, NORMAL, TRUNCATE,
                                  ReplayServer, fake_cgroupfs, load_json, wait_until)
-from owca import frames
-from owca.discover import Discover, DiscoverConfig, DiscoveryError
-from owca.http import HttpClient, HttpOptions
-from owca.kubernetes import KubernetesDiscovery
-from owca.mesos import MesosDiscovery
+from owca.core import frames
+from owca.discover.stage import Discover, DiscoverConfig
+from owca.plugin import DiscoveryError
+from owca.discover.sources.http import HttpClient, HttpOptions
+from owca.discover.sources.kubernetes import KubernetesDiscovery
+from owca.discover.sources.mesos import MesosDiscovery
 
 KUBELET = os.path.join(FIXTURES, "kubelet_docker")
 AGENT = os.path.join(FIXTURES, "mesos_agent_aurora")

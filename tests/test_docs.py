@@ -4,7 +4,7 @@ import re
 import subprocess
 
 from conftest import ROOT, tool_command, tool_env
-from owca import metrics
+from owca.core import metrics
 from owca.docs import markdown
 
 DOCS = os.path.join(ROOT, "docs")
@@ -48,9 +48,9 @@ def test_every_metric_named_in_the_code_is_documented():
     """Names passed to frames.sample() literally, in every module of the package."""
     found = set()
     package = os.path.join(ROOT, "lib", "owca")
-    for name in os.listdir(package):
-        if name.endswith(".py"):
-            with open(os.path.join(package, name)) as f:
+    for directory, _dirs, names in os.walk(package):
+        for name in (n for n in names if n.endswith(".py")):
+            with open(os.path.join(directory, name)) as f:
                 found |= set(re.findall(r'sample\(\s*"([a-zA-Z_:][a-zA-Z0-9_:]*)"', f.read()))
     assert len(found) > 10
     assert sorted(n for n in found if n not in metrics.REGISTRY) == []
@@ -71,7 +71,7 @@ def test_the_scripts_the_makefile_runs_exist():
 
 
 def test_the_protocol_examples_are_valid_frames():
-    from owca import frames
+    from owca.core import frames
     with open(os.path.join(DOCS, "protocol.md")) as f:
         lines = [line for line in f.read().splitlines() if line.startswith('{"v":')]
     assert len(lines) >= 3

@@ -7,8 +7,9 @@ import threading
 from prometheus_client.parser import text_string_to_metric_families
 
 from kafka_broker import ShipProcess, allocations, anomalies, measurements
-from owca.exposition import Formatter
-from owca.storage import Cycle, FileStorage
+from owca.ship.exposition import Formatter
+from owca.plugin import Cycle
+from owca.ship.storages.local import FileStorage
 
 CATEGORY_OF = {"measurements": "metrics", "anomalies": "anomalies",
                "allocations": "allocations"}

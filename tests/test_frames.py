@@ -4,8 +4,8 @@ import re
 
 import pytest
 
-from owca import frames
-from owca.frames import FrameError
+from owca.core import frames
+from owca.core.frames import FrameError
 
 
 def measurements(**over):
@@ -105,7 +105,7 @@ def test_valid_frames_of_every_kind_pass():
 
 
 def test_pace_is_learnt_from_the_frames_ts():
-    from owca.stage import UNKNOWN_PACE_SILENCE, Pace
+    from owca.core.stage import UNKNOWN_PACE_SILENCE, Pace
     pace = Pace()
     assert pace.expected(1.0) == 1.0                      # nothing read yet: our interval
     pace.saw(100.0)

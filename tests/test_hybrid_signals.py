@@ -10,10 +10,10 @@ import pytest
 
 from cgroup_helpers import (TestCgroup, needs_v1, new_name, tell, v1_cgroup, v1_missing,
                             v2_cgroup, v2_missing, wait_line)
-from owca.cgroups import RunQueueDelay, TaskCgroup
-from owca.measure import Measure, MeasureConfig
-from owca.paths import DEFAULT_PATHS
-from owca.perf import find_helper
+from owca.measure.sources.cgroup import RunQueueDelay, TaskCgroup
+from owca.measure.stage import Measure, MeasureConfig
+from owca.core.paths import DEFAULT_PATHS
+from owca.measure.sources.perf import find_helper
 
 GUARD_SECONDS = 120  # a hang guard, not a timing expectation
 

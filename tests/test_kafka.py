@@ -18,7 +18,7 @@ from kafka_broker import (HOST, TS0, Broker, ShipProcess, TlsProxy, allocations,
                           anomalies, broker, consume, durable_broker, free_port,
                           make_certificates, measurements, stopped_broker, tansu_binary,
                           wait_until)
-from owca.spool import CorruptRecord, decode_record, parse_name
+from owca.ship.spool import CorruptRecord, decode_record, parse_name
 from small_fs import small_fs  # noqa: F401  (a fixture)
 
 METRICS, ANOMALIES, ALLOCATIONS = "owca_metrics", "owca_anomalies", "owca_allocations"

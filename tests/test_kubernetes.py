@@ -1,4 +1,4 @@
-"""Discovery from a Kubernetes kubelet (lib/owca/kubernetes.py).
+"""Discovery from a Kubernetes kubelet (lib/owca/discover/sources/kubernetes.py).
 
 The pure parts (quantities, cgroup layouts, QoS, requests and limits) are
 tested on literal values; the recorded PodLists (tests/fixtures/kubelet_*/)
@@ -21,12 +21,14 @@ from conftest import FIXTURES, ROOT, tool_command, tool_env
 from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, kubelet_tls, load_json,
                                  make_kubelet_serving_cert, pki,  # noqa: F401 (pki: a fixture)
                                  server_tls)
-from owca import config, frames
-from owca.discover import Discover, DiscoverConfig, DiscoveryError
-from owca.kubernetes import (KubernetesDiscovery, container_cgroup_path, parse_pods,
-                             parse_quantity, pod_cgroup_path, pod_resources, qos_class)
-from owca.orchestrator import InvalidEntry
-from owca.priority import PriorityRule
+from owca.core import config, frames
+from owca.discover.stage import Discover, DiscoverConfig
+from owca.plugin import DiscoveryError
+from owca.discover.sources.kubernetes import (KubernetesDiscovery, container_cgroup_path,
+                                              parse_pods, parse_quantity, pod_cgroup_path,
+                                              pod_resources, qos_class)
+from owca.discover.sources.orchestrator import InvalidEntry
+from owca.core.priority import PriorityRule
 
 DOCKER = os.path.join(FIXTURES, "kubelet_docker")
 CONTAINERD = os.path.join(FIXTURES, "kubelet_containerd")
@@ -377,7 +379,7 @@ def test_priority_rule_from_a_label(kubelet, tmp_path):
 
 
 def _paths(tmp_path):
-    from owca.paths import Paths
+    from owca.core.paths import Paths
     return Paths(cgroupfs=str(tmp_path))
 
 

@@ -7,8 +7,8 @@ import pytest
 
 from cgroup_helpers import needs_v1, v1_cgroup
 from conftest import ROOT, tool_command, tool_env
-from owca import frames
-from owca.measure import Measure, MeasureConfig
+from owca.core import frames
+from owca.measure.stage import Measure, MeasureConfig
 
 SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
 
@@ -101,5 +101,5 @@ def test_tasks_get_consecutive_phases_for_their_slow_metrics():
 
 
 def test_the_metrics_reference_states_the_default_slow_metrics_cadence():
-    from owca import metrics
+    from owca.core import metrics
     assert f"(default {MeasureConfig().slow_metrics_every})" in metrics.SLOW

@@ -1,4 +1,4 @@
-"""Discovery from a Mesos agent (lib/owca/mesos.py).
+"""Discovery from a Mesos agent (lib/owca/discover/sources/mesos.py).
 
 The recorded operator API answers (tests/fixtures/mesos_*/) are parsed against
 their expected task lists, then served by a real HTTP server on loopback, and
@@ -16,11 +16,12 @@ import pytest
 from conftest import FIXTURES, ROOT
 from orchestrator_server import (ReplayServer, fake_cgroupfs, golden, load_json,
                                  pki, server_tls)  # noqa: F401 (pki: a fixture)
-from owca import config, frames
-from owca.discover import Discover, DiscoverConfig, DiscoveryError
-from owca.mesos import MesosDiscovery, parse_containers, parse_state
-from owca.paths import Paths
-from owca.priority import PriorityRule
+from owca.core import config, frames
+from owca.discover.stage import Discover, DiscoverConfig
+from owca.plugin import DiscoveryError
+from owca.discover.sources.mesos import MesosDiscovery, parse_containers, parse_state
+from owca.core.paths import Paths
+from owca.core.priority import PriorityRule
 
 AURORA = os.path.join(FIXTURES, "mesos_agent_aurora")
 TASK_GROUP = os.path.join(FIXTURES, "mesos_agent_task_group")

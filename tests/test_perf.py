@@ -1,4 +1,4 @@
-"""owca-perf (bin/owca-perf.c) and its Python side (lib/owca/perf.py).
+"""owca-perf (bin/owca-perf.c) and its Python side (lib/owca/measure/sources/perf.py).
 
 The parsers are tested on a recorded helper session; everything else runs the
 real helper on real cgroups with real processes: the perf_event v1 controller
@@ -24,8 +24,9 @@ import yaml
 from cgroup_helpers import (TestCgroup, needs_v1, needs_v2, new_name, read_int, v1_cgroup,
                             v1_missing, v2_cgroup)
 from conftest import tool_command, tool_env
-from owca import frames, perf
-from owca.paths import DEFAULT_PATHS
+from owca.core import frames
+from owca.measure.sources import perf
+from owca.core.paths import DEFAULT_PATHS
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / 'bin' / 'owca-perf.c'

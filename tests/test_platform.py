@@ -1,4 +1,4 @@
-"""lib/owca/platform.py: parsers on literal strings and recorded samples, the reader
+"""lib/owca/measure/sources/platform.py: parsers on literal strings and recorded samples, the reader
 on a tree recorded from a 2-CPU machine (tests/fixtures/procfs_sysfs_2cpus) and on
 this machine's own /proc and /sys."""
 import json
@@ -8,10 +8,10 @@ import shutil
 import pytest
 
 from conftest import FIXTURES
-from owca.metrics import PLATFORM
-from owca.paths import DEFAULT_PATHS, Paths
-from owca.platform import (PlatformReader, count_topology, memory_metrics, parse_cpu_list,
-                           parse_meminfo, parse_proc_stat)
+from owca.core.metrics import PLATFORM
+from owca.core.paths import DEFAULT_PATHS, Paths
+from owca.measure.sources.platform import (PlatformReader, count_topology, memory_metrics,
+                                           parse_cpu_list, parse_meminfo, parse_proc_stat)
 
 TREE = os.path.join(FIXTURES, "procfs_sysfs_2cpus")
 SAMPLES = os.path.join(FIXTURES, "platform_samples")

@@ -12,9 +12,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from conftest import load_tool
 from kafka_broker import (HOST, ShipProcess, anomalies, free_port, measurements, port_open,
                           wait_until)
-from owca import frames
-from owca.exposition import family_name, merge, strip_timestamps
-from owca.prometheus import accepts_gzip
+from owca.core import frames
+from owca.ship.exposition import family_name, merge, strip_timestamps
+from owca.ship.storages.prometheus import accepts_gzip
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 

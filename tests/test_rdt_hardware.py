@@ -20,9 +20,9 @@ import time
 import pytest
 
 from cgroup_helpers import v1_cgroup, v1_missing, v2_cgroup, v2_missing, wait_line
-from owca.paths import DEFAULT_PATHS
-from owca.rdt_monitor import (DOMAIN_PREFIX, LLC, MBM_TOTAL, MON_DATA, MON_GROUPS,
-                              group_name, parse_counter, start_rdt_monitor)
+from owca.core.paths import DEFAULT_PATHS
+from owca.measure.sources.rdt import (DOMAIN_PREFIX, LLC, MBM_TOTAL, MON_DATA, MON_GROUPS,
+                                      group_name, parse_counter, start_rdt_monitor)
 
 RESCTRL = DEFAULT_PATHS.resctrlfs
 # Copies a 64 MiB buffer over and over: misses in any L3 and streams memory.

@@ -1,4 +1,4 @@
-"""RDT monitoring (lib/owca/rdt_monitor.py) on a resctrl tree that follows the kernel's docs.
+"""RDT monitoring (lib/owca/measure/sources/rdt.py) on a resctrl tree that follows the kernel's docs.
 
 There is no RDT here: tests/fixtures/resctrl_mon is a hand-written mount, driven
 through tests/fake_node.FakeResctrlKernel, which does what
@@ -19,12 +19,12 @@ import os
 import pytest
 
 from fake_node import FakeResctrlKernel, changed_files, copy_tree, fake_cgroup_v2, snapshot
-from owca import frames, metrics
-from owca.config import ConfigError
-from owca.measure import Measure, MeasureConfig
-from owca.paths import Paths
-from owca.rdt_monitor import (Counter, MonitoringUnavailable, RdtMonitor, group_name,
-                              parse_counter, task_threads)
+from owca.core import frames, metrics
+from owca.core.config import ConfigError
+from owca.measure.stage import Measure, MeasureConfig
+from owca.core.paths import Paths
+from owca.measure.sources.rdt import (Counter, MonitoringUnavailable, RdtMonitor, group_name,
+                                      parse_counter, task_threads)
 from conftest import tool_command, tool_env
 
 TOTAL, LOCAL, LLC = "mbm_total_bytes", "mbm_local_bytes", "llc_occupancy"

@@ -13,11 +13,12 @@ import pytest
 
 from fake_node import (FakeResctrlKernel, changed_files, copy_tree, fake_cgroup_v2,
                        fake_sysfs, snapshot)
-from owca import frames, metrics
-from owca.allocate import Allocate, AllocateConfig
-from owca.allocation import InvalidAllocation, validate_rdt
-from owca.resctrl import (BandwidthInfo, CacheInfo, ResctrlInfo, check_bandwidth, check_mask,
-                          format_schemata, parse_schemata, validate_on_platform)
+from owca.core import frames, metrics
+from owca.allocate.stage import Allocate, AllocateConfig
+from owca.core.allocation import InvalidAllocation, validate_rdt
+from owca.allocate.resctrl import (BandwidthInfo, CacheInfo, ResctrlInfo, check_bandwidth,
+                                   check_mask, validate_on_platform)
+from owca.core.resctrl import format_schemata, parse_schemata
 from test_allocate import Scripted, samples
 
 # -- pure parsing and validation ----------------------------------------------------------

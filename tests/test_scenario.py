@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import pytest
 
 from conftest import FIXTURES, tool_command, tool_env
-from owca import frames
-from owca.config import register
-from owca.detect import AnomalyDetector, ContentionAnomaly
-from owca.paths import Paths
+from owca.core import frames
+from owca.core.config import register
+from owca.plugin import AnomalyDetector, ContentionAnomaly
+from owca.core.paths import Paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from conftest import FIXTURES, tool_env
-from owca import frames
+from owca.core import frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

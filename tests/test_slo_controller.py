@@ -16,11 +16,11 @@ import pytest
 
 from conftest import ROOT
 from fake_node import fake_sysfs
-from owca import allocation, config, frames
-from owca.allocate import Allocate, AllocateConfig
-from owca.detect import Platform
-from owca.resctrl import ResctrlInfo, validate_on_platform, INFO_FILES
-from owca.slo_controller import SloController
+from owca.core import allocation, config, frames
+from owca.allocate.stage import Allocate, AllocateConfig
+from owca.plugin import Platform
+from owca.allocate.resctrl import ResctrlInfo, validate_on_platform, INFO_FILES
+from owca.allocate.allocators.slo_controller import SloController
 
 LABELS = {"web": {"priority": "hp", "workload": "nginx"},
           "batch1": {"priority": "be"}, "batch2": {"priority": "be"}}
@@ -336,7 +336,7 @@ def resctrl_info():
 def test_rdt_ways_and_bandwidth_follow_the_level_within_what_the_platform_takes(sysfs):
     # A recorded resctrl tree (no RDT on this machine): the values are checked against
     # its info/ as owca-allocate would; writing them is tests/test_resctrl.py's part.
-    from owca.slo_controller import SloRdt
+    from owca.allocate.allocators.slo_controller import SloRdt
     ctl = controller(sysfs, knobs=["cpu_quota", "rdt"],
                      rdt=SloRdt(resctrlfs=RESCTRL, mb_floor=10))
     node = Node(ctl)

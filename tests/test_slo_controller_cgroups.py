@@ -14,7 +14,7 @@ import pytest
 
 from cgroup_helpers import read_int, read_str
 from conftest import ROOT, tool_command, tool_env
-from owca import frames
+from owca.core import frames
 from test_allocate_cgroups import (CONTROLLERS, family, online_cpus,  # noqa: F401
                                    settings, start)
 from cgroup_helpers import v1_missing

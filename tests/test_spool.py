@@ -9,9 +9,9 @@ import time
 
 import pytest
 
-from owca import spool as spool_mod
-from owca.spool import (CORRUPT, FULL, TOO_LARGE, CorruptRecord, Spool, SpoolError,
-                        decode_record, encode_record, parse_name, record_name)
+from owca.ship import spool as spool_mod
+from owca.ship.spool import (CORRUPT, FULL, TOO_LARGE, CorruptRecord, Spool, SpoolError,
+                             decode_record, encode_record, parse_name, record_name)
 
 from conftest import ROOT
 from small_fs import small_fs  # noqa: F401  (a fixture)
@@ -206,7 +206,7 @@ def test_unusable_directory_is_a_clear_error(tmp_path):
 APPENDER = textwrap.dedent("""
     import os, sys
     sys.path.insert(0, os.path.join(sys.argv[2], "lib"))
-    from owca.spool import Spool
+    from owca.ship.spool import Spool
     s = Spool(sys.argv[1], max_bytes=1 << 30, max_records=1 << 20)
     i = 0
     while True:

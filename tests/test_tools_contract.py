@@ -13,7 +13,7 @@ import time
 import pytest
 
 from conftest import ROOT, load_tool, tool_command, tool_env
-from owca import frames
+from owca.core import frames
 
 FILTERS = ("measure", "detect", "allocate", "ship")
 CONSUMED = {"measure": "tasks", "detect": "measurements", "allocate": "measurements",

@@ -7,8 +7,8 @@ import uuid
 
 import pytest
 
-from owca.discover import CgroupDiscovery
-from owca.paths import Paths
+from owca.discover.sources.cgroup import CgroupDiscovery
+from owca.core.paths import Paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

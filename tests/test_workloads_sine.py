@@ -11,7 +11,7 @@ import uuid
 import pytest
 
 from conftest import tool_env
-from owca.paths import Paths
+from owca.core.paths import Paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

@@ -11,8 +11,9 @@ import uuid
 import pytest
 
 from conftest import tool_command, tool_env
-from owca import apm, frames
-from owca.paths import Paths
+from owca.measure.sources import apm
+from owca.core import frames
+from owca.core.paths import Paths
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKLOADS = os.path.join(ROOT, "workloads")

@@ -16,8 +16,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict
 
-from owca import frames
-from owca.detect import AnomalyDetector, ContentionAnomaly
+from owca.core import frames
+from owca.plugin import AnomalyDetector, ContentionAnomaly
 
 MAD_TO_SIGMA = 1.4826
 

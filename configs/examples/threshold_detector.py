@@ -9,8 +9,8 @@ rates and at the workload's service level, not at one gauge.
 from dataclasses import dataclass, field
 from typing import Dict
 
-from owca import frames
-from owca.detect import AnomalyDetector, ContentionAnomaly
+from owca.core import frames
+from owca.plugin import AnomalyDetector, ContentionAnomaly
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """`python -m owca.docs > docs/metrics.md`: the metric reference, from the registry."""
-from owca.metrics import render_markdown
+from owca.core.metrics import render_markdown
 
 HEADER = """# OWCA metrics
 
-Generated from `lib/owca/metrics.py` by `make docs`; a test fails when this file and the
+Generated from `lib/owca/core/metrics.py` by `make docs`; a test fails when this file and the
 registry disagree. This reference is normative: a metric's name, type, unit and levels
 change only with a new entry here.
 

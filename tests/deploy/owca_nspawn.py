@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from owca.paths import Paths
+from owca.core.paths import Paths
 
 SUITE = "bookworm"
 # An ordinary Debian node as Ansible finds one: systemd as PID 1 (with dbus),

@@ -93,12 +93,12 @@ def test_every_role_variable_is_validated_and_documented():
 
 
 def test_every_stage_accepts_the_default_configuration():
-    from owca import config
-    from owca.allocate import AllocateConfig
-    from owca.detect import DetectConfig
-    from owca.discover import DiscoverConfig
-    from owca.measure import MeasureConfig
-    from owca.ship import ShipConfig
+    from owca.core import config
+    from owca.allocate.stage import AllocateConfig
+    from owca.detect.stage import DetectConfig
+    from owca.discover.stage import DiscoverConfig
+    from owca.measure.stage import MeasureConfig
+    from owca.ship.stage import ShipConfig
     path = str(REPO / "configs" / "node-systemd.yaml")
     schemas = {"discover": DiscoverConfig, "measure": MeasureConfig, "detect": DetectConfig,
                "allocate": AllocateConfig, "ship": ShipConfig}

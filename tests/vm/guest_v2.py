@@ -26,9 +26,9 @@ from cgroup_helpers import (ALLOCATE, BURN_FOREVER, BURN_THEN_SLEEP, TestCgroup,
                             process_cpu_seconds, read_int, read_str, tell, wait_line,
                             write_str)
 from conftest import ROOT, tool_command, tool_env
-from owca import frames
-from owca.allocate import Allocate, AllocateConfig, read_topology
-from owca.paths import DEFAULT_PATHS
+from owca.core import frames
+from owca.allocate.stage import Allocate, AllocateConfig, read_topology
+from owca.core.paths import DEFAULT_PATHS
 
 CGROUPFS = DEFAULT_PATHS.cgroup_v2_root
 IN_GUEST = os.environ.get("OWCA_IN_GUEST") == "1"

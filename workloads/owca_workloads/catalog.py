@@ -234,7 +234,7 @@ def start(launcher, workload: Workload, name: str, run_dir: str, cpus: Optional[
 
 def unavailable(workloads: List[Workload], paths=None) -> str:
     """Why these workloads cannot be launched here (root, cgroups, binaries), or ''."""
-    from owca.paths import Paths
+    from owca.core.paths import Paths
     from owca_workloads.launch import CONTROLLERS, CgroupSet
     if os.geteuid() != 0:
         return "needs root to make cgroups"

@@ -6,8 +6,8 @@ error (one line on stderr; a traceback with --debug), 2 a usage error.
 import os
 import signal
 
-from owca.stage import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError,  # noqa: F401
-                        parse_args, run_guarded, setup_logging)
+from owca.core.stage import (EXIT_ERROR, EXIT_OK, EXIT_USAGE, DataError, UsageError, parse_args,
+                             run_guarded, setup_logging)
 
 WORKLOADS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -49,7 +49,7 @@ def number_option(args, name: str, minimum: float = None, integer: bool = False,
 
 def labels_option(values) -> dict:
     """NAME=VALUE options as a label dict, names checked as the frames require."""
-    from owca import frames
+    from owca.core import frames
     labels = {}
     for item in values or []:
         name, sep, value = item.partition("=")

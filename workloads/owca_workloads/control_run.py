@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from owca.paths import Paths
+from owca.core.paths import Paths
 
 from owca_workloads.catalog import load_catalog, start, tool, wrapped_load
 from owca_workloads.launch import Launcher

@@ -14,7 +14,7 @@ import os
 import time
 from typing import Dict, Optional
 
-from owca.paths import Paths
+from owca.core.paths import Paths
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PSI_RESOURCES = ("cpu", "memory", "io")

@@ -23,7 +23,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
-from owca.paths import Paths
+from owca.core.paths import Paths
 
 from owca_workloads.cli import ToolError
 

@@ -59,8 +59,8 @@ import time
 
 import yaml
 
-from owca.stage import UsageError
-from owca.stream import Signals
+from owca.core.stage import UsageError
+from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.catalog import load_catalog, start, unavailable, wrapped_load

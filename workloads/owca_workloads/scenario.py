@@ -34,8 +34,8 @@ from typing import Dict, List, Optional
 
 import yaml
 
-from owca import apm
-from owca.paths import Paths
+from owca.measure.sources import apm
+from owca.core.paths import Paths
 
 from owca_workloads import score
 from owca_workloads.catalog import (Workload, fill, load_catalog, parse_bytes, start,
@@ -303,7 +303,7 @@ def config_sections(path: Optional[str]) -> Dict[str, object]:
 
 def perf_helper_available() -> bool:
     try:
-        from owca.perf import find_helper
+        from owca.measure.sources.perf import find_helper
         find_helper()
         return True
     except (ImportError, OSError):

@@ -79,8 +79,8 @@ import json
 import os
 import sys
 
-from owca.stage import UsageError
-from owca.stream import Signals
+from owca.core.stage import UsageError
+from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.launch import Launcher

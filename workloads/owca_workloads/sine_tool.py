@@ -60,8 +60,8 @@ Examples:
 import sys
 
 
-from owca.stage import UsageError
-from owca.stream import Signals
+from owca.core.stage import UsageError
+from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.parsers import ParserSet, make

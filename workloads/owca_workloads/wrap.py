@@ -7,7 +7,7 @@ each metric is kept with the time it arrived.  Every interval the wrapper
 publishes the values younger than max_value_age, the derived service levels
 and its own counters:
 - to the APM directory, one file for the task, replaced atomically
-  (lib/owca/apm.py), which owca-measure merges into the task's metrics;
+  (lib/owca/measure/sources/apm.py), which owca-measure merges into the task's metrics;
 - with --frames, as a `measurements` frame on stdout, for standalone use
   (`owca-wrap --frames ... | owca-ship`).
 A child that exits or crashes is reported (one line), counted and, under the
@@ -23,8 +23,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from owca import apm, frames
-from owca.stream import FrameWriter, OutputClosed
+from owca.measure.sources import apm
+from owca.core import frames
+from owca.core.stream import FrameWriter, OutputClosed
 
 from owca_workloads.cli import ToolError, describe_exit
 from owca_workloads.lines import PipeLines

@@ -52,7 +52,7 @@ Input:
 
 Output:
   The task's APM file in --apm-dir, replaced atomically every interval and removed
-  at exit: {"task_id", "ts", "labels", "metrics"} (lib/owca/apm.py); owca-measure
+  at exit: {"task_id", "ts", "labels", "metrics"} (lib/owca/measure/sources/apm.py); owca-measure
   with `apm_dir` merges its metrics into the task's.  With --frames, one
   `measurements` frame per interval on stdout.  Logs on stderr.
 
@@ -70,8 +70,8 @@ Examples:
 import sys
 
 
-from owca.stage import UsageError
-from owca.stream import Signals
+from owca.core.stage import UsageError
+from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.parsers import ParserSet, make
@@ -96,7 +96,7 @@ def config_from_args(args) -> tuple:
                          f"got {args['--restart']!r}")
     if args["--no-apm-file"] and not args["--frames"]:
         raise UsageError("--no-apm-file without --frames would publish nothing")
-    from owca import frames
+    from owca.core import frames
     try:
         frames.check_task_id(args["--task-id"], "--task-id")
     except frames.FrameError as e:

@@ -1,0 +1,197 @@
+"""Files of the kernel, kept open: the one place that opens /proc, /sys and cgroup
+files for reading every cycle, and the one exception that says "it went away".
+
+`KeptFile` holds a file open between reads (one pread per read); `FDS` bounds how
+many stay open against RLIMIT_NOFILE; `CgroupGone` is raised when the object a
+file stands for (a cgroup, a process) disappeared.
+"""
+import errno
+import logging
+import os
+import resource
+from typing import Dict, Optional
+
+log = logging.getLogger("owca.kernel")
+
+
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
+
+
+# Errors that say the open file no longer stands for a live kernel object:
+# open it again once, and if that fails the cgroup is gone.
+_REOPEN_ERRNOS = frozenset((errno.ENODEV, errno.ESTALE))
+
+
+# Errors that, for a file of a cgroup, say "not there".
+_MISSING_ERRNOS = frozenset((errno.ENOENT, errno.ENODEV, errno.ESTALE, errno.ENOTDIR))
+
+
+_NO_FDS_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE))
+
+
+class CgroupGone(Exception):
+    """The task's cgroup disappeared (its directory is gone)."""
+
+
+class FdBudget:
+    """How many kernel files may stay open: the soft RLIMIT_NOFILE less a reserve
+    for everything else the process opens (pipes, sockets, transient reads)."""
+
+    # may_keep() looks the limit up again after this many calls: opening 1000
+    # tasks' files would otherwise make 8000 getrlimit calls.  Fewer than the
+    # smallest reserve (32), so a limit lowered meanwhile is still respected.
+    RECHECK_EVERY = 16
+
+    def __init__(self):
+        self.kept = 0        # files held open between reads
+        self.not_kept = 0    # files opened, read and closed on each read
+        self._warned = False
+        self._limit = 0
+        self._checks_left = 0
+
+    @staticmethod
+    def limit() -> int:
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == resource.RLIM_INFINITY:
+            return 1 << 30
+        return soft - max(32, soft // 8)
+
+    def may_keep(self) -> bool:
+        if self._checks_left <= 0:
+            self._limit = self.limit()
+            self._checks_left = self.RECHECK_EVERY
+        self._checks_left -= 1
+        return self.kept < self._limit
+
+    def forget_limit(self) -> None:
+        """The limit changed (raised, or an open ran out of fds): look it up next time."""
+        self._checks_left = 0
+
+    def note_not_kept(self, path: str, reason: str) -> None:
+        self.not_kept += 1
+        if not self._warned:
+            self._warned = True
+            log.warning("%d kernel files held open, soft RLIMIT_NOFILE %d (%s): %s and files "
+                        "after it are opened for each read (slower)", self.kept,
+                        resource.getrlimit(resource.RLIMIT_NOFILE)[0], reason, path)
+
+    def note_released(self) -> None:
+        self.not_kept -= 1
+        if self.not_kept == 0:
+            self._warned = False
+
+
+FDS = FdBudget()
+
+
+def fd_usage() -> Dict[str, int]:
+    """Kernel files held open, and those read by open-read-close for want of fds."""
+    return {"kept_open": FDS.kept, "not_kept_open": FDS.not_kept}
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard limit; returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        log.debug("RLIMIT_NOFILE: soft limit already at the hard limit %d", soft)
+        return soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("RLIMIT_NOFILE: cannot raise the soft limit %d to %d: %s", soft, hard, e)
+        return soft
+    FDS.forget_limit()
+    log.info("RLIMIT_NOFILE: soft limit raised from %d to the hard limit %d", soft, hard)
+    return hard
+
+
+class KeptFile:
+    """A kernel file held open and re-read whole with pread at offset 0.
+
+    read() returns its text or raises OSError (FileNotFoundError when it is not
+    there).  An fd that went stale (ENODEV, ESTALE) is reopened once.  When the
+    fd budget is spent the file is opened, read and closed on every read.
+    """
+    __slots__ = ("path", "fd", "size", "kept")
+
+    def __init__(self, path: str, size: int = 4096):
+        self.path = path
+        self.fd = None
+        self.size = size     # grows to fit the file, so that one pread reads it all
+        self.kept = None     # None: not opened yet; True: held open; False: transient
+
+    def read(self) -> str:
+        return self.read_bytes().decode()
+
+    def read_bytes(self) -> bytes:
+        fd = self.fd
+        if fd is None:
+            fd = self._open()
+            if fd is None:
+                return self._read_transient()
+        try:
+            data = os.pread(fd, self.size, 0)
+        except OSError as e:
+            if e.errno not in _REOPEN_ERRNOS:
+                raise
+            self.close()
+            fd = self._open()
+            if fd is None:
+                return self._read_transient()
+            data = os.pread(fd, self.size, 0)
+        if len(data) >= self.size:
+            data = self._read_whole(fd)
+        return data
+
+    def _open(self) -> Optional[int]:
+        """Open and keep the file; None when it must be read transiently."""
+        if self.kept is False:
+            if not FDS.may_keep():
+                return None
+            FDS.note_released()  # fds came back: keep it from now on
+            self.kept = None
+        if not FDS.may_keep():
+            self.kept = False
+            FDS.note_not_kept(self.path, "budget spent")
+            return None
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno not in _NO_FDS_ERRNOS:
+                raise
+            FDS.forget_limit()
+            self.kept = False
+            FDS.note_not_kept(self.path, os.strerror(e.errno))
+            return None
+        self.fd, self.kept = fd, True
+        FDS.kept += 1
+        return fd
+
+    def _read_whole(self, fd: int) -> bytes:
+        while True:
+            self.size *= 2
+            data = os.pread(fd, self.size, 0)
+            if len(data) < self.size:
+                return data
+
+    def _read_transient(self) -> str:
+        fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            data = os.pread(fd, self.size, 0)
+            if len(data) >= self.size:
+                data = self._read_whole(fd)
+        finally:
+            os.close(fd)
+        return data
+
+    def close(self) -> None:
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            FDS.kept -= 1
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        elif self.kept is False:
+            FDS.note_released()
+        self.kept = None

@@ -1,0 +1,194 @@
+"""The platform's metrics: topology, CPU time per CPU, memory, memory per NUMA node.
+
+Interface: `PlatformReader(paths).read() -> {metric: value}` with the names of
+`metrics.PLATFORM`; `close()` releases its files.  /proc/stat, /proc/meminfo
+and the nodes' meminfo stay open and are re-read with pread each cycle.  The
+topology (cores, sockets) does not change at runtime, so it is read once and
+again only when the online CPU or node list changes (a cheap check each cycle).
+A source that is absent (no NUMA support in the kernel) leaves its metrics out.
+
+Sources:
+- platform_topology_*: /sys/devices/system/cpu/online, cpuN/topology/
+  {physical_package_id,die_id,core_id}, /sys/devices/system/node/online
+- platform_cpu_usage: /proc/stat cpuN lines, user+nice+system+irq+softirq+steal
+  (USER_HZ ticks; guest time is already inside user and nice)
+- platform_mem_usage_bytes, platform_mem_total_bytes: /proc/meminfo
+- platform_mem_numa_free_bytes, _used_bytes: /sys/devices/system/node/nodeN/meminfo
+"""
+import logging
+import os
+from typing import Dict, List, Optional, Tuple
+
+from owca.core.kernel import KeptFile
+from owca.core.paths import Paths
+
+log = logging.getLogger("owca.platform")
+
+_CPU_DIR = ("devices", "system", "cpu")
+_NODE_DIR = ("devices", "system", "node")
+
+
+# -- parsers ---------------------------------------------------------------------------
+
+def parse_cpu_list(text: str) -> List[int]:
+    """A kernel CPU or node list, "0-3,8,10-11\\n" -> [0, 1, 2, 3, 8, 10, 11]."""
+    out = []
+    for part in text.strip().split(","):
+        if not part:
+            continue
+        first, _, last = part.partition("-")
+        out.extend(range(int(first), int(last or first) + 1))
+    return out
+
+
+def parse_proc_stat(text: str) -> Dict[str, int]:
+    """/proc/stat: busy USER_HZ ticks per CPU, {"0": ticks, ...}.
+
+    Columns of a cpuN line: user nice system idle iowait irq softirq steal guest
+    guest_nice; guest and guest_nice are already counted in user and nice.
+    """
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith("cpu"):
+            break  # the cpu lines come first
+        if line[3] == " ":
+            continue  # the all-CPU total
+        f = line.split()
+        out[f[0][3:]] = (int(f[1]) + int(f[2]) + int(f[3]) + int(f[6]) + int(f[7])
+                         + (int(f[8]) if len(f) > 8 else 0))
+    return out
+
+
+def parse_meminfo(text: str) -> Dict[str, int]:
+    """/proc/meminfo or a node's meminfo: {"MemTotal": bytes, ...}; counts without
+    a unit (HugePages_Total) as they are.  A node's lines start "Node N "."""
+    out = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if fields and fields[0] == "Node":
+            fields = fields[2:]
+        if len(fields) < 2 or not fields[0].endswith(":"):
+            continue
+        value = int(fields[1])
+        if len(fields) > 2 and fields[2] == "kB":
+            value *= 1024
+        out[fields[0][:-1]] = value
+    return out
+
+
+def memory_metrics(meminfo: Dict[str, int]) -> Dict[str, int]:
+    total = meminfo["MemTotal"]
+    used = total - meminfo["MemFree"] - meminfo.get("Buffers", 0) - meminfo.get("Cached", 0)
+    return {"platform_mem_total_bytes": total, "platform_mem_usage_bytes": used}
+
+
+def count_topology(cpus: List[Tuple[str, str, str]]) -> Dict[str, int]:
+    """(package, die, core) ids of each online CPU -> cores and sockets.
+
+    A core id is unique only within its die (within its package on kernels
+    without die_id, whose die is ""), so a core is the whole triple.
+    """
+    return {"platform_topology_cores": len(set(cpus)),
+            "platform_topology_sockets": len({c[0] for c in cpus})}
+
+
+# -- the reader -------------------------------------------------------------------------
+
+def _read_text(path: str) -> Optional[str]:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+class PlatformReader:
+    """Platform metrics each cycle; the files stay open between cycles."""
+
+    def __init__(self, paths: Paths):
+        self.paths = paths
+        self._stat = KeptFile(paths.proc("stat"))
+        self._meminfo = KeptFile(paths.proc("meminfo"))
+        self._cpus_online = KeptFile(paths.sys(*_CPU_DIR, "online"), size=256)
+        self._nodes_online = KeptFile(paths.sys(*_NODE_DIR, "online"), size=256)
+        self._cpus_text = None
+        self._nodes_text = None
+        self._topology: Dict[str, int] = {}
+        self._node_meminfo: Dict[str, KeptFile] = {}
+        self._warned = set()
+
+    def read(self) -> dict:
+        out = {}
+        self._check_topology()
+        out.update(self._topology)
+        text = self._try(self._stat)
+        if text is not None:
+            out["platform_cpu_usage"] = parse_proc_stat(text)
+        text = self._try(self._meminfo)
+        if text is not None:
+            out.update(memory_metrics(parse_meminfo(text)))
+        free, used = {}, {}
+        for node, f in self._node_meminfo.items():
+            text = self._try(f)
+            if text is not None:
+                info = parse_meminfo(text)
+                free[node] = info["MemFree"]
+                used[node] = info["MemUsed"]
+        if free:
+            out["platform_mem_numa_free_bytes"] = free
+            out["platform_mem_numa_used_bytes"] = used
+        return out
+
+    def _try(self, f: KeptFile) -> Optional[str]:
+        try:
+            return f.read()
+        except OSError as e:
+            f.close()
+            if f.path not in self._warned:
+                self._warned.add(f.path)
+                log.warning("%s: %s (its metrics are left out)", f.path, e.strerror or e)
+            return None
+
+    def _check_topology(self) -> None:
+        cpus_text = self._try(self._cpus_online)
+        nodes_text = self._try(self._nodes_online)
+        if cpus_text == self._cpus_text and nodes_text == self._nodes_text:
+            return
+        if self._cpus_text is not None:
+            log.info("online CPUs or NUMA nodes changed: reading the topology again")
+        self._cpus_text, self._nodes_text = cpus_text, nodes_text
+        self._topology = {}
+        if cpus_text is not None:
+            cpus = parse_cpu_list(cpus_text)
+            self._topology["platform_topology_cpus"] = len(cpus)
+            ids = self._core_ids(cpus)
+            if ids is not None:
+                self._topology.update(count_topology(ids))
+        for f in self._node_meminfo.values():
+            f.close()
+        self._node_meminfo = {}
+        if nodes_text is not None:
+            nodes = parse_cpu_list(nodes_text)
+            self._topology["platform_topology_numa_nodes"] = len(nodes)
+            self._node_meminfo = {
+                str(n): KeptFile(self.paths.sys(*_NODE_DIR, f"node{n}", "meminfo"))
+                for n in nodes}
+
+    def _core_ids(self, cpus: List[int]) -> Optional[List[Tuple[str, str, str]]]:
+        """(package, die, core) of each CPU; None where the kernel does not say."""
+        out = []
+        for cpu in cpus:
+            topology = self.paths.sys(*_CPU_DIR, f"cpu{cpu}", "topology")
+            package = _read_text(os.path.join(topology, "physical_package_id"))
+            core = _read_text(os.path.join(topology, "core_id"))
+            if package is None or core is None:
+                log.warning("%s: no package or core id: cores and sockets left out", topology)
+                return None
+            die = _read_text(os.path.join(topology, "die_id")) or ""
+            out.append((package.strip(), die.strip(), core.strip()))
+        return out
+
+    def close(self) -> None:
+        for f in (self._stat, self._meminfo, self._cpus_online, self._nodes_online,
+                  *self._node_meminfo.values()):
+            f.close()
