@@ -16,8 +16,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict
 
-from owca.core import frames
-from owca.plugin import AnomalyDetector, ContentionAnomaly
+from owca.plugin import AnomalyDetector, ContentionAnomaly, frames
 
 MAD_TO_SIGMA = 1.4826
 

@@ -9,8 +9,7 @@ rates and at the workload's service level, not at one gauge.
 from dataclasses import dataclass, field
 from typing import Dict
 
-from owca.core import frames
-from owca.plugin import AnomalyDetector, ContentionAnomaly
+from owca.plugin import AnomalyDetector, ContentionAnomaly, frames
 
 
 @dataclass
