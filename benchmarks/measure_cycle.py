@@ -61,14 +61,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "lib"))
+# tests/ for perf_mounts: mounting perf_event as v1 is test and benchmark code.
+sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests")]
 
 from owca.core import frames  # noqa: E402
 from owca.core.paths import DEFAULT_PATHS as PATHS  # noqa: E402
 from owca.measure.sources.perf import PerfCounters  # noqa: E402
-from owca.measure.sources.perf.counters import (mount_perf_event_v1,  # noqa: E402
-                                                perf_event_hierarchy)
+from owca.measure.sources.perf.counters import perf_event_hierarchy  # noqa: E402
 from owca.measure.stage import Measure, MeasureConfig  # noqa: E402
+from perf_mounts import mount_perf_event_v1  # noqa: E402
 
 CONTROLLERS = ("cpu", "cpuacct", "memory")
 PERF_STAT_INTERVAL_MS = 100

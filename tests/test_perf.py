@@ -3,10 +3,10 @@
 The parsers are tested on a recorded helper session; everything else runs the
 real helper on real cgroups with real processes, in the hierarchy that carries
 perf_event here; one short test mounts the perf_event v1 controller in a
-temporary directory and releases it afterwards, so that perf_event goes back
-to the cgroup2 hierarchy; cpuacct comes from the host's v1 mount.  Tests that
-need a hardware PMU are skipped where the machine has none (a VM without PMU
-passthrough answers ENOENT).
+temporary directory (tests/perf_mounts.py) and releases it afterwards, so that
+perf_event goes back to the cgroup2 hierarchy; cpuacct comes from the host's v1
+mount.  Tests that need a hardware PMU are skipped where the machine has none
+(a VM without PMU passthrough answers ENOENT).
 """
 import json
 import logging
@@ -28,13 +28,13 @@ from conftest import tool_command, tool_env
 from owca.core import frames
 from owca.core.paths import DEFAULT_PATHS
 from owca.measure.sources.perf.counters import (PerfCounters, default_cgroup_root,
-                                                mount_perf_event_v1, parse_proc_cgroups,
-                                                perf_event_hierarchy, unmount_perf_event_v1)
+                                                parse_proc_cgroups, perf_event_hierarchy)
 from owca.measure.sources.perf.events import parse_events
 from owca.measure.sources.perf.helper import (BUILT_HELPER, HELPER_NAME, Helper, HelperGone,
                                               Record, Reply, find_helper, parse_hello,
                                               parse_reply, parse_values, parse_values_header)
 from owca.measure.sources.perf.metrics import DERIVED_METRICS, counter_metrics, derive
+from perf_mounts import mount_perf_event_v1, unmount_perf_event_v1
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / 'bin' / 'owca-perf.c'

@@ -10,7 +10,6 @@ helper counts on.
 import collections
 import logging
 import os
-import subprocess
 import time
 
 from owca.core import frames
@@ -61,38 +60,6 @@ def default_cgroup_root(paths):
         raise ValueError('the perf_event controller is bound to a cgroup v1 hierarchy that '
                          'is not mounted at %s; set perf_cgroup_root' % root)
     return root
-
-
-def mount_perf_event_v1(mountpoint):
-    """Mounts the perf_event v1 controller (tests, benchmarks); raises OSError."""
-    done = subprocess.run(['mount', '-t', 'cgroup', '-o', 'perf_event', 'cgroup', mountpoint],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise OSError('mount perf_event at %s: %s' % (mountpoint, done.stderr.strip()))
-
-
-def unmount_perf_event_v1(mountpoint, paths, timeout=20.0):
-    """Unmounts what mount_perf_event_v1 mounted and gives perf_event back to
-    cgroup2; returns False when it is still bound to v1 after `timeout`.
-
-    A v1 hierarchy outlives its mount while removed child cgroups are still
-    being freed, and stays after that: perf_event then remains bound to v1 and
-    cgroup2 fds get ENOENT.  Mounting and unmounting it once it holds only its
-    root releases it.  Call it only if perf_event was on cgroup2 before.
-    """
-    subprocess.run(['umount', mountpoint], check=True)
-    remounted = None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        hierarchy, cgroups = perf_event_hierarchy(paths)
-        if hierarchy == 0:
-            return True
-        if cgroups == 1 and remounted != hierarchy:
-            mount_perf_event_v1(mountpoint)
-            subprocess.run(['umount', mountpoint], check=True)
-            remounted = hierarchy
-        time.sleep(0.05)
-    return False
 
 
 def online_cpus(paths):
