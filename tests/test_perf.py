@@ -1,16 +1,18 @@
 """owca-perf (bin/owca-perf.c) and its Python side (lib/owca/measure/sources/perf/).
 
-The parsers are tested on a recorded helper session; everything else runs the
-real helper on real cgroups with real processes, in the hierarchy that carries
-perf_event here; one short test mounts the perf_event v1 controller in a
-temporary directory (tests/perf_mounts.py) and releases it afterwards, so that
-perf_event goes back to the cgroup2 hierarchy; cpuacct comes from the host's v1
-mount.  Tests that need a hardware PMU are skipped where the machine has none
-(a VM without PMU passthrough answers ENOENT).
+The parsers are tested on a recorded helper session, and the helper's event
+table and wire format, read out of its C source, against the Python side's.
+Everything else runs the real helper on real cgroups with real processes, in
+the hierarchy that carries perf_event here; one short test mounts the
+perf_event v1 controller in a temporary directory (tests/perf_mounts.py) and
+releases it afterwards, so that perf_event goes back to the cgroup2 hierarchy;
+cpuacct comes from the host's v1 mount.  Tests that need a hardware PMU are
+skipped where the machine has none (a VM without PMU passthrough answers ENOENT).
 """
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -29,10 +31,12 @@ from owca.core import frames
 from owca.core.paths import DEFAULT_PATHS
 from owca.measure.sources.perf.counters import (PerfCounters, default_cgroup_root,
                                                 parse_proc_cgroups, perf_event_hierarchy)
-from owca.measure.sources.perf.events import parse_events
-from owca.measure.sources.perf.helper import (BUILT_HELPER, HELPER_NAME, Helper, HelperGone,
-                                              Record, Reply, find_helper, parse_hello,
-                                              parse_reply, parse_values, parse_values_header)
+from owca.measure.sources.perf.events import (HARDWARE, KNOWN_EVENTS, MAX_EVENTS, RAW,
+                                              RAW_EVENT, SOFTWARE, parse_events)
+from owca.measure.sources.perf.helper import (BUILT_HELPER, HELPER_NAME, PROTOCOL_VERSION,
+                                              Helper, HelperGone, Record, Reply, find_helper,
+                                              parse_hello, parse_reply, parse_values,
+                                              parse_values_header, record_struct)
 from owca.measure.sources.perf.metrics import DERIVED_METRICS, counter_metrics, derive
 from perf_mounts import mount_perf_event_v1, unmount_perf_event_v1
 
@@ -158,6 +162,77 @@ def test_derive_leaves_out_what_it_cannot_compute():
     # software events only: no ratios at all
     assert derive({'task_task_clock_seconds': 1.0}, {'task_task_clock_seconds': 2.0},
                   1.0) == {}
+
+
+# -- the helper's C source and the Python side, kept in step ------------------------------
+
+def c_header_comment():
+    """The comment at the top of bin/owca-perf.c, where the wire format is written."""
+    text = SOURCE.read_text()
+    return text[text.index('/*'):text.index('*/')]
+
+
+def c_define(name):
+    return int(re.search(r'^#define %s (\d+)$' % name, SOURCE.read_text(), re.M).group(1))
+
+
+def c_known_events():
+    """The helper's known_events table: [(name, perf type, perf config)]."""
+    table = re.search(r'known_events\[\] = \{\n(.*?)\n\};', SOURCE.read_text(), re.S).group(1)
+    entries = re.findall(r'^\s*\{"([^"]+)", (\w+), (\w+)\},$', table, re.M)
+    assert len(entries) == len(table.splitlines()), 'an entry this test cannot read: %s' % table
+    return entries
+
+
+def test_the_helper_knows_the_events_of_the_python_grammar_and_no_others():
+    in_c = c_known_events()
+    in_python = [(e.name, e.perf_type, e.perf_config) for e in KNOWN_EVENTS]
+    assert len(set(in_c)) == len(in_c) and len(set(in_python)) == len(in_python)
+    assert sorted(set(in_c) - set(in_python)) == [], \
+        'bin/owca-perf.c knows events that events.KNOWN_EVENTS lacks (or types/configs differ)'
+    assert sorted(set(in_python) - set(in_c)) == [], \
+        'events.KNOWN_EVENTS has events that bin/owca-perf.c lacks (or types/configs differ)'
+    # The grammar takes each by name, and orders groups by its type.
+    for name, perf_type, _ in in_c:
+        assert [e.spec for e in parse_events([name])] == [name]
+        assert perf_type in (HARDWARE, SOFTWARE)
+
+
+def test_the_helpers_usage_lists_the_events_of_its_table():
+    usage = re.search(r'EVENT +(.*?)\(hardware\);(.*?)\(software\)', c_header_comment(), re.S)
+    hardware, software = (re.findall(r'[a-z][a-z-]*', group) for group in usage.groups())
+    assert hardware == [e.name for e in KNOWN_EVENTS if e.perf_type == HARDWARE]
+    assert software == [e.name for e in KNOWN_EVENTS if e.perf_type == SOFTWARE]
+
+
+def test_raw_events_and_the_event_count_are_limited_as_in_the_helper():
+    source = SOURCE.read_text()
+    assert re.search(r'ev->type = (\w+);', source).group(1) == RAW
+    name_size = int(re.search(r'struct event \{\n\s+char name\[(\d+)\];', source).group(1))
+    assert RAW_EVENT.match('a' * (name_size - 1) + '=1')  # and its NUL
+    assert not RAW_EVENT.match('a' * name_size + '=1')
+    assert c_define('MAX_EVENTS') == MAX_EVENTS
+    parse_events(['r%d=1' % i for i in range(MAX_EVENTS)])
+    with pytest.raises(ValueError, match='at most %d perf events' % MAX_EVENTS):
+        parse_events(['r%d=1' % i for i in range(MAX_EVENTS + 1)])
+
+
+def test_the_wire_format_written_in_the_helper_is_the_parsers():
+    header = c_header_comment()
+    assert int(re.search(r'Wire protocol, version (\d+)', header).group(1)) == PROTOCOL_VERSION
+    assert c_define('PROTOCOL_VERSION') == PROTOCOL_VERSION
+    name, version = re.search(r'^ \*\s+(\S+) (\d+) NCPUS$', header, re.M).groups()
+    assert (name, int(version)) == (HELPER_NAME, PROTOCOL_VERSION)
+
+    record = header[header.index('A values record'):header.index('Values are cumulative')]
+    assert 'native byte order and sizes, no padding' in record  # struct's "="
+    fields = re.findall(r'^ \*\s+(u16|u32|u64|f64) (\w+)(\[NEVENTS\])?', record, re.M)
+    code = {'u16': 'H', 'u32': 'I', 'u64': 'Q', 'f64': 'd'}
+    for nevents in (0, 1, MAX_EVENTS):
+        written = '=' + ''.join(('%d' % nevents if array else '') + code[kind]
+                                for kind, _, array in fields)
+        assert record_struct(nevents).format == written
+    assert [name + ('s' if array else '') for _, name, array in fields] == list(Record._fields)
 
 
 def test_find_helper_looks_in_build_of_this_source_tree():

@@ -1,25 +1,46 @@
-"""The perf event grammar: the events owca-measure can be configured with, and
-the metric each one becomes, in its unit."""
+"""The perf event grammar: the events owca-measure can be configured with, what
+each one counts in the kernel's terms, and the metric it becomes.
+
+bin/owca-perf.c opens these events from the same table (its known_events);
+tests/test_perf.py reads that table out of the C source and keeps the two equal.
+"""
 import collections
 import re
 
 
-HARDWARE_EVENTS = {
-    'instructions': 'task_instructions',
-    'cycles': 'task_cycles',
-    'cache-misses': 'task_cache_misses',
-    'cache-references': 'task_cache_references',
-    'branch-misses': 'task_branch_misses',
-    'branch-instructions': 'task_branch_instructions',
-}
-SOFTWARE_EVENTS = {
-    'task-clock': 'task_task_clock_seconds',
-    'context-switches': 'task_context_switches',
-    'cpu-migrations': 'task_cpu_migrations',
-    'page-faults': 'task_page_faults',
-}
-# task-clock counts nanoseconds; metric names carry seconds.
-EVENT_UNIT_SCALE = {'task-clock': 1e-9}
+class KnownEvent(collections.namedtuple('KnownEvent', 'name perf_type perf_config metric scale')):
+    """An event the helper knows by name: the perf_event_attr type and config it
+    opens, as linux/perf_event.h names them, the metric it becomes, and the
+    factor from the kernel's unit to the metric's."""
+
+
+HARDWARE = 'PERF_TYPE_HARDWARE'
+SOFTWARE = 'PERF_TYPE_SOFTWARE'
+# What a NAME=CONFIG event is opened as.
+RAW = 'PERF_TYPE_RAW'
+
+KNOWN_EVENTS = (
+    KnownEvent('instructions', HARDWARE, 'PERF_COUNT_HW_INSTRUCTIONS', 'task_instructions', 1),
+    KnownEvent('cycles', HARDWARE, 'PERF_COUNT_HW_CPU_CYCLES', 'task_cycles', 1),
+    KnownEvent('cache-misses', HARDWARE, 'PERF_COUNT_HW_CACHE_MISSES', 'task_cache_misses', 1),
+    KnownEvent('cache-references', HARDWARE, 'PERF_COUNT_HW_CACHE_REFERENCES',
+               'task_cache_references', 1),
+    KnownEvent('branch-misses', HARDWARE, 'PERF_COUNT_HW_BRANCH_MISSES', 'task_branch_misses',
+               1),
+    KnownEvent('branch-instructions', HARDWARE, 'PERF_COUNT_HW_BRANCH_INSTRUCTIONS',
+               'task_branch_instructions', 1),
+    # task-clock counts nanoseconds; metric names carry seconds.
+    KnownEvent('task-clock', SOFTWARE, 'PERF_COUNT_SW_TASK_CLOCK', 'task_task_clock_seconds',
+               1e-9),
+    KnownEvent('context-switches', SOFTWARE, 'PERF_COUNT_SW_CONTEXT_SWITCHES',
+               'task_context_switches', 1),
+    KnownEvent('cpu-migrations', SOFTWARE, 'PERF_COUNT_SW_CPU_MIGRATIONS', 'task_cpu_migrations',
+               1),
+    KnownEvent('page-faults', SOFTWARE, 'PERF_COUNT_SW_PAGE_FAULTS', 'task_page_faults', 1),
+)
+KNOWN_BY_NAME = {event.name: event for event in KNOWN_EVENTS}
+HARDWARE_EVENTS = {e.name: e.metric for e in KNOWN_EVENTS if e.perf_type == HARDWARE}
+SOFTWARE_EVENTS = {e.name: e.metric for e in KNOWN_EVENTS if e.perf_type == SOFTWARE}
 
 # The helper's limits: events per group (MAX_EVENTS) and the length of a raw
 # event's name (its char name[64], less the terminating NUL).
@@ -43,17 +64,16 @@ def parse_events(specs):
     for spec in specs:
         if not isinstance(spec, str):
             raise ValueError('perf event must be a string, not %r' % (spec,))
-        if spec in HARDWARE_EVENTS:
-            event = Event(spec, spec, HARDWARE_EVENTS[spec], 1)
-        elif spec in SOFTWARE_EVENTS:
-            event = Event(spec, spec, SOFTWARE_EVENTS[spec], EVENT_UNIT_SCALE.get(spec, 1))
+        known = KNOWN_BY_NAME.get(spec)
+        if known is not None:
+            event = Event(spec, spec, known.metric, known.scale)
         else:
             match = RAW_EVENT.match(spec)
             if not match:
                 raise ValueError(
                     'unknown perf event %r: expected one of %s, or NAME=CONFIG for a raw '
                     'event (NAME of a-z0-9_, CONFIG in hex or decimal)'
-                    % (spec, ', '.join(list(HARDWARE_EVENTS) + list(SOFTWARE_EVENTS))))
+                    % (spec, ', '.join(KNOWN_BY_NAME)))
             if int(match.group(2), 0) >= 1 << 64:
                 raise ValueError('perf event %r: CONFIG does not fit in 64 bits' % spec)
             name = match.group(1)
