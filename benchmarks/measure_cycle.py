@@ -61,12 +61,15 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "lib"))
+# tests/ for perf_mounts: mounting perf_event as v1 is test and benchmark code.
+sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "tests")]
 
 from owca.core import frames  # noqa: E402
-from owca.measure.sources import perf
-from owca.measure.stage import Measure, MeasureConfig  # noqa: E402
 from owca.core.paths import DEFAULT_PATHS as PATHS  # noqa: E402
+from owca.measure.sources.perf import PerfCounters  # noqa: E402
+from owca.measure.sources.perf.counters import perf_event_hierarchy  # noqa: E402
+from owca.measure.stage import Measure, MeasureConfig  # noqa: E402
+from perf_mounts import mount_perf_event_v1  # noqa: E402
 
 CONTROLLERS = ("cpu", "cpuacct", "memory")
 PERF_STAT_INTERVAL_MS = 100
@@ -192,7 +195,7 @@ class PerfHierarchy:
     def __init__(self):
         self.point = PATHS.cgroup_v1("perf_event").rstrip("/")
         self.made_dir = self.mounted = self.bound = False
-        if perf.perf_event_hierarchy(PATHS)[0] == 0:
+        if perf_event_hierarchy(PATHS)[0] == 0:
             self.root = PATHS.cgroup_v2_root
             self._make_point()
             subprocess.run(["mount", "--bind", self.root, self.point], check=True)
@@ -201,7 +204,7 @@ class PerfHierarchy:
         self.root = self.point
         if not os.path.exists(os.path.join(self.point, "cgroup.procs")):
             self._make_point()
-            perf.mount_perf_event_v1(self.point)
+            mount_perf_event_v1(self.point)
             self.mounted = True
 
     def _make_point(self):
@@ -335,8 +338,8 @@ def time_lean_cycle(cgroups, helper, perf_root, cycles, warmup, gap):
     frame), minus all a real stage must also do: no frame checks, no error
     handling, no platform or slow metrics, JSON from %-templates.  A bound
     for what owca-measure could reach in Python, not a way to run."""
-    counters = perf.PerfCounters(["task-clock", "context-switches"], helper_path=helper,
-                                 cgroup_root=perf_root)
+    counters = PerfCounters(["task-clock", "context-switches"], helper_path=helper,
+                            cgroup_root=perf_root)
     fds = {}
     try:
         ids = ["task-%04d" % i for i in range(cgroups.n)]

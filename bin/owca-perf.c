@@ -100,6 +100,8 @@ struct event {
     uint64_t config;
 };
 
+/* owca-measure's event grammar has the same table (KNOWN_EVENTS in
+ * lib/owca/measure/sources/perf/events.py); tests/test_perf.py keeps them equal. */
 static const struct event known_events[] = {
     {"instructions", PERF_TYPE_HARDWARE, PERF_COUNT_HW_INSTRUCTIONS},
     {"cycles", PERF_TYPE_HARDWARE, PERF_COUNT_HW_CPU_CYCLES},

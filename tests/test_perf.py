@@ -1,15 +1,18 @@
-"""owca-perf (bin/owca-perf.c) and its Python side (lib/owca/measure/sources/perf.py).
+"""owca-perf (bin/owca-perf.c) and its Python side (lib/owca/measure/sources/perf/).
 
-The parsers are tested on a recorded helper session; everything else runs the
-real helper on real cgroups with real processes: the perf_event v1 controller
-is mounted in a temporary directory for the module (and released afterwards,
-so that perf_event goes back to the cgroup2 hierarchy), cpuacct comes from the
-host's v1 mount.  Tests that need a hardware PMU are skipped where the machine
-has none (a VM without PMU passthrough answers ENOENT).
+The parsers are tested on a recorded helper session, and the helper's event
+table and wire format, read out of its C source, against the Python side's.
+Everything else runs the real helper on real cgroups with real processes, in
+the hierarchy that carries perf_event here; one short test mounts the
+perf_event v1 controller in a temporary directory (tests/perf_mounts.py) and
+releases it afterwards, so that perf_event goes back to the cgroup2 hierarchy;
+cpuacct comes from the host's v1 mount.  Tests that need a hardware PMU are
+skipped where the machine has none (a VM without PMU passthrough answers ENOENT).
 """
 import json
 import logging
 import os
+import re
 import resource
 import shutil
 import signal
@@ -25,8 +28,17 @@ from cgroup_helpers import (TestCgroup, needs_v1, needs_v2, new_name, read_int, 
                             v1_missing, v2_cgroup)
 from conftest import tool_command, tool_env
 from owca.core import frames
-from owca.measure.sources import perf
 from owca.core.paths import DEFAULT_PATHS
+from owca.measure.sources.perf.counters import (PerfCounters, default_cgroup_root,
+                                                parse_proc_cgroups, perf_event_hierarchy)
+from owca.measure.sources.perf.events import (HARDWARE, KNOWN_EVENTS, MAX_EVENTS, RAW,
+                                              RAW_EVENT, SOFTWARE, parse_events)
+from owca.measure.sources.perf.helper import (BUILT_HELPER, HELPER_NAME, PROTOCOL_VERSION,
+                                              Helper, HelperGone, Record, Reply, find_helper,
+                                              parse_hello, parse_reply, parse_values,
+                                              parse_values_header, record_struct)
+from owca.measure.sources.perf.metrics import DERIVED_METRICS, counter_metrics, derive
+from perf_mounts import mount_perf_event_v1, unmount_perf_event_v1
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = REPO / 'bin' / 'owca-perf.c'
@@ -50,7 +62,7 @@ def split_session(data):
         line, rest = rest.split(b'\n', 1)
         lines.append(line.decode())
     header, rest = rest.split(b'\n', 1)
-    ntasks, nbytes = perf.parse_values_header(header.decode())
+    ntasks, nbytes = parse_values_header(header.decode())
     return hello, lines, (ntasks, nbytes), rest[:nbytes], rest[nbytes:].decode().splitlines()
 
 
@@ -59,43 +71,43 @@ def test_parsers_decode_the_recorded_session():
     expected = json.loads((FIXTURES / 'expected.json').read_text())
     hello, open_lines, header, blob, after = split_session((FIXTURES / 'stdout.bin').read_bytes())
 
-    parsed = perf.parse_hello(hello)
+    parsed = parse_hello(hello)
     assert parsed.version == expected['hello']['version']
     assert parsed.ncpus == expected['hello']['ncpus']
     assert parsed.events == expected['hello']['events']
     assert [list(s) for s in parsed.skipped] == expected['hello']['skipped']
-    assert [list(perf.parse_reply(line)) for line in open_lines] == expected['open_replies']
+    assert [list(parse_reply(line)) for line in open_lines] == expected['open_replies']
     assert list(header) == expected['values_header']
-    records = perf.parse_values(blob, len(parsed.events), header[0])
+    records = parse_values(blob, len(parsed.events), header[0])
     assert [r._asdict() | {'values': list(r.values)} for r in records] == expected['records']
-    assert [list(perf.parse_reply(line)) for line in after] == expected['after_read']
+    assert [list(parse_reply(line)) for line in after] == expected['after_read']
 
 
 def test_parse_hello_rejects_what_is_not_a_hello():
-    with pytest.raises(perf.HelperGone):
-        perf.parse_hello('owca-perf 1 2\nevent 0 task-clock\n')  # no "ready"
-    with pytest.raises(perf.HelperGone):
-        perf.parse_hello('something else 1\nready\n')
-    with pytest.raises(perf.HelperGone):
-        perf.parse_hello('owca-perf 1 2\nevent 1 task-clock\nready\n')  # index out of order
+    with pytest.raises(HelperGone):
+        parse_hello('owca-perf 1 2\nevent 0 task-clock\n')  # no "ready"
+    with pytest.raises(HelperGone):
+        parse_hello('something else 1\nready\n')
+    with pytest.raises(HelperGone):
+        parse_hello('owca-perf 1 2\nevent 1 task-clock\nready\n')  # index out of order
 
 
 def test_parse_reply_and_values_reject_garbage():
-    assert perf.parse_reply('ok 12') == perf.Reply(12, None, '')
-    assert perf.parse_reply('error - EINVAL unknown request') == \
-        perf.Reply(None, 'EINVAL', 'unknown request')
+    assert parse_reply('ok 12') == Reply(12, None, '')
+    assert parse_reply('error - EINVAL unknown request') == \
+        Reply(None, 'EINVAL', 'unknown request')
     for line in ('ok', 'ok x', 'fine 1', 'error 1', ''):
-        with pytest.raises(perf.HelperGone):
-            perf.parse_reply(line)
-    with pytest.raises(perf.HelperGone):
-        perf.parse_values_header('values 2')
-    with pytest.raises(perf.HelperGone):
-        perf.parse_values(b'\0' * 39, 2, 1)
+        with pytest.raises(HelperGone):
+            parse_reply(line)
+    with pytest.raises(HelperGone):
+        parse_values_header('values 2')
+    with pytest.raises(HelperGone):
+        parse_values(b'\0' * 39, 2, 1)
 
 
 def test_parse_events_orders_hardware_first_and_names_metrics():
-    events = perf.parse_events(['task-clock', 'instructions', 'stalled_mem_loads=0x140014a3',
-                                'cycles'])
+    events = parse_events(['task-clock', 'instructions', 'stalled_mem_loads=0x140014a3',
+                           'cycles'])
     assert [e.name for e in events] == ['instructions', 'stalled_mem_loads', 'cycles',
                                         'task-clock']
     assert [e.metric for e in events] == ['task_instructions', 'task_stalled_mem_loads',
@@ -116,17 +128,17 @@ def test_parse_events_orders_hardware_first_and_names_metrics():
 ])
 def test_parse_events_rejects_bad_config(specs, reason):
     with pytest.raises(ValueError, match=reason):
-        perf.parse_events(specs)
+        parse_events(specs)
 
 
 def test_counter_metrics_are_absent_rather_than_an_undercount():
-    events = perf.parse_events(['instructions', 'task-clock'])
-    whole = perf.Record(0, 2, 0, (5000, 2_000_000_000), 1.25, 1.5)
-    assert perf.counter_metrics(whole, events) == {
+    events = parse_events(['instructions', 'task-clock'])
+    whole = Record(0, 2, 0, (5000, 2_000_000_000), 1.25, 1.5)
+    assert counter_metrics(whole, events) == {
         'task_instructions': 5000, 'task_task_clock_seconds': 2.0,
         'task_scaling_factor_avg': 1.25, 'task_scaling_factor_max': 1.5}
-    assert perf.counter_metrics(perf.Record(0, 1, 1, (5000, 1), 1.0, 1.0), events) == {}
-    never_ran = perf.counter_metrics(perf.Record(0, 0, 0, (0, 0), 0.0, 0.0), events)
+    assert counter_metrics(Record(0, 1, 1, (5000, 1), 1.0, 1.0), events) == {}
+    never_ran = counter_metrics(Record(0, 0, 0, (0, 0), 0.0, 0.0), events)
     assert never_ran == {'task_instructions': 0, 'task_task_clock_seconds': 0.0}
 
 
@@ -135,7 +147,7 @@ def test_derive_from_deltas():
                 'task_cache_references': 100}
     current = {'task_instructions': 5000, 'task_cycles': 4000, 'task_cache_misses': 30,
                'task_cache_references': 180}
-    assert perf.derive(previous, current, 2.0) == {
+    assert derive(previous, current, 2.0) == {
         'task_ipc': 2.0, 'task_ips': 2000.0, 'task_cache_hit_ratio': 0.75,
         'task_cache_misses_per_kilo_instructions': 5.0}
 
@@ -143,27 +155,102 @@ def test_derive_from_deltas():
 def test_derive_leaves_out_what_it_cannot_compute():
     previous = {'task_instructions': 1000, 'task_cycles': 2000}
     # cycles did not move: no IPC; no cache events: no cache ratios
-    assert perf.derive(previous, {'task_instructions': 1000, 'task_cycles': 2000}, 1.0) == \
+    assert derive(previous, {'task_instructions': 1000, 'task_cycles': 2000}, 1.0) == \
         {'task_ips': 0.0}
     # a counter went backwards (helper restarted): nothing from it
-    assert perf.derive(previous, {'task_instructions': 10, 'task_cycles': 3000}, 1.0) == {}
+    assert derive(previous, {'task_instructions': 10, 'task_cycles': 3000}, 1.0) == {}
     # software events only: no ratios at all
-    assert perf.derive({'task_task_clock_seconds': 1.0}, {'task_task_clock_seconds': 2.0},
-                       1.0) == {}
+    assert derive({'task_task_clock_seconds': 1.0}, {'task_task_clock_seconds': 2.0},
+                  1.0) == {}
+
+
+# -- the helper's C source and the Python side, kept in step ------------------------------
+
+def c_header_comment():
+    """The comment at the top of bin/owca-perf.c, where the wire format is written."""
+    text = SOURCE.read_text()
+    return text[text.index('/*'):text.index('*/')]
+
+
+def c_define(name):
+    return int(re.search(r'^#define %s (\d+)$' % name, SOURCE.read_text(), re.M).group(1))
+
+
+def c_known_events():
+    """The helper's known_events table: [(name, perf type, perf config)]."""
+    table = re.search(r'known_events\[\] = \{\n(.*?)\n\};', SOURCE.read_text(), re.S).group(1)
+    entries = re.findall(r'^\s*\{"([^"]+)", (\w+), (\w+)\},$', table, re.M)
+    assert len(entries) == len(table.splitlines()), 'an entry this test cannot read: %s' % table
+    return entries
+
+
+def test_the_helper_knows_the_events_of_the_python_grammar_and_no_others():
+    in_c = c_known_events()
+    in_python = [(e.name, e.perf_type, e.perf_config) for e in KNOWN_EVENTS]
+    assert len(set(in_c)) == len(in_c) and len(set(in_python)) == len(in_python)
+    assert sorted(set(in_c) - set(in_python)) == [], \
+        'bin/owca-perf.c knows events that events.KNOWN_EVENTS lacks (or types/configs differ)'
+    assert sorted(set(in_python) - set(in_c)) == [], \
+        'events.KNOWN_EVENTS has events that bin/owca-perf.c lacks (or types/configs differ)'
+    # The grammar takes each by name, and orders groups by its type.
+    for name, perf_type, _ in in_c:
+        assert [e.spec for e in parse_events([name])] == [name]
+        assert perf_type in (HARDWARE, SOFTWARE)
+
+
+def test_the_helpers_usage_lists_the_events_of_its_table():
+    usage = re.search(r'EVENT +(.*?)\(hardware\);(.*?)\(software\)', c_header_comment(), re.S)
+    hardware, software = (re.findall(r'[a-z][a-z-]*', group) for group in usage.groups())
+    assert hardware == [e.name for e in KNOWN_EVENTS if e.perf_type == HARDWARE]
+    assert software == [e.name for e in KNOWN_EVENTS if e.perf_type == SOFTWARE]
+
+
+def test_raw_events_and_the_event_count_are_limited_as_in_the_helper():
+    source = SOURCE.read_text()
+    assert re.search(r'ev->type = (\w+);', source).group(1) == RAW
+    name_size = int(re.search(r'struct event \{\n\s+char name\[(\d+)\];', source).group(1))
+    assert RAW_EVENT.match('a' * (name_size - 1) + '=1')  # and its NUL
+    assert not RAW_EVENT.match('a' * name_size + '=1')
+    assert c_define('MAX_EVENTS') == MAX_EVENTS
+    parse_events(['r%d=1' % i for i in range(MAX_EVENTS)])
+    with pytest.raises(ValueError, match='at most %d perf events' % MAX_EVENTS):
+        parse_events(['r%d=1' % i for i in range(MAX_EVENTS + 1)])
+
+
+def test_the_wire_format_written_in_the_helper_is_the_parsers():
+    header = c_header_comment()
+    assert int(re.search(r'Wire protocol, version (\d+)', header).group(1)) == PROTOCOL_VERSION
+    assert c_define('PROTOCOL_VERSION') == PROTOCOL_VERSION
+    name, version = re.search(r'^ \*\s+(\S+) (\d+) NCPUS$', header, re.M).groups()
+    assert (name, int(version)) == (HELPER_NAME, PROTOCOL_VERSION)
+
+    record = header[header.index('A values record'):header.index('Values are cumulative')]
+    assert 'native byte order and sizes, no padding' in record  # struct's "="
+    fields = re.findall(r'^ \*\s+(u16|u32|u64|f64) (\w+)(\[NEVENTS\])?', record, re.M)
+    code = {'u16': 'H', 'u32': 'I', 'u64': 'Q', 'f64': 'd'}
+    for nevents in (0, 1, MAX_EVENTS):
+        written = '=' + ''.join(('%d' % nevents if array else '') + code[kind]
+                                for kind, _, array in fields)
+        assert record_struct(nevents).format == written
+    assert [name + ('s' if array else '') for _, name, array in fields] == list(Record._fields)
+
+
+def test_find_helper_looks_in_build_of_this_source_tree():
+    assert BUILT_HELPER == REPO / 'build' / HELPER_NAME
 
 
 def test_parse_proc_cgroups():
     text = ('#subsys_name\thierarchy\tnum_cgroups\tenabled\n'
             'cpu\t1\t12\t1\nperf_event\t0\t4\t1\n')
-    assert perf.parse_proc_cgroups(text) == {'cpu': (1, 12, 1), 'perf_event': (0, 4, 1)}
-    assert perf.parse_proc_cgroups('') == {}
+    assert parse_proc_cgroups(text) == {'cpu': (1, 12, 1), 'perf_event': (0, 4, 1)}
+    assert parse_proc_cgroups('') == {}
 
 
 def test_configured_helper_must_be_executable(tmp_path):
     script = tmp_path / 'owca-perf'
     script.write_text('')
     with pytest.raises(FileNotFoundError, match='not an executable'):
-        perf.find_helper(str(script))
+        find_helper(str(script))
 
 
 # -- the real helper ---------------------------------------------------------------------
@@ -189,7 +276,7 @@ def helper_binary(tmp_path_factory):
 
 @pytest.fixture(scope='session')
 def software_events(helper_binary):
-    helper = perf.Helper([helper_binary, 'task-clock', 'context-switches'])
+    helper = Helper([helper_binary, 'task-clock', 'context-switches'])
     helper.close()
     if helper.hello.events != ['task-clock', 'context-switches']:
         pytest.skip('perf_event_open refuses software events here: %s' % (helper.hello.skipped,))
@@ -199,7 +286,7 @@ def software_events(helper_binary):
 @pytest.fixture(scope='session')
 def hardware_pmu(helper_binary):
     """Whether this machine counts hardware events (None) or why not."""
-    helper = perf.Helper([helper_binary, 'instructions', 'cycles'])
+    helper = Helper([helper_binary, 'instructions', 'cycles'])
     helper.close()
     if helper.hello.skipped:
         return 'no hardware PMU here: %s' % ', '.join(
@@ -207,8 +294,8 @@ def hardware_pmu(helper_binary):
     return None
 
 
-def perf_event_hierarchy():
-    return perf.perf_event_hierarchy(DEFAULT_PATHS)[0]
+def perf_event_hierarchy_id():
+    return perf_event_hierarchy(DEFAULT_PATHS)[0]
 
 @pytest.fixture(scope='module')
 def perf_root(software_events):
@@ -220,14 +307,14 @@ def perf_root(software_events):
     if os.geteuid() != 0:
         pytest.skip('needs root to create cgroups')
     try:
-        return perf.default_cgroup_root(DEFAULT_PATHS)
+        return default_cgroup_root(DEFAULT_PATHS)
     except ValueError as e:
         pytest.skip(str(e))
 
 
 @needs_v2
 def test_cgroup2_carries_perf_events_where_perf_event_is_not_bound_to_v1(perf_root):
-    if perf_event_hierarchy() != 0:
+    if perf_event_hierarchy_id() != 0:
         pytest.skip('perf_event is bound to a cgroup v1 hierarchy here')
     assert perf_root == DEFAULT_PATHS.cgroup_v2_root
 
@@ -236,24 +323,24 @@ def test_cgroup2_carries_perf_events_where_perf_event_is_not_bound_to_v1(perf_ro
 @needs_v2
 def test_counts_in_a_perf_event_v1_hierarchy_mounted_for_the_test(helper_binary, software_events,
                                                                   tmp_path):
-    if perf_event_hierarchy() != 0:
+    if perf_event_hierarchy_id() != 0:
         pytest.skip('perf_event is bound to v1 already: the other tests count there')
     mountpoint = str(tmp_path)
-    perf.mount_perf_event_v1(mountpoint)
+    mount_perf_event_v1(mountpoint)
     try:
         v1 = TestCgroup(new_name('owca-test-perf'), {})
         v1.dirs['perf_event'] = os.path.join(mountpoint, v1.path.lstrip('/'))
         os.mkdir(v1.dirs['perf_event'])
-        counting = perf.PerfCounters(['task-clock'], helper_path=helper_binary,
-                                     cgroup_root=mountpoint)
+        counting = PerfCounters(['task-clock'], helper_path=helper_binary,
+                                cgroup_root=mountpoint)
         try:
             v1.start_python(BURN)
             with v2_cgroup() as v2:
                 counting.update({'v1': v1.path})
                 read_until(counting, 'v1', 'task_task_clock_seconds', 0.1)
                 # While perf_event is bound to v1, a cgroup2 directory is refused.
-                on_v2 = perf.PerfCounters(['task-clock'], helper_path=helper_binary,
-                                          cgroup_root=DEFAULT_PATHS.cgroup_v2_root)
+                on_v2 = PerfCounters(['task-clock'], helper_path=helper_binary,
+                                     cgroup_root=DEFAULT_PATHS.cgroup_v2_root)
                 try:
                     on_v2.update({'v2': v2.path})
                     assert on_v2.failed_tasks == {'v2': 'ENOENT'}
@@ -263,8 +350,8 @@ def test_counts_in_a_perf_event_v1_hierarchy_mounted_for_the_test(helper_binary,
             counting.close()
             v1.cleanup()
     finally:
-        assert perf.unmount_perf_event_v1(mountpoint, DEFAULT_PATHS), \
-            'perf_event is still bound to cgroup v1: %s' % (perf.perf_event_hierarchy(DEFAULT_PATHS),)
+        assert unmount_perf_event_v1(mountpoint, DEFAULT_PATHS), \
+            'perf_event is still bound to cgroup v1: %s' % (perf_event_hierarchy(DEFAULT_PATHS),)
 
 
 # Hang guard for the waits below: long enough for a busy machine, short of CI's limit.
@@ -322,8 +409,8 @@ def counters(helper_binary, perf_root):
     made = []
 
     def make(events=('task-clock', 'context-switches'), **kwargs):
-        counting = perf.PerfCounters(list(events), helper_path=helper_binary,
-                                     cgroup_root=perf_root, **kwargs)
+        counting = PerfCounters(list(events), helper_path=helper_binary,
+                                cgroup_root=perf_root, **kwargs)
         made.append(counting)
         return counting
 
@@ -350,7 +437,7 @@ def test_task_clock_matches_cpuacct_usage(tasks, counters):
     usage = (usage_second - usage_first) / 1e9
     assert task_clock == pytest.approx(usage, rel=0.05)
     assert second['task_scaling_factor_avg'] == pytest.approx(1.0)
-    assert not any(m in second for m in perf.DERIVED_METRICS)  # no hardware inputs
+    assert not any(m in second for m in DERIVED_METRICS)  # no hardware inputs
 
 
 @needs_root
@@ -377,7 +464,7 @@ def test_missing_hardware_event_is_warned_once_and_the_others_flow(
     if hardware_pmu is None:
         pytest.skip('this machine counts instructions: nothing is missing')
     name, _ = tasks(BURN)
-    caplog.set_level(logging.WARNING, logger='owca.perf')
+    caplog.set_level(logging.WARNING, logger='owca.measure.sources.perf')
     counting = counters(['instructions', 'task-clock'])
     counting.update({'burner': name})
     time.sleep(0.2)
@@ -417,7 +504,7 @@ def test_killed_helper_is_restarted_and_metrics_come_back(tasks, counters, caplo
     assert 'burner' in counting.read()
     old_pid = counting.helper.pid
     os.kill(old_pid, signal.SIGKILL)
-    caplog.set_level(logging.WARNING, logger='owca.perf')
+    caplog.set_level(logging.WARNING, logger='owca.measure.sources.perf')
     assert counting.read() == {}  # the cycle of the death: absent, not wrong
     assert counting.restarts == 1 and counting.helper.pid != old_pid
     assert any('restarting' in r.getMessage() for r in caplog.records)
@@ -531,7 +618,7 @@ def test_fd_limit_that_cannot_be_raised_is_reported(tasks, counters, caplog):
     # CPU count; without CAP_SYS_RESOURCE the helper cannot raise it.
     baseline, per_task = helper_fds(counters)
     limit = baseline + 4 * per_task + per_task // 2
-    caplog.set_level(logging.WARNING, logger='owca.perf')
+    caplog.set_level(logging.WARNING, logger='owca.measure.sources.perf')
     counting = counters(wrapper=[setpriv, '--bounding-set', '-sys_resource', '--inh-caps',
                                  '-sys_resource', prlimit, '--nofile=%d:%d' % (limit, limit),
                                  '--'])
@@ -557,10 +644,10 @@ def test_helper_is_clean_under_valgrind_with_tasks_coming_and_going(
         pytest.skip('valgrind is not installed')
     started = [tasks(SLEEP_100HZ) for _ in range(4)]
     path = [cg.dirs['perf_event'] for _, cg in started]
-    helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
-                          '--show-leak-kinds=all', '--errors-for-leak-kinds=all',
-                          helper_binary, 'task-clock', 'context-switches', 'page-faults'],
-                         timeout=60)
+    helper = Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
+                     '--show-leak-kinds=all', '--errors-for-leak-kinds=all',
+                     helper_binary, 'task-clock', 'context-switches', 'page-faults'],
+                    timeout=60)
     try:
         opens = helper.request(['open %d %s' % (i, p) for i, p in enumerate(path[:3])])
         assert [r.errno for r in opens] == [None] * 3
@@ -591,9 +678,9 @@ def test_helper_exits_at_end_of_input_with_tasks_open(tasks, helper_binary):
     if valgrind is None:
         pytest.skip('valgrind is not installed')
     _, cg = tasks(SLEEP_100HZ)
-    helper = perf.Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
-                          '--errors-for-leak-kinds=all', helper_binary, 'task-clock'],
-                         timeout=60)
+    helper = Helper([valgrind, '-q', '--error-exitcode=99', '--leak-check=full',
+                     '--errors-for-leak-kinds=all', helper_binary, 'task-clock'],
+                    timeout=60)
     assert helper.request(['open 0 %s' % cg.dirs['perf_event']])[0].errno is None
     helper.process.stdin.close()
     assert helper.process.wait(timeout=60) == 0
