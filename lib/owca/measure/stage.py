@@ -4,8 +4,9 @@ What it reads comes from its sources (lib/owca/measure/sources/): the tasks' cgr
 and the platform always, perf counters, APM files and RDT monitoring when the
 configuration turns them on.  Each is a Source (sources/base.py): told of the task
 set when it changes, read once per cycle, closed at the end; the stage merges what
-they read in a fixed order.  A task whose cgroup vanishes is dropped from that cycle
-with a warning.
+they read in a fixed order and adds, per source, whether it worked and how long it
+took (owca_source_success, owca_source_duration_seconds).  A task whose cgroup
+vanishes is dropped from that cycle with a warning.
 """
 import importlib
 import time
@@ -133,14 +134,32 @@ class Measure(Stage):
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
             frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
         ]
-        for _source, reading in readings:
+        for _source, reading, _seconds in readings:
             own += reading.samples
+        own += self.source_samples(readings, labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 
-    def read_sources(self, cycle: Cycle) -> List[Tuple[Source, Reading]]:
-        """(source, its reading) of every source, in order."""
-        return [(source, source.read(cycle)) for source in self.sources]
+    def read_sources(self, cycle: Cycle) -> List[Tuple[Source, Reading, float]]:
+        """(source, its reading, seconds the read took) of every source, in order."""
+        readings = []
+        for source in self.sources:
+            started = time.monotonic()
+            reading = source.read(cycle)
+            readings.append((source, reading, time.monotonic() - started))
+        return readings
+
+    def source_samples(self, readings, labels: dict) -> list:
+        """owca_source_success and (unless --no-timing) owca_source_duration_seconds of
+        each source, one metric after the other."""
+        out = [frames.sample("owca_source_success", int(reading.ok),
+                             dict(labels, source=source.name))
+               for source, reading, _seconds in readings]
+        if self.stats.timing:
+            out += [frames.sample("owca_source_duration_seconds", round(seconds, 6),
+                                  dict(labels, source=source.name))
+                    for source, _reading, seconds in readings]
+        return out
 
     def close(self) -> list:
         for source in self.sources:
@@ -167,10 +186,10 @@ def merge(readings) -> Tuple[dict, Dict[str, dict]]:
     readings are used once).
     """
     platform: dict = {}
-    for _source, reading in readings:
+    for _source, reading, _seconds in readings:
         platform.update(reading.platform)
-    measured = next(reading.tasks for source, reading in readings if source.lists_tasks)
-    for source, reading in readings:
+    measured = next(reading.tasks for source, reading, _ in readings if source.lists_tasks)
+    for source, reading, _seconds in readings:
         if source.lists_tasks or not reading.tasks:
             continue
         found = reading.tasks

@@ -8,8 +8,8 @@ __init__) as `cls(cfg, paths)`, and drives each the same way:
     update(tasks)  the task set changed: {task id: task} as the tasks frame lists
                    them (`cgroup_path`, `name`, ...); open what new tasks need and
                    release what the gone ones held
-    read(cycle)    this cycle's Reading: task metrics, platform metrics and the
-                   source's own owca_* samples
+    read(cycle)    this cycle's Reading: task metrics, platform metrics, the source's
+                   own owca_* samples, and whether it worked at all
     close()        release everything: files, the perf helper, resctrl groups
 
 The stage reads the sources in the order of BUILTINS and merges in that order:
@@ -17,6 +17,16 @@ each Reading's `platform` into the frame's platform metrics, its `tasks` into ea
 task's metrics.  The source that `lists_tasks` (the cgroup source) names the tasks
 of the cycle: a task it left out, because its cgroup went away, is left out of the
 frame whatever the other sources read for it.
+
+Success and duration, as node_exporter's collectors report them
+(node_scrape_collector_success, node_scrape_collector_duration_seconds): the stage
+times each read() and writes per source and cycle `owca_source_success{source}`
+(1, or 0 when `Reading.ok` is false) and `owca_source_duration_seconds{source}`
+(left out under --no-timing, so that replays stay byte-identical).  `ok` is false
+only when the source failed as a whole this cycle; what is lost for one task (its
+cgroup removed, its perf group not opened, its APM file malformed) is the source
+working, and has its own counters and log lines.  What a failure as a whole is,
+each source's module says.
 """
 from dataclasses import dataclass, field
 from typing import Dict, List
@@ -35,12 +45,13 @@ class Reading:
     tasks: Dict[str, dict] = field(default_factory=dict)  # task id -> {metric: value}
     platform: dict = field(default_factory=dict)          # platform metric -> value
     samples: List[dict] = field(default_factory=list)     # its own owca_* samples
+    ok: bool = True  # false: the source failed as a whole this cycle
 
 
 class Source:
     """One of owca-measure's sources (the module docstring says how the stage drives it)."""
 
-    name = "source"
+    name = "source"  # the `source` label of its success and duration samples
     lists_tasks = False
 
     def update(self, tasks: Dict[str, dict]) -> None:

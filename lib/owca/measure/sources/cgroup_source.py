@@ -5,13 +5,19 @@ reads, not opens; a task whose cgroup path changes gets a new reader.  Readers a
 made with consecutive phases, so that their slow metrics' reads spread evenly over
 the cycles.  This source names the tasks of a cycle (`lists_tasks`): a task whose
 cgroup went away (CgroupGone) is left out of it, with a warning.
+
+Failure as a whole: none of the hierarchies it reads tasks from is there (the
+cgroup mount is gone, or --cgroupfs holds neither the v1 cpuacct, cpu and memory
+hierarchies nor a cgroup2 one), so that every task would be left out for the
+mount's sake, not its own.  A task whose cgroup was removed is not a failure.
 """
 import logging
-from typing import Dict
+import os
+from typing import Dict, List
 
 from owca.core.kernel import CgroupGone
 from owca.measure.sources.base import Cycle, Reading, Source
-from owca.measure.sources.cgroup import TaskCgroup
+from owca.measure.sources.cgroup import V1_CONTROLLERS, TaskCgroup
 
 log = logging.getLogger("owca.measure")
 
@@ -48,7 +54,19 @@ class CgroupSource(Source):
                 measured[task_id] = reader.read()
             except CgroupGone as e:
                 log.warning("task %s left out of cycle %d: %s", task_id, cycle.seq, e)
-        return Reading(tasks=measured)
+        # A cycle that read every task has seen the hierarchies; only one that left
+        # tasks out, or had none, looks whether they are there at all.
+        ok = bool(measured) and len(measured) == len(self.readers) \
+            or any(os.path.isdir(root) for root in self._hierarchies())
+        return Reading(tasks=measured, ok=ok)
+
+    def _hierarchies(self) -> List[str]:
+        roots = []
+        if self.version in ("auto", "v1"):
+            roots += [self.paths.cgroup_v1(controller) for controller in V1_CONTROLLERS]
+        if self.version in ("auto", "v2"):
+            roots.append(self.paths.cgroup_v2_root)
+        return roots
 
     def close(self) -> None:
         for reader in self.readers.values():

@@ -2,6 +2,11 @@
 
 Imported only when the configuration sets `rdt_monitoring`; a host without resctrl
 or L3 monitoring is a ConfigError at start.
+
+Failure as a whole: resctrl could not be read or written this cycle (unmounted
+since the start, or failing), so that the cycle has no RDT figures.  A task left
+without a monitoring group because the RMIDs are spent (owca_rdt_unmonitored_tasks)
+or because its cgroup went away is not a failure.
 """
 from typing import Dict
 
@@ -20,7 +25,8 @@ class RdtSource(Source):
 
     def read(self, cycle: Cycle) -> Reading:
         tasks, platform = self.monitor.read_cycle()
-        return Reading(tasks=tasks, platform=platform, samples=self.monitor.samples(cycle.labels))
+        return Reading(tasks=tasks, platform=platform,
+                       samples=self.monitor.samples(cycle.labels), ok=not self.monitor.failing)
 
     def close(self) -> None:
         self.monitor.close()
