@@ -12,10 +12,10 @@ and times owca-measure's Measure stage in this process:
                 over --cycles after --warmup, --gap-ms apart)
 
 CPU time is this process's (user + system) plus, with perf, the owca-perf
-helper's (/proc/PID/schedstat).  "read part" is Measure.read_tasks(), the
-cgroup files and perf counters read (what the floor program does, in Python):
-the cycle less decoding the tasks frame, the platform, assembling and encoding
-the measurements frame.  "perf part" is PerfCounters.read() alone,
+helper's (/proc/PID/schedstat).  "read part" is the cgroup and perf sources'
+read(), the cgroup files and perf counters read (what the floor program does,
+in Python): the cycle less decoding the tasks frame, the platform, assembling
+and encoding the measurements frame.  "perf part" is PerfCounters.read() alone,
 Python and helper; "perf open" PerfCounters.update() in the first cycle, which
 opens every task's groups.  Everything is divided by N: microseconds per task.
 
@@ -247,11 +247,15 @@ class TimedStage:
         cfg = MeasureConfig(perf_events=list(events) or None, perf_helper=helper,
                             perf_cgroup_root=perf_root, run_queue_delay=run_queue_delay)
         self.stage = Measure(cfg, {"--no-timing": True})
-        self.perf = self.stage.perf
-        self.read_cpu = []         # Measure.read_tasks() per cycle: cgroup files and perf
+        perf = self.stage.source("perf")
+        self.perf = perf.counters if perf else None
+        self.read_cpu = []         # per cycle, the cgroup and perf sources' read()
+        self._reads = []           # this cycle's, summed into read_cpu
         self.perf_cpu = []         # PerfCounters.read() per cycle
         self.perf_update_cpu = []  # PerfCounters.update() per cycle (opens the groups)
-        self.stage.read_tasks = self._timed(self.stage.read_tasks, self.read_cpu)
+        for source in (self.stage.source("cgroup"), perf):
+            if source:
+                source.read = self._timed(source.read, self._reads)
         if self.perf:
             self.perf.read = self._timed(self.perf.read, self.perf_cpu)
             self.perf.update = self._timed(self.perf.update, self.perf_update_cpu)
@@ -273,6 +277,8 @@ class TimedStage:
         update and measure, encode the measurements frame."""
         started = self.cpu()
         out = self.stage.process(frames.validate(frames.decode(line)))
+        self.read_cpu.append(sum(self._reads))
+        self._reads.clear()
         for produced in out:
             frames.encode(produced)
         return self.cpu() - started, out[0]

@@ -95,8 +95,9 @@ def test_a_bad_measure_setting_fails_at_start_with_file_and_line(tmp_path, body,
 def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     stage = Measure(MeasureConfig(slow_metrics_every=4), {"--no-timing": True})
     stage.update([{"id": f"t{i}", "cgroup_path": f"/t{i}"} for i in range(6)])
-    assert [r.phase for r in stage.readers.values()] == [0, 1, 2, 3, 0, 1]
-    assert {r.slow_every for r in stage.readers.values()} == {4}
+    readers = stage.source("cgroup").readers
+    assert [r.phase for r in readers.values()] == [0, 1, 2, 3, 0, 1]
+    assert {r.slow_every for r in readers.values()} == {4}
     stage.close()
 
 

@@ -317,7 +317,7 @@ def test_owca_measure_reports_rdt_monitoring_per_task_and_platform(node):
     fs, cgroupfs, _ = node
     stage = Measure(MeasureConfig(rdt_monitoring=True),
                     {"--resctrlfs": fs.root, "--cgroupfs": cgroupfs, "--no-timing": True})
-    stage.rdt.fs = fs      # the fake kernel's behaviour for what the stage writes
+    stage.source("rdt").monitor.fs = fs  # the fake kernel's behaviour for what it writes
     tasks = [{"id": t, "name": t, "cgroup_path": f"/{t}", "labels": {}, "resources": {}}
              for t in ("a", "b")]
     frame = frames.tasks_frame(1, tasks, ts=1.0, host="n")

@@ -138,6 +138,15 @@ INTERNAL = _specs(
     M("owca_cycle_duration_seconds", GAUGE, "seconds",
       "Wall time a stage spent on its last cycle.", "every tool", levels=(),
       scope="internal"),
+    M("owca_source_success", GAUGE, "boolean",
+      "Per owca-measure source (label `source`: cgroup, platform, perf, apm, rdt), 1 when "
+      "it worked in the last cycle, 0 when it failed as a whole (what that is, each "
+      "source's module lib/owca/measure/sources/*_source.py says: a task's cgroup gone "
+      "is none), as node_exporter's node_scrape_collector_success.", "owca-measure",
+      scope="internal"),
+    M("owca_source_duration_seconds", GAUGE, "seconds",
+      "Per owca-measure source (label `source`), wall time its read took in the last "
+      "cycle; left out with --no-timing.", "owca-measure", scope="internal"),
     M("owca_frames_read_total", COUNTER, "frames", "Lines a stage read from its input.",
       "every tool", scope="internal"),
     M("owca_frames_written_total", COUNTER, "frames", "Frames a stage wrote to its output.",

@@ -1,27 +1,24 @@
 """owca-measure: a `measurements` frame for each `tasks` frame (or each interval).
 
-Per task it reads the task's cgroup (lib/owca/measure/sources/cgroup.py, v1 or v2) and, when
-configured, its perf counters (lib/owca/measure/sources/perf.py); once per cycle it reads the
-platform (lib/owca/measure/sources/platform.py).  Readers are kept between cycles, so that their
-files stay open and a cycle costs reads, not opens.  A task whose cgroup
+What it reads comes from its sources (lib/owca/measure/sources/): the tasks' cgroups
+and the platform always, perf counters, APM files and RDT monitoring when the
+configuration turns them on.  Each is a Source (sources/base.py): told of the task
+set when it changes, read once per cycle, closed at the end; the stage merges what
+they read in a fixed order and adds, per source, whether it worked and how long it
+took (owca_source_success, owca_source_duration_seconds).  A task whose cgroup
 vanishes is dropped from that cycle with a warning.
 """
-import logging
+import importlib
 import time
 from dataclasses import dataclass
-from typing import Dict, Literal, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 from owca.core import frames
-from owca.measure.sources.apm import ApmReader
-from owca.core.kernel import CgroupGone, fd_usage, raise_fd_limit
-from owca.measure.sources.cgroup import TaskCgroup
-from owca.core.config import ConfigError
+from owca.core.kernel import fd_usage, raise_fd_limit
 from owca.core.paths import paths_from_options
-from owca.measure.sources.platform import PlatformReader
-from owca.measure.sources.rdt import start_rdt_monitor
 from owca.core.stage import Stage
-
-log = logging.getLogger("owca.measure")
+from owca.measure.sources import BUILTINS, SWITCHES
+from owca.measure.sources.base import Cycle, Reading, Source
 
 
 @dataclass
@@ -79,26 +76,16 @@ class Measure(Stage):
                                         cgroupfs=options.get("--cgroupfs"),
                                         resctrlfs=options.get("--resctrlfs"))
         raise_fd_limit()
-        self.platform = PlatformReader(self.paths)
-        self.readers: Dict[str, TaskCgroup] = {}
         self.tasks: Dict[str, dict] = {}
         self.upstream_metrics = []
         self.dropped = 0
         self.seq = 0
-        self.readers_created = 0  # the next reader's phase for its slow metrics
-        self.perf = self._start_perf()
-        self.apm = ApmReader(cfg.apm_dir, cfg.apm_max_age) if cfg.apm_dir else None
-        self.rdt = start_rdt_monitor(self.paths) if cfg.rdt_monitoring else None
+        self.sources: List[Source] = [source_class(name)(cfg, self.paths)
+                                      for name in enabled_sources(cfg)]
 
-    def _start_perf(self):
-        if not self.cfg.perf_events:
-            return None
-        from owca.measure.sources.perf import HelperGone, PerfCounters
-        try:
-            return PerfCounters(self.cfg.perf_events, helper_path=self.cfg.perf_helper,
-                                paths=self.paths, cgroup_root=self.cfg.perf_cgroup_root)
-        except (OSError, ValueError, HelperGone) as e:
-            raise ConfigError(f"perf_events: cannot count perf events here: {e}") from None
+    def source(self, name: str) -> Optional[Source]:
+        """The source of that name, None where the configuration leaves it off."""
+        return next((s for s in self.sources if s.name == name), None)
 
     @property
     def paced_by_interval(self) -> bool:
@@ -118,35 +105,21 @@ class Measure(Stage):
         return [self.measure(self.seq)]
 
     def update(self, tasks: list) -> None:
-        """Open readers for new tasks, close those of tasks that went."""
-        current = {t["id"]: t for t in tasks}
-        for task_id in list(self.readers):
-            task = current.get(task_id)
-            if task is None or task["cgroup_path"] != self.tasks[task_id]["cgroup_path"]:
-                self.readers.pop(task_id).close()
-                del self.tasks[task_id]
-        for task_id, task in current.items():
-            self.tasks[task_id] = task
-            if task_id not in self.readers:
-                self.readers[task_id] = TaskCgroup(
-                    self.paths, task["cgroup_path"], self.cfg.cgroup_version,
-                    slow_every=self.cfg.slow_metrics_every, phase=self.readers_created,
-                    run_queue_delay=self.cfg.run_queue_delay)
-                self.readers_created += 1
-        if self.perf is not None:
-            self.perf.update({i: t["cgroup_path"] for i, t in current.items()})
-        if self.rdt is not None:
-            self.rdt.update({i: t["cgroup_path"] for i, t in current.items()})
+        """The task set of a tasks frame, handed to every source."""
+        self.tasks = {t["id"]: t for t in tasks}
+        for source in self.sources:
+            source.update(self.tasks)
 
     def measure(self, seq: int) -> dict:
         started = time.monotonic()
         ts = time.time()
-        platform = self.platform.read()
-        rdt_tasks, rdt_platform = self.rdt.read_cycle() if self.rdt is not None else ({}, {})
-        platform.update(rdt_platform)
+        labels = {"stage": self.name}
+        readings = self.read_sources(Cycle(seq, labels))
+        platform, measured = merge(readings)
+        self.dropped += len(self.tasks) - len(measured)
         out = {}
         tasks = self.tasks
-        for task_id, metrics in self.read_tasks(seq, rdt_tasks).items():
+        for task_id, metrics in measured.items():
             metrics["task_up"] = 1
             metrics["task_last_seen"] = ts
             task = tasks[task_id]
@@ -156,51 +129,72 @@ class Measure(Stage):
                             "resources": task.get("resources", {}),
                             "metrics": metrics}
         self.stats.cycle_duration = time.monotonic() - started
-        labels = {"stage": self.name}
         own = self.stats.samples() + [
             frames.sample("owca_tasks", len(out), labels),
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
             frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
         ]
-        if self.perf is not None:
-            own += self.perf.samples(labels)
-        if self.apm is not None:
-            own += self.apm.samples(labels)
-        if self.rdt is not None:
-            own += self.rdt.samples(labels)
+        for _source, reading, _seconds in readings:
+            own += reading.samples
+        own += self.source_samples(readings, labels)
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 
-    def read_tasks(self, seq: int, extra: Dict[str, dict] = None) -> Dict[str, dict]:
-        """Every task's metrics of this cycle: its cgroup's, its perf counters',
-        its APM file's, and `extra`'s (RDT monitoring).  A task whose cgroup is gone
-        is left out."""
-        perf = self.perf.read() if self.perf is not None else {}
-        apm = self.apm.read() if self.apm is not None else {}
-        measured = {}
-        for task_id, reader in self.readers.items():
-            try:
-                metrics = reader.read()
-            except CgroupGone as e:
-                self.dropped += 1
-                log.warning("task %s left out of cycle %d: %s", task_id, seq, e)
-                continue
-            if perf:
-                metrics.update(perf.get(task_id, ()))
-            if apm:
-                metrics.update(apm.get(task_id, ()))
-            if extra:
-                metrics.update(extra.get(task_id, ()))
-            measured[task_id] = metrics
-        return measured
+    def read_sources(self, cycle: Cycle) -> List[Tuple[Source, Reading, float]]:
+        """(source, its reading, seconds the read took) of every source, in order."""
+        readings = []
+        for source in self.sources:
+            started = time.monotonic()
+            reading = source.read(cycle)
+            readings.append((source, reading, time.monotonic() - started))
+        return readings
+
+    def source_samples(self, readings, labels: dict) -> list:
+        """owca_source_success and (unless --no-timing) owca_source_duration_seconds of
+        each source, one metric after the other."""
+        out = [frames.sample("owca_source_success", int(reading.ok),
+                             dict(labels, source=source.name))
+               for source, reading, _seconds in readings]
+        if self.stats.timing:
+            out += [frames.sample("owca_source_duration_seconds", round(seconds, 6),
+                                  dict(labels, source=source.name))
+                    for source, _reading, seconds in readings]
+        return out
 
     def close(self) -> list:
-        for reader in self.readers.values():
-            reader.close()
-        self.readers.clear()
-        self.platform.close()
-        if self.perf is not None:
-            self.perf.close()
-        if self.rdt is not None:
-            self.rdt.close()
+        for source in self.sources:
+            source.close()
         return []
+
+
+def enabled_sources(cfg: MeasureConfig) -> List[str]:
+    """The names of the sources `cfg` turns on, in the order of BUILTINS."""
+    return [name for name in BUILTINS if name not in SWITCHES or getattr(cfg, SWITCHES[name])]
+
+
+def source_class(name: str) -> type:
+    """A source's class, its module imported now (perf, APM and RDT only when on)."""
+    module, _, cls = BUILTINS[name].partition(":")
+    return getattr(importlib.import_module(module), cls)
+
+
+def merge(readings) -> Tuple[dict, Dict[str, dict]]:
+    """(platform metrics, {task id: metrics}) of a cycle's readings, merged in order.
+
+    The tasks are those the source that lists tasks read; the others' metrics of a
+    task are added to its own (that source's dicts are updated in place: a cycle's
+    readings are used once).
+    """
+    platform: dict = {}
+    for _source, reading, _seconds in readings:
+        platform.update(reading.platform)
+    measured = next(reading.tasks for source, reading, _ in readings if source.lists_tasks)
+    for source, reading, _seconds in readings:
+        if source.lists_tasks or not reading.tasks:
+            continue
+        found = reading.tasks
+        for task_id, metrics in measured.items():
+            extra = found.get(task_id)
+            if extra:
+                metrics.update(extra)
+    return platform, measured

@@ -159,6 +159,8 @@ class ApmReader:
         self.stale_files = 0      # files ignored in the last read for their age
         self.malformed_total = 0  # distinct malformed file versions seen
         self.read_errors_total = 0
+        # The last read could not list the directory (a missing one is listed empty).
+        self.directory_unreadable = False
         self._reported = {}       # path -> (mtime_ns, size) of the version reported
         self._missing_reported = False
 
@@ -167,6 +169,7 @@ class ApmReader:
         out: Dict[str, Dict[str, float]] = {}
         newest: Dict[str, float] = {}
         self.files = self.stale_files = 0
+        self.directory_unreadable = False
         try:
             entries = list(os.scandir(self.directory))
         except FileNotFoundError:
@@ -178,6 +181,7 @@ class ApmReader:
             return out
         except OSError as e:
             self.read_errors_total += 1
+            self.directory_unreadable = True
             log.error("APM directory %s: %s", self.directory, e.strerror)
             return out
         self._missing_reported = False

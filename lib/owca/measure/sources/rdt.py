@@ -129,7 +129,7 @@ class RdtMonitor:
         self.unmonitored: List[str] = []
         self.move_failures = 0
         self._warned_budget = False
-        self._failing = False
+        self.failing = False     # the last read_cycle() found resctrl unreadable
         self._remove_leftovers()
 
     # -- the groups -------------------------------------------------------------------
@@ -349,11 +349,11 @@ class RdtMonitor:
         try:
             out = self.read()
         except OSError as e:
-            log.log(logging.DEBUG if self._failing else logging.WARNING,
+            log.log(logging.DEBUG if self.failing else logging.WARNING,
                     "rdt monitoring left out until resctrl is readable again: %s", e)
-            self._failing = True
+            self.failing = True
             return {}, {}
-        self._failing = False
+        self.failing = False
         return out
 
     def close(self) -> None:
