@@ -232,7 +232,7 @@ def test_resctrl_gone_is_an_rdt_failure_until_it_is_back(fixtures_dir, tmp_path)
 def perf_missing():
     """Why a perf source cannot run here, or None."""
     from owca.core.paths import DEFAULT_PATHS
-    from owca.measure.sources import perf
+    from owca.measure.sources.perf import counters as perf
     if os.geteuid() != 0:
         return "needs root to create cgroups"
     try:
@@ -247,7 +247,7 @@ def perf_missing():
 @pytest.mark.skipif(perf_missing() is not None, reason=str(perf_missing()))
 def test_a_perf_helper_killed_mid_run_is_a_perf_failure_for_that_cycle():
     from owca.core.paths import DEFAULT_PATHS
-    from owca.measure.sources import perf
+    from owca.measure.sources.perf import counters as perf
     root = perf.default_cgroup_root(DEFAULT_PATHS)
     with v1_cgroup() as cg:
         cg.dirs["perf_event"] = os.path.join(root, cg.path.lstrip("/"))
