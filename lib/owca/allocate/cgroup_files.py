@@ -21,7 +21,8 @@ from typing import Dict, Tuple
 
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
                                   SHARES_V1_DEFAULT, WEIGHT_V2_DEFAULT, InvalidAllocation,
-                                  Topology, format_list, parse_list)
+                                  Topology)
+from owca.core.kernel import format_cpu_list, parse_cpu_list
 from owca.core.paths import Paths
 
 # The kernel refuses a CFS quota below 1 ms per period.
@@ -252,7 +253,7 @@ class TaskCgroupFiles:
         ids = text
         if not ids and self.version == "v2":
             ids = _read_existing(os.path.join(directory, V2_EFFECTIVE[type_]))
-        return Reading(path, text, format_list(parse_list(ids)))
+        return Reading(path, text, format_cpu_list(parse_cpu_list(ids)))
 
     def target(self, type_: str, value, topology: Topology, current: Reading) -> str:
         """The text that gives the task `value` (validated already) in this cgroup."""
@@ -273,14 +274,14 @@ class TaskCgroupFiles:
         parent_file = os.path.join(os.path.dirname(os.path.dirname(path)),
                                    os.path.basename(path))
         try:
-            parent = parse_list(read_file(parent_file))
+            parent = parse_cpu_list(read_file(parent_file))
         except (OSError, ValueError):
             return
-        wanted = parse_list(value)
+        wanted = parse_cpu_list(value)
         if not wanted <= parent:
-            raise InvalidAllocation(f"{type_} {value}: {format_list(wanted - parent)} not in "
+            raise InvalidAllocation(f"{type_} {value}: {format_cpu_list(wanted - parent)} not in "
                                     f"the parent cgroup's {os.path.basename(path)} "
-                                    f"{format_list(parent)}")
+                                    f"{format_cpu_list(parent)}")
 
 
 def _read_existing(path: str) -> str:

@@ -1,15 +1,20 @@
-"""Files of the kernel, kept open: the one place that opens /proc, /sys and cgroup
-files for reading every cycle, and the one exception that says "it went away".
+"""The kernel's files and formats that more than one stage uses, in one place.
 
-`KeptFile` holds a file open between reads (one pread per read); `FDS` bounds how
-many stay open against RLIMIT_NOFILE; `CgroupGone` is raised when the object a
-file stands for (a cgroup, a process) disappeared.
+- kept-open files: `KeptFile` holds a file open between reads (one pread per
+  read); `FDS` bounds how many stay open against RLIMIT_NOFILE.
+- the one exception that says "it went away": `CgroupGone`, raised when the
+  object a file stands for (a cgroup, a process) disappeared.
+- the CPU-list format ("0-3,8", CPUs and NUMA nodes alike): `parse_cpu_list()`,
+  `format_cpu_list()`; online CPUs and nodes: `online_cpus()`, `online_nodes()`.
 """
 import errno
 import logging
 import os
+import re
 import resource
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set
+
+from owca.core.paths import Paths
 
 log = logging.getLogger("owca.kernel")
 
@@ -195,3 +200,66 @@ class KeptFile:
         elif self.kept is False:
             FDS.note_released()
         self.kept = None
+
+
+# -- the CPU-list format, and the online CPUs and nodes --------------------------------
+
+_LIST_ITEM = re.compile(r"(\d+)(?:-(\d+))?\Z")
+# Ids from here up are refused: more than any kernel's CPUs or nodes, and a bound on
+# the set a malformed (or hostile) list could make.
+MAX_LIST_ID = 1 << 16
+
+
+def parse_cpu_list(text: str) -> FrozenSet[int]:
+    """The ids of a kernel CPU or node list, "0-3,8,10-11\\n" -> {0, 1, 2, 3, 8, 10, 11};
+    "" is the empty set; ValueError when malformed."""
+    ids: Set[int] = set()
+    for item in text.strip().split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = _LIST_ITEM.match(item)
+        if not m:
+            raise ValueError(f"{item!r} is not a number or a range a-b")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first or last >= MAX_LIST_ID:
+            raise ValueError(f"bad range {item!r}")
+        ids.update(range(first, last + 1))
+    return frozenset(ids)
+
+
+def format_cpu_list(ids: Iterable[int]) -> str:
+    """The canonical kernel list: sorted, consecutive ids as ranges ("0-2,4,6-7")."""
+    out: List[str] = []
+    run: List[int] = []
+    for i in sorted(set(ids)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(_range(run))
+        run = [i]
+    if run:
+        out.append(_range(run))
+    return ",".join(out)
+
+
+def _range(run):
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def online_cpus(paths: Paths) -> FrozenSet[int]:
+    """The online CPUs (sysfs cpu/online); OSError where sysfs does not say,
+    ValueError where its list is malformed."""
+    return _read_cpu_list(paths.online_cpus_file)
+
+
+def online_nodes(paths: Paths) -> FrozenSet[int]:
+    """The online NUMA nodes (sysfs node/online), raising as online_cpus() does; a
+    kernel without NUMA support has no such file."""
+    return _read_cpu_list(paths.online_nodes_file)
+
+
+def _read_cpu_list(path: str) -> FrozenSet[int]:
+    with open(path, encoding="ascii") as f:
+        return parse_cpu_list(f.read())

@@ -416,8 +416,8 @@ def unmount_perf_event_v1(mountpoint, paths, timeout=20.0):
 
 def online_cpus(paths):
     """The online CPU list ("0-3,8") as the kernel writes it."""
-    with open(paths.sys('devices', 'system', 'cpu', 'online')) as f:
-        return f.read().strip()
+    from owca.core.kernel import format_cpu_list, online_cpus as read_online_cpus
+    return format_cpu_list(read_online_cpus(paths))
 
 
 class PerfCounters:
