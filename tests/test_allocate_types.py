@@ -3,32 +3,12 @@ functions on literal values."""
 import pytest
 
 from owca.core import allocation, config
-from owca.core.allocation import InvalidAllocation, Topology, format_list, parse_list, validate
+from owca.core.allocation import InvalidAllocation, Topology, validate
 from owca.allocate.allocators.static import StaticAllocator, StaticRule
 from owca.allocate.cgroup_files import (format_cpu_max, kernel_to_shares, parse_cpu_max,
                                         quota_to_us, shares_to_kernel, us_to_quota)
 
 TWO_CPUS = Topology(cpus=frozenset((0, 1)), numa_nodes=frozenset((0,)))
-
-
-@pytest.mark.parametrize("text, ids", [
-    ("", set()), ("0", {0}), ("0-3", {0, 1, 2, 3}), ("0-1,4,6-7\n", {0, 1, 4, 6, 7}),
-    (" 2 , 5-5 ", {2, 5}),
-])
-def test_parse_list(text, ids):
-    assert parse_list(text) == ids
-
-
-@pytest.mark.parametrize("text", ["a", "3-1", "1-", "-1", "0-99999999", "1;2"])
-def test_parse_list_refuses_garbage(text):
-    with pytest.raises(ValueError):
-        parse_list(text)
-
-
-def test_format_list_is_the_kernels_canonical_form():
-    assert format_list([7, 0, 1, 2, 4, 6]) == "0-2,4,6-7"
-    assert format_list([3]) == "3"
-    assert format_list([]) == ""
 
 
 @pytest.mark.parametrize("type_, value, canonical", [

@@ -87,7 +87,7 @@ def test_a_thread_that_exits_keeps_its_delay_in_the_counter():
     with v1_cgroup() as cg:
         child = cg.start_python(SPIN_TWO_THREADS)
         wait_line(child, "running")
-        rq = RunQueueDelay(DEFAULT_PATHS, cg.dirs["cpuacct"], "tasks")
+        rq = RunQueueDelay(DEFAULT_PATHS, cg.dirs["cpuacct"], "v1")
         before = rq.read()
         assert len(rq.threads) == 2
         tell(child)
@@ -100,8 +100,8 @@ def test_a_thread_that_exits_keeps_its_delay_in_the_counter():
 
 def test_an_empty_or_absent_thread_list_gives_no_value(tmp_path):
     (tmp_path / "tasks").write_text("")
-    assert RunQueueDelay(DEFAULT_PATHS, str(tmp_path), "tasks").read() is None
-    assert RunQueueDelay(DEFAULT_PATHS, str(tmp_path / "gone"), "tasks").read() is None
+    assert RunQueueDelay(DEFAULT_PATHS, str(tmp_path), "v1").read() is None
+    assert RunQueueDelay(DEFAULT_PATHS, str(tmp_path / "gone"), "v1").read() is None
 
 
 @needs_hybrid

@@ -5,13 +5,12 @@ import json
 import os
 import shutil
 
-import pytest
-
 from conftest import FIXTURES
+from owca.core.kernel import online_cpus
 from owca.core.metrics import PLATFORM
 from owca.core.paths import DEFAULT_PATHS, Paths
 from owca.measure.sources.platform import (PlatformReader, count_topology, memory_metrics,
-                                           parse_cpu_list, parse_meminfo, parse_proc_stat)
+                                           parse_meminfo, parse_proc_stat)
 
 TREE = os.path.join(FIXTURES, "procfs_sysfs_2cpus")
 SAMPLES = os.path.join(FIXTURES, "platform_samples")
@@ -22,16 +21,6 @@ def tree_paths(root=TREE) -> Paths:
 
 
 # -- parsers -----------------------------------------------------------------------------
-
-@pytest.mark.parametrize("text, cpus", [
-    ("0-1\n", [0, 1]),
-    ("0\n", [0]),
-    ("0-3,8,10-11\n", [0, 1, 2, 3, 8, 10, 11]),
-    ("\n", []),
-])
-def test_cpu_list(text, cpus):
-    assert parse_cpu_list(text) == cpus
-
 
 def test_proc_stat_busy_ticks_per_cpu():
     text = ("cpu  19353 0 7930 170368 519 0 456 17 0 0\n"
@@ -130,8 +119,7 @@ def test_this_machine():
     reader = PlatformReader(DEFAULT_PATHS)
     first = reader.read()
     second = reader.read()
-    ncpus = len(parse_cpu_list(open(DEFAULT_PATHS.sys("devices", "system", "cpu",
-                                                      "online")).read()))
+    ncpus = len(online_cpus(DEFAULT_PATHS))
     assert first["platform_topology_cpus"] == ncpus == len(first["platform_cpu_usage"])
     assert 1 <= first["platform_topology_sockets"] <= first["platform_topology_cores"] <= ncpus
     assert 0 < first["platform_mem_usage_bytes"] < first["platform_mem_total_bytes"]

@@ -8,11 +8,11 @@
 | cpuset_mems | cpuset.mems (cpuset) | cpuset.mems | the kernel's list format |
 
 Safety: a task's directory is found below the hierarchy's real mount point by
-its cgroup path alone; a path with `.` or `..`, the root cgroup, and any
-symlink below the mount point are refused (CgroupRefused).  Files are opened
-without O_CREAT and with O_NOFOLLOW, so nothing is ever created and no link is
-followed.  The period (cpu.cfs_period_us, the second field of cpu.max) is read,
-never written.
+its cgroup path alone (owca.core.kernel.cgroup_dir); a path with `.` or `..`,
+the root cgroup, and any symlink below the mount point are refused
+(CgroupRefused).  Files are opened without O_CREAT and with O_NOFOLLOW, so
+nothing is ever created and no link is followed.  The period (cpu.cfs_period_us,
+the second field of cpu.max) is read, never written.
 """
 import errno
 import os
@@ -21,7 +21,9 @@ from typing import Dict, Tuple
 
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
                                   SHARES_V1_DEFAULT, WEIGHT_V2_DEFAULT, InvalidAllocation,
-                                  Topology, format_list, parse_list)
+                                  Topology)
+from owca.core.kernel import (CgroupGone, CgroupRefused, cgroup_dir, cpu_cgroup_version,
+                              format_cpu_list, parse_cpu_list, read_file, read_thread_ids)
 from owca.core.paths import Paths
 
 # The kernel refuses a CFS quota below 1 ms per period.
@@ -48,12 +50,8 @@ DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
 V2_EFFECTIVE = {CPUSET_CPUS: "cpuset.cpus.effective", CPUSET_MEMS: "cpuset.mems.effective"}
 
 
-class CgroupRefused(Exception):
-    """A cgroup path OWCA will not write under; str() says why."""
-
-
-class CgroupMissing(Exception):
-    """The task's cgroup (or the file of a type) is not there."""
+# The allocate stage's name for CgroupGone.
+CgroupMissing = CgroupGone
 
 
 # -- pure conversions ------------------------------------------------------------------
@@ -100,29 +98,6 @@ def kernel_to_shares(value: int, version: str) -> float:
 
 # -- safe paths and writes -----------------------------------------------------------
 
-def cgroup_dir(root: str, cgroup_path: str) -> str:
-    """The real directory of `cgroup_path` below the hierarchy mounted at `root`.
-
-    Raises CgroupRefused for the root cgroup, `.`/`..` components or a symlink
-    anywhere below the mount point; CgroupMissing when it is not a directory.
-    """
-    if not isinstance(cgroup_path, str) or not cgroup_path.startswith("/") \
-            or "\0" in cgroup_path:
-        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} is not absolute")
-    parts = [p for p in cgroup_path.split("/") if p]
-    if not parts:
-        raise CgroupRefused("the root cgroup is never written")
-    if any(p in (".", "..") for p in parts):
-        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} has '.' or '..'")
-    real_root = os.path.realpath(root)
-    candidate = os.path.join(real_root, *parts)
-    if os.path.realpath(candidate) != candidate:
-        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} goes through a symlink")
-    if not os.path.isdir(candidate):
-        raise CgroupMissing(f"no cgroup {cgroup_path} in {root}")
-    return candidate
-
-
 def write_file(path: str, text: str) -> None:
     """One write of `text` and a newline to an existing kernel file (or a fixture's)."""
     fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -151,14 +126,6 @@ def restore_file(path: str, text: str) -> str:
     return inherited
 
 
-def read_file(path: str) -> str:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    try:
-        return os.read(fd, 1 << 16).decode("ascii", "replace").strip()
-    finally:
-        os.close(fd)
-
-
 @dataclass
 class Reading:
     """One type's file as read this cycle: `text` is what a restore writes back."""
@@ -175,12 +142,10 @@ class TaskCgroupFiles:
 
     def __init__(self, paths: Paths, cgroup_path: str):
         self.cgroup_path = cgroup_path
-        v1_roots = {c: paths.cgroup_v1(c) for c in ("cpu", "cpuset")}
-        if any(os.path.isdir(paths.cgroup_v1(c, cgroup_path)) for c in v1_roots):
-            self.version = "v1"
-            self._roots = {t: v1_roots[c] for t, (c, _) in V1_FILES.items()}
+        self.version = cpu_cgroup_version(paths, cgroup_path)
+        if self.version == "v1":
+            self._roots = {t: paths.cgroup_v1(c) for t, (c, _) in V1_FILES.items()}
         else:
-            self.version = "v2"
             self._roots = {t: paths.cgroup_v2_root for t in V2_FILES}
         self._dirs = {}
 
@@ -191,7 +156,7 @@ class TaskCgroupFiles:
         if root not in self._dirs:
             try:
                 self._dirs[root] = cgroup_dir(root, self.cgroup_path)
-            except (CgroupRefused, CgroupMissing) as e:
+            except (CgroupRefused, CgroupGone) as e:
                 self._dirs[root] = e
         found = self._dirs[root]
         if isinstance(found, Exception):
@@ -230,12 +195,10 @@ class TaskCgroupFiles:
 
     def thread_ids(self) -> list:
         """The ids of every thread in the cgroup (for resctrl, which groups threads)."""
-        name = "tasks" if self.version == "v1" else "cgroup.threads"
-        text = read_file(os.path.join(self.directory(CPU_QUOTA), name))
-        return [int(t) for t in text.split()]
+        return read_thread_ids(self.directory(CPU_QUOTA), self.version)
 
     def read(self, type_: str, topology: Topology) -> Reading:
-        """The type's current value; CgroupMissing when the cgroup or its file is absent."""
+        """The type's current value; CgroupGone when the cgroup or its file is absent."""
         path = self.file(type_)
         text = _read_existing(path)
         directory = os.path.dirname(path)
@@ -252,7 +215,7 @@ class TaskCgroupFiles:
         ids = text
         if not ids and self.version == "v2":
             ids = _read_existing(os.path.join(directory, V2_EFFECTIVE[type_]))
-        return Reading(path, text, format_list(parse_list(ids)))
+        return Reading(path, text, format_cpu_list(parse_cpu_list(ids)))
 
     def target(self, type_: str, value, topology: Topology, current: Reading) -> str:
         """The text that gives the task `value` (validated already) in this cgroup."""
@@ -273,21 +236,21 @@ class TaskCgroupFiles:
         parent_file = os.path.join(os.path.dirname(os.path.dirname(path)),
                                    os.path.basename(path))
         try:
-            parent = parse_list(read_file(parent_file))
+            parent = parse_cpu_list(read_file(parent_file))
         except (OSError, ValueError):
             return
-        wanted = parse_list(value)
+        wanted = parse_cpu_list(value)
         if not wanted <= parent:
-            raise InvalidAllocation(f"{type_} {value}: {format_list(wanted - parent)} not in "
+            raise InvalidAllocation(f"{type_} {value}: {format_cpu_list(wanted - parent)} not in "
                                     f"the parent cgroup's {os.path.basename(path)} "
-                                    f"{format_list(parent)}")
+                                    f"{format_cpu_list(parent)}")
 
 
 def _read_existing(path: str) -> str:
     try:
         return read_file(path)
     except FileNotFoundError:
-        raise CgroupMissing(f"{path} does not exist (cgroup gone, or controller not "
+        raise CgroupGone(f"{path} does not exist (cgroup gone, or controller not "
                             f"enabled)") from None
 
 
@@ -298,6 +261,6 @@ def current_allocations(files: TaskCgroupFiles, topology: Topology,
     for type_ in types:
         try:
             out[type_] = files.read(type_, topology)
-        except (CgroupMissing, CgroupRefused, OSError, ValueError):
+        except (CgroupGone, CgroupRefused, OSError, ValueError):
             continue
     return out

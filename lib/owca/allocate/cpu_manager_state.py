@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, FrozenSet, Optional
 
-from owca.core.allocation import parse_list
+from owca.core.kernel import parse_cpu_list
 
 DEFAULT_PATH = "/var/lib/kubelet/cpu_manager_state"
 
@@ -49,7 +49,7 @@ def parse(text: str) -> CpuManagerState:
     if not isinstance(raw, dict) or not isinstance(raw.get("policyName"), str):
         raise CheckpointError("expected an object with policyName")
     try:
-        default = parse_list(str(raw.get("defaultCpuSet") or ""))
+        default = parse_cpu_list(str(raw.get("defaultCpuSet") or ""))
     except ValueError as e:
         raise CheckpointError(f"defaultCpuSet: {e}") from None
     entries = raw.get("entries") or {}
@@ -63,7 +63,7 @@ def parse(text: str) -> CpuManagerState:
             if not isinstance(cpus, str):
                 raise CheckpointError(f"entries.{pod:.40}.{name:.40}: expected a CPU list")
             try:
-                exclusive.setdefault(pod, {})[name] = parse_list(cpus)
+                exclusive.setdefault(pod, {})[name] = parse_cpu_list(cpus)
             except ValueError as e:
                 raise CheckpointError(f"entries.{pod:.40}.{name:.40}: {e}") from None
     return CpuManagerState(raw["policyName"], default, exclusive)

@@ -43,6 +43,7 @@ from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, Reading, T
 from owca.plugin import anomaly_dicts, plugin_inputs
 from owca.allocate.journal import Journal, JournalError, state_directory
 from owca.allocate.journal import body as journal_body
+from owca.core.kernel import online_cpus, online_nodes
 from owca.core.paths import paths_from_options
 from owca.core.resctrl import DEFAULT_GROUP, ResctrlFS, format_schemata
 from owca.allocate.resctrl import (Group, Resctrl, is_owca_group, schemata_matches, schemata_of,
@@ -929,17 +930,12 @@ def read_topology(paths, platform_cpus=None) -> Topology:
     """Online CPUs and NUMA nodes from sysfs; `platform_cpus` (the measured count) if the
     CPU list is unreadable."""
     try:
-        cpus = parse_list(_read(paths.sys("devices", "system", "cpu", "online")))
+        cpus = online_cpus(paths)
     except (OSError, ValueError):
         cpus = frozenset(range(int(platform_cpus or 0)))
     try:
-        nodes = parse_list(_read(paths.sys("devices", "system", "node", "online")))
+        nodes = online_nodes(paths)
     except (OSError, ValueError):
         nodes = frozenset((0,))   # a kernel without NUMA support has node 0 only
     return Topology(cpus=cpus, numa_nodes=nodes)
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="ascii") as f:
-        return f.read()
 

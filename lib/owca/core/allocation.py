@@ -19,7 +19,9 @@ before OWCA's first write.
 import math
 import re
 from dataclasses import dataclass
-from typing import FrozenSet, Iterable
+from typing import FrozenSet
+
+from owca.core.kernel import MAX_LIST_ID, format_cpu_list, parse_cpu_list
 
 CPU_QUOTA = "cpu_quota"
 CPU_SHARES = "cpu_shares"
@@ -43,8 +45,9 @@ RDT_GROUP_NAME = re.compile(r"owca-[A-Za-z0-9_.-]{1,58}\Z")
 RDT_KEYS = ("name", "l3", "mb")
 ALL_CACHE_IDS = "*"
 
-_LIST_ITEM = re.compile(r"(\d+)(?:-(\d+))?\Z")
-MAX_LIST_ID = 1 << 16
+# The kernel's list format ("0-3,8") is owca.core.kernel's; these are the names the
+# allocate stage and its allocators import it by.
+parse_list, format_list = parse_cpu_list, format_cpu_list
 
 
 class InvalidAllocation(ValueError):
@@ -56,44 +59,6 @@ class Topology:
     """The online CPUs and NUMA nodes of the node OWCA writes to."""
     cpus: FrozenSet[int]
     numa_nodes: FrozenSet[int]
-
-
-# -- the kernel's list format ("0-3,8,10-11") ------------------------------------------
-
-def parse_list(text: str) -> FrozenSet[int]:
-    """CPU or node ids of a kernel list; "" is the empty set; ValueError when malformed."""
-    ids = set()
-    for item in text.strip().split(","):
-        item = item.strip()
-        if not item:
-            continue
-        m = _LIST_ITEM.match(item)
-        if not m:
-            raise ValueError(f"{item!r} is not a number or a range a-b")
-        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
-        if last < first or last >= MAX_LIST_ID:
-            raise ValueError(f"bad range {item!r}")
-        ids.update(range(first, last + 1))
-    return frozenset(ids)
-
-
-def format_list(ids: Iterable[int]) -> str:
-    """The canonical kernel list: sorted, consecutive ids as ranges."""
-    out, run = [], []
-    for i in sorted(set(ids)):
-        if run and i == run[-1] + 1:
-            run.append(i)
-            continue
-        if run:
-            out.append(_range(run))
-        run = [i]
-    if run:
-        out.append(_range(run))
-    return ",".join(out)
-
-
-def _range(run):
-    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
 
 
 # -- validation -----------------------------------------------------------------------
@@ -124,7 +89,7 @@ def validate_cpu_shares(value, topology: Topology = None) -> float:
 def _id_set(value, type_: str) -> FrozenSet[int]:
     if isinstance(value, str):
         try:
-            ids = parse_list(value)
+            ids = parse_cpu_list(value)
         except ValueError as e:
             raise InvalidAllocation(f"{type_} {value!r:.60}: {e}") from None
     elif isinstance(value, (list, tuple)) and all(
@@ -142,10 +107,10 @@ def _id_set(value, type_: str) -> FrozenSet[int]:
 def _validate_ids(value, type_: str, online, noun: str) -> str:
     ids = _id_set(value, type_)
     if online is not None and not ids <= online:
-        raise InvalidAllocation(f"{type_} {format_list(ids)}: {noun} "
-                                f"{format_list(ids - online)} not online (online: "
-                                f"{format_list(online)})")
-    return format_list(ids)
+        raise InvalidAllocation(f"{type_} {format_cpu_list(ids)}: {noun} "
+                                f"{format_cpu_list(ids - online)} not online (online: "
+                                f"{format_cpu_list(online)})")
+    return format_cpu_list(ids)
 
 
 def validate_cpuset_cpus(value, topology: Topology = None) -> str:

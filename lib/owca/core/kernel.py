@@ -1,15 +1,25 @@
-"""Files of the kernel, kept open: the one place that opens /proc, /sys and cgroup
-files for reading every cycle, and the one exception that says "it went away".
+"""The kernel's files and formats that more than one stage uses, in one place.
 
-`KeptFile` holds a file open between reads (one pread per read); `FDS` bounds how
-many stay open against RLIMIT_NOFILE; `CgroupGone` is raised when the object a
-file stands for (a cgroup, a process) disappeared.
+- kept-open files: `KeptFile` holds a file open between reads (one pread per
+  read); `FDS` bounds how many stay open against RLIMIT_NOFILE.
+- the one exception that says "it went away": `CgroupGone`, raised when a
+  cgroup (or a file of it) is not there; `CgroupRefused` for a cgroup path that
+  is never followed.
+- which hierarchy holds a cgroup, v1 or v2: `cgroup_hierarchy()`, the one probe;
+  `cgroup_dir()` finds a cgroup's directory below a mount without following links.
+- thread lists: `read_thread_ids()`, a cgroup's threads (v1 `tasks`, v2
+  `cgroup.threads`); `cgroup_thread_ids()`, those CPU allocation works on.
+- the CPU-list format ("0-3,8", CPUs and NUMA nodes alike): `parse_cpu_list()`,
+  `format_cpu_list()`; online CPUs and nodes: `online_cpus()`, `online_nodes()`.
 """
 import errno
 import logging
 import os
+import re
 import resource
-from typing import Dict, Optional
+from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set
+
+from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
 
 log = logging.getLogger("owca.kernel")
 
@@ -30,7 +40,12 @@ _NO_FDS_ERRNOS = frozenset((errno.EMFILE, errno.ENFILE))
 
 
 class CgroupGone(Exception):
-    """The task's cgroup disappeared (its directory is gone)."""
+    """A cgroup, or the file of one, is not there: the cgroup went away (or never
+    was on this node), or the file's controller is not enabled; str() says which."""
+
+
+class CgroupRefused(Exception):
+    """A cgroup path OWCA will not follow (nor write under); str() says why."""
 
 
 class FdBudget:
@@ -195,3 +210,156 @@ class KeptFile:
         elif self.kept is False:
             FDS.note_released()
         self.kept = None
+
+
+# -- which hierarchy holds a cgroup ---------------------------------------------------
+
+UNIFIED = "unified"   # the cgroup2 hierarchy, named as CgroupDiscovery's `hierarchies` name it
+# The v1 hierarchies of CPU allocation: a task is v1 to it where one of them holds it.
+CPU_CONTROLLERS = ("cpu", "cpuset")
+
+
+def cgroup_hierarchy(paths: Paths, cgroup_path: str,
+                     controllers: Sequence[str] = CGROUP_V1_CONTROLLERS) -> Optional[str]:
+    """Which hierarchy holds the cgroup: the first of the v1 `controllers` whose
+    hierarchy has its directory, else UNIFIED where the cgroup2 hierarchy has it,
+    else None.
+
+    v1 comes first: on a hybrid host (v1 controllers, cgroup2 at `unified/`) a path
+    can be in both, and there the controllers that account for a task are v1's.
+    """
+    for controller in controllers:
+        if os.path.isdir(paths.cgroup_v1(controller, cgroup_path)):
+            return controller
+    if os.path.isdir(paths.cgroup_v2(cgroup_path)):
+        return UNIFIED
+    return None
+
+
+def cpu_cgroup_version(paths: Paths, cgroup_path: str) -> str:
+    """"v1" where the v1 cpu or cpuset hierarchy holds the cgroup, else "v2" (held
+    by cgroup2 or by none: reading its files then says CgroupGone)."""
+    held = cgroup_hierarchy(paths, cgroup_path, CPU_CONTROLLERS)
+    return "v2" if held is None or held == UNIFIED else "v1"
+
+
+def cgroup_dir(root: str, cgroup_path: str) -> str:
+    """The real directory of `cgroup_path` below the hierarchy mounted at `root`.
+
+    Raises CgroupRefused for the root cgroup, `.`/`..` components or a symlink
+    anywhere below the mount point; CgroupGone when it is not a directory.
+    """
+    if not isinstance(cgroup_path, str) or not cgroup_path.startswith("/") \
+            or "\0" in cgroup_path:
+        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} is not absolute")
+    parts = [p for p in cgroup_path.split("/") if p]
+    if not parts:
+        raise CgroupRefused("the root cgroup is never written")
+    if any(p in (".", "..") for p in parts):
+        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} has '.' or '..'")
+    real_root = os.path.realpath(root)
+    candidate = os.path.join(real_root, *parts)
+    if os.path.realpath(candidate) != candidate:
+        raise CgroupRefused(f"cgroup path {cgroup_path!r:.80} goes through a symlink")
+    if not os.path.isdir(candidate):
+        raise CgroupGone(f"no cgroup {cgroup_path} in {root}")
+    return candidate
+
+
+def read_file(path: str) -> str:
+    """A small kernel file's text (its first 64 KiB), stripped; a link is not followed."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        return os.read(fd, 1 << 16).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+
+
+# -- thread lists ----------------------------------------------------------------------
+
+# A cgroup's thread ids, one per line: v1 names the file `tasks` in every hierarchy.
+THREADS_FILE = {"v1": "tasks", "v2": "cgroup.threads"}
+
+
+def parse_thread_ids(text: str) -> List[int]:
+    """A thread list (a cgroup's or a resctrl group's `tasks`): "12\\n13\\n" -> [12, 13]."""
+    return [int(t) for t in text.split()]
+
+
+def read_thread_ids(directory: str, version: str) -> List[int]:
+    """The ids of the threads of the cgroup whose directory (in a hierarchy of
+    `version`, "v1" or "v2") is `directory`; OSError where the list is not there."""
+    return parse_thread_ids(read_file(os.path.join(directory, THREADS_FILE[version])))
+
+
+def cgroup_thread_ids(paths: Paths, cgroup_path: str) -> List[int]:
+    """The threads of the cgroup as CPU allocation finds them (cpu_cgroup_version):
+    v1 the cpu hierarchy's `tasks`, v2 `cgroup.threads`.  Raises CgroupRefused
+    (see cgroup_dir), CgroupGone where the cgroup is not there, OSError where it
+    went away while being read."""
+    version = cpu_cgroup_version(paths, cgroup_path)
+    root = paths.cgroup_v1("cpu") if version == "v1" else paths.cgroup_v2_root
+    return read_thread_ids(cgroup_dir(root, cgroup_path), version)
+
+
+# -- the CPU-list format, and the online CPUs and nodes --------------------------------
+
+_LIST_ITEM = re.compile(r"(\d+)(?:-(\d+))?\Z")
+# Ids from here up are refused: more than any kernel's CPUs or nodes, and a bound on
+# the set a malformed (or hostile) list could make.
+MAX_LIST_ID = 1 << 16
+
+
+def parse_cpu_list(text: str) -> FrozenSet[int]:
+    """The ids of a kernel CPU or node list, "0-3,8,10-11\\n" -> {0, 1, 2, 3, 8, 10, 11};
+    "" is the empty set; ValueError when malformed."""
+    ids: Set[int] = set()
+    for item in text.strip().split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = _LIST_ITEM.match(item)
+        if not m:
+            raise ValueError(f"{item!r} is not a number or a range a-b")
+        first, last = int(m.group(1)), int(m.group(2) or m.group(1))
+        if last < first or last >= MAX_LIST_ID:
+            raise ValueError(f"bad range {item!r}")
+        ids.update(range(first, last + 1))
+    return frozenset(ids)
+
+
+def format_cpu_list(ids: Iterable[int]) -> str:
+    """The canonical kernel list: sorted, consecutive ids as ranges ("0-2,4,6-7")."""
+    out: List[str] = []
+    run: List[int] = []
+    for i in sorted(set(ids)):
+        if run and i == run[-1] + 1:
+            run.append(i)
+            continue
+        if run:
+            out.append(_range(run))
+        run = [i]
+    if run:
+        out.append(_range(run))
+    return ",".join(out)
+
+
+def _range(run):
+    return str(run[0]) if len(run) == 1 else f"{run[0]}-{run[-1]}"
+
+
+def online_cpus(paths: Paths) -> FrozenSet[int]:
+    """The online CPUs (sysfs cpu/online); OSError where sysfs does not say,
+    ValueError where its list is malformed."""
+    return _read_cpu_list(paths.online_cpus_file)
+
+
+def online_nodes(paths: Paths) -> FrozenSet[int]:
+    """The online NUMA nodes (sysfs node/online), raising as online_cpus() does; a
+    kernel without NUMA support has no such file."""
+    return _read_cpu_list(paths.online_nodes_file)
+
+
+def _read_cpu_list(path: str) -> FrozenSet[int]:
+    with open(path, encoding="ascii") as f:
+        return parse_cpu_list(f.read())

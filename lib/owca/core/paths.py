@@ -32,6 +32,16 @@ class Paths:
     def resctrl(self, *parts: str) -> str:
         return os.path.join(self.resctrlfs, *parts)
 
+    @property
+    def online_cpus_file(self) -> str:
+        """The kernel's list of online CPUs ("0-3,8")."""
+        return self.sys("devices", "system", "cpu", "online")
+
+    @property
+    def online_nodes_file(self) -> str:
+        """The kernel's list of online NUMA nodes ("0-1")."""
+        return self.sys("devices", "system", "node", "online")
+
     def cgroup_v1(self, controller: str, cgroup_path: str = "/") -> str:
         """Directory of `cgroup_path` in the v1 hierarchy of `controller`."""
         return os.path.join(self.cgroupfs, controller, cgroup_path.lstrip("/"))

@@ -7,6 +7,9 @@ Kernel interface: Documentation/arch/x86/resctrl.rst.
 import os
 from typing import Dict, List
 
+# A group's `tasks` is a thread list, as a cgroup's is.
+from owca.core.kernel import parse_thread_ids as parse_thread_ids  # re-exported
+
 
 L3, MB = "L3", "MB"
 
@@ -46,10 +49,6 @@ def format_schemata(lines: Dict[str, Dict[str, object]]) -> str:
         f"{name}:" + ";".join(f"{i}={v}" for i, v in sorted(domains.items(),
                                                           key=lambda kv: int(kv[0]))) + "\n"
         for name, domains in lines.items())
-
-
-def parse_thread_ids(text: str) -> List[int]:
-    return [int(t) for t in text.split()]
 
 
 class ResctrlFS:

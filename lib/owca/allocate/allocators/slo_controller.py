@@ -41,6 +41,8 @@ from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, Inval
                                   validate_cpuset_cpus)
 from owca.plugin import Allocator
 from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
+from owca.core.kernel import online_cpus
+from owca.core.paths import Paths
 from owca.allocate.resctrl import Resctrl
 from owca.core.resctrl import ResctrlFS
 
@@ -477,8 +479,7 @@ class SloController(Allocator):
 
     def _online(self, platform) -> FrozenSet[int]:
         try:
-            with open(os.path.join(self.sysfs, "devices/system/cpu/online")) as f:
-                return parse_list(f.read())
+            return online_cpus(Paths(sysfs=self.sysfs))
         except (OSError, ValueError):
             return frozenset(range(max(1, int(platform.cpus or 1))))
 

@@ -4,16 +4,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List
 
 from owca.core import frames
+from owca.core.kernel import UNIFIED, cgroup_hierarchy
 from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
 from owca.plugin import TaskSource
 
 
 def cgroup_exists(paths: Paths, cgroup_path: str) -> bool:
-    """Whether the cgroup exists in any hierarchy OWCA measures."""
-    if os.path.isdir(paths.cgroup_v2(cgroup_path)) and \
-            os.path.exists(os.path.join(paths.cgroup_v2(cgroup_path), "cgroup.procs")):
-        return True
-    return any(os.path.isdir(paths.cgroup_v1(c, cgroup_path)) for c in CGROUP_V1_CONTROLLERS)
+    """Whether the cgroup exists in any hierarchy OWCA measures.
+
+    A directory of the cgroup2 hierarchy counts with its cgroup.procs only, the
+    file every cgroup2 directory has (a tree that stands in for the mount must
+    have it too)."""
+    held = cgroup_hierarchy(paths, cgroup_path)
+    if held == UNIFIED:
+        return os.path.exists(os.path.join(paths.cgroup_v2(cgroup_path), "cgroup.procs"))
+    return held is not None
 
 
 @dataclass
@@ -38,11 +43,11 @@ class CgroupDiscovery(TaskSource):
         if self.max_depth < 0:
             raise ValueError("max_depth: expected 0 or more")
         for h in self.hierarchies:
-            if h != "unified" and h not in CGROUP_V1_CONTROLLERS:
+            if h != UNIFIED and h not in CGROUP_V1_CONTROLLERS:
                 raise ValueError(f"hierarchies: unknown hierarchy {h!r}")
 
     def _mount(self, paths: Paths, hierarchy: str) -> str:
-        return paths.cgroup_v2_root if hierarchy == "unified" else paths.cgroup_v1(hierarchy)
+        return paths.cgroup_v2_root if hierarchy == UNIFIED else paths.cgroup_v1(hierarchy)
 
     def list_tasks(self, paths: Paths) -> List[dict]:
         found = set()

@@ -51,7 +51,8 @@ import logging
 import os
 from typing import Dict, List, Optional
 
-from owca.core.kernel import _MISSING_ERRNOS, PAGE_SIZE, CgroupGone, KeptFile
+from owca.core.kernel import (_MISSING_ERRNOS, PAGE_SIZE, THREADS_FILE, UNIFIED, CgroupGone,
+                              KeptFile, cgroup_hierarchy)
 from owca.core.paths import Paths
 
 log = logging.getLogger("owca.cgroups")
@@ -272,12 +273,12 @@ class RunQueueDelay:
     in the cgroup; a thread that left or exited adds its last value to `retired`.
     """
 
-    def __init__(self, paths: Paths, directory: str, threads_file: str):
+    def __init__(self, paths: Paths, directory: str, version: str):
         self.paths = paths
         self.directory = directory
-        self.threads_file = threads_file
-        self.keep_lists = threads_file != "tasks"
-        self.lists = [KeptFile(os.path.join(directory, threads_file))]
+        self.threads_file = THREADS_FILE[version]
+        self.keep_lists = version != "v1"
+        self.lists = [KeptFile(os.path.join(directory, self.threads_file))]
         self.threads: Dict[bytes, list] = {}   # tid -> [KeptFile, last ns]
         self.retired = 0
         self.relist()
@@ -385,37 +386,35 @@ class TaskCgroup:
 
     def _setup(self) -> None:
         paths, cgroup_path = self.paths, self.cgroup_path
-        version = self.requested_version
-        if version in ("auto", "v1"):
+        requested = self.requested_version
+        # One stat() where the first controller holds the task (the usual case);
+        # whether the other directories exist is learnt from their files' first
+        # reads, see _Source.dir_existed.
+        found = cgroup_hierarchy(paths, cgroup_path,
+                                 V1_CONTROLLERS if requested != "v2" else ())
+        if requested == "v1" and found in (None, UNIFIED):
+            raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
+                             f"{', '.join(V1_CONTROLLERS)}")
+        if found is None:
+            where = "v1 or v2" if requested == "auto" else "v2"
+            raise CgroupGone(f"cgroup {cgroup_path}: not in the {where} hierarchy")
+        if found != UNIFIED:
+            version = "v1"
             dirs = {c: paths.cgroup_v1(c, cgroup_path) for c in V1_CONTROLLERS}
-            # One stat() where the first controller holds the task (the usual
-            # case); whether the other directories exist is learnt from their
-            # files' first reads, see _Source.dir_existed.
-            found = next((c for c in V1_CONTROLLERS if os.path.isdir(dirs[c])), None)
-            if found is not None:
-                version = "v1"
-            elif version == "v1":
-                raise CgroupGone(f"cgroup {cgroup_path}: not in the v1 hierarchies "
-                                 f"{', '.join(V1_CONTROLLERS)}")
-        if version == "v1":
             sources = [(name, _Source(dirs[c], name, into, True if c == found else None))
                        for c, name, into in V1_FILES]
             hybrid = paths.cgroup_v2(cgroup_path)
             if paths.cgroup_v2_root != paths.cgroupfs and os.path.isdir(hybrid):
                 sources += [(name, _Source(hybrid, name, into, True))
                             for _, name, into in V2_FILES if name.endswith(".pressure")]
-            threads = (dirs[found], "tasks")
+            threads_dir = dirs[found]
         else:
-            directory = paths.cgroup_v2(cgroup_path)
-            if not os.path.isdir(directory):
-                where = "v1 or v2" if self.requested_version == "auto" else "v2"
-                raise CgroupGone(f"cgroup {cgroup_path}: not in the {where} hierarchy")
             version = "v2"
-            sources = [(name, _Source(directory, name, into, True))
+            threads_dir = paths.cgroup_v2(cgroup_path)
+            sources = [(name, _Source(threads_dir, name, into, True))
                        for _, name, into in V2_FILES]
-            threads = (directory, "cgroup.threads")
         if self.run_queue_delay:
-            self._rq = RunQueueDelay(paths, *threads)
+            self._rq = RunQueueDelay(paths, threads_dir, version)
         slow = SLOW_FILES if self.slow_every > 1 else frozenset()
         self._sources = [src for name, src in sources if name not in slow]
         self._slow_sources = [src for name, src in sources if name in slow]

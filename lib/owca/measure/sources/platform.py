@@ -19,7 +19,7 @@ import logging
 import os
 from typing import Dict, List, Optional, Tuple
 
-from owca.core.kernel import KeptFile
+from owca.core.kernel import KeptFile, parse_cpu_list
 from owca.core.paths import Paths
 
 log = logging.getLogger("owca.platform")
@@ -29,17 +29,6 @@ _NODE_DIR = ("devices", "system", "node")
 
 
 # -- parsers ---------------------------------------------------------------------------
-
-def parse_cpu_list(text: str) -> List[int]:
-    """A kernel CPU or node list, "0-3,8,10-11\\n" -> [0, 1, 2, 3, 8, 10, 11]."""
-    out = []
-    for part in text.strip().split(","):
-        if not part:
-            continue
-        first, _, last = part.partition("-")
-        out.extend(range(int(first), int(last or first) + 1))
-    return out
-
 
 def parse_proc_stat(text: str) -> Dict[str, int]:
     """/proc/stat: busy USER_HZ ticks per CPU, {"0": ticks, ...}.
@@ -109,8 +98,8 @@ class PlatformReader:
         self.paths = paths
         self._stat = KeptFile(paths.proc("stat"))
         self._meminfo = KeptFile(paths.proc("meminfo"))
-        self._cpus_online = KeptFile(paths.sys(*_CPU_DIR, "online"), size=256)
-        self._nodes_online = KeptFile(paths.sys(*_NODE_DIR, "online"), size=256)
+        self._cpus_online = KeptFile(paths.online_cpus_file, size=256)
+        self._nodes_online = KeptFile(paths.online_nodes_file, size=256)
         self._cpus_text = None
         self._nodes_text = None
         self._topology: Dict[str, int] = {}
@@ -159,7 +148,7 @@ class PlatformReader:
         self._cpus_text, self._nodes_text = cpus_text, nodes_text
         self._topology = {}
         if cpus_text is not None:
-            cpus = parse_cpu_list(cpus_text)
+            cpus = sorted(parse_cpu_list(cpus_text))
             self._topology["platform_topology_cpus"] = len(cpus)
             ids = self._core_ids(cpus)
             if ids is not None:
@@ -168,7 +157,7 @@ class PlatformReader:
             f.close()
         self._node_meminfo = {}
         if nodes_text is not None:
-            nodes = parse_cpu_list(nodes_text)
+            nodes = sorted(parse_cpu_list(nodes_text))
             self._topology["platform_topology_numa_nodes"] = len(nodes)
             self._node_meminfo = {
                 str(n): KeptFile(self.paths.sys(*_NODE_DIR, f"node{n}", "meminfo"))

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from owca.core import frames
-from owca.core.resctrl import NOT_GROUPS, ResctrlFS, parse_thread_ids
+from owca.core.kernel import CgroupGone, CgroupRefused, cgroup_thread_ids, parse_thread_ids
+from owca.core.resctrl import NOT_GROUPS, ResctrlFS
 
 log = logging.getLogger("owca.rdt_monitor")
 
@@ -371,12 +372,13 @@ def start_rdt_monitor(paths) -> RdtMonitor:
 
 
 def task_threads(paths) -> Callable[[str], List[int]]:
-    """thread_ids(cgroup_path) for RdtMonitor: v2 cgroup.threads, v1 the cpu tasks file."""
-    from owca.allocate.cgroup_files import CgroupMissing, CgroupRefused, TaskCgroupFiles
+    """thread_ids(cgroup_path) for RdtMonitor: the threads owca-allocate would move
+    into a control group (kernel.cgroup_thread_ids: v1 the cpu tasks file, v2
+    cgroup.threads); none for a cgroup that is gone or never followed."""
 
     def thread_ids(cgroup_path: str) -> List[int]:
         try:
-            return TaskCgroupFiles(paths, cgroup_path).thread_ids()
-        except (CgroupMissing, CgroupRefused):
+            return cgroup_thread_ids(paths, cgroup_path)
+        except (CgroupGone, CgroupRefused):
             return []     # gone since the tasks frame: owca-measure drops it itself
     return thread_ids

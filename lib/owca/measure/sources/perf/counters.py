@@ -13,6 +13,7 @@ import os
 import time
 
 from owca.core import frames
+from owca.core.kernel import format_cpu_list, online_cpus as read_online_cpus
 from owca.core.paths import DEFAULT_PATHS
 from owca.measure.sources.perf.events import parse_events
 from owca.measure.sources.perf.helper import Helper, HelperGone, find_helper
@@ -64,8 +65,7 @@ def default_cgroup_root(paths):
 
 def online_cpus(paths):
     """The online CPU list ("0-3,8") as the kernel writes it."""
-    with open(paths.sys('devices', 'system', 'cpu', 'online')) as f:
-        return f.read().strip()
+    return format_cpu_list(read_online_cpus(paths))
 
 
 class PerfCounters:
