@@ -32,15 +32,17 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 from owca.core import allocation, config, frames
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, TYPES,
                                   InvalidAllocation, Topology, parse_list)
 from owca.plugin import Allocator, NOPAllocator
-from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, Reading, TaskCgroupFiles,
+from owca.allocate.allocator_calls import AllocatorCalls
+from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, TaskCgroupFiles,
                                         current_allocations, read_file, restore_file, write_file)
-from owca.plugin import anomaly_dicts, plugin_inputs
+from owca.allocate.cycle import Change, Cycle, Op, Original, canonical
+from owca.allocate.external_changes import ExternalChanges
 from owca.allocate.journal import Journal, JournalError, state_directory
 from owca.allocate.journal import body as journal_body
 from owca.core.paths import paths_from_options
@@ -76,109 +78,26 @@ class AllocateConfig:
                              f"{self.max_changes_per_cycle!r}")
 
 
-@dataclass
-class Op:
-    """One write to the system, described for logs and --dry-run."""
-    what: str
-    run: Callable[[], None]
-
-
-@dataclass
-class Change:
-    task_id: str
-    type: str
-    value: object       # what the task gets (None: withdrawn, its original restored)
-    ops: List[Op]
-    original: "Original" = None   # the restore this change performs
-    text: str = None              # what it puts in the file (rdt: the group's name)
-    creates: str = None           # the resctrl group it creates
-
-
-def canonical(type_: str, text: str) -> str:
-    """A file's text as compared with what OWCA wrote (the kernel's own spelling)."""
-    if type_ in (CPUSET_CPUS, CPUSET_MEMS):
-        try:
-            return allocation.format_list(parse_list(text))
-        except ValueError:
-            return text
-    return " ".join(text.split())
-
-
-@dataclass
-class Original:
-    """A type's file as it was before OWCA's first write to it, and what OWCA wrote.
-
-    Journaled (lib/owca/allocate/journal.py) before every write that changes it."""
-    text: str                      # written back on restore ("" for rdt: the default group)
-    value: object                  # the same, normalised (for the frame and the metrics)
-    path: str = None
-    identity: Tuple[int, int] = None
-    # The texts OWCA wrote or is writing to the file (canonical): the file holds
-    # OWCA's value when it holds one of them.
-    ours: List[str] = field(default_factory=list)
-    written: str = None            # the last text OWCA wrote this run, once the write worked
-    foreign: tuple = None          # (text found, value wanted, reapplied?) of a change
-                                   # another writer made, so that it counts once
-
-    def holds_ours(self, type_: str, text: str) -> bool:
-        text = canonical(type_, text)
-        return text == self.written if self.written is not None else text in self.ours
-
-    def note_ours(self, type_: str, text: str, found: Optional[str]) -> None:
-        """`text` is about to be written; `found` is in the file now."""
-        text = canonical(type_, text)
-        kept = [t for t in self.ours if found is not None and t == canonical(type_, found)]
-        self.ours = kept + [text] if text not in kept else kept
-
-    def to_journal(self) -> dict:
-        entry = {"original": self.text, "value": self.value, "ours": list(self.ours)}
-        if self.path is not None:
-            entry.update(path=self.path, identity=list(self.identity))
-        return entry
-
-    @classmethod
-    def from_journal(cls, entry: dict) -> "Original":
-        identity = entry.get("identity")
-        return cls(text=entry["original"], value=entry.get("value"), path=entry.get("path"),
-                   identity=tuple(identity) if identity else None, ours=list(entry["ours"]))
-
-
-@dataclass
-class Cycle:
-    """What one cycle read from the system."""
-    topology: Topology
-    files: Dict[str, TaskCgroupFiles]
-    readings: Dict[str, Dict[str, Reading]]
-    groups: Optional[Dict[str, Group]]          # None: resctrl not mounted
-    threads: Dict[str, List[int]] = field(default_factory=dict)
-    claims: Dict[str, tuple] = field(default_factory=dict)   # rdt group: (task, schemata)
-    errors: List[Tuple[str, str, str]] = field(default_factory=list)
-
-    def error(self, task_id: str, type_: str, reason: str) -> None:
-        self.errors.append((task_id, type_, reason))
-
-
 class Allocate(Stage):
     name = "allocate"
     consumes = ("measurements",)
 
     def __init__(self, cfg: AllocateConfig, options: dict, resctrl_fs: ResctrlFS = None):
         super().__init__(cfg, options)
-        self.errors = 0                 # cycles the allocator failed
         self.dry_run = bool(options.get("--dry-run"))
         self.paths = paths_from_options(sysfs=options.get("--sysfs"),
                                         cgroupfs=options.get("--cgroupfs"),
                                         resctrlfs=options.get("--resctrlfs"))
+        self.allocator = AllocatorCalls(cfg.allocator)
+        self.external = ExternalChanges(self.allocator)
         self.resctrl = Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs))
         self.desired: Dict[str, Dict[str, object]] = {}
         self.originals: Dict[str, Dict[str, Original]] = {}
         self.cgroup_paths: Dict[str, str] = {}
         self.changes_total = 0
         self.allocation_errors_total = 0
-        self.external_changes: Dict[tuple, int] = {}   # (task_id, type, file) -> changes
         self.journal_write_errors = 0
         self._logged = set()
-        self._logged_external = set()
         self._last = (0, None, None)    # seq, ts, host of the last cycle
         self._last_frame = None
         self._values_shipped = False    # whether the frames carried per-task values
@@ -188,14 +107,13 @@ class Allocate(Stage):
         self._journal_dirty = False
         # Adopted (task, types) the allocator of this run has not set yet (see _adopt).
         self._unclaimed: Dict[str, set] = {}
-        self._allocator_ok = True       # whether the allocator answered this cycle
         self._schemata_written: Dict[str, dict] = {}   # group -> what OWCA wrote
         self._closed = False
         # --dry-run writes nothing, the journal neither.
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
         self._adopt()
-        if callable(getattr(cfg.allocator, "observe_anomalies", None)):
+        if self.allocator.observes_anomalies:
             # An allocator that uses the detector's anomalies gets each anomalies frame
             # (forwarded unchanged); it sees them in the next cycle, as they follow
             # their cycle's measurements frame.
@@ -307,16 +225,11 @@ class Allocate(Stage):
             out[task_id] = values
         return out
 
-    def _threads(self, task_id: str, cycle: Cycle) -> List[int]:
-        if task_id not in cycle.threads:
-            cycle.threads[task_id] = cycle.files[task_id].thread_ids()
-        return cycle.threads[task_id]
-
     def _current_rdt(self, task_id: str, cycle: Cycle) -> Optional[dict]:
         if not cycle.groups or task_id not in cycle.files:
             return None
         try:
-            threads = set(self._threads(task_id, cycle))
+            threads = set(cycle.thread_ids(task_id))
         except (CgroupMissing, CgroupRefused, OSError, ValueError):
             return None
         # The group holding most of the task's threads (all of them, once OWCA moved them).
@@ -335,16 +248,16 @@ class Allocate(Stage):
     def process(self, frame: dict) -> list:
         if frame["kind"] == "anomalies":
             # For the allocator; the stage has forwarded the frame already (forward_consumed).
-            self._observe_anomalies(frame)
+            self.allocator.observe_anomalies(frame)
             return []
         self._last = (frame["seq"], frame["ts"], frame["host"])
         self._last_frame = frame
         tasks = frame["tasks"]
         if not self.originals and not self.desired and \
-                not getattr(self.cfg.allocator, "reads_current_allocations", True):
+                not self.allocator.reads_current_allocations:
             # Nothing of OWCA's on the node and an allocator that does not look:
             # no cgroup is read unless it asks for something.
-            asked = self._ask_allocator(frame, {task_id: {} for task_id in tasks})
+            asked = self.allocator.allocate(frame, {task_id: {} for task_id in tasks})
             if not asked[0]:
                 return self._quiet_cycle(frame, *asked[1:])
         else:
@@ -352,18 +265,17 @@ class Allocate(Stage):
         cycle = self.read_cycle(frame)
         current = self.current_allocations(frame, cycle)
         self._values_shipped = True
-        allocations, anomalies, extra = asked or self._ask_allocator(frame, current)
+        allocations, anomalies, extra = asked or self.allocator.allocate(frame, current)
 
         withdrawn = self._merge(allocations, tasks, cycle)
-        if self._unclaimed and self._allocator_ok:
+        if self._unclaimed and self.allocator.ok:
             withdrawn += self._not_claimed(allocations, tasks)
         restores = []
         for task_id in sorted(set(self.desired) | set(self.originals)):
             if task_id not in tasks:
                 self.desired.pop(task_id, None)
                 restores += self._restores(task_id, list(self.originals.get(task_id, ())))
-        for key in [k for k in self.external_changes if k[0] not in tasks]:
-            del self.external_changes[key]
+        self.external.forget_tasks_but(tasks)
         for task_id in set(self.cgroup_paths) - set(tasks) - set(self.originals):
             del self.cgroup_paths[task_id]
         for task_id, type_ in withdrawn:
@@ -412,30 +324,6 @@ class Allocate(Stage):
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))
         return out
-
-    def _observe_anomalies(self, frame: dict) -> None:
-        try:
-            self.cfg.allocator.observe_anomalies(frame.get("anomalies") or [])
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
-            self.errors += 1
-            log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
-                      type(self.cfg.allocator).__name__, type(e).__name__, e)
-
-    def _ask_allocator(self, frame: dict, current: dict):
-        allocator = self.cfg.allocator
-        try:
-            allocations, anomalies, extra = allocator.allocate(*plugin_inputs(frame), current)
-            if not isinstance(allocations, dict):
-                raise TypeError(f"allocations: expected {{task_id: {{type: value}}}}, got "
-                                f"{type(allocations).__name__}")
-            self._allocator_ok = True
-            return allocations, anomaly_dicts(anomalies), list(extra)
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
-            self._allocator_ok = False
-            self.errors += 1
-            log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
-                      type(e).__name__, e)
-            return {}, [], []
 
     def _not_claimed(self, allocations: dict, tasks: dict) -> List[tuple]:
         """The adopted (task, type)s this run's allocator leaves out of its first answer
@@ -537,43 +425,17 @@ class Allocate(Stage):
             return None
         path = reading.path
         if original is not None and not original.holds_ours(type_, reading.text) and \
-                not self._changed_elsewhere(task_id, type_, os.path.basename(path), original,
-                                            reading.text, reading.value, value):
+                not self.external.reapply(task_id, type_, os.path.basename(path), original,
+                                          reading.text, reading.value, value):
             return None
         return Change(task_id, type_, value,
                       [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
                       text=text)
 
-    def _changed_elsewhere(self, task_id: str, type_: str, file: str, original: Original,
-                           text: str, found, wanted, wrote: str = None) -> bool:
-        """Another writer changed a value OWCA wrote: counted and logged once per change;
-        the allocator's policy says whether OWCA writes its value again (True)."""
-        if original.foreign is not None and original.foreign[:2] == (text, wanted):
-            return original.foreign[2]
-        key = (task_id, type_, file)
-        self.external_changes[key] = self.external_changes.get(key, 0) + 1
-        allocator = self.cfg.allocator
-        try:
-            reapply = bool(allocator.reapply_external_change(task_id, type_, wanted, found))
-        except Exception as e:  # a plug-in's bug: OWCA's value stands, as by default
-            self.errors += 1
-            log.error("task %s: %s.reapply_external_change failed: %s: %s", task_id,
-                      type(allocator).__name__, type(e).__name__, e)
-            reapply = True
-        first = (task_id, type_) not in self._logged_external
-        self._logged_external.add((task_id, type_))
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "task %s: %s: %s was changed by another writer to %r after OWCA wrote %r; "
-                "%s (counted in allocation_external_changes_total)", task_id, type_, file,
-                text, wrote or original.written or "/".join(original.ours),
-                "written again" if reapply else "left as it is, by the allocator's policy")
-        original.foreign = (text, wanted, reapply)
-        return reapply
-
     def _plan_rdt(self, task_id: str, value: dict, cycle: Cycle) -> Optional[Change]:
         if cycle.groups is None:
             raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
-        threads = self._threads(task_id, cycle)
+        threads = cycle.thread_ids(task_id)
         name = value["name"]
         for group in cycle.groups.values():
             if not is_owca_group(group.name) and group.thread_ids.intersection(threads):
@@ -621,9 +483,9 @@ class Allocate(Stage):
         if original is None or self._schemata_written.get(group.name) != wanted:
             return True
         found = {r: dict(d) for r, d in group.schemata.items() if r in wanted}
-        return self._changed_elsewhere(task_id, RDT, f"{group.name}/schemata", original,
-                                       _one_line(format_schemata(found)), found, value,
-                                       _one_line(format_schemata(wanted)))
+        return self.external.reapply(task_id, RDT, f"{group.name}/schemata", original,
+                                     _one_line(format_schemata(found)), found, value,
+                                     _one_line(format_schemata(wanted)))
 
     def _write_schemata(self, name: str, wanted: dict) -> None:
         self.resctrl.write_schemata(name, wanted)
@@ -828,12 +690,9 @@ class Allocate(Stage):
         out = [frames.sample("allocations_count", self.changes_total, type="counter"),
                frames.sample("allocation_errors_count", self.allocation_errors_total,
                              type="counter"),
-               frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
-                             "counter")]
-        for (task_id, type_, file), count in sorted(self.external_changes.items()):
-            out.append(frames.sample("allocation_external_changes_total", count,
-                                     {"task_id": task_id, "type": type_, "file": file},
-                                     "counter"))
+               frames.sample("owca_allocator_errors_total", self.allocator.errors,
+                             {"stage": self.name}, "counter")]
+        out += self.external.samples()
         if self.journal is not None:
             for reason, count in (("corrupt", self.journal.set_aside),
                                   ("write", self.journal_write_errors)):
