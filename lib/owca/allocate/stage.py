@@ -40,16 +40,16 @@ from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEM
 from owca.plugin import Allocator, NOPAllocator
 from owca.allocate.allocator_calls import AllocatorCalls
 from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, TaskCgroupFiles,
-                                        current_allocations, read_file, restore_file, write_file)
-from owca.allocate.cycle import Change, Cycle, Op, Original, canonical
+                                        current_allocations, write_file)
+from owca.allocate.cycle import Change, Cycle, Op
 from owca.allocate.external_changes import ExternalChanges
 from owca.allocate.journal import Journal, JournalError, state_directory
-from owca.allocate.journal import body as journal_body
+from owca.allocate.originals import Originals
 from owca.core.paths import paths_from_options
-from owca.core.resctrl import DEFAULT_GROUP, ResctrlFS, format_schemata
-from owca.allocate.resctrl import (Group, Resctrl, is_owca_group, schemata_matches, schemata_of,
-                                   validate_on_platform)
-from owca.core.stage import DataError, Stage
+from owca.core.resctrl import ResctrlFS
+from owca.allocate.rdt_groups import RdtGroups
+from owca.allocate.resctrl import Resctrl
+from owca.core.stage import Stage
 from owca.allocate.allocators import BUILTINS
 
 config.add_builtins(BUILTINS)
@@ -90,29 +90,21 @@ class Allocate(Stage):
                                         resctrlfs=options.get("--resctrlfs"))
         self.allocator = AllocatorCalls(cfg.allocator)
         self.external = ExternalChanges(self.allocator)
-        self.resctrl = Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs))
+        self.rdt = RdtGroups(Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs)),
+                             self.paths.resctrlfs, self.dry_run, self.external)
         self.desired: Dict[str, Dict[str, object]] = {}
-        self.originals: Dict[str, Dict[str, Original]] = {}
-        self.cgroup_paths: Dict[str, str] = {}
         self.changes_total = 0
         self.allocation_errors_total = 0
-        self.journal_write_errors = 0
         self._logged = set()
         self._last = (0, None, None)    # seq, ts, host of the last cycle
         self._last_frame = None
         self._values_shipped = False    # whether the frames carried per-task values
-        self._created_groups = set()    # resctrl groups OWCA made (journaled)
-        # Whether originals or groups changed since the journal was last saved: a
-        # cycle that changed nothing costs no encoding of the journal.
-        self._journal_dirty = False
-        # Adopted (task, types) the allocator of this run has not set yet (see _adopt).
-        self._unclaimed: Dict[str, set] = {}
-        self._schemata_written: Dict[str, dict] = {}   # group -> what OWCA wrote
         self._closed = False
         # --dry-run writes nothing, the journal neither.
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
-        self._adopt()
+        self.store = Originals(self.paths, self.journal, self.rdt)
+        self.store.adopt()
         if self.allocator.observes_anomalies:
             # An allocator that uses the detector's anomalies gets each anomalies frame
             # (forwarded unchanged); it sees them in the next cycle, as they follow
@@ -122,72 +114,10 @@ class Allocate(Stage):
         # close(); the node must still get its values back.
         atexit.register(self._restore_everything)
 
-    # -- the journal ---------------------------------------------------------------------
-
-    def _adopt(self) -> None:
-        """Take over what a run that did not stop cleanly left in the journal: the
-        originals it must write back, never the values it wrote, as the originals."""
-        if self.journal is None:
-            return
-        try:
-            body = self.journal.load()
-        except JournalError as e:
-            raise DataError(str(e)) from None
-        if not body:
-            return
-        self._created_groups.update(body["groups"])
-        self._journal_dirty = True    # rewritten without what is dropped here
-        adopted = 0
-        for task_id, task in sorted(body["tasks"].items()):
-            originals = {}
-            for type_, entry in task["types"].items():
-                original = Original.from_journal(entry)
-                if self._same_cgroup(task["cgroup_path"], type_, original):
-                    originals[type_] = original
-            if not originals:
-                log.info("journal: task %s: its cgroup %s is gone (or is another cgroup): "
-                         "dropped from the journal", task_id, task["cgroup_path"])
-                continue
-            self.originals[task_id] = originals
-            self.cgroup_paths[task_id] = task["cgroup_path"]
-            self._unclaimed[task_id] = set(originals)
-            adopted += len(originals)
-        if adopted or self._created_groups:
-            log.warning("journal: %s: adopted %d original values of %d tasks and %d resctrl "
-                        "groups from a run that did not stop cleanly (pid %s); they are "
-                        "written back when the tasks stop being managed or this run stops",
-                        self.journal.path, adopted, len(self.originals),
-                        len(self._created_groups), body.get("pid"))
-        self._sync_journal()
-
-    def _same_cgroup(self, cgroup_path: str, type_: str, original: Original) -> bool:
-        try:
-            files = TaskCgroupFiles(self.paths, cgroup_path)
-            if type_ == RDT:
-                return os.path.isdir(files.directory(CPU_QUOTA))
-            return files.file(type_) == original.path and \
-                files.identity(type_) == original.identity
-        except (CgroupMissing, CgroupRefused, OSError):
-            return False
-
-    def _save_journal(self) -> None:
-        """The journal made what memory holds (JournalError when it cannot be)."""
-        if self.journal is None or not self._journal_dirty:
-            return
-        tasks = {task_id: {"cgroup_path": self.cgroup_paths[task_id],
-                           "types": {t: o.to_journal() for t, o in sorted(types.items())}}
-                 for task_id, types in self.originals.items() if types}
-        self.journal.save(journal_body(self._last[2] or frames.hostname(), tasks,
-                                       self._created_groups))
-        self._journal_dirty = False
-
-    def _sync_journal(self) -> None:
-        """_save_journal() where a failure costs nothing but the log line and the count."""
-        try:
-            self._save_journal()
-        except JournalError as e:
-            self.journal_write_errors += 1
-            log.error("%s", e)
+    @property
+    def originals(self) -> dict:
+        """{task_id: {type: Original}}: what OWCA writes back."""
+        return self.store.by_task
 
     # -- reading -----------------------------------------------------------------------
 
@@ -201,17 +131,10 @@ class Allocate(Stage):
             path = task.get("cgroup_path")
             if not isinstance(path, str):
                 continue
-            self.cgroup_paths[task_id] = path
+            self.store.note_cgroup_path(task_id, path)
             files[task_id] = TaskCgroupFiles(self.paths, path)
             readings[task_id] = current_allocations(files[task_id], topology)
-        groups = None
-        if self.resctrl.available():
-            try:
-                groups = self.resctrl.groups()
-            except (OSError, ValueError) as e:
-                log.warning("resctrl at %s unreadable, rdt left out this cycle: %s",
-                            self.paths.resctrlfs, getattr(e, "strerror", None) or e)
-        return Cycle(topology, files, readings, groups)
+        return Cycle(topology, files, readings, self.rdt.read())
 
     def current_allocations(self, frame: dict, cycle: Cycle = None) -> Dict[str, dict]:
         """What each task has now, read from its cgroup and resctrl group this cycle."""
@@ -219,29 +142,11 @@ class Allocate(Stage):
         out = {}
         for task_id in frame["tasks"]:
             values = {t: r.value for t, r in cycle.readings.get(task_id, {}).items()}
-            rdt = self._current_rdt(task_id, cycle)
+            rdt = self.rdt.current(task_id, cycle)
             if rdt is not None:
                 values[RDT] = rdt
             out[task_id] = values
         return out
-
-    def _current_rdt(self, task_id: str, cycle: Cycle) -> Optional[dict]:
-        if not cycle.groups or task_id not in cycle.files:
-            return None
-        try:
-            threads = set(cycle.thread_ids(task_id))
-        except (CgroupMissing, CgroupRefused, OSError, ValueError):
-            return None
-        # The group holding most of the task's threads (all of them, once OWCA moved them).
-        held = max(cycle.groups.values(), key=lambda g: len(g.thread_ids & threads))
-        if not held.thread_ids & threads:
-            return None
-        value = {"name": held.name}
-        if "L3" in held.schemata:
-            value["l3"] = dict(held.schemata["L3"])
-        if "MB" in held.schemata:
-            value["mb"] = {i: int(v) for i, v in held.schemata["MB"].items()}
-        return value
 
     # -- the cycle ---------------------------------------------------------------------
 
@@ -268,18 +173,17 @@ class Allocate(Stage):
         allocations, anomalies, extra = asked or self.allocator.allocate(frame, current)
 
         withdrawn = self._merge(allocations, tasks, cycle)
-        if self._unclaimed and self.allocator.ok:
-            withdrawn += self._not_claimed(allocations, tasks)
+        if self.store.unclaimed and self.allocator.ok:
+            withdrawn += self.store.not_claimed(allocations, tasks)
         restores = []
         for task_id in sorted(set(self.desired) | set(self.originals)):
             if task_id not in tasks:
                 self.desired.pop(task_id, None)
-                restores += self._restores(task_id, list(self.originals.get(task_id, ())))
+                restores += self.store.restores(task_id, list(self.originals.get(task_id, ())))
         self.external.forget_tasks_but(tasks)
-        for task_id in set(self.cgroup_paths) - set(tasks) - set(self.originals):
-            del self.cgroup_paths[task_id]
+        self.store.forget_cgroup_paths_but(tasks)
         for task_id, type_ in withdrawn:
-            restores += self._restores(task_id, [type_], cycle)
+            restores += self.store.restores(task_id, [type_], cycle)
 
         changes = self._plan(cycle)
         limit = self.cfg.max_changes_per_cycle
@@ -290,9 +194,10 @@ class Allocate(Stage):
         done = self._apply(restores, cycle)
         written = self._write_changes(changes[:limit], cycle)
         done += written or []
-        self._remove_unused_groups(cycle)
+        wanted_groups = {v[RDT]["name"] for v in self.desired.values() if RDT in v}
+        self.store.forget_groups(self.rdt.remove_unused(cycle, wanted_groups))
         if written is not None:    # None: the journal failed this cycle, and was counted
-            self._sync_journal()
+            self.store.sync(self._last[2])
 
         for task_id, type_, reason in cycle.errors:
             self._report(frame["seq"], task_id, type_, reason)
@@ -325,20 +230,6 @@ class Allocate(Stage):
                                               host=frame["host"]))
         return out
 
-    def _not_claimed(self, allocations: dict, tasks: dict) -> List[tuple]:
-        """The adopted (task, type)s this run's allocator leaves out of its first answer
-        that has the task: no longer wanted, so written back, as a clean stop and start
-        would have left them.  (A task not in the frame is restored as one that went.)"""
-        out = []
-        for task_id in sorted(self._unclaimed):
-            types = self._unclaimed.pop(task_id)
-            if task_id not in tasks:
-                continue
-            wanted = allocations.get(task_id)
-            claimed = set(wanted) if isinstance(wanted, dict) else set()
-            out += [(task_id, type_) for type_ in sorted(types - claimed)]
-        return out
-
     def _merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
         """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
         withdrawn = []
@@ -363,7 +254,7 @@ class Allocate(Stage):
                 try:
                     value = allocation.validate(type_, value, cycle.topology)
                     if type_ == RDT:
-                        value = self._rdt_on_platform(value, cycle)
+                        value = self.rdt.validate(value, cycle)
                 except (InvalidAllocation, TypeError) as e:
                     cycle.error(task_id, type_, str(e))
                     continue
@@ -373,11 +264,6 @@ class Allocate(Stage):
                     continue
                 self.desired.setdefault(task_id, {})[type_] = value
         return withdrawn
-
-    def _rdt_on_platform(self, value: dict, cycle: Cycle) -> dict:
-        if cycle.groups is None:
-            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
-        return validate_on_platform(value, self.resctrl.info())
 
     def _plan(self, cycle: Cycle) -> List[Change]:
         changes = []
@@ -389,8 +275,9 @@ class Allocate(Stage):
                 try:
                     if task_id not in cycle.files:
                         raise CgroupMissing("the task has no cgroup_path")
-                    change = (self._plan_rdt(task_id, value, cycle) if type_ == RDT
-                              else self._plan_cgroup(task_id, type_, value, cycle))
+                    change = (self.rdt.plan(task_id, value, cycle,
+                                            self.store.original(task_id, RDT))
+                              if type_ == RDT else self._plan_cgroup(task_id, type_, value, cycle))
                 except InvalidAllocation as e:
                     cycle.error(task_id, type_, str(e))
                     continue
@@ -418,7 +305,7 @@ class Allocate(Stage):
             reading = files.read(type_, cycle.topology)   # raises why it is not there
             cycle.readings[task_id][type_] = reading
         text = files.target(type_, value, cycle.topology, reading)
-        original = self.originals.get(task_id, {}).get(type_)
+        original = self.store.original(task_id, type_)
         if text == reading.text:
             if original is not None:
                 original.foreign = None
@@ -432,71 +319,6 @@ class Allocate(Stage):
                       [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
                       text=text)
 
-    def _plan_rdt(self, task_id: str, value: dict, cycle: Cycle) -> Optional[Change]:
-        if cycle.groups is None:
-            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
-        threads = cycle.thread_ids(task_id)
-        name = value["name"]
-        for group in cycle.groups.values():
-            if not is_owca_group(group.name) and group.thread_ids.intersection(threads):
-                raise InvalidAllocation(f"{RDT}: the task's threads are in resctrl group "
-                                        f"{group.name!r}, which is not OWCA's")
-        wanted = schemata_of(value)
-        claim = cycle.claims.setdefault(name, (task_id, wanted))
-        if claim[1] != wanted:
-            raise InvalidAllocation(f"{RDT}: group {name} is given other values by task "
-                                    f"{claim[0]} in this cycle")
-        ops, creates = [], None
-        group = cycle.groups.get(name)
-        if group is None:
-            num_closids = self.resctrl.info().num_closids
-            if len(cycle.groups) >= num_closids - 1:
-                raise InvalidAllocation(
-                    f"{RDT}: no CLOSID left for group {name}: num_closids {num_closids} "
-                    f"allows {num_closids - 1} groups besides the default one, and these exist: "
-                    f"{', '.join(sorted(cycle.groups)) or 'none'}")
-            ops.append(Op(f"create resctrl group {name}",
-                          lambda: self.resctrl.create_group(name)))
-            creates = name
-            # Planned, not yet made: later tasks of this cycle join it.
-            group = cycle.groups[name] = Group(name, set(), {})
-        if not schemata_matches(wanted, group.schemata) and \
-                self._schemata_to_write(task_id, group, wanted, value):
-            ops.append(Op(f"write {wanted} to resctrl group {name}'s schemata",
-                          lambda: self._write_schemata(name, wanted)))
-            for resource, domains in wanted.items():
-                group.schemata.setdefault(resource, {}).update(
-                    {i: str(v) for i, v in domains.items()})
-        for thread_id in threads:
-            if thread_id not in group.thread_ids:
-                ops.append(Op(f"move thread {thread_id} to resctrl group {name}",
-                              lambda t=thread_id: self._move_thread(t, name)))
-        group.thread_ids.update(threads)
-        if not ops:
-            return None
-        return Change(task_id, RDT, value, ops, text=name, creates=creates)
-
-    def _schemata_to_write(self, task_id: str, group: Group, wanted: dict, value) -> bool:
-        """Whether a group's schemata that differs from `wanted` is written: always, unless
-        another writer changed what OWCA wrote there and the allocator leaves it."""
-        original = self.originals.get(task_id, {}).get(RDT)
-        if original is None or self._schemata_written.get(group.name) != wanted:
-            return True
-        found = {r: dict(d) for r, d in group.schemata.items() if r in wanted}
-        return self.external.reapply(task_id, RDT, f"{group.name}/schemata", original,
-                                     _one_line(format_schemata(found)), found, value,
-                                     _one_line(format_schemata(wanted)))
-
-    def _write_schemata(self, name: str, wanted: dict) -> None:
-        self.resctrl.write_schemata(name, wanted)
-        self._schemata_written[name] = wanted
-
-    def _move_thread(self, thread_id: int, name: str) -> None:
-        try:
-            self.resctrl.move_thread(thread_id, name)
-        except ProcessLookupError:
-            pass  # the thread ended: nothing to move
-
     # -- writing -------------------------------------------------------------------
 
     def _write_changes(self, changes: List[Change], cycle: Cycle) -> Optional[List[Change]]:
@@ -508,15 +330,14 @@ class Allocate(Stage):
         ready = []
         for change in changes:
             try:
-                self._remember(change, cycle)
+                self.store.remember(change, cycle)
             except OSError as e:   # the cgroup went between reading and now
                 cycle.error(change.task_id, change.type, f"{e.filename or ''}: {e.strerror}")
                 continue
             ready.append(change)
         try:
-            self._save_journal()
+            self.store.save(self._last[2])
         except JournalError as e:
-            self.journal_write_errors += 1
             for change in ready:
                 cycle.error(change.task_id, change.type, f"not written: {e}")
             return None
@@ -540,121 +361,10 @@ class Allocate(Stage):
                             f"{op.what}: {e.strerror or e}")
                 continue
             if change.original is None and change.text is not None:
-                self.originals[change.task_id][change.type].written = \
-                    canonical(change.type, change.text)
+                self.store.wrote(change)
             done.append(change)
         self.changes_total += len(done)
         return done
-
-    def _remember(self, change: Change, cycle: Cycle) -> None:
-        """The original of the change's file (read before OWCA's first write to it), and
-        the text the change writes, as OWCA's."""
-        self._journal_dirty = True
-        originals = self.originals.setdefault(change.task_id, {})
-        original = originals.get(change.type)
-        found = None
-        if change.type == RDT:
-            if original is None:
-                original = originals[RDT] = Original(text=DEFAULT_GROUP, value=None)
-        else:
-            reading = cycle.readings[change.task_id][change.type]
-            found = reading.text
-            if original is None:
-                files = cycle.files[change.task_id]
-                original = originals[change.type] = Original(
-                    text=reading.text, value=reading.value, path=reading.path,
-                    identity=files.identity(change.type))
-        original.note_ours(change.type, change.text, found)
-        if change.creates:
-            self._created_groups.add(change.creates)
-
-    def _restores(self, task_id: str, types: List[str], cycle: Cycle = None) -> List[Change]:
-        """Changes that write back the originals of `types` (forgotten here)."""
-        originals = self.originals.get(task_id, {})
-        out = []
-        for type_ in types:
-            original = originals.pop(type_, None)
-            if original is None:
-                continue
-            self._journal_dirty = True
-            try:
-                files = (cycle.files.get(task_id) if cycle else None) or \
-                    TaskCgroupFiles(self.paths, self.cgroup_paths[task_id])
-                ops = (self._restore_rdt_ops(task_id, files, cycle) if type_ == RDT
-                       else self._restore_cgroup_ops(task_id, type_, files, original))
-            except (CgroupMissing, CgroupRefused, OSError) as e:
-                log.info("task %s: %s not restored: %s", task_id, type_,
-                         getattr(e, "strerror", None) or e)
-                continue
-            if ops:
-                out.append(Change(task_id, type_, None, ops, original=original))
-        if not originals:
-            self.originals.pop(task_id, None)
-        return out
-
-    @staticmethod
-    def _restore_cgroup_ops(task_id, type_, files, original) -> List[Op]:
-        path = files.file(type_)
-        if path != original.path or files.identity(type_) != original.identity:
-            # Another cgroup now lives at that path: what it has is not ours to change.
-            log.info("task %s: %s not restored: %s is a new cgroup", task_id, type_,
-                     os.path.dirname(path))
-            return []
-        now = read_file(path)
-        if canonical(type_, now) == canonical(type_, original.text):
-            return []
-        if not original.holds_ours(type_, now):
-            # Another writer set it after OWCA's last write: its value, not OWCA's to undo.
-            log.info("task %s: %s not restored: another writer changed %s to %r after OWCA "
-                     "wrote it; left as it is", task_id, type_, path, now)
-            return []
-        text = original.text
-
-        def restore():
-            written = restore_file(path, text)
-            if written != text:
-                log.info("task %s: %s: the kernel keeps a cgroup with processes from an "
-                         "empty cpuset: wrote the parent's effective %s instead of ''",
-                         task_id, type_, written)
-        return [Op(f"restore {text!r} to {path}", restore)]
-
-    def _restore_rdt_ops(self, task_id, files, cycle) -> List[Op]:
-        """The task's threads that are in OWCA's groups go back to the default group (a
-        thread another writer moved elsewhere is left there)."""
-        threads = (cycle.threads.get(task_id) if cycle else None) or files.thread_ids()
-        groups = cycle.groups if cycle and cycle.groups is not None else \
-            (self.resctrl.groups() if self.resctrl.available() else {})
-        owca = set().union(*[g.thread_ids for g in groups.values() if is_owca_group(g.name)])
-        return [Op(f"move thread {t} back to the default resctrl group",
-                   lambda t=t: self._move_thread(t, DEFAULT_GROUP))
-                for t in threads if t in owca]
-
-    def _remove_unused_groups(self, cycle: Cycle) -> None:
-        """OWCA's groups no task wants any more are removed (their threads go back to the
-        default group, which the kernel does on rmdir)."""
-        if cycle.groups is None:
-            return
-        wanted = {v[RDT]["name"] for v in self.desired.values() if RDT in v}
-        for name in sorted(cycle.groups):
-            if is_owca_group(name) and name not in wanted:
-                self._remove_group(name)
-
-    def _remove_group(self, name: str) -> None:
-        if self.dry_run:
-            log.info("dry-run: would remove resctrl group %s", name)
-            return
-        try:
-            self.resctrl.remove_group(name)
-            log.info("removed resctrl group %s", name)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("cannot remove resctrl group %s: %s", name, e.strerror or e)
-            return
-        if name in self._created_groups:
-            self._created_groups.discard(name)
-            self._journal_dirty = True
-        self._schemata_written.pop(name, None)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -695,7 +405,7 @@ class Allocate(Stage):
         out += self.external.samples()
         if self.journal is not None:
             for reason, count in (("corrupt", self.journal.set_aside),
-                                  ("write", self.journal_write_errors)):
+                                  ("write", self.store.write_errors)):
                 out.append(frames.sample("allocation_journal_errors_total", count,
                                          {"reason": reason}, "counter"))
         return out
@@ -730,7 +440,7 @@ class Allocate(Stage):
         atexit.unregister(self._restore_everything)
         restored = {}
         for task_id in sorted(self.originals):
-            for change in self._restores(task_id, list(self.originals[task_id])):
+            for change in self.store.restores(task_id, list(self.originals[task_id])):
                 try:
                     for op in change.ops:
                         op.run()
@@ -742,23 +452,12 @@ class Allocate(Stage):
                 log.info("task %s: %s restored", task_id, change.type)
         self.desired.clear()
         # A stage that saw no frame changed nothing, unless a run before it left groups.
-        ran = self._last[1] is not None or self._created_groups
-        try:
-            if ran and not self.dry_run and self.resctrl.available():
-                for name in sorted(self.resctrl.groups()):
-                    if is_owca_group(name):
-                        self._remove_group(name)
-        except OSError as e:
-            log.error("resctrl at %s unreadable, OWCA's groups not removed: %s",
-                      self.paths.resctrlfs, e.strerror or e)
-        self._sync_journal()
-        if self.journal is not None:
-            self.journal.close()
+        ran = self._last[1] is not None or self.store.created_groups
+        if ran and not self.dry_run:
+            self.store.forget_groups(self.rdt.remove_all())
+        self.store.sync(self._last[2])
+        self.store.close()
         return restored
-
-
-def _one_line(schemata: str) -> str:
-    return " ".join(schemata.split())
 
 
 def allocation_samples(task_id: str, values: dict) -> list:
