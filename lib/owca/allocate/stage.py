@@ -26,36 +26,41 @@ shutdown write back, also after a restart that followed a crash.  A value OWCA
 wrote that another writer changed is counted and logged once, and written again
 only as the allocator's policy says (Allocator.reapply_external_change); a file
 another writer holds is not restored over.
+
+The modules beside this one, each with one job: cycle.py (what a cycle read, the
+Changes it makes, the Original of a file), allocator_calls.py (the plug-in, its
+failures counted), planning.py (steps 2 and 4), originals.py (the originals, the
+journal, the restores of step 3), writing.py (the writes, or in --dry-run their
+report), rdt_groups.py (OWCA's resctrl groups), external_changes.py (values another
+writer changed).  This module ties them into the cycle and writes the frames.
 """
 import atexit
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from owca.core import allocation, config, frames
-from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, TYPES,
-                                  InvalidAllocation, Topology, parse_list)
-from owca.plugin import Allocator, NOPAllocator
-from owca.allocate.allocator_calls import AllocatorCalls
-from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, TaskCgroupFiles,
-                                        current_allocations, write_file)
-from owca.allocate.cycle import Change, Cycle, Op
-from owca.allocate.external_changes import ExternalChanges
-from owca.allocate.journal import Journal, JournalError, state_directory
-from owca.allocate.originals import Originals
+from owca.core import config, frames
+from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, Topology,
+                                  parse_list)
 from owca.core.paths import paths_from_options
 from owca.core.resctrl import ResctrlFS
+from owca.core.stage import Stage
+from owca.plugin import Allocator, NOPAllocator
+from owca.allocate.allocator_calls import AllocatorCalls
+from owca.allocate.allocators import BUILTINS
+from owca.allocate.cgroup_files import TaskCgroupFiles, current_allocations
+from owca.allocate.cycle import Change, Cycle
+from owca.allocate.external_changes import ExternalChanges
+from owca.allocate.journal import Journal, state_directory
+from owca.allocate.originals import Originals
+from owca.allocate.planning import Planner
 from owca.allocate.rdt_groups import RdtGroups
 from owca.allocate.resctrl import Resctrl
-from owca.core.stage import Stage
-from owca.allocate.allocators import BUILTINS
+from owca.allocate.writing import Writer
 
 config.add_builtins(BUILTINS)
 log = logging.getLogger("owca.allocate")
-
-ANY_TYPE = "*"  # the `type` of an error about a task's whole allocation
 
 
 @dataclass
@@ -92,18 +97,19 @@ class Allocate(Stage):
         self.external = ExternalChanges(self.allocator)
         self.rdt = RdtGroups(Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs)),
                              self.paths.resctrlfs, self.dry_run, self.external)
-        self.desired: Dict[str, Dict[str, object]] = {}
-        self.changes_total = 0
+        # --dry-run writes nothing, the journal neither.
+        self.journal = None if self.dry_run else \
+            Journal(state_directory(options.get("--state-dir")))
+        self.store = Originals(self.paths, self.journal, self.rdt)   # what OWCA writes back
+        self.planner = Planner(cfg.max_changes_per_cycle, cfg.write_systemd_units,
+                               self.store, self.rdt, self.external)
+        self.writer = Writer(self.dry_run, self.store)
         self.allocation_errors_total = 0
         self._logged = set()
         self._last = (0, None, None)    # seq, ts, host of the last cycle
         self._last_frame = None
         self._values_shipped = False    # whether the frames carried per-task values
         self._closed = False
-        # --dry-run writes nothing, the journal neither.
-        self.journal = None if self.dry_run else \
-            Journal(state_directory(options.get("--state-dir")))
-        self.store = Originals(self.paths, self.journal, self.rdt)
         self.store.adopt()
         if self.allocator.observes_anomalies:
             # An allocator that uses the detector's anomalies gets each anomalies frame
@@ -118,6 +124,11 @@ class Allocate(Stage):
     def originals(self) -> dict:
         """{task_id: {type: Original}}: what OWCA writes back."""
         return self.store.by_task
+
+    @property
+    def desired(self) -> dict:
+        """{task_id: {type: value}}: what OWCA wants for each task."""
+        return self.planner.desired
 
     # -- reading -----------------------------------------------------------------------
 
@@ -172,30 +183,16 @@ class Allocate(Stage):
         self._values_shipped = True
         allocations, anomalies, extra = asked or self.allocator.allocate(frame, current)
 
-        withdrawn = self._merge(allocations, tasks, cycle)
+        withdrawn = self.planner.merge(allocations, tasks, cycle)
         if self.store.unclaimed and self.allocator.ok:
             withdrawn += self.store.not_claimed(allocations, tasks)
-        restores = []
-        for task_id in sorted(set(self.desired) | set(self.originals)):
-            if task_id not in tasks:
-                self.desired.pop(task_id, None)
-                restores += self.store.restores(task_id, list(self.originals.get(task_id, ())))
-        self.external.forget_tasks_but(tasks)
-        self.store.forget_cgroup_paths_but(tasks)
-        for task_id, type_ in withdrawn:
-            restores += self.store.restores(task_id, [type_], cycle)
+        restores = self._restores(tasks, withdrawn, cycle)
 
-        changes = self._plan(cycle)
-        limit = self.cfg.max_changes_per_cycle
-        deferred = changes[limit:]
-        if deferred:
-            log.info("cycle %s: %d changes wait for the next cycle (max_changes_per_cycle %d)",
-                     frame["seq"], len(deferred), limit)
-        done = self._apply(restores, cycle)
-        written = self._write_changes(changes[:limit], cycle)
+        changes, deferred = self.planner.budget(self.planner.plan(cycle), frame["seq"])
+        done = self.writer.apply(restores, cycle)
+        written = self.writer.write(changes, cycle, self._last[2])
         done += written or []
-        wanted_groups = {v[RDT]["name"] for v in self.desired.values() if RDT in v}
-        self.store.forget_groups(self.rdt.remove_unused(cycle, wanted_groups))
+        self.store.forget_groups(self.rdt.remove_unused(cycle, self.planner.wanted_groups()))
         if written is not None:    # None: the journal failed this cycle, and was counted
             self.store.sync(self._last[2])
 
@@ -230,141 +227,18 @@ class Allocate(Stage):
                                               host=frame["host"]))
         return out
 
-    def _merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
-        """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
-        withdrawn = []
-        for task_id, wanted in allocations.items():
-            task_id = str(task_id)
+    def _restores(self, tasks: dict, withdrawn: List[tuple], cycle: Cycle) -> List[Change]:
+        """This cycle's restores: every type of the tasks that went, and those withdrawn."""
+        restores = []
+        for task_id in sorted(set(self.desired) | set(self.originals)):
             if task_id not in tasks:
-                cycle.error(task_id, ANY_TYPE, "no such task in this cycle")
-                continue
-            if not isinstance(wanted, dict):
-                cycle.error(task_id, ANY_TYPE, f"expected {{type: value}}, got "
-                                               f"{type(wanted).__name__}")
-                continue
-            for type_, value in wanted.items():
-                if type_ not in TYPES:
-                    cycle.error(task_id, str(type_), f"unknown allocation type (types: "
-                                                     f"{', '.join(TYPES)})")
-                    continue
-                if value is None:
-                    self.desired.get(task_id, {}).pop(type_, None)
-                    withdrawn.append((task_id, type_))
-                    continue
-                try:
-                    value = allocation.validate(type_, value, cycle.topology)
-                    if type_ == RDT:
-                        value = self.rdt.validate(value, cycle)
-                except (InvalidAllocation, TypeError) as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except (OSError, ValueError) as e:   # resctrl's info/ unreadable
-                    cycle.error(task_id, type_, f"{type(e).__name__}: "
-                                                f"{getattr(e, 'strerror', None) or e}")
-                    continue
-                self.desired.setdefault(task_id, {})[type_] = value
-        return withdrawn
-
-    def _plan(self, cycle: Cycle) -> List[Change]:
-        changes = []
-        for task_id in sorted(self.desired):
-            for type_ in TYPES:
-                if type_ not in self.desired[task_id]:
-                    continue
-                value = self.desired[task_id][type_]
-                try:
-                    if task_id not in cycle.files:
-                        raise CgroupMissing("the task has no cgroup_path")
-                    change = (self.rdt.plan(task_id, value, cycle,
-                                            self.store.original(task_id, RDT))
-                              if type_ == RDT else self._plan_cgroup(task_id, type_, value, cycle))
-                except InvalidAllocation as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except (CgroupMissing, CgroupRefused) as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except OSError as e:
-                    cycle.error(task_id, type_, f"{e.filename or ''}: {e.strerror}")
-                    continue
-                if change is not None:
-                    changes.append(change)
-        return changes
-
-    def _plan_cgroup(self, task_id: str, type_: str, value, cycle: Cycle) -> Optional[Change]:
-        files = cycle.files[task_id]
-        unit = "" if self.cfg.write_systemd_units else files.systemd_unit()
-        if unit:
-            raise CgroupRefused(
-                f"{files.cgroup_path} is systemd unit {unit}'s own cgroup, whose values "
-                f"systemd sets (and resets on daemon-reload): set them through systemd "
-                f"(systemctl set-property), give the task a cgroup below a delegated unit "
-                f"(Delegate=yes), or set write_systemd_units")
-        reading = cycle.readings[task_id].get(type_)
-        if reading is None:
-            reading = files.read(type_, cycle.topology)   # raises why it is not there
-            cycle.readings[task_id][type_] = reading
-        text = files.target(type_, value, cycle.topology, reading)
-        original = self.store.original(task_id, type_)
-        if text == reading.text:
-            if original is not None:
-                original.foreign = None
-            return None
-        path = reading.path
-        if original is not None and not original.holds_ours(type_, reading.text) and \
-                not self.external.reapply(task_id, type_, os.path.basename(path), original,
-                                          reading.text, reading.value, value):
-            return None
-        return Change(task_id, type_, value,
-                      [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
-                      text=text)
-
-    # -- writing -------------------------------------------------------------------
-
-    def _write_changes(self, changes: List[Change], cycle: Cycle) -> Optional[List[Change]]:
-        """The journal first (each original, and what OWCA is about to write), on disk
-        before any of the writes; then the writes.  No journal, no write: None when the
-        journal could not be saved."""
-        if self.dry_run or not changes:
-            return self._apply(changes, cycle)
-        ready = []
-        for change in changes:
-            try:
-                self.store.remember(change, cycle)
-            except OSError as e:   # the cgroup went between reading and now
-                cycle.error(change.task_id, change.type, f"{e.filename or ''}: {e.strerror}")
-                continue
-            ready.append(change)
-        try:
-            self.store.save(self._last[2])
-        except JournalError as e:
-            for change in ready:
-                cycle.error(change.task_id, change.type, f"not written: {e}")
-            return None
-        return self._apply(ready, cycle)
-
-    def _apply(self, changes: List[Change], cycle: Cycle) -> List[Change]:
-        """Write (or, in --dry-run, report) each change; returns those done."""
-        done = []
-        for change in changes:
-            if self.dry_run:
-                for op in change.ops:
-                    log.info("dry-run: task %s: would %s", change.task_id, op.what)
-                done.append(change)
-                continue
-            try:
-                for op in change.ops:
-                    log.debug("task %s: %s", change.task_id, op.what)
-                    op.run()
-            except OSError as e:
-                cycle.error(change.task_id, change.type,
-                            f"{op.what}: {e.strerror or e}")
-                continue
-            if change.original is None and change.text is not None:
-                self.store.wrote(change)
-            done.append(change)
-        self.changes_total += len(done)
-        return done
+                self.desired.pop(task_id, None)
+                restores += self.store.restores(task_id, list(self.originals.get(task_id, ())))
+        self.external.forget_tasks_but(tasks)
+        self.store.forget_cgroup_paths_but(tasks)
+        for task_id, type_ in withdrawn:
+            restores += self.store.restores(task_id, [type_], cycle)
+        return restores
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -397,7 +271,7 @@ class Allocate(Stage):
         return out + self._counter_samples()
 
     def _counter_samples(self) -> list:
-        out = [frames.sample("allocations_count", self.changes_total, type="counter"),
+        out = [frames.sample("allocations_count", self.writer.changes_total, type="counter"),
                frames.sample("allocation_errors_count", self.allocation_errors_total,
                              type="counter"),
                frames.sample("owca_allocator_errors_total", self.allocator.errors,
@@ -441,15 +315,9 @@ class Allocate(Stage):
         restored = {}
         for task_id in sorted(self.originals):
             for change in self.store.restores(task_id, list(self.originals[task_id])):
-                try:
-                    for op in change.ops:
-                        op.run()
-                except OSError as e:
-                    log.error("task %s: %s: %s", task_id, op.what, e.strerror or e)
-                    continue
-                self.changes_total += 1
-                restored.setdefault(task_id, {})[change.type] = change.original.value
-                log.info("task %s: %s restored", task_id, change.type)
+                if self.writer.restore_at_stop(change):
+                    restored.setdefault(task_id, {})[change.type] = change.original.value
+                    log.info("task %s: %s restored", task_id, change.type)
         self.desired.clear()
         # A stage that saw no frame changed nothing, unless a run before it left groups.
         ran = self._last[1] is not None or self.store.created_groups
