@@ -167,7 +167,3 @@ def test_online_lists_that_are_absent_or_malformed_raise(tmp_path):
     with pytest.raises(ValueError):
         online_nodes(paths)
 
-
-def test_allocates_old_name_for_the_gone_exception_is_the_same_class():
-    from owca.allocate.cgroup_files import CgroupMissing
-    assert CgroupMissing is CgroupGone

@@ -50,10 +50,6 @@ DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
 V2_EFFECTIVE = {CPUSET_CPUS: "cpuset.cpus.effective", CPUSET_MEMS: "cpuset.mems.effective"}
 
 
-# The allocate stage's name for CgroupGone.
-CgroupMissing = CgroupGone
-
-
 # -- pure conversions ------------------------------------------------------------------
 
 def quota_to_us(quota: float, period_us: int, ncpus: int) -> int:

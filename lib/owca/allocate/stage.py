@@ -26,35 +26,42 @@ shutdown write back, also after a restart that followed a crash.  A value OWCA
 wrote that another writer changed is counted and logged once, and written again
 only as the allocator's policy says (Allocator.reapply_external_change); a file
 another writer holds is not restored over.
+
+The modules beside this one, each with one job: cycle.py (what a cycle read, the
+Changes it makes, the Original of a file), allocator_calls.py (the plug-in, its
+failures counted), planning.py (steps 2 and 4), originals.py (the originals, the
+journal, the restores of step 3), writing.py (the writes, or in --dry-run their
+report), rdt_groups.py (OWCA's resctrl groups), external_changes.py (values another
+writer changed).  This module ties them into the cycle and writes the frames.
 """
 import atexit
 import logging
-import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List
 
-from owca.core import allocation, config, frames
-from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, TYPES,
-                                  InvalidAllocation, Topology, parse_list)
-from owca.plugin import Allocator, NOPAllocator
-from owca.allocate.cgroup_files import (CgroupMissing, CgroupRefused, Reading, TaskCgroupFiles,
-                                        current_allocations, read_file, restore_file, write_file)
-from owca.plugin import anomaly_dicts, plugin_inputs
-from owca.allocate.journal import Journal, JournalError, state_directory
-from owca.allocate.journal import body as journal_body
+from owca.core import config, frames
+from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, Topology,
+                                  parse_cpu_list)
 from owca.core.kernel import online_cpus, online_nodes
 from owca.core.paths import paths_from_options
-from owca.core.resctrl import DEFAULT_GROUP, ResctrlFS, format_schemata
-from owca.allocate.resctrl import (Group, Resctrl, is_owca_group, schemata_matches, schemata_of,
-                                   validate_on_platform)
-from owca.core.stage import DataError, Stage
+from owca.core.resctrl import ResctrlFS
+from owca.core.stage import Stage
+from owca.plugin import Allocator, NOPAllocator
+from owca.allocate.allocator_calls import AllocatorCalls
 from owca.allocate.allocators import BUILTINS
+from owca.allocate.cgroup_files import TaskCgroupFiles, current_allocations
+from owca.allocate.cycle import Change, Cycle
+from owca.allocate.external_changes import ExternalChanges
+from owca.allocate.journal import Journal, state_directory
+from owca.allocate.originals import Originals
+from owca.allocate.planning import Planner
+from owca.allocate.rdt_groups import RdtGroups
+from owca.allocate.resctrl import Resctrl
+from owca.allocate.writing import Writer
 
 config.add_builtins(BUILTINS)
 log = logging.getLogger("owca.allocate")
-
-ANY_TYPE = "*"  # the `type` of an error about a task's whole allocation
 
 
 @dataclass
@@ -77,126 +84,35 @@ class AllocateConfig:
                              f"{self.max_changes_per_cycle!r}")
 
 
-@dataclass
-class Op:
-    """One write to the system, described for logs and --dry-run."""
-    what: str
-    run: Callable[[], None]
-
-
-@dataclass
-class Change:
-    task_id: str
-    type: str
-    value: object       # what the task gets (None: withdrawn, its original restored)
-    ops: List[Op]
-    original: "Original" = None   # the restore this change performs
-    text: str = None              # what it puts in the file (rdt: the group's name)
-    creates: str = None           # the resctrl group it creates
-
-
-def canonical(type_: str, text: str) -> str:
-    """A file's text as compared with what OWCA wrote (the kernel's own spelling)."""
-    if type_ in (CPUSET_CPUS, CPUSET_MEMS):
-        try:
-            return allocation.format_list(parse_list(text))
-        except ValueError:
-            return text
-    return " ".join(text.split())
-
-
-@dataclass
-class Original:
-    """A type's file as it was before OWCA's first write to it, and what OWCA wrote.
-
-    Journaled (lib/owca/allocate/journal.py) before every write that changes it."""
-    text: str                      # written back on restore ("" for rdt: the default group)
-    value: object                  # the same, normalised (for the frame and the metrics)
-    path: str = None
-    identity: Tuple[int, int] = None
-    # The texts OWCA wrote or is writing to the file (canonical): the file holds
-    # OWCA's value when it holds one of them.
-    ours: List[str] = field(default_factory=list)
-    written: str = None            # the last text OWCA wrote this run, once the write worked
-    foreign: tuple = None          # (text found, value wanted, reapplied?) of a change
-                                   # another writer made, so that it counts once
-
-    def holds_ours(self, type_: str, text: str) -> bool:
-        text = canonical(type_, text)
-        return text == self.written if self.written is not None else text in self.ours
-
-    def note_ours(self, type_: str, text: str, found: Optional[str]) -> None:
-        """`text` is about to be written; `found` is in the file now."""
-        text = canonical(type_, text)
-        kept = [t for t in self.ours if found is not None and t == canonical(type_, found)]
-        self.ours = kept + [text] if text not in kept else kept
-
-    def to_journal(self) -> dict:
-        entry = {"original": self.text, "value": self.value, "ours": list(self.ours)}
-        if self.path is not None:
-            entry.update(path=self.path, identity=list(self.identity))
-        return entry
-
-    @classmethod
-    def from_journal(cls, entry: dict) -> "Original":
-        identity = entry.get("identity")
-        return cls(text=entry["original"], value=entry.get("value"), path=entry.get("path"),
-                   identity=tuple(identity) if identity else None, ours=list(entry["ours"]))
-
-
-@dataclass
-class Cycle:
-    """What one cycle read from the system."""
-    topology: Topology
-    files: Dict[str, TaskCgroupFiles]
-    readings: Dict[str, Dict[str, Reading]]
-    groups: Optional[Dict[str, Group]]          # None: resctrl not mounted
-    threads: Dict[str, List[int]] = field(default_factory=dict)
-    claims: Dict[str, tuple] = field(default_factory=dict)   # rdt group: (task, schemata)
-    errors: List[Tuple[str, str, str]] = field(default_factory=list)
-
-    def error(self, task_id: str, type_: str, reason: str) -> None:
-        self.errors.append((task_id, type_, reason))
-
-
 class Allocate(Stage):
     name = "allocate"
     consumes = ("measurements",)
 
     def __init__(self, cfg: AllocateConfig, options: dict, resctrl_fs: ResctrlFS = None):
         super().__init__(cfg, options)
-        self.errors = 0                 # cycles the allocator failed
         self.dry_run = bool(options.get("--dry-run"))
         self.paths = paths_from_options(sysfs=options.get("--sysfs"),
                                         cgroupfs=options.get("--cgroupfs"),
                                         resctrlfs=options.get("--resctrlfs"))
-        self.resctrl = Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs))
-        self.desired: Dict[str, Dict[str, object]] = {}
-        self.originals: Dict[str, Dict[str, Original]] = {}
-        self.cgroup_paths: Dict[str, str] = {}
-        self.changes_total = 0
-        self.allocation_errors_total = 0
-        self.external_changes: Dict[tuple, int] = {}   # (task_id, type, file) -> changes
-        self.journal_write_errors = 0
-        self._logged = set()
-        self._logged_external = set()
-        self._last = (0, None, None)    # seq, ts, host of the last cycle
-        self._last_frame = None
-        self._values_shipped = False    # whether the frames carried per-task values
-        self._created_groups = set()    # resctrl groups OWCA made (journaled)
-        # Whether originals or groups changed since the journal was last saved: a
-        # cycle that changed nothing costs no encoding of the journal.
-        self._journal_dirty = False
-        # Adopted (task, types) the allocator of this run has not set yet (see _adopt).
-        self._unclaimed: Dict[str, set] = {}
-        self._allocator_ok = True       # whether the allocator answered this cycle
-        self._schemata_written: Dict[str, dict] = {}   # group -> what OWCA wrote
-        self._closed = False
+        self.allocator = AllocatorCalls(cfg.allocator)
+        self.external = ExternalChanges(self.allocator)
+        self.rdt = RdtGroups(Resctrl(resctrl_fs or ResctrlFS(self.paths.resctrlfs)),
+                             self.paths.resctrlfs, self.dry_run, self.external)
         # --dry-run writes nothing, the journal neither.
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
-        self._adopt()
-        if callable(getattr(cfg.allocator, "observe_anomalies", None)):
+        self.store = Originals(self.paths, self.journal, self.rdt)   # what OWCA writes back
+        self.planner = Planner(cfg.max_changes_per_cycle, cfg.write_systemd_units,
+                               self.store, self.rdt, self.external)
+        self.writer = Writer(self.dry_run, self.store)
+        self.allocation_errors_total = 0
+        self._logged = set()
+        self._last = (0, None, None)    # seq, ts, host of the last cycle
+        self._last_frame = None
+        self._values_shipped = False    # whether the frames carried per-task values
+        self._closed = False
+        self.store.adopt()
+        if self.allocator.observes_anomalies:
             # An allocator that uses the detector's anomalies gets each anomalies frame
             # (forwarded unchanged); it sees them in the next cycle, as they follow
             # their cycle's measurements frame.
@@ -205,72 +121,15 @@ class Allocate(Stage):
         # close(); the node must still get its values back.
         atexit.register(self._restore_everything)
 
-    # -- the journal ---------------------------------------------------------------------
+    @property
+    def originals(self) -> dict:
+        """{task_id: {type: Original}}: what OWCA writes back."""
+        return self.store.by_task
 
-    def _adopt(self) -> None:
-        """Take over what a run that did not stop cleanly left in the journal: the
-        originals it must write back, never the values it wrote, as the originals."""
-        if self.journal is None:
-            return
-        try:
-            body = self.journal.load()
-        except JournalError as e:
-            raise DataError(str(e)) from None
-        if not body:
-            return
-        self._created_groups.update(body["groups"])
-        self._journal_dirty = True    # rewritten without what is dropped here
-        adopted = 0
-        for task_id, task in sorted(body["tasks"].items()):
-            originals = {}
-            for type_, entry in task["types"].items():
-                original = Original.from_journal(entry)
-                if self._same_cgroup(task["cgroup_path"], type_, original):
-                    originals[type_] = original
-            if not originals:
-                log.info("journal: task %s: its cgroup %s is gone (or is another cgroup): "
-                         "dropped from the journal", task_id, task["cgroup_path"])
-                continue
-            self.originals[task_id] = originals
-            self.cgroup_paths[task_id] = task["cgroup_path"]
-            self._unclaimed[task_id] = set(originals)
-            adopted += len(originals)
-        if adopted or self._created_groups:
-            log.warning("journal: %s: adopted %d original values of %d tasks and %d resctrl "
-                        "groups from a run that did not stop cleanly (pid %s); they are "
-                        "written back when the tasks stop being managed or this run stops",
-                        self.journal.path, adopted, len(self.originals),
-                        len(self._created_groups), body.get("pid"))
-        self._sync_journal()
-
-    def _same_cgroup(self, cgroup_path: str, type_: str, original: Original) -> bool:
-        try:
-            files = TaskCgroupFiles(self.paths, cgroup_path)
-            if type_ == RDT:
-                return os.path.isdir(files.directory(CPU_QUOTA))
-            return files.file(type_) == original.path and \
-                files.identity(type_) == original.identity
-        except (CgroupMissing, CgroupRefused, OSError):
-            return False
-
-    def _save_journal(self) -> None:
-        """The journal made what memory holds (JournalError when it cannot be)."""
-        if self.journal is None or not self._journal_dirty:
-            return
-        tasks = {task_id: {"cgroup_path": self.cgroup_paths[task_id],
-                           "types": {t: o.to_journal() for t, o in sorted(types.items())}}
-                 for task_id, types in self.originals.items() if types}
-        self.journal.save(journal_body(self._last[2] or frames.hostname(), tasks,
-                                       self._created_groups))
-        self._journal_dirty = False
-
-    def _sync_journal(self) -> None:
-        """_save_journal() where a failure costs nothing but the log line and the count."""
-        try:
-            self._save_journal()
-        except JournalError as e:
-            self.journal_write_errors += 1
-            log.error("%s", e)
+    @property
+    def desired(self) -> dict:
+        """{task_id: {type: value}}: what OWCA wants for each task."""
+        return self.planner.desired
 
     # -- reading -----------------------------------------------------------------------
 
@@ -284,17 +143,10 @@ class Allocate(Stage):
             path = task.get("cgroup_path")
             if not isinstance(path, str):
                 continue
-            self.cgroup_paths[task_id] = path
+            self.store.note_cgroup_path(task_id, path)
             files[task_id] = TaskCgroupFiles(self.paths, path)
             readings[task_id] = current_allocations(files[task_id], topology)
-        groups = None
-        if self.resctrl.available():
-            try:
-                groups = self.resctrl.groups()
-            except (OSError, ValueError) as e:
-                log.warning("resctrl at %s unreadable, rdt left out this cycle: %s",
-                            self.paths.resctrlfs, getattr(e, "strerror", None) or e)
-        return Cycle(topology, files, readings, groups)
+        return Cycle(topology, files, readings, self.rdt.read())
 
     def current_allocations(self, frame: dict, cycle: Cycle = None) -> Dict[str, dict]:
         """What each task has now, read from its cgroup and resctrl group this cycle."""
@@ -302,50 +154,27 @@ class Allocate(Stage):
         out = {}
         for task_id in frame["tasks"]:
             values = {t: r.value for t, r in cycle.readings.get(task_id, {}).items()}
-            rdt = self._current_rdt(task_id, cycle)
+            rdt = self.rdt.current(task_id, cycle)
             if rdt is not None:
                 values[RDT] = rdt
             out[task_id] = values
         return out
-
-    def _threads(self, task_id: str, cycle: Cycle) -> List[int]:
-        if task_id not in cycle.threads:
-            cycle.threads[task_id] = cycle.files[task_id].thread_ids()
-        return cycle.threads[task_id]
-
-    def _current_rdt(self, task_id: str, cycle: Cycle) -> Optional[dict]:
-        if not cycle.groups or task_id not in cycle.files:
-            return None
-        try:
-            threads = set(self._threads(task_id, cycle))
-        except (CgroupMissing, CgroupRefused, OSError, ValueError):
-            return None
-        # The group holding most of the task's threads (all of them, once OWCA moved them).
-        held = max(cycle.groups.values(), key=lambda g: len(g.thread_ids & threads))
-        if not held.thread_ids & threads:
-            return None
-        value = {"name": held.name}
-        if "L3" in held.schemata:
-            value["l3"] = dict(held.schemata["L3"])
-        if "MB" in held.schemata:
-            value["mb"] = {i: int(v) for i, v in held.schemata["MB"].items()}
-        return value
 
     # -- the cycle ---------------------------------------------------------------------
 
     def process(self, frame: dict) -> list:
         if frame["kind"] == "anomalies":
             # For the allocator; the stage has forwarded the frame already (forward_consumed).
-            self._observe_anomalies(frame)
+            self.allocator.observe_anomalies(frame)
             return []
         self._last = (frame["seq"], frame["ts"], frame["host"])
         self._last_frame = frame
         tasks = frame["tasks"]
         if not self.originals and not self.desired and \
-                not getattr(self.cfg.allocator, "reads_current_allocations", True):
+                not self.allocator.reads_current_allocations:
             # Nothing of OWCA's on the node and an allocator that does not look:
             # no cgroup is read unless it asks for something.
-            asked = self._ask_allocator(frame, {task_id: {} for task_id in tasks})
+            asked = self.allocator.allocate(frame, {task_id: {} for task_id in tasks})
             if not asked[0]:
                 return self._quiet_cycle(frame, *asked[1:])
         else:
@@ -353,35 +182,20 @@ class Allocate(Stage):
         cycle = self.read_cycle(frame)
         current = self.current_allocations(frame, cycle)
         self._values_shipped = True
-        allocations, anomalies, extra = asked or self._ask_allocator(frame, current)
+        allocations, anomalies, extra = asked or self.allocator.allocate(frame, current)
 
-        withdrawn = self._merge(allocations, tasks, cycle)
-        if self._unclaimed and self._allocator_ok:
-            withdrawn += self._not_claimed(allocations, tasks)
-        restores = []
-        for task_id in sorted(set(self.desired) | set(self.originals)):
-            if task_id not in tasks:
-                self.desired.pop(task_id, None)
-                restores += self._restores(task_id, list(self.originals.get(task_id, ())))
-        for key in [k for k in self.external_changes if k[0] not in tasks]:
-            del self.external_changes[key]
-        for task_id in set(self.cgroup_paths) - set(tasks) - set(self.originals):
-            del self.cgroup_paths[task_id]
-        for task_id, type_ in withdrawn:
-            restores += self._restores(task_id, [type_], cycle)
+        withdrawn = self.planner.merge(allocations, tasks, cycle)
+        if self.store.unclaimed and self.allocator.ok:
+            withdrawn += self.store.not_claimed(allocations, tasks)
+        restores = self._restores(tasks, withdrawn, cycle)
 
-        changes = self._plan(cycle)
-        limit = self.cfg.max_changes_per_cycle
-        deferred = changes[limit:]
-        if deferred:
-            log.info("cycle %s: %d changes wait for the next cycle (max_changes_per_cycle %d)",
-                     frame["seq"], len(deferred), limit)
-        done = self._apply(restores, cycle)
-        written = self._write_changes(changes[:limit], cycle)
+        changes, deferred = self.planner.budget(self.planner.plan(cycle), frame["seq"])
+        done = self.writer.apply(restores, cycle)
+        written = self.writer.write(changes, cycle, self._last[2])
         done += written or []
-        self._remove_unused_groups(cycle)
+        self.store.forget_groups(self.rdt.remove_unused(cycle, self.planner.wanted_groups()))
         if written is not None:    # None: the journal failed this cycle, and was counted
-            self._sync_journal()
+            self.store.sync(self._last[2])
 
         for task_id, type_, reason in cycle.errors:
             self._report(frame["seq"], task_id, type_, reason)
@@ -414,386 +228,18 @@ class Allocate(Stage):
                                               host=frame["host"]))
         return out
 
-    def _observe_anomalies(self, frame: dict) -> None:
-        try:
-            self.cfg.allocator.observe_anomalies(frame.get("anomalies") or [])
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
-            self.errors += 1
-            log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
-                      type(self.cfg.allocator).__name__, type(e).__name__, e)
-
-    def _ask_allocator(self, frame: dict, current: dict):
-        allocator = self.cfg.allocator
-        try:
-            allocations, anomalies, extra = allocator.allocate(*plugin_inputs(frame), current)
-            if not isinstance(allocations, dict):
-                raise TypeError(f"allocations: expected {{task_id: {{type: value}}}}, got "
-                                f"{type(allocations).__name__}")
-            self._allocator_ok = True
-            return allocations, anomaly_dicts(anomalies), list(extra)
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
-            self._allocator_ok = False
-            self.errors += 1
-            log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
-                      type(e).__name__, e)
-            return {}, [], []
-
-    def _not_claimed(self, allocations: dict, tasks: dict) -> List[tuple]:
-        """The adopted (task, type)s this run's allocator leaves out of its first answer
-        that has the task: no longer wanted, so written back, as a clean stop and start
-        would have left them.  (A task not in the frame is restored as one that went.)"""
-        out = []
-        for task_id in sorted(self._unclaimed):
-            types = self._unclaimed.pop(task_id)
+    def _restores(self, tasks: dict, withdrawn: List[tuple], cycle: Cycle) -> List[Change]:
+        """This cycle's restores: every type of the tasks that went, and those withdrawn."""
+        restores = []
+        for task_id in sorted(set(self.desired) | set(self.originals)):
             if task_id not in tasks:
-                continue
-            wanted = allocations.get(task_id)
-            claimed = set(wanted) if isinstance(wanted, dict) else set()
-            out += [(task_id, type_) for type_ in sorted(types - claimed)]
-        return out
-
-    def _merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
-        """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
-        withdrawn = []
-        for task_id, wanted in allocations.items():
-            task_id = str(task_id)
-            if task_id not in tasks:
-                cycle.error(task_id, ANY_TYPE, "no such task in this cycle")
-                continue
-            if not isinstance(wanted, dict):
-                cycle.error(task_id, ANY_TYPE, f"expected {{type: value}}, got "
-                                               f"{type(wanted).__name__}")
-                continue
-            for type_, value in wanted.items():
-                if type_ not in TYPES:
-                    cycle.error(task_id, str(type_), f"unknown allocation type (types: "
-                                                     f"{', '.join(TYPES)})")
-                    continue
-                if value is None:
-                    self.desired.get(task_id, {}).pop(type_, None)
-                    withdrawn.append((task_id, type_))
-                    continue
-                try:
-                    value = allocation.validate(type_, value, cycle.topology)
-                    if type_ == RDT:
-                        value = self._rdt_on_platform(value, cycle)
-                except (InvalidAllocation, TypeError) as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except (OSError, ValueError) as e:   # resctrl's info/ unreadable
-                    cycle.error(task_id, type_, f"{type(e).__name__}: "
-                                                f"{getattr(e, 'strerror', None) or e}")
-                    continue
-                self.desired.setdefault(task_id, {})[type_] = value
-        return withdrawn
-
-    def _rdt_on_platform(self, value: dict, cycle: Cycle) -> dict:
-        if cycle.groups is None:
-            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
-        return validate_on_platform(value, self.resctrl.info())
-
-    def _plan(self, cycle: Cycle) -> List[Change]:
-        changes = []
-        for task_id in sorted(self.desired):
-            for type_ in TYPES:
-                if type_ not in self.desired[task_id]:
-                    continue
-                value = self.desired[task_id][type_]
-                try:
-                    if task_id not in cycle.files:
-                        raise CgroupMissing("the task has no cgroup_path")
-                    change = (self._plan_rdt(task_id, value, cycle) if type_ == RDT
-                              else self._plan_cgroup(task_id, type_, value, cycle))
-                except InvalidAllocation as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except (CgroupMissing, CgroupRefused) as e:
-                    cycle.error(task_id, type_, str(e))
-                    continue
-                except OSError as e:
-                    cycle.error(task_id, type_, f"{e.filename or ''}: {e.strerror}")
-                    continue
-                if change is not None:
-                    changes.append(change)
-        return changes
-
-    def _plan_cgroup(self, task_id: str, type_: str, value, cycle: Cycle) -> Optional[Change]:
-        files = cycle.files[task_id]
-        unit = "" if self.cfg.write_systemd_units else files.systemd_unit()
-        if unit:
-            raise CgroupRefused(
-                f"{files.cgroup_path} is systemd unit {unit}'s own cgroup, whose values "
-                f"systemd sets (and resets on daemon-reload): set them through systemd "
-                f"(systemctl set-property), give the task a cgroup below a delegated unit "
-                f"(Delegate=yes), or set write_systemd_units")
-        reading = cycle.readings[task_id].get(type_)
-        if reading is None:
-            reading = files.read(type_, cycle.topology)   # raises why it is not there
-            cycle.readings[task_id][type_] = reading
-        text = files.target(type_, value, cycle.topology, reading)
-        original = self.originals.get(task_id, {}).get(type_)
-        if text == reading.text:
-            if original is not None:
-                original.foreign = None
-            return None
-        path = reading.path
-        if original is not None and not original.holds_ours(type_, reading.text) and \
-                not self._changed_elsewhere(task_id, type_, os.path.basename(path), original,
-                                            reading.text, reading.value, value):
-            return None
-        return Change(task_id, type_, value,
-                      [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
-                      text=text)
-
-    def _changed_elsewhere(self, task_id: str, type_: str, file: str, original: Original,
-                           text: str, found, wanted, wrote: str = None) -> bool:
-        """Another writer changed a value OWCA wrote: counted and logged once per change;
-        the allocator's policy says whether OWCA writes its value again (True)."""
-        if original.foreign is not None and original.foreign[:2] == (text, wanted):
-            return original.foreign[2]
-        key = (task_id, type_, file)
-        self.external_changes[key] = self.external_changes.get(key, 0) + 1
-        allocator = self.cfg.allocator
-        try:
-            reapply = bool(allocator.reapply_external_change(task_id, type_, wanted, found))
-        except Exception as e:  # a plug-in's bug: OWCA's value stands, as by default
-            self.errors += 1
-            log.error("task %s: %s.reapply_external_change failed: %s: %s", task_id,
-                      type(allocator).__name__, type(e).__name__, e)
-            reapply = True
-        first = (task_id, type_) not in self._logged_external
-        self._logged_external.add((task_id, type_))
-        log.log(logging.WARNING if first else logging.DEBUG,
-                "task %s: %s: %s was changed by another writer to %r after OWCA wrote %r; "
-                "%s (counted in allocation_external_changes_total)", task_id, type_, file,
-                text, wrote or original.written or "/".join(original.ours),
-                "written again" if reapply else "left as it is, by the allocator's policy")
-        original.foreign = (text, wanted, reapply)
-        return reapply
-
-    def _plan_rdt(self, task_id: str, value: dict, cycle: Cycle) -> Optional[Change]:
-        if cycle.groups is None:
-            raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.paths.resctrlfs}")
-        threads = self._threads(task_id, cycle)
-        name = value["name"]
-        for group in cycle.groups.values():
-            if not is_owca_group(group.name) and group.thread_ids.intersection(threads):
-                raise InvalidAllocation(f"{RDT}: the task's threads are in resctrl group "
-                                        f"{group.name!r}, which is not OWCA's")
-        wanted = schemata_of(value)
-        claim = cycle.claims.setdefault(name, (task_id, wanted))
-        if claim[1] != wanted:
-            raise InvalidAllocation(f"{RDT}: group {name} is given other values by task "
-                                    f"{claim[0]} in this cycle")
-        ops, creates = [], None
-        group = cycle.groups.get(name)
-        if group is None:
-            num_closids = self.resctrl.info().num_closids
-            if len(cycle.groups) >= num_closids - 1:
-                raise InvalidAllocation(
-                    f"{RDT}: no CLOSID left for group {name}: num_closids {num_closids} "
-                    f"allows {num_closids - 1} groups besides the default one, and these exist: "
-                    f"{', '.join(sorted(cycle.groups)) or 'none'}")
-            ops.append(Op(f"create resctrl group {name}",
-                          lambda: self.resctrl.create_group(name)))
-            creates = name
-            # Planned, not yet made: later tasks of this cycle join it.
-            group = cycle.groups[name] = Group(name, set(), {})
-        if not schemata_matches(wanted, group.schemata) and \
-                self._schemata_to_write(task_id, group, wanted, value):
-            ops.append(Op(f"write {wanted} to resctrl group {name}'s schemata",
-                          lambda: self._write_schemata(name, wanted)))
-            for resource, domains in wanted.items():
-                group.schemata.setdefault(resource, {}).update(
-                    {i: str(v) for i, v in domains.items()})
-        for thread_id in threads:
-            if thread_id not in group.thread_ids:
-                ops.append(Op(f"move thread {thread_id} to resctrl group {name}",
-                              lambda t=thread_id: self._move_thread(t, name)))
-        group.thread_ids.update(threads)
-        if not ops:
-            return None
-        return Change(task_id, RDT, value, ops, text=name, creates=creates)
-
-    def _schemata_to_write(self, task_id: str, group: Group, wanted: dict, value) -> bool:
-        """Whether a group's schemata that differs from `wanted` is written: always, unless
-        another writer changed what OWCA wrote there and the allocator leaves it."""
-        original = self.originals.get(task_id, {}).get(RDT)
-        if original is None or self._schemata_written.get(group.name) != wanted:
-            return True
-        found = {r: dict(d) for r, d in group.schemata.items() if r in wanted}
-        return self._changed_elsewhere(task_id, RDT, f"{group.name}/schemata", original,
-                                       _one_line(format_schemata(found)), found, value,
-                                       _one_line(format_schemata(wanted)))
-
-    def _write_schemata(self, name: str, wanted: dict) -> None:
-        self.resctrl.write_schemata(name, wanted)
-        self._schemata_written[name] = wanted
-
-    def _move_thread(self, thread_id: int, name: str) -> None:
-        try:
-            self.resctrl.move_thread(thread_id, name)
-        except ProcessLookupError:
-            pass  # the thread ended: nothing to move
-
-    # -- writing -------------------------------------------------------------------
-
-    def _write_changes(self, changes: List[Change], cycle: Cycle) -> Optional[List[Change]]:
-        """The journal first (each original, and what OWCA is about to write), on disk
-        before any of the writes; then the writes.  No journal, no write: None when the
-        journal could not be saved."""
-        if self.dry_run or not changes:
-            return self._apply(changes, cycle)
-        ready = []
-        for change in changes:
-            try:
-                self._remember(change, cycle)
-            except OSError as e:   # the cgroup went between reading and now
-                cycle.error(change.task_id, change.type, f"{e.filename or ''}: {e.strerror}")
-                continue
-            ready.append(change)
-        try:
-            self._save_journal()
-        except JournalError as e:
-            self.journal_write_errors += 1
-            for change in ready:
-                cycle.error(change.task_id, change.type, f"not written: {e}")
-            return None
-        return self._apply(ready, cycle)
-
-    def _apply(self, changes: List[Change], cycle: Cycle) -> List[Change]:
-        """Write (or, in --dry-run, report) each change; returns those done."""
-        done = []
-        for change in changes:
-            if self.dry_run:
-                for op in change.ops:
-                    log.info("dry-run: task %s: would %s", change.task_id, op.what)
-                done.append(change)
-                continue
-            try:
-                for op in change.ops:
-                    log.debug("task %s: %s", change.task_id, op.what)
-                    op.run()
-            except OSError as e:
-                cycle.error(change.task_id, change.type,
-                            f"{op.what}: {e.strerror or e}")
-                continue
-            if change.original is None and change.text is not None:
-                self.originals[change.task_id][change.type].written = \
-                    canonical(change.type, change.text)
-            done.append(change)
-        self.changes_total += len(done)
-        return done
-
-    def _remember(self, change: Change, cycle: Cycle) -> None:
-        """The original of the change's file (read before OWCA's first write to it), and
-        the text the change writes, as OWCA's."""
-        self._journal_dirty = True
-        originals = self.originals.setdefault(change.task_id, {})
-        original = originals.get(change.type)
-        found = None
-        if change.type == RDT:
-            if original is None:
-                original = originals[RDT] = Original(text=DEFAULT_GROUP, value=None)
-        else:
-            reading = cycle.readings[change.task_id][change.type]
-            found = reading.text
-            if original is None:
-                files = cycle.files[change.task_id]
-                original = originals[change.type] = Original(
-                    text=reading.text, value=reading.value, path=reading.path,
-                    identity=files.identity(change.type))
-        original.note_ours(change.type, change.text, found)
-        if change.creates:
-            self._created_groups.add(change.creates)
-
-    def _restores(self, task_id: str, types: List[str], cycle: Cycle = None) -> List[Change]:
-        """Changes that write back the originals of `types` (forgotten here)."""
-        originals = self.originals.get(task_id, {})
-        out = []
-        for type_ in types:
-            original = originals.pop(type_, None)
-            if original is None:
-                continue
-            self._journal_dirty = True
-            try:
-                files = (cycle.files.get(task_id) if cycle else None) or \
-                    TaskCgroupFiles(self.paths, self.cgroup_paths[task_id])
-                ops = (self._restore_rdt_ops(task_id, files, cycle) if type_ == RDT
-                       else self._restore_cgroup_ops(task_id, type_, files, original))
-            except (CgroupMissing, CgroupRefused, OSError) as e:
-                log.info("task %s: %s not restored: %s", task_id, type_,
-                         getattr(e, "strerror", None) or e)
-                continue
-            if ops:
-                out.append(Change(task_id, type_, None, ops, original=original))
-        if not originals:
-            self.originals.pop(task_id, None)
-        return out
-
-    @staticmethod
-    def _restore_cgroup_ops(task_id, type_, files, original) -> List[Op]:
-        path = files.file(type_)
-        if path != original.path or files.identity(type_) != original.identity:
-            # Another cgroup now lives at that path: what it has is not ours to change.
-            log.info("task %s: %s not restored: %s is a new cgroup", task_id, type_,
-                     os.path.dirname(path))
-            return []
-        now = read_file(path)
-        if canonical(type_, now) == canonical(type_, original.text):
-            return []
-        if not original.holds_ours(type_, now):
-            # Another writer set it after OWCA's last write: its value, not OWCA's to undo.
-            log.info("task %s: %s not restored: another writer changed %s to %r after OWCA "
-                     "wrote it; left as it is", task_id, type_, path, now)
-            return []
-        text = original.text
-
-        def restore():
-            written = restore_file(path, text)
-            if written != text:
-                log.info("task %s: %s: the kernel keeps a cgroup with processes from an "
-                         "empty cpuset: wrote the parent's effective %s instead of ''",
-                         task_id, type_, written)
-        return [Op(f"restore {text!r} to {path}", restore)]
-
-    def _restore_rdt_ops(self, task_id, files, cycle) -> List[Op]:
-        """The task's threads that are in OWCA's groups go back to the default group (a
-        thread another writer moved elsewhere is left there)."""
-        threads = (cycle.threads.get(task_id) if cycle else None) or files.thread_ids()
-        groups = cycle.groups if cycle and cycle.groups is not None else \
-            (self.resctrl.groups() if self.resctrl.available() else {})
-        owca = set().union(*[g.thread_ids for g in groups.values() if is_owca_group(g.name)])
-        return [Op(f"move thread {t} back to the default resctrl group",
-                   lambda t=t: self._move_thread(t, DEFAULT_GROUP))
-                for t in threads if t in owca]
-
-    def _remove_unused_groups(self, cycle: Cycle) -> None:
-        """OWCA's groups no task wants any more are removed (their threads go back to the
-        default group, which the kernel does on rmdir)."""
-        if cycle.groups is None:
-            return
-        wanted = {v[RDT]["name"] for v in self.desired.values() if RDT in v}
-        for name in sorted(cycle.groups):
-            if is_owca_group(name) and name not in wanted:
-                self._remove_group(name)
-
-    def _remove_group(self, name: str) -> None:
-        if self.dry_run:
-            log.info("dry-run: would remove resctrl group %s", name)
-            return
-        try:
-            self.resctrl.remove_group(name)
-            log.info("removed resctrl group %s", name)
-        except FileNotFoundError:
-            pass
-        except OSError as e:
-            log.error("cannot remove resctrl group %s: %s", name, e.strerror or e)
-            return
-        if name in self._created_groups:
-            self._created_groups.discard(name)
-            self._journal_dirty = True
-        self._schemata_written.pop(name, None)
+                self.desired.pop(task_id, None)
+                restores += self.store.restores(task_id, list(self.originals.get(task_id, ())))
+        self.external.forget_tasks_but(tasks)
+        self.store.forget_cgroup_paths_but(tasks)
+        for task_id, type_ in withdrawn:
+            restores += self.store.restores(task_id, [type_], cycle)
+        return restores
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -826,18 +272,15 @@ class Allocate(Stage):
         return out + self._counter_samples()
 
     def _counter_samples(self) -> list:
-        out = [frames.sample("allocations_count", self.changes_total, type="counter"),
+        out = [frames.sample("allocations_count", self.writer.changes_total, type="counter"),
                frames.sample("allocation_errors_count", self.allocation_errors_total,
                              type="counter"),
-               frames.sample("owca_allocator_errors_total", self.errors, {"stage": self.name},
-                             "counter")]
-        for (task_id, type_, file), count in sorted(self.external_changes.items()):
-            out.append(frames.sample("allocation_external_changes_total", count,
-                                     {"task_id": task_id, "type": type_, "file": file},
-                                     "counter"))
+               frames.sample("owca_allocator_errors_total", self.allocator.errors,
+                             {"stage": self.name}, "counter")]
+        out += self.external.samples()
         if self.journal is not None:
             for reason, count in (("corrupt", self.journal.set_aside),
-                                  ("write", self.journal_write_errors)):
+                                  ("write", self.store.write_errors)):
                 out.append(frames.sample("allocation_journal_errors_total", count,
                                          {"reason": reason}, "counter"))
         return out
@@ -872,35 +315,18 @@ class Allocate(Stage):
         atexit.unregister(self._restore_everything)
         restored = {}
         for task_id in sorted(self.originals):
-            for change in self._restores(task_id, list(self.originals[task_id])):
-                try:
-                    for op in change.ops:
-                        op.run()
-                except OSError as e:
-                    log.error("task %s: %s: %s", task_id, op.what, e.strerror or e)
-                    continue
-                self.changes_total += 1
-                restored.setdefault(task_id, {})[change.type] = change.original.value
-                log.info("task %s: %s restored", task_id, change.type)
+            for change in self.store.restores(task_id, list(self.originals[task_id])):
+                if self.writer.restore_at_stop(change):
+                    restored.setdefault(task_id, {})[change.type] = change.original.value
+                    log.info("task %s: %s restored", task_id, change.type)
         self.desired.clear()
         # A stage that saw no frame changed nothing, unless a run before it left groups.
-        ran = self._last[1] is not None or self._created_groups
-        try:
-            if ran and not self.dry_run and self.resctrl.available():
-                for name in sorted(self.resctrl.groups()):
-                    if is_owca_group(name):
-                        self._remove_group(name)
-        except OSError as e:
-            log.error("resctrl at %s unreadable, OWCA's groups not removed: %s",
-                      self.paths.resctrlfs, e.strerror or e)
-        self._sync_journal()
-        if self.journal is not None:
-            self.journal.close()
+        ran = self._last[1] is not None or self.store.created_groups
+        if ran and not self.dry_run:
+            self.store.forget_groups(self.rdt.remove_all())
+        self.store.sync(self._last[2])
+        self.store.close()
         return restored
-
-
-def _one_line(schemata: str) -> str:
-    return " ".join(schemata.split())
 
 
 def allocation_samples(task_id: str, values: dict) -> list:
@@ -913,7 +339,7 @@ def allocation_samples(task_id: str, values: dict) -> list:
     for type_, label in ((CPUSET_CPUS, "cpus"), (CPUSET_MEMS, "mems")):
         if values.get(type_) is not None:
             ids = values[type_]
-            out.append(frames.sample(f"allocation_{type_}", len(parse_list(ids)),
+            out.append(frames.sample(f"allocation_{type_}", len(parse_cpu_list(ids)),
                                      {**labels, label: ids}))
     rdt = values.get(RDT)
     if rdt:

@@ -47,7 +47,6 @@ ALL_CACHE_IDS = "*"
 
 # The kernel's list format ("0-3,8") is owca.core.kernel's; these are the names the
 # allocate stage and its allocators import it by.
-parse_list, format_list = parse_cpu_list, format_cpu_list
 
 
 class InvalidAllocation(ValueError):

@@ -37,7 +37,7 @@ from typing import Dict, FrozenSet, List, Optional
 
 from owca.core import frames
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, InvalidAllocation,
-                                  SHARES_MAX, SHARES_MIN, format_list, parse_list,
+                                  SHARES_MAX, SHARES_MIN, format_cpu_list, parse_cpu_list,
                                   validate_cpuset_cpus)
 from owca.plugin import Allocator
 from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
@@ -434,7 +434,7 @@ class SloController(Allocator):
         """(floor cpus, this level's cpus, the floor cpus' share of the platform) for BE, or
         None when cpusets are left alone."""
         online = self._online(platform)
-        excluded = frozenset(parse_list(self.reserved_cpus)) if self.reserved_cpus \
+        excluded = frozenset(parse_cpu_list(self.reserved_cpus)) if self.reserved_cpus \
             else frozenset()
         if self._checkpoint:
             try:
@@ -450,7 +450,7 @@ class SloController(Allocator):
                 excluded |= state.exclusive_cpus
         allowed = online - excluded
         metrics.append(frames.sample("slo_controller_excluded_cpus", len(online & excluded),
-                                     {"cpus": format_list(online & excluded)}))
+                                     {"cpus": format_cpu_list(online & excluded)}))
         if not allowed:
             self._log_once(("no cpus",), "every online CPU is exclusive or reserved: BE "
                                          "cpusets left as they are")
@@ -459,11 +459,11 @@ class SloController(Allocator):
         hp_cpus = frozenset()
         for task_id in hp:
             try:
-                hp_cpus |= parse_list(str(current.get(task_id, {}).get(CPUSET_CPUS) or ""))
+                hp_cpus |= parse_cpu_list(str(current.get(task_id, {}).get(CPUSET_CPUS) or ""))
             except ValueError:
                 continue
         if self.be_cpus is not None:
-            home = parse_list(self.be_cpus) & allowed
+            home = parse_cpu_list(self.be_cpus) & allowed
         else:
             home = frozenset().union(*(c for c in cores if not c & hp_cpus))
         if not home:
@@ -475,7 +475,7 @@ class SloController(Allocator):
             lent = math.ceil((self.level - self.lend_level + 1) / span * len(lendable))
         # The cores farthest from the first ones (where HP tasks usually start) go first.
         given = frozenset(home).union(*lendable[len(lendable) - lent:])
-        return format_list(home), format_list(given), len(home) / len(online)
+        return format_cpu_list(home), format_cpu_list(given), len(home) / len(online)
 
     def _online(self, platform) -> FrozenSet[int]:
         try:
@@ -491,7 +491,7 @@ class SloController(Allocator):
                                             f"thread_siblings_list")
             try:
                 with open(path) as f:
-                    siblings = parse_list(f.read())
+                    siblings = parse_cpu_list(f.read())
             except (OSError, ValueError):
                 siblings = frozenset((cpu,))
             groups.setdefault(min(siblings), set()).add(cpu)
@@ -611,7 +611,7 @@ def _same(type_: str, a, b) -> bool:
         return abs(float(a) - float(b)) <= 0.002 * max(1.0, abs(float(b)))
     if type_ == CPUSET_CPUS:
         try:
-            return parse_list(str(a)) == parse_list(str(b))
+            return parse_cpu_list(str(a)) == parse_cpu_list(str(b))
         except ValueError:
             return False
     if type_ == RDT:

@@ -1,0 +1,58 @@
+"""The allocator plug-in as owca-allocate calls it: a plug-in's bug costs its cycle, not
+the pipeline.  Each failed call is logged and counted (owca_allocator_errors_total).
+"""
+import logging
+
+from owca.plugin import Allocator, anomaly_dicts, plugin_inputs
+
+log = logging.getLogger("owca.allocate")
+
+
+class AllocatorCalls:
+    def __init__(self, allocator: Allocator):
+        self.allocator = allocator
+        self.errors = 0       # calls that failed
+        self.ok = True        # whether the allocator answered this cycle
+
+    @property
+    def observes_anomalies(self) -> bool:
+        return callable(getattr(self.allocator, "observe_anomalies", None))
+
+    @property
+    def reads_current_allocations(self) -> bool:
+        return getattr(self.allocator, "reads_current_allocations", True)
+
+    def allocate(self, frame: dict, current: dict):
+        """(allocations, anomalies as dicts, extra metrics); nothing when the call failed."""
+        allocator = self.allocator
+        try:
+            allocations, anomalies, extra = allocator.allocate(*plugin_inputs(frame), current)
+            if not isinstance(allocations, dict):
+                raise TypeError(f"allocations: expected {{task_id: {{type: value}}}}, got "
+                                f"{type(allocations).__name__}")
+            self.ok = True
+            return allocations, anomaly_dicts(anomalies), list(extra)
+        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self.ok = False
+            self.errors += 1
+            log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
+                      type(e).__name__, e)
+            return {}, [], []
+
+    def observe_anomalies(self, frame: dict) -> None:
+        try:
+            self.allocator.observe_anomalies(frame.get("anomalies") or [])
+        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            self.errors += 1
+            log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
+                      type(self.allocator).__name__, type(e).__name__, e)
+
+    def reapply_external_change(self, task_id: str, type_: str, wanted, found) -> bool:
+        allocator = self.allocator
+        try:
+            return bool(allocator.reapply_external_change(task_id, type_, wanted, found))
+        except Exception as e:  # a plug-in's bug: OWCA's value stands, as by default
+            self.errors += 1
+            log.error("task %s: %s.reapply_external_change failed: %s: %s", task_id,
+                      type(allocator).__name__, type(e).__name__, e)
+            return True

@@ -1,0 +1,137 @@
+"""What to change this cycle: the allocator's answer, validated, is what OWCA wants for
+each task (`desired`, kept until it is withdrawn or the task goes); where a task's
+files differ, a Change; at most `max_changes_per_cycle` of them are written a cycle.
+
+An invalid (task, type) is the cycle's error and leaves the others alone.  A value
+OWCA wrote that another writer changed is written again only as the allocator's
+policy says (external_changes.py).
+"""
+import logging
+import os
+from typing import Dict, List, Optional, Tuple
+
+from owca.core import allocation
+from owca.core.allocation import RDT, TYPES, InvalidAllocation
+from owca.allocate.cgroup_files import CgroupGone, CgroupRefused, write_file
+from owca.allocate.cycle import Change, Cycle, Op
+from owca.allocate.external_changes import ExternalChanges
+from owca.allocate.originals import Originals
+from owca.allocate.rdt_groups import RdtGroups
+
+log = logging.getLogger("owca.allocate")
+
+ANY_TYPE = "*"  # the `type` of an error about a task's whole allocation
+
+
+class Planner:
+    def __init__(self, max_changes_per_cycle: int, write_systemd_units: bool,
+                 originals: Originals, rdt: RdtGroups, external: ExternalChanges):
+        self.max_changes_per_cycle = max_changes_per_cycle
+        self.write_systemd_units = write_systemd_units
+        self.originals = originals
+        self.rdt = rdt
+        self.external = external
+        self.desired: Dict[str, Dict[str, object]] = {}
+
+    def merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
+        """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
+        withdrawn = []
+        for task_id, wanted in allocations.items():
+            task_id = str(task_id)
+            if task_id not in tasks:
+                cycle.error(task_id, ANY_TYPE, "no such task in this cycle")
+                continue
+            if not isinstance(wanted, dict):
+                cycle.error(task_id, ANY_TYPE, f"expected {{type: value}}, got "
+                                               f"{type(wanted).__name__}")
+                continue
+            for type_, value in wanted.items():
+                if type_ not in TYPES:
+                    cycle.error(task_id, str(type_), f"unknown allocation type (types: "
+                                                     f"{', '.join(TYPES)})")
+                    continue
+                if value is None:
+                    self.desired.get(task_id, {}).pop(type_, None)
+                    withdrawn.append((task_id, type_))
+                    continue
+                try:
+                    value = allocation.validate(type_, value, cycle.topology)
+                    if type_ == RDT:
+                        value = self.rdt.validate(value, cycle)
+                except (InvalidAllocation, TypeError) as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except (OSError, ValueError) as e:   # resctrl's info/ unreadable
+                    cycle.error(task_id, type_, f"{type(e).__name__}: "
+                                                f"{getattr(e, 'strerror', None) or e}")
+                    continue
+                self.desired.setdefault(task_id, {})[type_] = value
+        return withdrawn
+
+    def wanted_groups(self) -> set:
+        """The resctrl groups some task is to be in."""
+        return {v[RDT]["name"] for v in self.desired.values() if RDT in v}
+
+    def plan(self, cycle: Cycle) -> List[Change]:
+        """A Change for each (task, type) whose file does not hold what OWCA wants."""
+        changes = []
+        for task_id in sorted(self.desired):
+            for type_ in TYPES:
+                if type_ not in self.desired[task_id]:
+                    continue
+                value = self.desired[task_id][type_]
+                try:
+                    if task_id not in cycle.files:
+                        raise CgroupGone("the task has no cgroup_path")
+                    change = (self.rdt.plan(task_id, value, cycle,
+                                            self.originals.original(task_id, RDT))
+                              if type_ == RDT else self._plan_cgroup(task_id, type_, value, cycle))
+                except InvalidAllocation as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except (CgroupGone, CgroupRefused) as e:
+                    cycle.error(task_id, type_, str(e))
+                    continue
+                except OSError as e:
+                    cycle.error(task_id, type_, f"{e.filename or ''}: {e.strerror}")
+                    continue
+                if change is not None:
+                    changes.append(change)
+        return changes
+
+    def _plan_cgroup(self, task_id: str, type_: str, value, cycle: Cycle) -> Optional[Change]:
+        files = cycle.files[task_id]
+        unit = "" if self.write_systemd_units else files.systemd_unit()
+        if unit:
+            raise CgroupRefused(
+                f"{files.cgroup_path} is systemd unit {unit}'s own cgroup, whose values "
+                f"systemd sets (and resets on daemon-reload): set them through systemd "
+                f"(systemctl set-property), give the task a cgroup below a delegated unit "
+                f"(Delegate=yes), or set write_systemd_units")
+        reading = cycle.readings[task_id].get(type_)
+        if reading is None:
+            reading = files.read(type_, cycle.topology)   # raises why it is not there
+            cycle.readings[task_id][type_] = reading
+        text = files.target(type_, value, cycle.topology, reading)
+        original = self.originals.original(task_id, type_)
+        if text == reading.text:
+            if original is not None:
+                original.foreign = None
+            return None
+        path = reading.path
+        if original is not None and not original.holds_ours(type_, reading.text) and \
+                not self.external.reapply(task_id, type_, os.path.basename(path), original,
+                                          reading.text, reading.value, value):
+            return None
+        return Change(task_id, type_, value,
+                      [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
+                      text=text)
+
+    def budget(self, changes: List[Change], seq) -> Tuple[List[Change], List[Change]]:
+        """The changes written this cycle, and those that wait for the next one."""
+        limit = self.max_changes_per_cycle
+        deferred = changes[limit:]
+        if deferred:
+            log.info("cycle %s: %d changes wait for the next cycle (max_changes_per_cycle %d)",
+                     seq, len(deferred), limit)
+        return changes[:limit], deferred
