@@ -388,7 +388,7 @@ def test_a_systemd_units_own_cgroup_is_refused_unless_below_a_delegated_one(tmp_
         "/x.slice/deleg.service/sup": [7003]})
     _delegate(os.path.join(cgroupfs, "x.slice", "deleg.service"))
     node = {"--cgroupfs": cgroupfs, "--sysfs": fake_sysfs(str(tmp_path / "sys")),
-            "--resctrlfs": str(tmp_path / "no-resctrl")}
+            "--resctrlfs": str(tmp_path / "no-resctrl"), "--state-dir": str(tmp_path / "state")}
     tasks = {"plain": "/x.slice/plain.service", "inner": "/x.slice/deleg.service/c.scope",
              "unit": "/x.slice/deleg.service"}
     want = {t: {"cpu_shares": 2.0} for t in tasks}
