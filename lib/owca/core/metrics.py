@@ -140,9 +140,10 @@ INTERNAL = _specs(
       scope="internal"),
     M("owca_source_success", GAUGE, "boolean",
       "Per owca-measure source (label `source`: cgroup, platform, perf, apm, rdt), 1 when "
-      "it worked in the last cycle, 0 when it failed as a whole (what that is, each "
-      "source's module lib/owca/measure/sources/*_source.py says: a task's cgroup gone "
-      "is none), as node_exporter's node_scrape_collector_success.", "owca-measure",
+      "it worked in the last cycle, 0 when it failed as a whole (what that is, the "
+      "docstring of each source's class in lib/owca/measure/sources/ says: a task's "
+      "cgroup gone is none), as node_exporter's node_scrape_collector_success.",
+      "owca-measure",
       scope="internal"),
     M("owca_source_duration_seconds", GAUGE, "seconds",
       "Per owca-measure source (label `source`), wall time its read took in the last "

@@ -28,8 +28,8 @@ Metrics (per task; counters are cumulative since the task was opened):
                                                       an input is missing or a
                                                       denominator did not move
 """
-from owca.measure.sources.perf.counters import PerfCounters
+from owca.measure.sources.perf.counters import PerfCounters, PerfSource
 from owca.measure.sources.perf.events import Event, parse_events
 from owca.measure.sources.perf.helper import HelperGone, find_helper
 
-__all__ = ['Event', 'HelperGone', 'PerfCounters', 'find_helper', 'parse_events']
+__all__ = ['Event', 'HelperGone', 'PerfCounters', 'PerfSource', 'find_helper', 'parse_events']
