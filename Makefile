@@ -45,6 +45,18 @@ venv: $(VENV)/.installed
 helper:
 	@if [ -f bin/owca-perf.c ]; then mkdir -p build && $(CC) $(CFLAGS) -o build/owca-perf bin/owca-perf.c; fi
 
+# ruff and mypy (pyproject.toml) on the package and the tools in bin/; both run, so
+# that one run shows every finding, and the target fails if either found one.
+LINT_PATHS := lib/owca $(filter-out %.c,$(wildcard bin/owca-*))
+
+.PHONY: lint
+lint: venv
+	$(PIP) install -q -r requirements/lint.txt
+	status=0; \
+	$(VENV)/bin/ruff check $(LINT_PATHS) || status=1; \
+	$(VENV)/bin/mypy $(LINT_PATHS) || status=1; \
+	exit $$status
+
 docs: venv
 	$(PY) -m owca.docs > docs/metrics.md
 

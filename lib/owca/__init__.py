@@ -77,7 +77,9 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         module = types.ModuleType(spec.name, f"Deprecated: moved to {__name__}."
                                              f"{MOVED[spec.name.rpartition('.')[2]][0]}")
-        module.__getattr__ = moved_names(spec.name, MOVED[spec.name.rpartition(".")[2]])
+        # PEP 562: a module's __getattr__ is a plain attribute (typeshed has a method).
+        module.__getattr__ = moved_names(  # type: ignore[method-assign]
+            spec.name, MOVED[spec.name.rpartition(".")[2]])
         return module
 
     def exec_module(self, module):

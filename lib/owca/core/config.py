@@ -42,8 +42,8 @@ class Range:
 
     Checked when the configuration is loaded; a value outside is `file:line`.
     """
-    min: float = None
-    max: float = None
+    min: typing.Optional[float] = None
+    max: typing.Optional[float] = None
     min_excluded: bool = False
 
     def refuses(self, value) -> bool:
@@ -109,7 +109,7 @@ def add_builtins(table: typing.Dict[str, str]) -> None:
     _BUILTINS.update(table)
 
 
-def register(cls=None, *, name: str = None):
+def register(cls=None, *, name: typing.Optional[str] = None):
     """Make a class buildable from YAML as `!Name` (use as `@register`)."""
     def add(c):
         tag = name or c.__name__
@@ -146,8 +146,8 @@ def register_external(spec: str) -> type:
             module = _import_file(module_name)
         else:
             module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as e:  # any import-time failure of a plug-in,
-        # sys.exit() in it too, is a usage error that names the plug-in's line
+    except (Exception, SystemExit) as e:  # noqa: BLE001 any import-time failure of a
+        # plug-in, sys.exit() in it too, is a usage error that names the plug-in's line
         where = _where_raised(e)
         raise ConfigError(f"{where + ': ' if where else ''}-r {spec}: cannot import "
                           f"{module_name}: {_import_failure(e)}") from None
@@ -183,7 +183,7 @@ def _import_file(path: str):
     import sys
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(name, path)
-    if spec is None:
+    if spec is None or spec.loader is None:
         raise ImportError(f"not a Python file: {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
@@ -203,15 +203,16 @@ def _loader_class():
     return _Loader
 
 
-def load_section(path: str, section: str, schema: type, text: str = None):
+def load_section(path: typing.Optional[str], section: str, schema: type,
+                 text: typing.Optional[str] = None):
     """Build `schema` from the `section:` mapping of the YAML file at `path`.
 
     A missing file section (or no file at all, path None) gives the schema's
     defaults.  Top-level keys that are not sections of any tool are errors.
     """
-    if path is None and text is None:
-        return schema()
     if text is None:
+        if path is None:
+            return schema()
         try:
             with open(path, "rb") as f:
                 data = f.read()
@@ -264,7 +265,7 @@ def _refuse_duplicate_keys(root, where: str) -> None:
     while stack:
         node = stack.pop()
         if isinstance(node, yaml.MappingNode):
-            seen = {}
+            seen: dict = {}
             for key_node, value_node in node.value:
                 if isinstance(key_node, yaml.ScalarNode):
                     first = seen.setdefault(key_node.value, key_node)
@@ -378,7 +379,7 @@ class _Builder:
     def construct(self, cls, node, where):
         if dataclasses.is_dataclass(cls):
             hints = typing.get_type_hints(cls, include_extras=True)
-            fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+            fields: dict = {f.name: f for f in dataclasses.fields(cls) if f.init}
             required = {n for n, f in fields.items()
                         if f.default is dataclasses.MISSING
                         and f.default_factory is dataclasses.MISSING}

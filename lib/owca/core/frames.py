@@ -12,6 +12,7 @@ import math
 import os
 import re
 import time
+from typing import Optional, Set
 
 VERSION = 1
 KINDS = ("tasks", "measurements", "anomalies", "allocations")
@@ -43,7 +44,8 @@ def hostname() -> str:
     return os.uname().nodename
 
 
-def new_frame(kind: str, seq: int, ts: float = None, host: str = None, **fields) -> dict:
+def new_frame(kind: str, seq: int, ts: Optional[float] = None, host: Optional[str] = None,
+              **fields) -> dict:
     frame = {"v": VERSION, "kind": kind, "ts": time.time() if ts is None else ts,
              "host": hostname() if host is None else host, "seq": seq}
     frame.update(fields)
@@ -68,7 +70,8 @@ def allocations_frame(seq, allocations, ts=None, host=None, metrics=None, **fiel
                      metrics=metrics or [], **fields)
 
 
-def sample(name: str, value, labels: dict = None, type: str = "gauge", help: str = None) -> dict:
+def sample(name: str, value, labels: Optional[dict] = None, type: str = "gauge",
+           help: Optional[str] = None) -> dict:
     """A free-form metric sample, as carried in a frame's `metrics` list."""
     s = {"name": name, "value": value, "labels": labels or {}, "type": type}
     if help:
@@ -194,7 +197,7 @@ def check_task_id(task_id, where="id"):
 
 # Label names recur in every frame: remember the good ones (bounded) so that
 # each is matched against the pattern once, not once per task per cycle.
-_GOOD_LABEL_NAMES = set()
+_GOOD_LABEL_NAMES: Set[str] = set()
 
 
 def check_labels(labels, where):
@@ -265,7 +268,7 @@ def _check_measurements(frame):
     platform = _need(frame, "platform", lambda x: isinstance(x, dict), "an object")
     check_metric_values(platform, "platform")
     tasks = _need(frame, "tasks", lambda x: isinstance(x, dict), "an object keyed by task id")
-    empty = {}
+    empty: dict = {}
     for task_id, task in tasks.items():
         # The hot path of every consuming stage: names are built only for errors.
         if type(task_id) is not str or not 0 < len(task_id) <= MAX_ID_LENGTH \
@@ -319,7 +322,7 @@ _BODY_CHECKS = {
 
 # -- names on their way in ------------------------------------------------------------
 
-_GOOD_METRIC_NAMES = set()
+_GOOD_METRIC_NAMES: Set[str] = set()
 
 
 class NameCheck:

@@ -14,11 +14,13 @@ detectors and allocators need not know which orchestrator ran the task.
 A task is HP when any configured criterion matches, else `default`.
 """
 from dataclasses import dataclass, field
-from typing import List, Literal, Optional
+from typing import Final, List, Literal, Optional
 
 from owca.core.frames import sanitize_label_name
 
-HP, BE = "hp", "be"
+# Final, so that each has its literal type: `default` below is a Literal["hp", "be"].
+HP: Final = "hp"
+BE: Final = "be"
 QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")
 
 # Labels the sources set, that the rule reads.

@@ -14,6 +14,7 @@ import logging
 import re
 import sys
 import time
+from typing import Optional, Set, Tuple
 
 from docopt import DocoptExit, docopt
 
@@ -82,7 +83,7 @@ class Stats:
         self.skipped_frames = 0
         self.names = frames.NameCheck()  # metric and label names of the frames read
         self.cycle_duration = 0.0
-        self.writer = None
+        self.writer: Optional[FrameWriter] = None
         # Off for byte-identical replays of a recorded stream (--no-timing).
         self.timing = True
 
@@ -110,11 +111,12 @@ class Stage:
     """A pipeline stage.  Filters override `consumes` and `process`; sources `produce`."""
 
     name = "stage"
-    consumes = ()          # kinds this stage parses; every other frame is forwarded
+    consumes: Tuple[str, ...] = ()  # kinds this stage parses; every other frame is forwarded
     forward_consumed = True  # write the consumed frame on before what process() adds
     paced_by_interval = False  # cycles come from idle() on the clock, not from input
     forwards_unknown = True    # pass on what it does not understand (a sink counts it)
-    replaces = ()  # kinds it makes itself: one from upstream (a replayed recording's) is dropped
+    # Kinds it makes itself: one from upstream (a replayed recording's) is dropped.
+    replaces: Tuple[str, ...] = ()
 
     def __init__(self, cfg, options: dict):
         self.cfg = cfg
@@ -165,7 +167,7 @@ def setup_logging(tool: str, level: str) -> None:
     logging.addLevelName(logging.DEBUG, "debug")
 
 
-def parse_interval(value) -> float:
+def parse_interval(value) -> Optional[float]:
     if value is None:
         return None
     try:
@@ -179,7 +181,7 @@ def parse_interval(value) -> float:
 
 
 def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool,
-               strict: bool, interval: float = None) -> int:
+               strict: bool, interval: Optional[float] = None) -> int:
     """Read frames, hand the consumed kinds to the stage, forward the rest.
 
     With an interval, stage.idle() runs every `interval` seconds whether or not
@@ -197,7 +199,7 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
     stats.writer = writer
     names = stats.names
     consumes = set(stage.consumes)
-    warned = set()
+    warned: Set[tuple] = set()  # (version, kind) of frames forwarded unknown
     last_input = time.monotonic()
     next_tick = None if not interval else last_input + interval
     pace = Pace()
@@ -250,6 +252,7 @@ def run_filter(stage: Stage, reader: LineReader, writer: FrameWriter, once: bool
             elif event in (EOF, STOP):
                 break
             if next_tick is not None and time.monotonic() >= next_tick:
+                assert interval  # next_tick is set only with an interval
                 for out in stage.idle():
                     writer.write(out)
                     wrote = stage.paced_by_interval
@@ -351,7 +354,7 @@ def finish(stage: Stage, writer: FrameWriter) -> None:
             writer.write(out)
     except OutputClosed:
         pass
-    except Exception as e:  # the error that ended the loop, if any, is the one to report
+    except Exception as e:  # noqa: BLE001 the error that ended the loop is the one to report
         log.error("while closing: %s: %s", type(e).__name__, e)
 
 
@@ -412,7 +415,7 @@ def run_guarded(tool: str, debug: bool, body) -> int:
         return EXIT_ERROR
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception as e:  # the last line of defence: one line, unless --debug
+    except Exception as e:  # noqa: BLE001 the last line of defence: one line, unless --debug
         if debug:
             import traceback
             traceback.print_exc()
@@ -421,7 +424,7 @@ def run_guarded(tool: str, debug: bool, body) -> int:
 
 
 def main(doc: str, stage_class, schema, argv=None, source: bool = False,
-         default_interval: float = None) -> int:
+         default_interval: Optional[float] = None) -> int:
     """The whole life of a tool; returns its exit code."""
     tool = "owca-" + stage_class.name
     args, code = parse_args(tool, doc, argv)
@@ -447,8 +450,9 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         stage = stage_class(cfg, args)
         writer = FrameWriter(1)
         if source:
-            return run_source(stage, writer, signals, bool(args.get("--once")),
-                              stage.interval or default_interval)
+            interval = stage.interval or default_interval
+            assert interval, "a source is given a default_interval"
+            return run_source(stage, writer, signals, bool(args.get("--once")), interval)
         reader = LineReader(0, signals)
         return run_filter(stage, reader, writer, bool(args.get("--once")),
                           bool(args.get("--strict")), stage.interval)

@@ -16,7 +16,7 @@ import signal
 STDIN, STDOUT, STDERR = 0, 1, 2
 
 # The descriptors among 0-2 that were closed when the tool started.
-closed = set()
+closed: set[int] = set()
 
 
 def _stop_while_starting(_signum, _frame):

@@ -21,6 +21,7 @@ import os
 import select
 import signal
 import time
+from typing import Optional
 
 from owca.core import frames
 
@@ -173,7 +174,8 @@ class LineReader:
     (STOP, None) after a signal, (EOF, None) at the end.
     """
 
-    def __init__(self, fd: int, signals: Signals = None, max_bytes: int = frames.MAX_FRAME_BYTES):
+    def __init__(self, fd: int, signals: Optional[Signals] = None,
+                 max_bytes: int = frames.MAX_FRAME_BYTES):
         self.fd = fd
         self.signals = signals
         self.max_bytes = max_bytes
@@ -184,7 +186,7 @@ class LineReader:
         self._eof = False
         self._skipping = False  # inside an over-long line, dropping until its newline
 
-    def read(self, timeout: float = None):
+    def read(self, timeout: Optional[float] = None):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             nl = self._buf.find(b"\n", self._scan)

@@ -29,7 +29,9 @@ log = logging.getLogger("owca.detect")
 @dataclass
 class DetectConfig:
     detector: AnomalyDetector = field(default_factory=NOPAnomalyDetector)
-    interval: float = None
+    # No interval unless configured; the annotation stays `float`, not Optional, because
+    # the configuration is checked against it: `interval: null` is refused.
+    interval: float = None  # type: ignore[assignment]
 
 
 class Detect(Stage):
@@ -51,7 +53,7 @@ class Detect(Stage):
             out = frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                          host=frame["host"], metrics=list(extra))
             frames.validate(self.stats.names.samples_of(out))  # a bad name costs its metric only
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
             self.errors += 1
             log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(detector).__name__,
                       type(e).__name__, e)

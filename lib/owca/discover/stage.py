@@ -44,8 +44,8 @@ class Discover(Stage):
         self.seq = 0
         self.errors = 0
         self.dropped = 0
-        self.last_tasks = []
-        self.last_success = None  # monotonic time of the last good answer
+        self.last_tasks: List[dict] = []
+        self.last_success: Optional[float] = None  # monotonic time of the last good answer
         self.fresh = False
 
     def produce(self) -> list:

@@ -15,7 +15,7 @@ This is owca-ship's hot path (a hundred tasks are a few thousand samples per
 cycle): label strings are rendered once and cached, numbers are checked by
 exact type, and each sample is one f-string.
 """
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Sequence
 
 from owca.core.metrics import REGISTRY, exposed_name, spec_for
 
@@ -222,7 +222,7 @@ class Formatter:
             prefix = self._task_prefixes[key] = label_string(ordered)
         return prefix
 
-    def format(self, frame: dict, extra_samples: List[dict] = ()) -> Block:
+    def format(self, frame: dict, extra_samples: Sequence[dict] = ()) -> Block:
         block = Block(int(round(frame["ts"] * 1000)), self._level_labels)
         host = frame["host"]
         host_prefix = label_string({"host": host})

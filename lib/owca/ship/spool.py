@@ -38,7 +38,7 @@ import struct
 import threading
 import zlib
 from dataclasses import dataclass
-from typing import Deque, Optional, Tuple
+from typing import Counter, Deque, Optional, Tuple
 
 log = logging.getLogger("owca.spool")
 
@@ -142,7 +142,7 @@ class Spool:
         self.max_records = max_records
         self.min_free_bytes = min_free_bytes
         self.fsync = fsync
-        self.dropped = collections.Counter()   # reason -> records
+        self.dropped: Counter[str] = collections.Counter()   # reason -> records
         self.bytes = 0
         self._index: Deque[Tuple[int, int]] = collections.deque()  # (id, size), oldest first
         self._held: Optional[int] = None
@@ -153,7 +153,7 @@ class Spool:
             self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as e:
             raise SpoolError(f"spool directory {directory}: {e.strerror}") from None
-        self._lock_fd = None
+        self._lock_fd: Optional[int] = None
         try:
             self._lock()
             self._next_id = self._scan() + 1
@@ -306,14 +306,14 @@ class Spool:
 
     # -- the sender's side --------------------------------------------------------------
 
-    def wait(self, timeout: float = None) -> bool:
+    def wait(self, timeout: Optional[float] = None) -> bool:
         """Wait up to `timeout` for a record; True when there is one (none is held)."""
         with self._cond:
             if not self._index and not self._closed:
                 self._cond.wait(timeout)
             return bool(self._index) and not self._closed
 
-    def take(self, timeout: float = None) -> Optional[Record]:
+    def take(self, timeout: Optional[float] = None) -> Optional[Record]:
         """The oldest record, held until release(); None when none came within `timeout`
         or after wake()."""
         with self._cond:
@@ -379,6 +379,6 @@ class Spool:
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # closing the descriptor releases the flock
             self._lock_fd = None
-        if getattr(self, "_dir_fd", None) is not None:
+        if getattr(self, "_dir_fd", None) is not None:  # absent if never opened, or closed
             os.close(self._dir_fd)
-            self._dir_fd = None
+            del self._dir_fd

@@ -7,7 +7,7 @@ unknown kind or version cannot be stored: they are counted and skipped.
 """
 import logging
 from dataclasses import dataclass, field
-from typing import List
+from typing import Dict, List
 
 from owca.core import config, frames
 from owca.core.stage import DataError, Stage
@@ -24,7 +24,9 @@ log = logging.getLogger("owca.ship")
 @dataclass
 class ShipConfig:
     storages: List[Storage] = field(default_factory=lambda: [StdoutStorage()])
-    interval: float = None
+    # No interval unless configured; the annotation stays `float`, not Optional, because
+    # the configuration is checked against it: `interval: null` is refused.
+    interval: float = None  # type: ignore[assignment]
 
 
 class Ship(Stage):
@@ -40,7 +42,7 @@ class Ship(Stage):
     def __init__(self, cfg: ShipConfig, options: dict):
         super().__init__(cfg, options)
         self.formatter = Formatter()
-        self.storage_errors = {}
+        self.storage_errors: Dict[str, int] = {}   # storage class -> cycles not stored
         self.bad_values = 0
         for i, storage in enumerate(self.cfg.storages):
             try:
@@ -88,6 +90,6 @@ class Ship(Stage):
         for storage in self.cfg.storages:
             try:
                 storage.close()
-            except Exception as e:  # closing one storage must not keep the others open
+            except Exception as e:  # noqa: BLE001 closing one storage must not keep the others open
                 log.error("%s: close failed: %s", type(storage).__name__, e)
         return []

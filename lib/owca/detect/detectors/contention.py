@@ -225,13 +225,18 @@ class _Task:
         self.has_sli = False    # an SLI was seen once: it is the task's decision signal
         self.own_load = False   # its own usage change explained its degradation best
         self.flagged = False
-        self.onset = None       # cycle of the run that raised the flag
+        self.onset: Optional[int] = None  # cycle of the run that raised the flag
         self.pre: List[tuple] = []  # the victim's (cycle, score) before the onset
         # Other tasks' (cycle, usage) before the onset, frozen then: their own rings
         # move on while a long episode lasts.
         self.pre_usage: Dict[str, Dict[int, dict]] = {}
         # Each resource group's best z in the episode's last `recent` cycles.
         self.group_z: deque = deque(maxlen=det.recent)
+
+    def episode_onset(self) -> int:
+        """The cycle of the run that raised the flag: only a flagged task has one."""
+        assert self.onset is not None, "asked of a task that is not flagged"
+        return self.onset
 
 
 @dataclass
@@ -509,13 +514,14 @@ class ContentionDetector(AnomalyDetector):
         victim's degradation (Pearson r over the normal cycles before the episode and its
         last `recent` cycles) times how large its change was, relative to the largest
         among candidates.  The recent cycles, not the whole episode: who hurts now."""
+        onset = victim.episode_onset()
         series = victim.pre[-self.window:] + [
-            (c, s) for c, s, _ in victim.scores if c >= victim.onset and s is not None
+            (c, s) for c, s, _ in victim.scores if c >= onset and s is not None
         ][-self.recent:]
         cycles = [c for c, _ in series]
         ys = [s for _, s in series]
-        episode = [c >= victim.onset for c in cycles]
-        raw = {}
+        episode = [c >= onset for c in cycles]
+        raw: Dict[str, Dict[str, tuple]] = {}   # feature -> task id -> (r, rise)
         for tid in candidates:
             # A task absent at a cycle (not started yet) used nothing then.
             by_cycle = {**victim.pre_usage.get(tid, {}), **dict(self._tasks[tid].usage)}
@@ -533,8 +539,8 @@ class ContentionDetector(AnomalyDetector):
                 r = _pearson(xs, ys)
                 if r > 0:
                     raw.setdefault(feature, {})[tid] = (r, rise)
-        scores = {}
-        for feature, per_task in raw.items():
+        scores: Dict[str, float] = {}
+        for per_task in raw.values():
             top = max(rise for _, rise in per_task.values())
             for tid, (r, rise) in per_task.items():
                 scores[tid] = max(scores.get(tid, 0.0), r * rise / top)
@@ -545,7 +551,8 @@ class ContentionDetector(AnomalyDetector):
         self._cycle += 1
         cycle = self._cycle
         anomalies, extra = [], []
-        hp_ids, be_ids = [], []
+        hp_ids: List[str] = []
+        be_ids: List[str] = []
         for tid in sorted(tasks_measurements):
             (hp_ids if self._is_hp(tasks_labels.get(tid, {})) else be_ids).append(tid)
 
@@ -645,8 +652,8 @@ class ContentionDetector(AnomalyDetector):
         confidence = max(0.0, best - runner_up) if named else 0.0
         labels = {"contended_task_id": tid}
         metrics = [frames.sample("contention_confidence", round(confidence, 6), labels),
-                   frames.sample("contention_episode_cycles", self._cycle - task.onset + 1,
-                                 labels)]
+                   frames.sample("contention_episode_cycles",
+                                 self._cycle - task.episode_onset() + 1, labels)]
         for name in sorted(ev.z):
             metrics.append(frames.sample("contention_signal_z", round(ev.z[name], 6),
                                          {**labels, "signal": name}))

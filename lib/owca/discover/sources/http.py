@@ -39,7 +39,7 @@ import re
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional, Set
 from urllib.parse import urlsplit
 
 from owca.core import frames
@@ -159,7 +159,7 @@ class HttpClient:
         self.attempts = 0
         self.failures = 0
         self.retries = 0
-        self.last_duration = None
+        self.last_duration: Optional[float] = None
 
     def deadline(self) -> float:
         """The monotonic time at which this cycle's requests must stop."""
@@ -213,6 +213,7 @@ class HttpClient:
             token = _read_secret(o.token_file, "token_file")
             headers["Authorization"] = f"Bearer {token}"
         elif o.username:
+            assert o.password_file, "check_http_options: they go together"
             password = _read_secret(o.password_file, "password_file")
             pair = f"{o.username}:{password}".encode("utf-8")
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
@@ -329,7 +330,8 @@ def short_reason(error: BaseException) -> str:
     """
     import http.client  # both load OpenSSL: only when there is an error to explain
     import ssl
-    seen, todo = set(), [error]
+    seen: Set[int] = set()
+    todo: List[Optional[BaseException]] = [error]
     while todo:
         e = todo.pop(0)
         if e is None or id(e) in seen:

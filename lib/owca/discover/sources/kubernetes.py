@@ -45,7 +45,7 @@ nesting).  A container's cgroup is below its pod's: cgroupfs `<id>` (CRI-O:
 import fnmatch
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Literal, Optional, Set, Tuple
 
 from owca.core import frames
 from owca.plugin import DiscoveryError
@@ -190,7 +190,9 @@ def qos_class(spec: dict, where: str) -> str:
     summed requests to equal its summed limits.  A request left out defaults
     to the limit, as the API server fills it in.
     """
-    requests, limits, guaranteed = {}, {}, True
+    requests: Dict[str, float] = {}
+    limits: Dict[str, float] = {}
+    guaranteed = True
     containers = _containers(spec, where) + _containers(spec, where, "initContainers")
     for c in containers:
         resources = optional(c, "resources", dict, where, {})
@@ -259,7 +261,9 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
     if only is not None:
         apps = [(i, c) for i, c in apps if c.get("name") == only]
         inits = [(i, c) for i, c in inits if c.get("name") == only and is_sidecar(c)]
-    requests, limits, unlimited = {}, {}, set()
+    requests: Dict[str, float] = {}
+    limits: Dict[str, float] = {}
+    unlimited: Set[str] = set()
 
     def add(into, more):
         for name, v in more.items():
@@ -270,8 +274,10 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
         add(requests, req)
         add(limits, lim)
         unlimited.update(n for n in ("cpu", "memory", "ephemeral-storage") if n not in lim)
-    init_requests, init_limits = {}, {}
-    sidecar_requests, sidecar_limits = {}, {}
+    init_requests: Dict[str, float] = {}
+    init_limits: Dict[str, float] = {}
+    sidecar_requests: Dict[str, float] = {}
+    sidecar_limits: Dict[str, float] = {}
     for i, c in inits:
         req, lim = _container_resources(c, f"{where}.initContainers[{i}]")
         if is_sidecar(c):
@@ -336,7 +342,8 @@ def parse_pods(answer, task: str = "pod", driver: str = "cgroupfs", root=(),
                              f"{type(answer).__name__} {str(answer)[:60]!r}")
     if answer.get("kind", "PodList") != "PodList":
         raise DiscoveryError(f"/pods answer: kind is {answer.get('kind')!r:.40}, not PodList")
-    tasks, problems = [], []
+    tasks: List[dict] = []
+    problems: List[str] = []
     for i, pod in enumerate(answer["items"] or []):
         where = f"items[{i}]"
         try:
@@ -370,7 +377,7 @@ def _pod_tasks(pod, meta, status, task, driver, root, annotations, pod_where, pr
         raise InvalidEntry(f"qosClass {qos!r:.40} is not one of {', '.join(QOS_CLASSES)}")
     pod_path = pod_cgroup_path(uid.replace("-", "_") if driver == "systemd" else uid,
                                qos, driver, root)
-    labels = {}
+    labels: Dict[str, str] = {}
     problems.extend(add_labels(labels, optional(meta, "labels", dict, "metadata", {}).items(),
                                pod_where))
     shown = [(k, v) for k, v in optional(meta, "annotations", dict, "metadata", {}).items()

@@ -29,7 +29,7 @@ A command task has no executor id of its own: its executor (the command
 executor) has the task's id.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Set, Tuple
 
 from owca.plugin import DiscoveryError
 from owca.discover.sources.cgroup import cgroup_exists
@@ -132,7 +132,8 @@ def parse_state(answer, containers: Containers, cgroups_root: str = "mesos"):
         raise DiscoveryError("GET_STATE answer: get_tasks is not an object")
     frameworks = _framework_names(body)
     root = "/" + cgroups_root.strip("/")
-    tasks, problems = [], []
+    tasks: List[dict] = []
+    problems: List[str] = []
     for i, t in enumerate(_list(get_tasks, "launched_tasks", "get_tasks")):
         where = f"launched_tasks[{i}]"
         try:
@@ -174,8 +175,8 @@ def _task(t: dict, containers: Containers, frameworks: Dict[str, str], root: str
         raise InvalidEntry(f"the agent lists no container for its executor {executor!r:.80}")
     cgroup_path = f"{root}/{container}"
     # The name is optional, and may be empty: the id stands in (docs/protocol.md).
-    task = {"id": tid, "name": optional(t, "name", str, where, tid) or tid,
-            "cgroup_path": cgroup_path, "labels": {}, "resources": {}}
+    task: Dict[str, Any] = {"id": tid, "name": optional(t, "name", str, where, tid) or tid,
+                            "cgroup_path": cgroup_path, "labels": {}, "resources": {}}
     nested = _nested_container(t, container, where)
     if nested:
         task["cgroup_path"] = f"{cgroup_path}/mesos/{nested}"
@@ -217,7 +218,9 @@ def _nested_container(t: dict, container: str, where: str):
 
 def _resources(t: dict, where: str):
     """(resources, roles, revocable) of the task's scalar resources."""
-    resources, roles, revocable = {}, set(), False
+    resources: Dict[str, float] = {}
+    roles: Set[str] = set()
+    revocable = False
     for j, r in enumerate(optional(t, "resources", list, where, [])):
         at = f"{where}.resources[{j}]"
         name = need(r, "name", str, at)

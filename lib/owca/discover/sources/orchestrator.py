@@ -133,7 +133,9 @@ class OrchestratorSource(HttpOptions, TaskSource):
     def list_tasks(self, paths) -> List[dict]:
         tasks, problems = self.fetch(self._client, self._client.deadline(), paths)
         self._reporter.cycle(problems)
-        return [self.priority.apply(t) for t in tasks]
+        # `priority` is a field of each subclass (declared here, it would be a field
+        # without a default ahead of HttpOptions' defaulted ones).
+        return [self.priority.apply(t) for t in tasks]  # type: ignore[attr-defined]
 
     def samples(self) -> list:
         return self._client.samples() + [

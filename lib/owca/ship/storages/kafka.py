@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Optional
+from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 from owca.core import frames
 from owca.ship.spool import (CORRUPT, DISK_FULL, FULL, TOO_LARGE, Record, Spool, SpoolError,
@@ -118,11 +118,11 @@ class Sender(threading.Thread):
         self.client_errors = client_errors
         self.sent = 0
         self.errors = 0
-        self._producer = None
+        self._producer: Any = None   # a KafkaProducer while connected
         self._errors_seen = 0    # connection errors counted when delivery last worked
         self._closing = threading.Event()
         self._abort = threading.Event()
-        self._permanent = ()
+        self._permanent: Tuple[Type[Exception], ...] = ()
 
     def run(self):
         self._permanent = _permanent_errors()
@@ -136,7 +136,8 @@ class Sender(threading.Thread):
                     continue
                 try:
                     outcome, error = self._attempt()
-                except Exception as e:  # a bug or a disk error must not end delivery for good
+                except Exception as e:  # noqa: BLE001 a bug or a disk error must not
+                    # end delivery for good
                     outcome, error = FAILED, _describe(e)
                     log.error("kafka: sender: %s", error)
                 if outcome == DELIVERED:
@@ -200,7 +201,7 @@ class Sender(threading.Thread):
         if self._producer is None:
             try:
                 self._producer = self.make_producer()
-            except Exception as e:  # any client error means: not reachable now
+            except Exception as e:  # noqa: BLE001 any client error means: not reachable now
                 return FAILED, _describe(e)
             self._errors_seen = self.client_errors.connection_errors
         return None, None
@@ -210,7 +211,7 @@ class Sender(threading.Thread):
             future = self._producer.send(**message_of(record))
         except self._permanent as e:
             return REFUSED, _describe(e)
-        except Exception as e:  # any client error means: not delivered, try again later
+        except Exception as e:  # noqa: BLE001 any client error: not delivered, try again later
             return FAILED, _describe(e)
         done = threading.Event()
         future.add_both(lambda _: done.set())
@@ -235,7 +236,7 @@ class Sender(threading.Thread):
             return
         try:
             producer.close(timeout=0)
-        except Exception:
+        except Exception:  # noqa: BLE001 whatever close() raised, it is forced closed
             # close() flushes before it forces, so a record still pending makes it
             # raise; fail that record the way kafka-python does past a close timeout.
             sender = getattr(producer, "_sender", None)
@@ -244,7 +245,7 @@ class Sender(threading.Thread):
                 sender.join(1.0)
             try:
                 producer.close(timeout=0)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 the producer is discarded either way
                 log.debug("kafka: producer not closed cleanly: %s", _describe(e))
 
     def stop(self, timeout: float) -> bool:
@@ -300,7 +301,8 @@ class KafkaStorage(Storage):
         self.topics = {**DEFAULT_TOPICS, **self.topics}
         self._check()
         self._producer_config = self.producer_config()
-        self._spool = self._sender = None
+        self._spool: Optional[Spool] = None     # both made by start()
+        self._sender: Optional[Sender] = None
         self._dropped_logged = None   # (when, drops counted then) of the last warning
 
     def start(self) -> None:
@@ -399,6 +401,7 @@ class KafkaStorage(Storage):
         return KafkaProducer(**self._producer_config)
 
     def store(self, cycle: Cycle) -> None:
+        assert self._spool is not None, "store() before start()"
         meta = {"topic": self.topics[cycle.category], "category": cycle.category,
                 "seq": cycle.seq, "ts": cycle.ts, "host": cycle.host}
         try:
@@ -413,6 +416,7 @@ class KafkaStorage(Storage):
     def _report_drops(self):
         """A warning when cycles were dropped to make room, at most once a minute: the
         counters count every drop, the log only says that it happens, and why."""
+        assert self._spool is not None, "called by store()"
         dropped = self._spool.dropped
         total = dropped[FULL] + dropped[DISK_FULL]
         now = time.monotonic()
@@ -431,6 +435,7 @@ class KafkaStorage(Storage):
     def samples(self) -> List[dict]:
         if self._spool is None:
             return []
+        assert self._sender is not None, "started with the spool"
         labels = {"storage": type(self).__name__}
         cycles, nbytes = self._spool.depth()
         out = [frames.sample("owca_ship_spool_cycles", cycles, labels),
@@ -451,6 +456,7 @@ class KafkaStorage(Storage):
         """Deliver for at most flush_timeout_seconds; the rest waits in the spool."""
         if self._spool is None:
             return
+        assert self._sender is not None, "started with the spool"
         if not self._sender.stop(self.flush_timeout_seconds):
             log.warning("kafka: sender still busy after the flush timeout")
         left = len(self._spool)

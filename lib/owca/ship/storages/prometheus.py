@@ -8,9 +8,10 @@ server to scrape.
 GET `path` (default /metrics) answers the latest cycle of each category the
 storage keeps (metrics, anomalies, allocations), every series of each, as one
 Prometheus text exposition 0.0.4 (a family several categories carry, such as a
-stage's own counters, served once with all its series).  owca-ship renders every cycle once, for every storage; this endpoint
-only serves those bytes, so a scrape costs a memory copy (and a gzip, once
-per cycle, when the scraper asks for it) and never waits for the pipeline.
+stage's own counters, served once with all its series).  owca-ship renders every
+cycle once, for every storage; this endpoint only serves those bytes, so a scrape
+costs a memory copy (and a gzip, once per cycle, when the scraper asks for it) and
+never waits for the pipeline.
 The standard library's threading HTTP server answers concurrent scrapes; the
 body is replaced whole when a cycle arrives, so a scrape sees one cycle, never
 a mix of two.  prometheus_client's exposition server was measured against it
@@ -73,6 +74,7 @@ def _http_classes():
         protocol_version = "HTTP/1.1"   # keep-alive: Prometheus reuses its connection
         server_version = "owca-ship"
         timeout = 30                    # a client that stalls gives its thread back
+        server: "_Server"               # which carries the storage it serves
 
         def do_GET(self):
             self._reply(with_body=True)
@@ -109,6 +111,7 @@ def _http_classes():
         # The listen backlog: 5 (the default) refuses a burst of parallel scrapers'
         # connections, and each refused SYN costs its client a second's retransmit.
         request_queue_size = socket.SOMAXCONN
+        storage: "PrometheusStorage"    # set by PrometheusStorage.start()
 
         def handle_error(self, request, client_address):
             # A client that resets or drops its connection is the client's business:
