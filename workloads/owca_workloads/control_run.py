@@ -34,7 +34,8 @@ from owca.core.paths import Paths
 
 from owca_workloads.catalog import load_catalog, start, tool, wrapped_load
 from owca_workloads.launch import Launcher
-from owca_workloads.scenario import other_cpus, tool_argv, tool_env
+from owca_workloads.scenario import other_cpus
+from owca_workloads.tools import tool_argv, tool_env
 
 log = logging.getLogger("owca.control_run")
 

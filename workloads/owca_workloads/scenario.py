@@ -26,7 +26,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,14 +39,14 @@ from owca.core.paths import Paths
 from owca_workloads import score
 from owca_workloads.catalog import (Workload, fill, load_catalog, parse_bytes, start,
                                     wrapped_load)
-from owca_workloads.cli import WORKLOADS_DIR, ToolError
+from owca_workloads.cli import ToolError
 from owca_workloads.hostload import HostLoad
 from owca_workloads.launch import Launcher, LaunchError, enter_cgroups
 from owca_workloads.progress import parse_progress, with_progress
+from owca_workloads.tools import tool_argv, tool_env
 
 log = logging.getLogger("owca.scenario")
 
-ROOT = os.path.dirname(WORKLOADS_DIR)
 GROUND_TRUTH_VERSION = 2
 MODES = ("aggressive", "benign")
 # A BE task between its phases: a process that does nothing, so that the task (its
@@ -261,19 +260,6 @@ def _cpu_list(text: str) -> set:
         elif part:
             out.add(int(part))
     return out
-
-
-def tool_argv(name: str) -> List[str]:
-    """bin/owca-<name> of this tree with this interpreter, else the installed one."""
-    path = os.path.join(ROOT, "bin", f"owca-{name}")
-    return [sys.executable, path] if os.path.exists(path) else [f"owca-{name}"]
-
-
-def tool_env() -> dict:
-    env = dict(os.environ)
-    lib = os.path.join(ROOT, "lib")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (lib, ROOT, env.get("PYTHONPATH")) if p)
-    return env
 
 
 class _AnyTagLoader(yaml.SafeLoader):

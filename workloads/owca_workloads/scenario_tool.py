@@ -84,9 +84,11 @@ from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.launch import Launcher
+from owca_workloads.plot import plot_runs
 from owca_workloads.scenario import (Runner, ScenarioError, format_summary, load_scenario,
                                      summarize)
-from owca_workloads.score import ScoreError, main_score, read_recording, read_truth
+from owca_workloads.score import (ScoreError, print_scores, read_recording, read_truth,
+                                  score_dirs)
 
 TOOL = "owca-scenario"
 
@@ -143,10 +145,13 @@ def _body(args) -> int:
         return _run(args)
     if args["score"]:
         try:
-            main_score(args["DIR"], args["--config"], args["--register"], args["--recorded"],
-                       args["--plot"], args["--json"])
+            results = score_dirs(args["DIR"], args["--config"], args["--register"],
+                                 args["--recorded"])
         except ScoreError as e:
             raise cli.ToolError(str(e)) from None
+        if args["--plot"]:
+            plot_runs(args["--plot"], results)
+        print_scores(results, args["--json"])
         return cli.EXIT_OK
     if args["summarize"]:
         summary = _summary(args["DIR"][0], args["--metric"])
