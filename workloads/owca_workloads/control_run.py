@@ -32,6 +32,7 @@ import yaml
 
 from owca.core.paths import Paths
 
+from owca_workloads.cgroup_files import read_int
 from owca_workloads.catalog import load_catalog, start, tool, wrapped_load
 from owca_workloads.launch import Launcher
 from owca_workloads.scenario import other_cpus
@@ -374,5 +375,4 @@ def with_slos(scenario: dict, slos: Dict[str, float]) -> dict:
 
 
 def _usage(launcher: Launcher, name: str) -> float:
-    with open(os.path.join(launcher.cgroups(name).dir("cpuacct"), "cpuacct.usage")) as f:
-        return int(f.read()) / 1e9
+    return read_int(os.path.join(launcher.cgroups(name).dir("cpuacct"), "cpuacct.usage")) / 1e9
