@@ -1,18 +1,23 @@
 """The lab's runner as the control matrix uses it: an `allocate:` section (owca-allocate in
 the pipeline), several HP tasks, BE tasks that arrive at their first phase, surges paced
-by owca-sine."""
+by owca-sine; the matrix's configurations; and one short live run of the matrix."""
+import glob
+import json
 import os
+import subprocess
 import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import FIXTURES, ROOT, tool_command, tool_env
+from owca.core import frames
 from owca.core.paths import Paths
 
 WORKLOADS = os.path.join(ROOT, "workloads")
 sys.path.insert(0, WORKLOADS)
 
-from owca_workloads.catalog import load_catalog  # noqa: E402
+from owca_workloads import control_matrix, control_score  # noqa: E402
+from owca_workloads.catalog import load_catalog, unavailable  # noqa: E402
 from owca_workloads.hostload import HostLoad  # noqa: E402
 from owca_workloads.scenario import (HpRun, Runner, ScenarioError, hp_tasks,  # noqa: E402
                                      parse_scenario)
@@ -78,6 +83,68 @@ def test_bad_control_scenarios_are_refused_with_the_reason(change, reason):
     assert str(e.value).startswith("bad.yaml: ") and reason in str(e.value)
 
 
+def test_the_control_scenarios_are_lab_scenarios():
+    paths = [p for p in glob.glob(os.path.join(ROOT, "benchmarks", "control", "*.yaml"))
+             if not p.endswith("lab-controller.yaml")]  # a -c configuration
+    assert len(paths) == 3
+    for path in paths:
+        s = control_matrix.load(path)
+        assert all(b.arrives for b in s.be) and all(h.calibrate == 0 for h in hp_tasks(s))
+    assert len(hp_tasks(control_matrix.load(os.path.join(ROOT, "benchmarks", "control",
+                                                         "both.yaml")))) == 2
+
+
+def fake_sysfs(tmp_path, online: str) -> Paths:
+    cpu = tmp_path / "sys" / "devices" / "system" / "cpu"
+    cpu.mkdir(parents=True)
+    (cpu / "online").write_text(online + "\n")
+    return Paths(sysfs=str(tmp_path / "sys"))
+
+
+def test_each_configuration_is_an_allocate_section_and_the_be_cores(tmp_path):
+    paths = fake_sysfs(tmp_path, "0-3")
+    s = control_matrix.load(os.path.join(ROOT, "benchmarks", "control", "nginx.yaml"))
+    runs = {c: control_matrix.configured(s, c, paths) for c in control_matrix.CONFIGS}
+    assert {c: r.be_cpus for c, r in runs.items()} == {
+        "none": "0,1,2,3", "static": "1,2,3", "controller": "0,1,2,3",
+        "controller-floor": "0,1,2,3"}
+    assert runs["none"].allocate == runs["static"].allocate == "allocator: !NOPAllocator\n"
+    assert runs["controller"].allocate == ("allocator: !SloController\n"
+                                           "  hp_labels:\n    role: hp\n"
+                                           "  be_labels:\n    role: be\n")
+    assert runs["controller-floor"].allocate.endswith("  quota_floor: 0.75\n  lend_level: 1\n")
+    with pytest.raises(ValueError, match="config: one of"):
+        control_matrix.configured(s, "loose", paths)
+    calibrated = control_matrix.with_slos(control_matrix.load(os.path.join(
+        ROOT, "benchmarks", "control", "both.yaml")), {"redis": 0.004})
+    assert [(h.slo, h.calibrate) for h in hp_tasks(calibrated)] == [(0.002, 0), (0.004, 0)]
+
+
+def measurements_line() -> bytes:
+    with open(os.path.join(FIXTURES, "recorded_stream", "stream.jsonl"), "rb") as f:
+        return next(line for line in f if json.loads(line)["kind"] == "measurements")
+
+
+@pytest.mark.parametrize("config", control_matrix.CONFIGS)
+def test_the_runners_configuration_is_what_owca_allocate_reads(tmp_path, config):
+    """The pipeline's file carries the scenario's section, tags and all: owca-allocate
+    builds its allocator from it; without a -c configuration it is the runner's file."""
+    s = control_matrix.configured(control_matrix.load(os.path.join(
+        ROOT, "benchmarks", "control", "both.yaml")), config, fake_sysfs(tmp_path, "0-1"))
+    runner = Runner(s, str(tmp_path / "out"))
+    assert runner.stages() == ["discover", "measure", "detect", "allocate", "tee", "ship"]
+    os.makedirs(tmp_path / "out")
+    path = runner.write_pipeline_config()
+    (tmp_path / "state").mkdir()
+    done = subprocess.run(tool_command("allocate", "--once", "--dry-run", "--state-dir",
+                                       str(tmp_path / "state"), "-c", path),
+                          input=measurements_line(), capture_output=True, env=tool_env(),
+                          timeout=60)
+    assert done.returncode == 0, done.stderr.decode()
+    kinds = [frames.decode(line)["kind"] for line in done.stdout.splitlines()]
+    assert "allocations" in kinds
+
+
 def test_a_configurations_allocate_section_wins_over_the_scenarios(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("allocate:\n  allocator: !NOPAllocator\n")
@@ -117,3 +184,63 @@ def test_host_load_samples_carry_the_load_average(tmp_path):
     (proc / "stat").write_text("cpu  9 0 1 10 0 0 0 0 0 0\ncpu0 9 0 1 10 0 0 0 0 0 0\n")
     got = sampler.sample()
     assert got["loadavg1"] == 1.25 and got["other_cpu_cores"] > 0
+
+
+# -- a short live run of the matrix ------------------------------------------------------
+
+SHORT = """
+name: matrix-short
+duration: 14
+interval: 1
+warmup: 2
+cpus: "0"
+hp:
+  - {workload: nginx, slo: 0.002, calibrate: 0,
+     load: {base: 300, amplitude: 0, period: 60, step: 1, connections: 2}}
+  - {workload: redis, name: cache, calibrate: 2,
+     load: {base: 500, amplitude: 0, period: 60, step: 1, connections: 1}}
+be:
+  - {name: cpu, workload: stress-cpu, arrives: true, phases: [{start: 4}]}
+surges:
+  - {hp: cache, start: 7, stop: 10, rate: 300, connections: 1, client: load}
+"""
+
+
+def test_a_control_run_is_a_lab_run_with_owca_allocate(tmp_path):
+    """About half a minute: two HP tasks (redis's SLO calibrated at peak, nginx's fixed),
+    a BE task that arrives at t=4, a paced surge on redis, the controller in the pipeline;
+    the run's ground truth is the lab's, with the matrix's fields, and scores."""
+    catalog = load_catalog()
+    reason = unavailable([catalog[n] for n in ("nginx", "redis", "stress-cpu")])
+    if reason:
+        pytest.skip(reason)
+    scenario = tmp_path / "short.yaml"
+    scenario.write_text(SHORT)
+    s = control_matrix.load(str(scenario))
+    out = tmp_path / "run"
+    truth = control_matrix.run(s, "controller", str(out), be_alone={"cpu": 1.0})
+    assert truth["completed"] and truth["config"] == "controller"
+    assert truth["be_alone"] == {"cpu": 1.0} and truth["version"] == 2
+    nginx, cache = truth["hps"]
+    assert truth["hp"] == nginx and nginx["slo"] == 0.002
+    assert cache["name"] == "cache" and cache["slo_calibration"]["seconds"] == 2
+    assert cache["slo"] == cache["slo_calibration"]["slo"]
+    (cpu,) = [p for p in truth["phases"] if p["task"] == "cpu"]
+    assert cpu["kind"] == "aggressive" and cpu["scheduled_start"] == 4
+    assert cpu["start_ts"] > truth["started_ts"] and cpu["stop_ts"] == truth["ended_ts"]
+    (surge,) = [p for p in truth["phases"] if p["kind"] == "surge"]
+    assert surge["task"] == "cache" and surge["task_id"] == cache["task_id"]
+    lines = (out / "recording.jsonl").read_bytes().splitlines()
+    measurements = [frames.decode(line) for line in lines
+                    if frames.sniff(line) == (1, "measurements")]
+    # the BE task is in the frames from its arrival on, not before it
+    be_id = cpu["task_id"]
+    assert any(be_id not in m["tasks"] for m in measurements)
+    assert be_id in measurements[-1]["tasks"]
+    allocations = [frames.decode(line) for line in lines
+                   if frames.sniff(line) == (1, "allocations")]
+    assert allocations and any(x["name"] == "slo_controller_be_level"
+                               for a in allocations for x in a.get("metrics", []))
+    scored = control_score.score_dir(str(out))
+    assert scored["config"] == "controller" and scored["intervals"] > 0
+    assert set(scored["recovery_intervals"]) == {"cpu", "surge"}
