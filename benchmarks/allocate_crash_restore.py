@@ -41,14 +41,9 @@ CONFIG = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
 SLEEP = "import sys\nprint('running', flush=True)\nsys.stdin.readline()\n"
 
 
-def read(path):
-    with open(path) as f:
-        return f.read().strip()
-
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
+# Cgroup files are read and written the harness's one way (owca_workloads.cgroup_files).
+sys.path.insert(0, os.path.join(ROOT, "workloads"))
+from owca_workloads.cgroup_files import read_str as read, write_str as write  # noqa: E402
 
 
 def frame(seq, cgroup_path):

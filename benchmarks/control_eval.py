@@ -24,7 +24,9 @@ Options:
   --plot DIR      One PNG per run (matplotlib): SLI, BE allocation, BE work.
   -h, --help      Show this help.
 
-Runs as root (it makes cgroups).  docs/control.md has the figures and how to read them.
+Each run is made by the lab's runner (owca-scenario's) with an `allocate:` section:
+workloads/owca_workloads/control_matrix.py.  Runs as root (it makes cgroups).
+docs/control.md has the figures and how to read them.
 """
 import json
 import logging
@@ -37,31 +39,31 @@ sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "workloads")]
 
 from docopt import docopt  # noqa: E402
 
-from owca_workloads import control_run, control_score  # noqa: E402
+from owca_workloads import control_matrix, control_score  # noqa: E402
 
 
 def run_one(scenario, config: str, out: str, be_alone=None) -> None:
     if isinstance(scenario, str):
-        scenario = control_run.load(scenario)
+        scenario = control_matrix.load(scenario)
     os.makedirs(out, exist_ok=True)
-    control_run.ControlRun(scenario, config, out, be_alone=be_alone).run()
+    control_matrix.run(scenario, config, out, be_alone=be_alone)
     print(json.dumps(control_score.score_dir(out)), flush=True)
 
 
 def matrix(scenarios, out: str, repeats: int, configs) -> None:
     alone, loaded = {}, {}
     for path in scenarios:
-        s = control_run.load(path)
-        d = os.path.join(out, s["name"])
-        slos = control_run.calibrate_slo(s, os.path.join(d, "quiet"))
-        loaded[path] = control_run.with_slos(s, slos)
-        alone[path] = control_run.calibrate(s, os.path.join(d, "be-alone"))
+        s = control_matrix.load(path)
+        d = os.path.join(out, s.name)
+        slos = control_matrix.calibrate_slo(s, os.path.join(d, "quiet"))
+        loaded[path] = control_matrix.with_slos(s, slos)
+        alone[path] = control_matrix.calibrate_be_alone(s, os.path.join(d, "be-alone"))
         with open(os.path.join(d, "calibration.json"), "w") as f:
             json.dump({"slo": slos, "be_alone": alone[path]}, f)
-        logging.info("%s: SLOs %s, BE alone %s", s["name"], slos, alone[path])
+        logging.info("%s: SLOs %s, BE alone %s", s.name, slos, alone[path])
     for r in range(1, repeats + 1):
         for path in scenarios:
-            name = loaded[path]["name"]
+            name = loaded[path].name
             for config in configs:
                 d = os.path.join(out, name, f"{config}-{r}")
                 logging.info("%s %s run %d -> %s", name, config, r, d)

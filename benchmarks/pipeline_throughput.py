@@ -34,10 +34,11 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "lib"))
+sys.path[:0] = [os.path.join(ROOT, "lib"), os.path.join(ROOT, "workloads")]
 
 from owca.core import frames  # noqa: E402
 from owca.core.metrics import PLATFORM, TASK_CGROUP, TASK_INTERNAL  # noqa: E402
+from owca_workloads.cgroup_files import write_str  # noqa: E402
 
 BIN = os.path.join(ROOT, "bin")
 CONTROLLERS = ("cpu", "cpuacct", "memory")
@@ -199,8 +200,7 @@ def make_cgroups(n: int, parent: str):
         proc = subprocess.Popen(["sleep", "3600"])
         pids.append(proc)
         for controller in CONTROLLERS:
-            with open(f"/sys/fs/cgroup/{controller}{path}/cgroup.procs", "w") as f:
-                f.write(str(proc.pid))
+            write_str(f"/sys/fs/cgroup/{controller}{path}/cgroup.procs", str(proc.pid))
     return created, pids
 
 

@@ -47,20 +47,11 @@ needs_v1 = pytest.mark.skipif(v1_missing() is not None, reason=str(v1_missing())
 needs_v2 = pytest.mark.skipif(v2_missing() is not None, reason=str(v2_missing()))
 
 
-def read_int(path: str) -> int:
-    with open(path) as f:
-        return int(f.read())
-
-
-def read_str(path: str) -> str:
-    """A cgroup file's value, without its newline."""
-    with open(path) as f:
-        return f.read().strip()
-
-
-def write_str(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
+# Cgroup files are read and written the harness's one way, shared with the lab and
+# benchmarks/ (workloads/owca_workloads/cgroup_files.py says why it lives there).
+sys.path.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                             "workloads"))
+from owca_workloads.cgroup_files import read_int, read_str, write_str  # noqa: E402,F401
 
 
 class TestCgroup:

@@ -7,7 +7,6 @@ No module imports, through any chain, one that imports it back.  Each tool, once
 started, holds only its own stage's modules, the core and the plug-ins its
 configuration names.
 """
-import ast
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import sys
 
 import pytest
 
+import import_graph
 from conftest import BIN, FIXTURES, ROOT, tool_env
 
 PACKAGE = os.path.join(ROOT, "lib", "owca")
@@ -23,48 +23,16 @@ STAGES = ("discover", "measure", "detect", "allocate", "ship")
 
 def module_files():
     """{module name: path} of every module of the package."""
-    out = {}
-    for directory, _dirs, names in os.walk(PACKAGE):
-        for name in names:
-            if not name.endswith(".py"):
-                continue
-            rel = os.path.relpath(os.path.join(directory, name), os.path.dirname(PACKAGE))
-            parts = rel[:-3].split(os.sep)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            out[".".join(parts)] = os.path.join(directory, name)
-    return out
+    return import_graph.module_files(PACKAGE)
 
 
 def imports_of(path: str, name: str, modules) -> set:
-    """The package's modules that `path` imports, at any depth of its code (a lazy
-    import inside a function is a dependency too)."""
-    with open(path) as f:
-        tree = ast.parse(f.read(), path)
-    is_package = path.endswith("__init__.py")
-    found = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = name.split(".")
-                base = base[:len(base) - node.level + (1 if is_package else 0)]
-                module = ".".join(base + ([node.module] if node.module else []))
-            else:
-                module = node.module or ""
-            # `from owca.x import y` names the submodule owca.x.y where there is one
-            targets = [f"{module}.{a.name}" if f"{module}.{a.name}" in modules else module
-                       for a in node.names]
-        else:
-            continue
-        found |= {t for t in targets if t == "owca" or t.startswith("owca.")}
-    return found - {name}
+    """The package's modules that `path` imports, at any depth of its code."""
+    return import_graph.imports_of(path, name, modules, "owca")
 
 
 def graph():
-    modules = module_files()
-    return {name: imports_of(path, name, modules) for name, path in modules.items()}
+    return import_graph.graph(PACKAGE)
 
 
 def layer(module: str) -> str:
@@ -101,24 +69,7 @@ def test_each_layer_imports_only_what_the_rule_allows():
 
 
 def test_no_import_cycle():
-    edges = graph()
-    cycles, state, stack = [], {}, []
-
-    def visit(node):
-        state[node] = "open"
-        stack.append(node)
-        for target in sorted(edges.get(node, ())):
-            if state.get(target) == "open":
-                cycles.append(stack[stack.index(target):] + [target])
-            elif target not in state:
-                visit(target)
-        stack.pop()
-        state[node] = "done"
-
-    for node in sorted(edges):
-        if node not in state:
-            visit(node)
-    assert [" -> ".join(c) for c in cycles] == []
+    assert [" -> ".join(c) for c in import_graph.cycles(graph())] == []
 
 
 def test_the_checker_sees_a_stage_to_stage_import(tmp_path):

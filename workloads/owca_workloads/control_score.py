@@ -1,17 +1,19 @@
 """Scores of an allocator's run: did the HP tasks keep their SLO, how much work did BE do.
 
 A run directory holds `recording.jsonl` (or `.jsonl.gz`): the frames after
-owca-allocate (measurements and allocations), and `ground_truth.json`: the HP
-tasks (`hps`, or the lab's single `hp`), the BE tasks that started
-(`antagonists`: task_id, name, start_ts), the surges, `be_alone` (CPU cores each
-BE task uses alone on the node) and `host_load`.  Per run:
+owca-allocate (measurements and allocations), and `ground_truth.json`, the lab's
+(docs/workloads.md: the HP tasks, `hps` or the single `hp`; the BE tasks and their
+phases; `host_load`) with, from the control matrix (control_matrix.py), `config`
+and `be_alone` (CPU cores each BE task uses alone on the node).  The matrix's
+earlier runner wrote version 1, with the BE tasks that started as `antagonists`
+(task_id, name, start_ts) and `surges`; both are read.  Per run:
 
 | score | how |
 |---|---|
 | within_slo | fraction of intervals (measurements frames from t=0) in which every HP task's SLI met its SLO; an interval without an SLI counts as missed |
 | worst_p99_seconds | the highest apm_latency_p99_seconds any HP task reported |
 | recovery_intervals | per BE start and surge: from its start to the first report back within the SLO after the first one that broke it (0 when none broke it within `recovery_window` s); in intervals; None when it never came back |
-| be_cpu_seconds, be_work_vs_alone | CPU time of the BE tasks' cgroups, and that over what the same tasks use alone for as long as they ran |
+| be_cpu_seconds, be_work_vs_alone | CPU time of the BE tasks' cgroups, and that over what the same tasks use alone for as long as they ran (the lab's BE ops over its ops alone, where it measured those) |
 | changes, rollbacks | BE values written by owca-allocate; the controller's rollbacks |
 | sign_changes_per_minute | of the BE allocation (CPUs the BE tasks may use: quota and cpuset) in steady load: outside surges and the first `recovery_window` s after a BE start |
 | host_other_cores | CPU the rest of the machine used meanwhile (mean, max) |
@@ -35,7 +37,7 @@ def find_runs(dirs: List[str]) -> List[str]:
     for top in dirs:
         for here, _, files in os.walk(top):
             if os.path.basename(here) == "quiet":
-                continue   # the SLO's calibration (control_run.calibrate_slo), not a run
+                continue   # the SLO's calibration (control_matrix.calibrate_slo), not a run
             if "ground_truth.json" in files and any(f.startswith("recording.jsonl")
                                                     for f in files):
                 out.append(here)
@@ -60,6 +62,12 @@ def _hps(truth: dict) -> List[dict]:
     return truth.get("hps") or ([truth["hp"]] if truth.get("hp") else [])
 
 
+def _surges(truth: dict) -> List[dict]:
+    """The load surges (start_ts, stop_ts): version 1's `surges`, the lab's surge phases."""
+    return truth.get("surges", []) + [p for p in truth.get("phases", [])
+                                      if p.get("kind") == "surge"]
+
+
 def _pressure(metrics: dict, slo: Optional[float]) -> Optional[float]:
     n = metrics.get("apm_sli_normalized")
     if isinstance(n, (int, float)) and n > 0:
@@ -76,10 +84,12 @@ def load_run(run_dir: str) -> dict:
         truth = json.load(f)
     t0, t1 = truth.get("started_ts", 0), truth.get("ended_ts", math.inf)
     hps = _hps(truth)
-    be_names = {a["task_id"]: a["name"] for a in truth.get("antagonists", [])}
-    for task_id, t in (truth.get("tasks") or {}).items():   # the lab's version 2
-        if t.get("role") == "be":
-            be_names.setdefault(task_id, t.get("name", task_id))
+    # The lab's version 2 names its BE tasks under `tasks` (its `antagonists` are
+    # phases, task@start); version 1 under `antagonists`.  `be_alone` goes by task name.
+    be_names = {task_id: t.get("name", task_id)
+                for task_id, t in (truth.get("tasks") or {}).items() if t.get("role") == "be"}
+    for a in truth.get("antagonists", []):
+        be_names.setdefault(a["task_id"], a["name"])
     run = {"dir": run_dir, "truth": truth, "intervals": [], "be_alloc": [],
            "be_usage": {}, "rollbacks": 0, "changes": 0}
     ncpus, present = None, set()
@@ -247,7 +257,7 @@ def score(run: dict) -> dict:
             alone += rate * (inside[-1][0] - inside[0][0])
     ops = _be_ops(truth)
     busy_windows = [(s, s + RECOVERY_WINDOW) for s, _ in events] + \
-        [(u["start_ts"], u.get("stop_ts", u["start_ts"]) + 10) for u in truth.get("surges", [])]
+        [(u["start_ts"], u.get("stop_ts", u["start_ts"]) + 10) for u in _surges(truth)]
     steady = lambda ts: not any(a <= ts <= b for a, b in busy_windows)  # noqa: E731
     host = truth.get("host_load") or []
     others = [h.get("other_cores", h.get("other_cpu_cores")) for h in host]
@@ -265,7 +275,8 @@ def score(run: dict) -> dict:
         "surge_recovery_intervals": _worst(v for k, v in recovery.items()
                                            if k.startswith(SURGE)),
         "be_cpu_seconds": round(used, 2),
-        "be_work_vs_alone": (ops["vs_alone"] if ops else
+        # In ops where the lab measured them alone, else in CPU time (the matrix's be_alone).
+        "be_work_vs_alone": (ops["vs_alone"] if ops and ops["vs_alone"] is not None else
                              round(used / alone, 4) if alone else None),
         "be_ops": ops["ops"] if ops else None,
         "changes": run["changes"], "rollbacks": run["rollbacks"],
@@ -388,7 +399,7 @@ def panels(axes, run: dict) -> None:
     for a in truth.get("antagonists", []):
         for ax in axes:
             ax.axvline(a["start_ts"] - t0, color="grey", linestyle="--", linewidth=0.8)
-    for u in truth.get("surges", []):
+    for u in _surges(truth):
         for ax in axes:
             ax.axvspan(u["start_ts"] - t0, u.get("stop_ts", u["start_ts"]) - t0,
                        color="orange", alpha=0.15)

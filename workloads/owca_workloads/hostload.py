@@ -8,7 +8,8 @@ the lab runs on is shared.  Each sample says, over the interval just ended,
   the interval;
 - `other_cpu_cores`: CPU time used by everything outside the scenario's
   cgroups (/proc/stat's busy time less the scenario parent's cpuacct usage),
-  in cores, and `other_cpu_on_hp_cpus` the same on the HP task's cores.
+  in cores, and `other_cpu_on_hp_cpus` the same on the HP task's cores;
+- `loadavg1`: the 1-minute load average at the sample's time (/proc/loadavg).
 """
 import os
 import time
@@ -65,7 +66,13 @@ class HostLoad:
                     psi[resource] = psi_some_total_seconds(f.read())
             except OSError:
                 psi[resource] = None
-        return {"t": time.monotonic(), "ts": time.time(), "busy": busy, "own": own, "psi": psi}
+        try:
+            with open(self.paths.proc("loadavg")) as f:
+                load1 = float(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            load1 = None
+        return {"t": time.monotonic(), "ts": time.time(), "busy": busy, "own": own, "psi": psi,
+                "loadavg1": load1}
 
     def sample(self) -> Optional[dict]:
         now = self._read()
@@ -88,4 +95,6 @@ class HostLoad:
             a, b = last["psi"][resource], now["psi"][resource]
             if a is not None and b is not None:
                 out[f"{resource}_some_percent"] = round(100.0 * (b - a) / dt, 3)
+        if now["loadavg1"] is not None:
+            out["loadavg1"] = now["loadavg1"]
         return out

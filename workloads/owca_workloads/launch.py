@@ -25,6 +25,7 @@ from typing import Dict, List, Optional
 
 from owca.core.paths import Paths
 
+from owca_workloads.cgroup_files import read_str, write_str
 from owca_workloads.cli import ToolError
 
 log = logging.getLogger("owca.launch")
@@ -34,16 +35,6 @@ CONTROLLERS = ("cpu", "cpuacct", "memory", "cpuset")
 
 class LaunchError(ToolError):
     """A workload could not be started or its cgroups not made (one line)."""
-
-
-def _write(path: str, value: str) -> None:
-    with open(path, "w") as f:
-        f.write(value)
-
-
-def _read(path: str) -> str:
-    with open(path) as f:
-        return f.read().strip()
 
 
 # The pseudo-controller of the cgroup2 hierarchy of a hybrid host (v1 controllers,
@@ -94,13 +85,13 @@ class CgroupSet:
         if "cpuset" in self.controllers:
             self._init_cpuset(self.dir("cpuset"), cpus, mems)
         if memory_limit_bytes is not None and "memory" in self.controllers:
-            _write(os.path.join(self.dir("memory"), "memory.limit_in_bytes"),
-                   str(memory_limit_bytes))
+            write_str(os.path.join(self.dir("memory"), "memory.limit_in_bytes"),
+                      str(memory_limit_bytes))
         if cpu_quota_cores is not None and "cpu" in self.controllers:
             period = 100000  # microseconds, the kernel's default CFS period
-            _write(os.path.join(self.dir("cpu"), "cpu.cfs_period_us"), str(period))
-            _write(os.path.join(self.dir("cpu"), "cpu.cfs_quota_us"),
-                   str(max(1000, int(cpu_quota_cores * period))))
+            write_str(os.path.join(self.dir("cpu"), "cpu.cfs_period_us"), str(period))
+            write_str(os.path.join(self.dir("cpu"), "cpu.cfs_quota_us"),
+                      str(max(1000, int(cpu_quota_cores * period))))
 
     def _init_cpuset(self, path: str, cpus: Optional[str], mems: Optional[str]) -> None:
         """A new cpuset is empty, and a process cannot enter it until it has cpus and
@@ -108,12 +99,12 @@ class CgroupSet:
         parent = os.path.dirname(path.rstrip("/"))
         root = self.paths.cgroup_v1("cpuset")
         if os.path.normpath(parent) != os.path.normpath(root) \
-                and not _read(os.path.join(parent, "cpuset.cpus")):
+                and not read_str(os.path.join(parent, "cpuset.cpus")):
             self._init_cpuset(parent, None, None)
         for name, wanted in (("cpuset.cpus", cpus), ("cpuset.mems", mems)):
-            value = wanted or _read(os.path.join(parent, name))
+            value = wanted or read_str(os.path.join(parent, name))
             try:
-                _write(os.path.join(path, name), value)
+                write_str(os.path.join(path, name), value)
             except OSError as e:
                 raise LaunchError(f"{os.path.join(path, name)}: cannot set {value!r}: "
                                   f"{e.strerror}") from None

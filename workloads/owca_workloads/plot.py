@@ -11,6 +11,7 @@ Aggressive phases are shaded in every panel, one colour per resource, and named
 above the first panel; load surges are hatched; benign phases are drawn as thin
 bars in the BE panel.
 """
+import os
 from typing import Dict, List
 
 from owca_workloads import score as scoring
@@ -44,6 +45,13 @@ def _gauge(frames, task_id, metric, origin, *levels) -> tuple:
             xs.append(f["ts"] - origin)
             ys.append(value)
     return xs, ys
+
+
+def plot_runs(plot_dir: str, results: List[tuple]) -> None:
+    """PLOT_DIR/<recording>.png for each of score.score_dirs' results."""
+    os.makedirs(plot_dir, exist_ok=True)
+    for name, scored, truth, lines, anomalies in results:
+        plot_run(os.path.join(plot_dir, f"{name}.png"), name, truth, lines, anomalies, scored)
 
 
 def plot_run(path: str, name: str, truth: dict, lines, anomalies: Dict[int, list],

@@ -1,24 +1,27 @@
-"""Interference scenarios: an HP workload under load, BE tasks with scripted phases.
+"""Interference scenarios: HP workloads under load, BE tasks with scripted phases.
 
-The runner starts the HP workload in its own cgroup (v1, and on a hybrid host a
-cgroup2 group at the same path, for PSI and perf events), pinned to the
-scenario's cores, optionally under a CPU quota.  Every BE task of the scenario
-is started at once, in its own cgroup on the same cores, and stays for the whole
-run: between its phases it idles (`quiet`, an idle process), in a `benign` phase
-it runs a light version of its work (a decoy), in an `aggressive` one the
-antagonist at full strength; several overlap.  Load-only `surges` add unmeasured
-clients of the HP with no antagonist.  Before t=0 the HP's SLO is calibrated on
-this host: its SLI at peak load with every BE task idle, times a factor.  The
-real pipeline runs beside it,
+The runner starts each HP workload (one, or several) in its own cgroup (v1, and on
+a hybrid host a cgroup2 group at the same path, for PSI and perf events), pinned
+to the scenario's cores, optionally under a CPU quota.  Every BE task of the
+scenario is started at once, in its own cgroup on the same cores (or `be_cpus`),
+and stays for the whole run: between its phases it idles (`quiet`, an idle
+process), in a `benign` phase it runs a light version of its work (a decoy), in
+an `aggressive` one the antagonist at full strength; several overlap.  A BE task
+that `arrives` is started at its first phase instead (a task that comes to the
+node while the HP runs, as the control matrix's do).  Load-only `surges` add
+unmeasured clients of an HP with no antagonist.  Before t=0 each HP's SLO is
+calibrated on this host: its SLI at peak load with every BE task idle, times a
+factor.  The real pipeline runs beside it,
 
     owca-discover (static file) | owca-measure (apm_dir) | owca-detect
         [| owca-allocate] | tee recording.jsonl | owca-ship (file storage)
 
-and a stage that dies ends the run with an error.  Beside the recording the
-runner writes the ground truth (version 2): the phases, when each really began
-and ended, the BE tasks' progress in each, the host's own load per interval, the
-SLO calibration, and whether the run was noisy.  docs/workloads.md describes
-the formats.
+owca-allocate when the scenario or the configuration has an `allocate:` section;
+a stage that dies ends the run with an error.  Beside the recording the runner
+writes the ground truth (version 2): the phases, when each really began and
+ended, the BE tasks' progress in each, the host's own load per interval, the SLO
+calibration, and whether the run was noisy.  docs/workloads.md describes the
+formats.
 """
 import json
 import logging
@@ -26,7 +29,7 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
+import textwrap
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,18 +41,19 @@ from owca.measure.sources import apm
 from owca.core.paths import Paths
 
 from owca_workloads import score
-from owca_workloads.catalog import (Workload, fill, load_catalog, parse_bytes, start,
+from owca_workloads.catalog import (Workload, fill, load_catalog, parse_bytes, start, tool,
                                     wrapped_load)
-from owca_workloads.cli import WORKLOADS_DIR, ToolError
+from owca_workloads.cli import ToolError
 from owca_workloads.hostload import HostLoad
 from owca_workloads.launch import Launcher, LaunchError, enter_cgroups
 from owca_workloads.progress import parse_progress, with_progress
+from owca_workloads.tools import tool_argv, tool_env
 
 log = logging.getLogger("owca.scenario")
 
-ROOT = os.path.dirname(WORKLOADS_DIR)
 GROUND_TRUTH_VERSION = 2
 MODES = ("aggressive", "benign")
+SURGE_CLIENTS = ("surge", "load")
 # A BE task between its phases: a process that does nothing, so that the task (its
 # cgroup, a pid) is there in every interval and its presence tells nothing.
 IDLE_COMMAND = ["sleep", "infinity"]
@@ -58,6 +62,8 @@ DEFAULT_BENIGN = ["stress-ng", "--cpu", "1", "--cpu-load", "10", "--timeout", "0
 # at least this share of the intervals.
 BUSY_CORES = 0.15
 BUSY_SHARE = 0.2
+# Launcher names the runner gives its own processes ("loadgen-<hp>", "surge-<i>").
+RESERVED_PREFIXES = ("loadgen-", "calibration-", "surge-")
 # The perf software events asked for where the helper is installed (no hardware PMU
 # is needed; a task's cgroup2 group carries them on a hybrid host).
 PERF_SOFTWARE_EVENTS = ["task-clock", "context-switches", "cpu-migrations", "page-faults"]
@@ -94,7 +100,7 @@ class HpSpec:
 @dataclass
 class PhaseSpec:
     start: float
-    stop: float
+    stop: Optional[float] = None       # default: the scenario's end
     mode: str = "aggressive"
 
 
@@ -104,6 +110,9 @@ class BeSpec:
     name: Optional[str] = None
     phases: List[PhaseSpec] = field(default_factory=list)
     memory_limit: Optional[object] = None   # bytes or "256M"; default: the catalog's
+    # Started at its first phase's start (a task that comes to the node while the HP
+    # runs), not idle from before t=0.
+    arrives: bool = False
 
 
 @dataclass
@@ -121,23 +130,33 @@ class SurgeSpec:
     stop: float
     rate: Optional[float] = None       # requests per second (default: the load's base)
     connections: int = 4
+    hp: Optional[str] = None           # the HP task's name (default: the first HP's)
+    # surge: the catalog's surge command; load: the HP's own load generator held at
+    # `rate` by owca-sine, a step a second (for redis, whose surge command is unpaced).
+    client: str = "surge"
 
 
 @dataclass
 class Scenario:
     name: str
     duration: float
-    hp: HpSpec
+    hp: HpSpec                         # the first HP task: the one a detector is scored on
     be: List[BeSpec] = field(default_factory=list)
     antagonists: List[AntagonistSpec] = field(default_factory=list)
     surges: List[SurgeSpec] = field(default_factory=list)
     interval: float = 1.0
     cpus: str = "0"
     loadgen_cpus: Optional[str] = None
+    be_cpus: Optional[str] = None      # the BE tasks' cores (default: `cpus`, the HP's)
     # Seconds of load before t=0, so that the first samples are not a cold start.
     warmup: float = 4.0
     # Merged into owca-measure's section (apm_dir is the runner's).
     measure: Dict[str, object] = field(default_factory=dict)
+    # owca-allocate's section as YAML text, its tags kept: the pipeline then has
+    # owca-allocate (a configuration's `allocate:` section, where given, instead).
+    allocate: Optional[str] = None
+    # The HP tasks after the first (the file's `hp:` as a list).
+    other_hps: List[HpSpec] = field(default_factory=list)
 
 
 def _build(cls, raw, where: str):
@@ -149,14 +168,49 @@ def _build(cls, raw, where: str):
         raise ScenarioError(f"{where}: {e}") from None
 
 
+class _AnyTagLoader(yaml.SafeLoader):
+    """Reads a file's plain parts, whatever tags its plug-in sections use (as None)."""
+
+
+_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
+
+
+def section_yaml(text: str, name: str) -> Optional[str]:
+    """The top-level section `name` of a YAML document as YAML text, its tags kept (for
+    the tool that builds it); None when it is absent or empty, ValueError when it is not
+    a mapping."""
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else ():
+        if key.value != name:
+            continue
+        if isinstance(value, yaml.MappingNode):
+            return yaml.serialize(value, Dumper=yaml.SafeDumper)
+        if value.tag != "tag:yaml.org,2002:null":
+            raise ValueError(f"{name}: expected a mapping")
+    return None
+
+
 def parse_scenario(text: str, where: str = "scenario") -> Scenario:
-    raw = yaml.safe_load(text)
+    try:
+        raw = yaml.load(text, Loader=_AnyTagLoader)  # noqa: S506 (a SafeLoader subclass)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise ScenarioError(f"{where}: line {mark.line + 1}: {e.problem}" if mark
+                            else f"{where}: {e}") from None
     if not isinstance(raw, dict):
         raise ScenarioError(f"{where}: expected a mapping")
     raw = dict(raw)
-    hp = dict(raw.get("hp") or {})
-    hp["load"] = _build(LoadSpec, hp.get("load") or {}, f"{where}: hp.load")
-    raw["hp"] = _build(HpSpec, hp, f"{where}: hp")
+    if "other_hps" in raw:
+        raise ScenarioError(f"{where}: other_hps: several HP tasks are a list under hp")
+    listed = raw.get("hp") if isinstance(raw.get("hp"), list) else None
+    hps = []
+    for i, hp in enumerate(listed if listed else [raw.get("hp") or {}]):
+        key = f"hp[{i}]" if listed else "hp"
+        hp = dict(hp) if isinstance(hp, dict) else hp
+        if isinstance(hp, dict):
+            hp["load"] = _build(LoadSpec, hp.get("load") or {}, f"{where}: {key}.load")
+        hps.append(_build(HpSpec, hp, f"{where}: {key}"))
+    raw["hp"], raw["other_hps"] = hps[0], hps[1:]
     raw["antagonists"] = [_build(AntagonistSpec, a, f"{where}: antagonists[{i}]")
                           for i, a in enumerate(raw.get("antagonists") or [])]
     be = []
@@ -172,9 +226,22 @@ def parse_scenario(text: str, where: str = "scenario") -> Scenario:
     if not isinstance(raw.get("measure") or {}, dict):
         raise ScenarioError(f"{where}: measure: expected a mapping (owca-measure's section)")
     raw["measure"] = dict(raw.get("measure") or {})
+    try:
+        raw["allocate"] = section_yaml(text, "allocate")
+    except ValueError as e:
+        raise ScenarioError(f"{where}: {e} (owca-allocate's section)") from None
     scenario = _build(Scenario, raw, where)
+    for b in scenario.be:
+        for p in b.phases:
+            if p.stop is None:
+                p.stop = scenario.duration
     check_scenario(scenario, where)
     return scenario
+
+
+def hp_tasks(s: Scenario) -> List[HpSpec]:
+    """The scenario's HP tasks, the first (`hp`) first."""
+    return [s.hp] + list(s.other_hps)
 
 
 def be_tasks(s: Scenario) -> List[BeSpec]:
@@ -190,17 +257,25 @@ def check_scenario(s: Scenario, where: str, catalog: Dict[str, Workload] = None)
         raise ScenarioError(f"{where}: name: expected a cgroup-safe name")
     if not s.duration > 0 or not s.interval > 0:
         raise ScenarioError(f"{where}: duration and interval: expected positive seconds")
-    hp = catalog.get(s.hp.workload)
-    if hp is None or hp.role != "hp":
-        raise ScenarioError(f"{where}: hp.workload {s.hp.workload!r} is not an hp workload "
-                            f"of the catalog")
-    if s.hp.calibrate < 0 or not s.hp.slo_factor > 0:
-        raise ScenarioError(f"{where}: hp: expected calibrate >= 0 and slo_factor > 0")
-    if s.hp.calibrate == 0 and s.hp.slo is None and hp.slo is None:
-        raise ScenarioError(f"{where}: hp: no slo and no calibration")
-    if s.hp.quota is not None and not s.hp.quota > 0:
-        raise ScenarioError(f"{where}: hp.quota: expected a positive number of cores")
-    names = {s.hp.name or s.hp.workload, "loadgen", "pipeline", "calibration"}
+    names = {"loadgen", "pipeline", "calibration"}
+    hp_workloads = {}
+    for i, h in enumerate(hp_tasks(s)):
+        key = f"hp[{i}]" if s.other_hps else "hp"
+        hp = catalog.get(h.workload)
+        if hp is None or hp.role != "hp":
+            raise ScenarioError(f"{where}: {key}.workload {h.workload!r} is not an hp workload "
+                                f"of the catalog")
+        if h.calibrate < 0 or not h.slo_factor > 0:
+            raise ScenarioError(f"{where}: {key}: expected calibrate >= 0 and slo_factor > 0")
+        if h.calibrate == 0 and h.slo is None and hp.slo is None:
+            raise ScenarioError(f"{where}: {key}: no slo and no calibration")
+        if h.quota is not None and not h.quota > 0:
+            raise ScenarioError(f"{where}: {key}.quota: expected a positive number of cores")
+        name = h.name or h.workload
+        if name in names or name.startswith(RESERVED_PREFIXES) or "/" in name:
+            raise ScenarioError(f"{where}: {key}: name {name!r} is taken")
+        names.add(name)
+        hp_workloads[name] = hp
     for i, a in enumerate(be_tasks(s)):
         key = f"be[{i}]" if i < len(s.be) else f"antagonists[{i - len(s.be)}]"
         wl = catalog.get(a.workload)
@@ -218,22 +293,35 @@ def check_scenario(s: Scenario, where: str, catalog: Dict[str, Workload] = None)
                 raise ScenarioError(f"{where}: {key}: mode {p.mode!r}: expected one of "
                                     f"{', '.join(MODES)}")
             last = p.stop
+        if a.arrives and not a.phases:
+            raise ScenarioError(f"{where}: {key}: arrives: expected a phase to arrive with")
         if a.memory_limit is not None:
             try:
                 parse_bytes(a.memory_limit)
             except ValueError as e:
                 raise ScenarioError(f"{where}: {key}.memory_limit: {e}") from None
         name = a.name or a.workload
-        if name in names or name.startswith("surge-") or "/" in name:
+        if name in names or name.startswith(RESERVED_PREFIXES) or "/" in name:
             raise ScenarioError(f"{where}: {key}: name {name!r} is taken")
         names.add(name)
+    first = s.hp.name or s.hp.workload
     for i, x in enumerate(s.surges):
         if not 0 <= x.start < x.stop <= s.duration or x.connections < 1 \
                 or (x.rate is not None and not x.rate > 0):
             raise ScenarioError(f"{where}: surges[{i}]: expected 0 <= start < stop <= duration, "
                                 f"rate > 0, connections >= 1")
-        if hp.surge is None:
+        hp = hp_workloads.get(x.hp or first)
+        if hp is None:
+            raise ScenarioError(f"{where}: surges[{i}].hp {x.hp!r} is not an HP task of the "
+                                f"scenario")
+        if x.client not in SURGE_CLIENTS:
+            raise ScenarioError(f"{where}: surges[{i}].client {x.client!r}: expected one of "
+                                f"{', '.join(SURGE_CLIENTS)}")
+        if x.client == "surge" and hp.surge is None:
             raise ScenarioError(f"{where}: surges: the catalog's {hp.name} has no surge command")
+        if x.client == "load" and hp.load.fixed:
+            raise ScenarioError(f"{where}: surges[{i}]: the catalog's {hp.name} has a fixed "
+                                f"load, which owca-sine cannot pace")
 
 
 def load_scenario(path: str) -> Scenario:
@@ -263,26 +351,6 @@ def _cpu_list(text: str) -> set:
     return out
 
 
-def tool_argv(name: str) -> List[str]:
-    """bin/owca-<name> of this tree with this interpreter, else the installed one."""
-    path = os.path.join(ROOT, "bin", f"owca-{name}")
-    return [sys.executable, path] if os.path.exists(path) else [f"owca-{name}"]
-
-
-def tool_env() -> dict:
-    env = dict(os.environ)
-    lib = os.path.join(ROOT, "lib")
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (lib, ROOT, env.get("PYTHONPATH")) if p)
-    return env
-
-
-class _AnyTagLoader(yaml.SafeLoader):
-    """Reads a configuration's plain sections, whatever tags its other sections use."""
-
-
-_AnyTagLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
-
-
 def config_sections(path: Optional[str]) -> Dict[str, object]:
     """The top-level sections of a pipeline configuration (tagged values read as None)."""
     if not path:
@@ -310,16 +378,34 @@ def perf_helper_available() -> bool:
         return False
 
 
+@dataclass
+class HpRun:
+    """One HP task of a run: what the scenario asks, where it runs, and its record in
+    the ground truth."""
+    spec: HpSpec
+    workload: Workload
+    name: str
+    run_dir: str
+    load_name: str          # its load generator's name with the launcher
+    calibration_name: str   # and its calibration load's
+    task_id: str = ""
+    port: Optional[int] = None
+    record: dict = field(default_factory=dict)
+
+
 class Runner:
     def __init__(self, scenario: Scenario, out_dir: str, config: Optional[str] = None,
                  signals=None, paths: Paths = None, catalog: Dict[str, Workload] = None,
-                 plugins: List[str] = (), run: int = 1):
+                 plugins: List[str] = (), run: int = 1, truth_fields: Optional[dict] = None):
+        """`truth_fields` are the caller's, added to the ground truth (the control matrix
+        records its configuration and the BE tasks' CPU use alone there)."""
         self.s = scenario
         self.out = os.path.abspath(out_dir)
         self.config = os.path.abspath(config) if config else None
         self.sections = config_sections(config)
         self.plugins = list(plugins)
         self.run_number = run
+        self.truth_fields = dict(truth_fields or {})
         self.signals = signals
         self.paths = paths or Paths()
         self.catalog = catalog or load_catalog()
@@ -335,6 +421,7 @@ class Runner:
         self.current: Dict[str, dict] = {}    # task -> its phase now
         self._done = threading.Event()        # set when the run ends: the timelines stop
         self._errors: List[Exception] = []    # what a timeline's thread ran into
+        self._tasks_lock = threading.Lock()   # BE tasks that arrive rewrite the tasks file
 
     # -- files --------------------------------------------------------------------------
     def path(self, *parts) -> str:
@@ -348,16 +435,18 @@ class Runner:
     def write_tasks(self) -> None:
         """The static discovery file: the HP task and every BE task (all of them, all
         the time: what a BE task does is for the detector to find out)."""
-        tasks = []
-        for w in self.launcher.launched.values():
-            if w.role in ("hp", "be") and w.stopped_ts is None:
-                tasks.append({"id": w.cgroup_path, "name": w.name, "cgroup_path": w.cgroup_path,
-                              "labels": {"role": w.role, "workload": w.workload,
-                                         "scenario": self.s.name}})
-        tmp = self.path("tasks.yaml.tmp")
-        with open(tmp, "w") as f:
-            yaml.safe_dump(tasks, f, sort_keys=False)
-        os.replace(tmp, self.path("tasks.yaml"))
+        with self._tasks_lock:
+            tasks = []
+            for w in list(self.launcher.launched.values()):
+                if w.role in ("hp", "be") and w.stopped_ts is None:
+                    tasks.append({"id": w.cgroup_path, "name": w.name,
+                                  "cgroup_path": w.cgroup_path,
+                                  "labels": {"role": w.role, "workload": w.workload,
+                                             "scenario": self.s.name}})
+            tmp = self.path("tasks.yaml.tmp")
+            with open(tmp, "w") as f:
+                yaml.safe_dump(tasks, f, sort_keys=False)
+            os.replace(tmp, self.path("tasks.yaml"))
 
     def measure_section(self) -> dict:
         """The scenario's measure section, the configuration's over it, the APM
@@ -371,9 +460,14 @@ class Runner:
         section.setdefault("apm_max_age", max(10.0, 5 * self.s.interval))
         return section
 
+    def allocate_section(self) -> Optional[str]:
+        """owca-allocate's section from the scenario, when the configuration has none."""
+        return None if self.sections.get("allocate") is not None else self.s.allocate
+
     def write_pipeline_config(self) -> str:
-        """The configuration of discover, measure and ship (detect and allocate take the
-        user's configuration)."""
+        """The configuration of discover, measure and ship, and of allocate when the
+        scenario gives its section (detect, and allocate otherwise, take the user's
+        configuration)."""
         q = json.dumps  # JSON is YAML: a string is a double-quoted scalar, a dict a flow map
         text = (f"discover:\n"
                 f"  source: !StaticDiscovery\n"
@@ -384,6 +478,8 @@ class Runner:
                 f"  storages:\n"
                 f"    - !FileStorage\n"
                 f"      path: {q(self.path('metrics.prom'))}\n")
+        if self.allocate_section() is not None:
+            text += "allocate:\n" + textwrap.indent(self.allocate_section(), "  ")
         path = self.path("pipeline.yaml")
         with open(path, "w") as f:
             f.write(text)
@@ -391,7 +487,8 @@ class Runner:
 
     # -- the pipeline -------------------------------------------------------------------
     def stages(self) -> List[str]:
-        allocate = ["allocate"] if self.sections.get("allocate") is not None else []
+        allocate = ["allocate"] if self.sections.get("allocate") is not None \
+            or self.s.allocate is not None else []
         return ["discover", "measure", "detect"] + allocate + ["tee", "ship"]
 
     def start_pipeline(self, config: str, cpus: str) -> None:
@@ -404,7 +501,8 @@ class Runner:
             "discover": tool_argv("discover") + ["-c", config],
             "measure": tool_argv("measure") + ["-c", config],
             "detect": tool_argv("detect") + user + plugins,
-            "allocate": tool_argv("allocate") + user + plugins,
+            "allocate": tool_argv("allocate") + (["-c", config] if self.allocate_section()
+                                                 is not None else user) + plugins,
             "tee": ["tee", self.path("recording.jsonl")],
             "ship": tool_argv("ship") + ["-c", config],
         }
@@ -479,6 +577,19 @@ class Runner:
             else:
                 time.sleep(min(left, 0.5))
 
+    def hp_runs(self) -> List[HpRun]:
+        out = []
+        for i, spec in enumerate(hp_tasks(self.s)):
+            name = spec.name or spec.workload
+            # The first HP's processes keep the names a one-HP scenario has always used.
+            suffix = "" if i == 0 else f"-{name}"
+            out.append(HpRun(spec, self.catalog[spec.workload], name, self.path("run", name),
+                             f"loadgen{suffix}", f"calibration{suffix}"))
+        return out
+
+    def be_cpus(self) -> str:
+        return self.s.be_cpus or self.s.cpus
+
     def run(self) -> dict:
         if os.path.isdir(self.path("logs")):  # a previous run's, in this output directory
             for name in os.listdir(self.path("logs")):
@@ -489,49 +600,43 @@ class Runner:
             if os.path.exists(self.path(stale)):
                 os.unlink(self.path(stale))
         s = self.s
-        hp_wl = self.catalog[s.hp.workload]
-        hp_name = s.hp.name or s.hp.workload
+        hps = self.hp_runs()
         loadgen_cpus = s.loadgen_cpus or other_cpus(s.cpus, self.paths)
         truth = {"version": GROUND_TRUTH_VERSION, "scenario": s.name, "run": self.run_number,
                  "host": os.uname().nodename, "cpus": s.cpus, "loadgen_cpus": loadgen_cpus,
-                 "interval": s.interval, "duration": s.duration, "completed": False,
-                 "tasks": {}, "phases": [], "antagonists": []}
+                 "be_cpus": self.be_cpus(), "interval": s.interval, "duration": s.duration,
+                 "completed": False, "tasks": {}, "phases": [], "antagonists": [],
+                 **self.truth_fields}
         sampler = threading.Thread(target=self.sample_host, daemon=True)
         error = None
         try:
-            hp_dir = self.path("run", hp_name)
-            hp, port = start(self.launcher, hp_wl, hp_name, hp_dir, s.cpus,
-                             self.log_file(hp_name), cpu_quota_cores=s.hp.quota)
-            self.hp_port = port
-            truth["hp"] = {"task_id": hp.cgroup_path, "name": hp_name, "workload": hp_wl.name,
-                           "port": port, "sli_metric": hp_wl.sli_metric,
-                           "quota_cores": s.hp.quota}
-            truth["tasks"][hp.cgroup_path] = {"name": hp_name, "role": "hp",
-                                              "workload": hp_wl.name}
+            for hp in hps:
+                launched, hp.port = start(self.launcher, hp.workload, hp.name, hp.run_dir,
+                                          s.cpus, self.log_file(hp.name),
+                                          cpu_quota_cores=hp.spec.quota)
+                hp.task_id = launched.cgroup_path
+                hp.record.update(task_id=hp.task_id, name=hp.name, workload=hp.workload.name,
+                                 port=hp.port, sli_metric=hp.workload.sli_metric,
+                                 quota_cores=hp.spec.quota)
+                truth["tasks"][hp.task_id] = {"name": hp.name, "role": "hp",
+                                              "workload": hp.workload.name}
+            truth["hp"] = hps[0].record
+            if len(hps) > 1:
+                truth["hps"] = [hp.record for hp in hps]
             for b in be_tasks(s):
-                self.start_be(b, truth)
+                if not b.arrives:
+                    self.start_be(b, truth)
             self.write_tasks()
-            slo, calibration = self.calibrate(hp_wl, hp.cgroup_path, hp_dir, port, loadgen_cpus)
-            truth["hp"]["slo"] = slo
-            truth["hp"]["slo_calibration"] = calibration
+            for hp, (slo, calibration) in zip(hps, self.calibrate(hps, loadgen_cpus)):
+                hp.record.update(slo=slo, slo_calibration=calibration)
             self.start_pipeline(self.write_pipeline_config(), loadgen_cpus)
-            load = s.hp.load
-            argv = wrapped_load(hp_wl, hp.cgroup_path, hp_dir, port, self.path("apm"),
-                                load.base, load.amplitude, load.period,
-                                slo=slo, step=load.step, connections=load.connections,
-                                interval=min(1.0, s.interval),
-                                labels={"scenario": s.name})
-            self.launcher.start("loadgen", argv, cpus=loadgen_cpus,
-                                stdout=self.log_file("loadgen"), stderr=self.log_file("loadgen"),
-                                role="loadgen", workload=hp_wl.load.parser)
-            truth["hp"]["load"] = {**asdict(load), "step": load.step or hp_wl.load.step,
-                                   "generator": hp_wl.load.command[0],
-                                   "fixed": hp_wl.load.fixed, "started_ts": time.time()}
+            for hp in hps:
+                self.start_load(hp, loadgen_cpus)
             self.sleep_until(time.monotonic() + s.warmup)
             self.origin = time.monotonic()
             truth["started_ts"] = time.time()
             sampler.start()
-            self.play(hp_wl, hp_name, hp.cgroup_path, hp_dir, port, loadgen_cpus)
+            self.play(hps, loadgen_cpus, truth)
             truth["completed"] = not self.stopping()
         except (ToolError, LaunchError) as e:
             error = e
@@ -557,66 +662,116 @@ class Runner:
             raise StageDied("a pipeline stage ended before the run did (logs/)")
         return truth
 
-    def calibrate(self, hp_wl: Workload, task_id: str, hp_dir: str, port, cpus: str):
-        """The HP's SLO on this host: its SLI at peak load, every BE task idle, for
-        `calibrate` seconds; SLO = slo_factor x the median.  (slo, record)."""
-        s = self.s
-        fixed = s.hp.slo if s.hp.slo is not None else hp_wl.slo
-        if not s.hp.calibrate:
+    def start_load(self, hp: HpRun, cpus: str) -> None:
+        """The HP's measured load (owca-sine under owca-wrap) on the load generators' cores."""
+        load = hp.spec.load
+        argv = wrapped_load(hp.workload, hp.task_id, hp.run_dir, hp.port, self.path("apm"),
+                            load.base, load.amplitude, load.period,
+                            slo=hp.record["slo"], step=load.step, connections=load.connections,
+                            interval=min(1.0, self.s.interval),
+                            labels={"scenario": self.s.name})
+        self.launcher.start(hp.load_name, argv, cpus=cpus, stdout=self.log_file(hp.load_name),
+                            stderr=self.log_file(hp.load_name), role="loadgen",
+                            workload=hp.workload.load.parser)
+        hp.record["load"] = {**asdict(load), "step": load.step or hp.workload.load.step,
+                             "generator": hp.workload.load.command[0],
+                             "fixed": hp.workload.load.fixed, "started_ts": time.time()}
+
+    def calibrate(self, hps: List[HpRun], cpus: str) -> List[tuple]:
+        """Each HP's SLO on this host: its SLI at peak load, every BE task idle, for its
+        `calibrate` seconds (the HP tasks at once); SLO = slo_factor x the median.
+        [(slo, record)], in the order of `hps`."""
+        fixed = {hp.name: hp.spec.slo if hp.spec.slo is not None else hp.workload.slo
+                 for hp in hps}
+        measured = [hp for hp in hps if hp.spec.calibrate]
+        samples: Dict[str, dict] = {hp.name: {} for hp in measured}
+        if measured:
+            apm_dir = self.path("calibration")
+            os.makedirs(apm_dir, exist_ok=True)
+            for hp in measured:
+                load = hp.spec.load
+                argv = wrapped_load(hp.workload, hp.task_id, hp.run_dir, hp.port, apm_dir,
+                                    load.base + load.amplitude, 0.0, load.period, slo=None,
+                                    step=load.step, connections=load.connections, interval=0.5)
+                self.launcher.start(hp.calibration_name, argv, cpus=cpus,
+                                    stdout=self.log_file(hp.calibration_name),
+                                    stderr=self.log_file(hp.calibration_name), role="loadgen",
+                                    workload=hp.workload.load.parser)
+            step = max(hp.spec.load.step or hp.workload.load.step for hp in measured)
+            self.sleep_until(time.monotonic() + step + 1.0)  # the first report is a cold one
+            began = time.monotonic()
+            running = list(measured)
+            while running and not self.stopping():
+                records = apm.ApmReader(apm_dir, 30.0).read()
+                for hp in list(running):
+                    if time.monotonic() >= began + hp.spec.calibrate:
+                        running.remove(hp)
+                        self.launcher.stop(hp.calibration_name)
+                        continue
+                    record = records.get(hp.task_id) or {}
+                    at = record.get("apm_report_timestamp_seconds")
+                    value = record.get(hp.workload.sli_metric)
+                    if at is not None and value is not None:
+                        samples[hp.name][at] = value
+                if running:
+                    self.sleep_until(time.monotonic() + 0.5)
+            for hp in running:
+                self.launcher.stop(hp.calibration_name)
+        return [self._calibrated(hp, fixed[hp.name], samples.get(hp.name)) for hp in hps]
+
+    @staticmethod
+    def _calibrated(hp: HpRun, fixed, samples: Optional[dict]) -> tuple:
+        if not hp.spec.calibrate:
             return fixed, {"seconds": 0, "slo": fixed, "fixed_slo": fixed}
-        load = s.hp.load
-        peak = load.base + load.amplitude
-        apm_dir = self.path("calibration")
-        os.makedirs(apm_dir, exist_ok=True)
-        argv = wrapped_load(hp_wl, task_id, hp_dir, port, apm_dir, peak, 0.0, load.period,
-                            slo=None, step=load.step, connections=load.connections,
-                            interval=0.5)
-        self.launcher.start("calibration", argv, cpus=cpus, stdout=self.log_file("calibration"),
-                            stderr=self.log_file("calibration"), role="loadgen",
-                            workload=hp_wl.load.parser)
-        step = load.step or hp_wl.load.step
-        self.sleep_until(time.monotonic() + step + 1.0)  # the first report is a cold one
-        samples = {}
-        deadline = time.monotonic() + s.hp.calibrate
-        while time.monotonic() < deadline and not self.stopping():
-            for record in apm.ApmReader(apm_dir, 30.0).read().values():
-                at = record.get("apm_report_timestamp_seconds")
-                value = record.get(hp_wl.sli_metric)
-                if at is not None and value is not None:
-                    samples[at] = value
-            self.sleep_until(time.monotonic() + 0.5)
-        self.launcher.stop("calibration")
+        load = hp.spec.load
         values = [v for _, v in sorted(samples.items())]
-        record = {"seconds": s.hp.calibrate, "rate": peak, "factor": s.hp.slo_factor,
-                  "samples": values, "fixed_slo": fixed}
+        record = {"seconds": hp.spec.calibrate, "rate": load.base + load.amplitude,
+                  "factor": hp.spec.slo_factor, "samples": values, "fixed_slo": fixed}
         if not values:
-            log.warning("SLO calibration: no report in %.0f s: the fixed SLO %s stands",
-                        s.hp.calibrate, fixed)
+            log.warning("SLO calibration of %s: no report in %.0f s: the fixed SLO %s stands",
+                        hp.name, hp.spec.calibrate, fixed)
             record.update(slo=fixed, sli_median=None)
             return fixed, record
         median = statistics.median(values)
-        slo = float(f"{s.hp.slo_factor * median:.6g}")
+        slo = float(f"{hp.spec.slo_factor * median:.6g}")
         record.update(sli_median=median, slo=slo)
-        log.info("SLO calibrated: %s median %.6g at %g/s, SLO %.6g", hp_wl.sli_metric, median,
-                 peak, slo)
+        log.info("SLO calibrated: %s %s median %.6g at %g/s, SLO %.6g", hp.name,
+                 hp.workload.sli_metric, median, record["rate"], slo)
         return slo, record
 
     # -- the BE tasks' phases -----------------------------------------------------------
-    def start_be(self, b: BeSpec, truth: dict) -> None:
+    def start_be(self, b: BeSpec, truth: dict, kind: str = "quiet", at: float = 0.0) -> None:
+        """The BE task in its cgroup on the BE cores: idle from before t=0, or, for a
+        task that arrives, at t=`at` with its first phase's work."""
         wl = self.catalog[b.workload]
         name = b.name or b.workload
         limit = parse_bytes(b.memory_limit) if b.memory_limit is not None \
             else wl.memory_limit_bytes
         run_dir = self.path("run", name)
         wl.prepare(run_dir, None)
-        launched = self.launcher.start(name, IDLE_COMMAND, cpus=self.s.cpus,
-                                       memory_limit_bytes=limit, cwd=run_dir,
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                       role="be", workload=wl.name)
+        argv, log_path = self.phase_work(name, wl, kind)
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
+        try:
+            launched = self.launcher.start(name, argv, cpus=self.be_cpus(),
+                                           memory_limit_bytes=limit, cwd=run_dir, stdout=out,
+                                           stderr=out, role="be", workload=wl.name)
+        finally:
+            if out is not subprocess.DEVNULL:
+                out.close()
         truth["tasks"][launched.cgroup_path] = {"name": name, "role": "be", "workload": wl.name,
                                                 "resource": wl.resource,
                                                 "memory_limit_bytes": limit}
-        self.open_phase(name, launched.cgroup_path, "quiet", wl.resource, 0.0, None)
+        self.open_phase(name, launched.cgroup_path, kind, wl.resource, at, log_path)
+
+    def phase_work(self, task: str, wl: Workload, kind: str) -> tuple:
+        """(argv, log path or None) of a BE task's work in a phase of `kind`."""
+        if kind == "aggressive":
+            argv = wl.prepare(self.path("run", task), None)
+        elif kind == "benign":
+            argv = list(wl.benign or DEFAULT_BENIGN)
+        else:
+            return IDLE_COMMAND, None
+        return with_progress(argv), self.path("logs", f"{task}.{len(self.phases)}.{kind}.log")
 
     def open_phase(self, task: str, task_id: str, kind: str, resource, start_at, log_path,
                    start_ts: Optional[float] = None):
@@ -641,18 +796,8 @@ class Runner:
     def switch_phase(self, b_name: str, wl: Workload, kind: str, at: float) -> None:
         """The BE task's work becomes `kind` (aggressive, benign, quiet) at t=`at`."""
         task_id = self.current[b_name]["task_id"]
-        if kind == "aggressive":
-            argv = wl.prepare(self.path("run", b_name), None)
-        elif kind == "benign":
-            argv = list(wl.benign or DEFAULT_BENIGN)
-        else:
-            argv = IDLE_COMMAND
-        log_path = None
-        out = subprocess.DEVNULL
-        if kind != "quiet":
-            argv = with_progress(argv)
-            log_path = self.path("logs", f"{b_name}.{len(self.phases)}.{kind}.log")
-            out = open(log_path, "ab")
+        argv, log_path = self.phase_work(b_name, wl, kind)
+        out = open(log_path, "ab") if log_path else subprocess.DEVNULL
         try:
             self.launcher.replace(b_name, argv, cwd=self.path("run", b_name), stdout=out,
                                   stderr=out, timeout=5.0)
@@ -663,18 +808,23 @@ class Runner:
         self.close_phase(b_name, now, at)
         self.open_phase(b_name, task_id, kind, wl.resource, at, log_path, now)
 
-    def surge_argv(self, hp_wl: Workload, surge: SurgeSpec, hp_dir: str, port) -> List[str]:
+    def surge_argv(self, hp: HpRun, surge: SurgeSpec) -> List[str]:
         duration = surge.stop - surge.start
-        rate = surge.rate or self.s.hp.load.base
-        values = hp_wl.values(hp_dir, port)
+        rate = surge.rate or hp.spec.load.base
+        if surge.client == "load":
+            # The HP's own generator, held at `rate` a step a second by owca-sine.
+            return tool("owca-sine") + [
+                "--base", f"{rate:g}", "--amplitude", "0", "--period", "60", "--step", "1",
+                "--duration", f"{duration:g}", "--connections", str(surge.connections),
+                "--"] + hp.workload.load_command(hp.run_dir, hp.port)
+        values = hp.workload.values(hp.run_dir, hp.port)
         values.update(rate=f"{rate:g}", duration=f"{max(1, int(duration))}",
                       connections=str(surge.connections),
                       delay_ms=f"{surge.connections * 1000.0 / rate:.3f}",
                       requests=str(int(rate * duration)))
-        return [fill(a, values) for a in hp_wl.surge]
+        return [fill(a, values) for a in hp.workload.surge]
 
-    def play(self, hp_wl: Workload, hp_name: str, hp_task_id: str, hp_dir: str, port,
-             loadgen_cpus: str) -> None:
+    def play(self, hps: List[HpRun], loadgen_cpus: str, truth: dict) -> None:
         """The phases' script: each BE task and the surges follow their own timeline in a
         thread of their own, so that a task slow to stop delays no other task's changes;
         this thread watches the pipeline and the signals until the end."""
@@ -683,13 +833,12 @@ class Runner:
         for b in be_tasks(s):
             changes = {}
             for p in sorted(b.phases, key=lambda p: p.start):
-                changes.setdefault(p.stop, "quiet")
+                if p.stop < s.duration:  # a phase that lasts to the end ends with the run
+                    changes.setdefault(p.stop, "quiet")
                 changes[p.start] = p.mode  # a phase that starts as another ends wins
-            timelines.append((self._play_be, (b.name or b.workload, self.catalog[b.workload],
-                                              sorted(changes.items()))))
+            timelines.append((self._play_be, (b, sorted(changes.items()), truth)))
         if s.surges:
-            timelines.append((self._play_surges, (hp_wl, hp_name, hp_task_id, hp_dir, port,
-                                                  loadgen_cpus)))
+            timelines.append((self._play_surges, ({hp.name: hp for hp in hps}, loadgen_cpus)))
         threads = [threading.Thread(target=self._guarded, args=(f, a), daemon=True)
                    for f, a in timelines]
         for t in threads:
@@ -721,13 +870,19 @@ class Runner:
             self._done.wait(min(left, 0.5))
         return False
 
-    def _play_be(self, name: str, wl: Workload, changes: List[tuple]) -> None:
+    def _play_be(self, b: BeSpec, changes: List[tuple], truth: dict) -> None:
+        name, wl = b.name or b.workload, self.catalog[b.workload]
         for at, kind in changes:
             if not self._wait_until(at):
                 return
-            self.switch_phase(name, wl, kind, at)
+            if name in self.current:
+                self.switch_phase(name, wl, kind, at)
+            else:  # a task that arrives, with its first phase
+                self.start_be(b, truth, kind, at)
+                self.write_tasks()
 
-    def _play_surges(self, hp_wl, hp_name, hp_task_id, hp_dir, port, loadgen_cpus) -> None:
+    def _play_surges(self, hps: Dict[str, HpRun], loadgen_cpus: str) -> None:
+        first = self.s.hp.name or self.s.hp.workload
         events = sorted([(x.start, 1, i, x) for i, x in enumerate(self.s.surges)]
                         + [(x.stop, 0, i, x) for i, x in enumerate(self.s.surges)])
         for at, starting, i, spec in events:
@@ -735,12 +890,12 @@ class Runner:
                 return
             name = f"surge-{i}"
             if starting:
-                self.launcher.start(name, self.surge_argv(hp_wl, spec, hp_dir, port),
-                                    cpus=loadgen_cpus, stdout=self.log_file(name),
-                                    stderr=self.log_file(name), role="loadgen",
-                                    workload="surge")
-                self.open_phase(name, hp_task_id, "surge", None, at, None)
-                self.current[name]["task"] = hp_name
+                hp = hps[spec.hp or first]
+                self.launcher.start(name, self.surge_argv(hp, spec), cpus=loadgen_cpus,
+                                    stdout=self.log_file(name), stderr=self.log_file(name),
+                                    role="loadgen", workload="surge")
+                self.open_phase(name, hp.task_id, "surge", None, at, None)
+                self.current[name]["task"] = hp.name
             else:
                 self.launcher.stop(name, timeout=2.0)
                 self.close_phase(name, time.time(), at)
@@ -755,7 +910,7 @@ class Runner:
         truth["antagonists"] = [
             {"name": f"{p['task']}@{p['scheduled_start']:g}", "task": p["task"],
              "workload": truth["tasks"].get(p["task_id"], {}).get("workload"),
-             "resource": p["resource"], "task_id": p["task_id"], "cpus": self.s.cpus,
+             "resource": p["resource"], "task_id": p["task_id"], "cpus": self.be_cpus(),
              "contended_task_id": hp_task, "scheduled_start": p["scheduled_start"],
              "scheduled_stop": p["scheduled_stop"], "start_ts": p["start_ts"],
              "stop_ts": p["stop_ts"]}

@@ -8,7 +8,7 @@ Usage:
   owca-scenario (-h | --help | --version)
 
 Commands:
-  run        Start the scenario's HP workload and every BE task, calibrate the HP's SLO
+  run        Start the scenario's HP workloads and every BE task, calibrate the HPs' SLOs
              on this host, start the pipeline (owca-discover | owca-measure | owca-detect
              [| owca-allocate] | tee | owca-ship) and the load, play the BE tasks' phases
              and the load surges at their times, and leave in the output directory
@@ -31,8 +31,8 @@ Options:
                            above 1, DIR/run-1 ... DIR/run-N.
   -c FILE, --config FILE   A pipeline configuration: its `detect:` and `allocate:` sections
                            go to owca-detect and owca-allocate (an `allocate:` section adds
-                           owca-allocate to the run's pipeline), its `measure:` section is
-                           merged into the run's measure section.
+                           owca-allocate to the run's pipeline, over the scenario's own),
+                           its `measure:` section is merged into the run's measure section.
   --detect-config FILE     The same as --config (the earlier name).
   -r MODULE:CLASS, --register MODULE:CLASS
                            A plug-in class for owca-detect and owca-allocate (repeatable).
@@ -58,6 +58,9 @@ Input:
       - {name: cpu, workload: stress-cpu,
          phases: [{start: 30, stop: 60}, {start: 100, stop: 130, mode: benign}]}
     surges: [{start: 140, stop: 160}]
+    allocate: {allocator: !NOPAllocator {}}   # optional: owca-allocate in the pipeline
+  Several HP tasks (a list under hp), BE cores of their own, BE tasks that arrive
+  with their first phase, paced surges: docs/workloads.md.
   DIR (score, summarize): a recording: ground_truth.json and recording.jsonl or
   recording.jsonl.gz.
 
@@ -84,9 +87,11 @@ from owca.core.stream import Signals
 
 from owca_workloads import cli
 from owca_workloads.launch import Launcher
+from owca_workloads.plot import plot_runs
 from owca_workloads.scenario import (Runner, ScenarioError, format_summary, load_scenario,
                                      summarize)
-from owca_workloads.score import ScoreError, main_score, read_recording, read_truth
+from owca_workloads.score import (ScoreError, print_scores, read_recording, read_truth,
+                                  score_dirs)
 
 TOOL = "owca-scenario"
 
@@ -143,10 +148,13 @@ def _body(args) -> int:
         return _run(args)
     if args["score"]:
         try:
-            main_score(args["DIR"], args["--config"], args["--register"], args["--recorded"],
-                       args["--plot"], args["--json"])
+            results = score_dirs(args["DIR"], args["--config"], args["--register"],
+                                 args["--recorded"])
         except ScoreError as e:
             raise cli.ToolError(str(e)) from None
+        if args["--plot"]:
+            plot_runs(args["--plot"], results)
+        print_scores(results, args["--json"])
         return cli.EXIT_OK
     if args["summarize"]:
         summary = _summary(args["DIR"][0], args["--metric"])

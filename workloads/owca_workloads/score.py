@@ -34,6 +34,9 @@ import subprocess
 import sys
 from typing import Dict, List, Optional
 
+from owca_workloads import control_score
+from owca_workloads.tools import tool_argv, tool_env
+
 RECORDING_NAMES = ("recording.jsonl", "recording.jsonl.gz")
 
 
@@ -160,7 +163,6 @@ def recorded_anomalies(lines) -> Dict[int, list]:
 
 
 def detect_command(config: Optional[str] = None, plugins=()) -> List[str]:
-    from owca_workloads.scenario import tool_argv
     argv = tool_argv("detect") + ["--no-timing"]
     if config:
         argv += ["-c", config]
@@ -172,7 +174,6 @@ def detect_command(config: Optional[str] = None, plugins=()) -> List[str]:
 def replay(lines, config: Optional[str] = None, plugins=()) -> Dict[int, list]:
     """seq -> anomalies of owca-detect run on the recording (its own anomalies dropped
     by owca-detect); ScoreError with owca-detect's last error line when it fails."""
-    from owca_workloads.scenario import tool_env
     data = b"\n".join(lines) + b"\n"
     done = subprocess.run(detect_command(config, plugins), input=data, capture_output=True,
                           env=tool_env())
@@ -350,7 +351,7 @@ def format_totals(t: dict) -> str:
 
 
 def score_dirs(dirs: List[str], config: Optional[str] = None, plugins=(),
-               recorded: bool = False, plot_dir: Optional[str] = None) -> List[tuple]:
+               recorded: bool = False) -> List[tuple]:
     """[(name, score, truth, lines, anomalies)] of each recording directory."""
     out = []
     for d in recording_dirs(dirs):
@@ -361,20 +362,14 @@ def score_dirs(dirs: List[str], config: Optional[str] = None, plugins=(),
         if frames_of(lines, "allocations"):
             # A run with owca-allocate in its pipeline: the controller's figures too
             # (docs/control.md), from the same recording.
-            from owca_workloads import control_score
             s["control"] = control_score.score(control_score.load_run(d))
-        name = os.path.basename(os.path.normpath(d))
-        if plot_dir:
-            from owca_workloads.plot import plot_run
-            os.makedirs(plot_dir, exist_ok=True)
-            plot_run(os.path.join(plot_dir, f"{name}.png"), name, truth, lines, anomalies, s)
-        out.append((name, s, truth, lines, anomalies))
+        out.append((os.path.basename(os.path.normpath(d)), s, truth, lines, anomalies))
     return out
 
 
-def main_score(dirs, config=None, plugins=(), recorded=False, plot_dir=None,
-               as_json=False, stream=sys.stdout) -> dict:
-    results = score_dirs(dirs, config, plugins, recorded, plot_dir)
+def print_scores(results: List[tuple], as_json: bool = False, stream=sys.stdout) -> dict:
+    """score_dirs' results, per recording and overall, as tables or as one JSON object;
+    the overall figures."""
     scores = [s for _, s, *_ in results]
     overall = totals(scores)
     if as_json:
@@ -388,4 +383,3 @@ def main_score(dirs, config=None, plugins=(), recorded=False, plot_dir=None,
         stream.write(f"== overall, {overall['recordings']} recordings "
                      f"({overall['noisy_recordings']} noisy)\n  {format_totals(overall)}\n")
     return overall
-
