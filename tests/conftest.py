@@ -33,6 +33,23 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.3, detail=Non
         time.sleep(step)
 
 
+class FakeClock:
+    """The clock of a module under test, moved by the test instead of by waiting:
+    `monkeypatch.setattr(module, "time", clock)` for a module that calls
+    time.monotonic() or time.time() (anything else of `time` it calls fails loudly)."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    time = monotonic
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 def load_tool(name: str):
     """bin/owca-<name> as a module, so that tests can call its main(argv)."""
     path = os.path.join(BIN, f"owca-{name}")

@@ -1,7 +1,6 @@
 """owca-measure as a stage: tasks in, measurements out, tasks that vanish dropped."""
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -51,14 +50,13 @@ def test_interval_measures_the_latest_tasks_between_tasks_frames():
                                 stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT)
         proc.stdin.write(frames.encode(tasks_frame(1, cg.path)))
         proc.stdin.flush()
-        started = time.monotonic()
-        seen = [json.loads(proc.stdout.readline()) for _ in range(4)]  # one tasks frame only
-        elapsed = time.monotonic() - started
+        # One tasks frame only: the four cycles come from the interval's clock
+        # (owca.core.stage.run_filter; tests/test_frames.py checks its pace).
+        seen = [json.loads(proc.stdout.readline()) for _ in range(4)]
         proc.stdin.close()
         assert proc.wait(20) == 0
     assert [f["seq"] for f in seen] == [1, 2, 3, 4]
     assert all(cg.path in f["tasks"] for f in seen)
-    assert elapsed >= 0.5  # paced by the interval, not by input
     usage = [f["tasks"][cg.path]["metrics"]["task_cpu_usage_seconds"] for f in seen]
     assert usage == sorted(usage)
 
