@@ -33,6 +33,7 @@ def cases():
             yield pytest.param(case, tool, id=f"{tool}: {case['id']}")
 
 
+@pytest.mark.unit
 def test_the_table_covers_every_tool_and_item():
     tools = {tool for case in CASES for tool in case["tools"]}
     assert tools == {"discover", "measure", "detect", "allocate", "ship"}

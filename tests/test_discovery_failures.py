@@ -219,6 +219,7 @@ def test_answers_that_will_not_change_are_not_retried(routes, options, reason):
         assert source._client.retries == 0
 
 
+@pytest.mark.unit
 def test_backoff_grows_exponentially_with_jitter_and_a_ceiling():
     client = HttpClient(HttpOptions(url="http://127.0.0.1:1", backoff=0.1, backoff_max=0.5),
                         "test")

@@ -90,6 +90,7 @@ def test_a_bad_measure_setting_fails_at_start_with_file_and_line(tmp_path, body,
     assert f"{config}:3".encode() in out.stderr and field.encode() in out.stderr
 
 
+@pytest.mark.unit
 def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     stage = Measure(MeasureConfig(slow_metrics_every=4), {"--no-timing": True})
     stage.update([{"id": f"t{i}", "cgroup_path": f"/t{i}"} for i in range(6)])
@@ -99,6 +100,7 @@ def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     stage.close()
 
 
+@pytest.mark.unit
 def test_the_metrics_reference_states_the_default_slow_metrics_cadence():
     from owca.core import metrics
     assert f"(default {MeasureConfig().slow_metrics_every})" in metrics.SLOW

@@ -165,6 +165,7 @@ def test_the_hp_latency_rises_while_an_antagonist_runs_on_its_cores():
         assert a["ratio_to_baseline"] > 1.5, format_summary(summary)
 
 
+@pytest.mark.integration
 def test_replay_through_owca_detect_and_owca_ship(tmp_path):
     truth, lines = recorded()
     hp = truth["hp"]["task_id"]
@@ -213,6 +214,7 @@ def test_replay_through_owca_detect_and_owca_ship(tmp_path):
 
 # -- a short live run -------------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
     """About a minute: nginx under sine load, its SLO calibrated; stress-cpu aggressive on
     its core in the middle, stress-io a decoy before it, a load surge at the end."""
@@ -280,6 +282,7 @@ def test_a_short_scenario_records_the_pipeline_and_its_ground_truth(tmp_path):
     assert os.listdir(out_dir / "apm") == []
 
 
+@pytest.mark.integration
 def test_a_pipeline_stage_that_dies_fails_the_run_in_one_line(tmp_path):
     """owca-detect refuses its configuration (exit 2): the run stops, exit 1, one line."""
     catalog = load_catalog()
@@ -301,6 +304,7 @@ def test_a_pipeline_stage_that_dies_fails_the_run_in_one_line(tmp_path):
     assert not truth["completed"]
 
 
+@pytest.mark.integration
 def test_stop_cleans_up_what_a_crashed_run_left(tmp_path):
     """The runner's state file names what it started: `owca-scenario stop` ends it."""
     from owca_workloads.launch import Launcher, enter_cgroups

@@ -56,6 +56,7 @@ def test_placeholders_are_filled_and_other_braces_kept():
     assert argv == ["wrk", "-c4", "-d2s", "8.0000", "1000", "500", "{not_ours}", "{"]
 
 
+@pytest.mark.integration
 def test_without_a_generator_owca_sine_says_so_in_one_line():
     out = subprocess.run(SINE + ["--base", "10", "--amplitude", "5", "--period", "10",
                                  "--duration", "1", "--", "/nonexistent/gen"],
@@ -64,12 +65,14 @@ def test_without_a_generator_owca_sine_says_so_in_one_line():
     assert "cannot run /nonexistent/gen" in out.stderr
 
 
+@pytest.mark.integration
 def test_usage_errors():
     out = subprocess.run(SINE + ["--base", "10", "--amplitude", "5", "--period", "0", "true"],
                          capture_output=True, text=True, timeout=30, env=tool_env())
     assert out.returncode == 2 and "--period" in out.stderr
 
 
+@pytest.mark.integration
 def test_a_generator_that_finishes_early_waits_for_the_step_and_sees_its_count():
     """{requests} for a generator that takes a count: each step lasts its full length."""
     out = subprocess.run(SINE + ["--base", "100", "--amplitude", "50", "--period", "2",
@@ -93,6 +96,7 @@ def test_a_generator_that_finishes_early_waits_for_the_step_and_sees_its_count()
     assert targets == [pytest.approx(sine.mean(at, at + 0.5), abs=tolerance) for at in elapsed]
 
 
+@pytest.mark.integration
 def test_sigterm_stops_owca_sine_and_its_generator():
     # A step of an hour: a driver that waited for its generator would outlast the
     # guard on the wait by far, however loaded the machine.
@@ -137,6 +141,7 @@ def _missing() -> str:
     return unavailable([load_catalog()["nginx"]])
 
 
+@pytest.mark.integration
 def test_wrk_driven_by_owca_sine_follows_the_sine_and_corrects_its_rate(tmp_path):
     """Three periods of 8 s in 1 s steps: every step's achieved rate (wrk's own
     Requests/sec) read back, and each next step asked for at the target corrected by

@@ -177,6 +177,7 @@ def test_sigterm_stops_the_childs_process_group_and_withdraws_the_apm_file(tmp_p
              "the grandchild to end", step=0.05)
 
 
+@pytest.mark.unit
 def test_values_older_than_max_value_age_are_no_longer_published():
     clock = FakeClock(1000.0)
     wrapper = Wrapper(WrapConfig(command=["x"], task_id="t", apm_dir=None, max_value_age=0.5,
