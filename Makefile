@@ -20,6 +20,16 @@ test: deps venv helper
 	  $$(grep -v '^\s*#' requirements/npm.txt | grep -v '^\s*$$')
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
+# The unit tests only (pytest.ini's `unit` marker): under a minute, no root, no
+# processes, none of the packages the other tests need beyond requirements/unit.txt.
+.PHONY: test-quick
+test-quick: $(VENV)/.unit-installed
+	$(PY) -m pytest -m unit $(PYTEST_ARGS) tests
+
+$(VENV)/.unit-installed: requirements/unit.txt $(VENV)/.installed
+	$(PIP) install -q -r requirements/unit.txt
+	touch $@
+
 # Debian packages the tests use; only the missing ones are installed.
 deps:
 	@missing=$$(grep -v '^\s*#' requirements/apt.txt | grep -v '^\s*$$' | while read p; do \

@@ -1,4 +1,5 @@
-"""Shared test helpers: the tools as modules, and the tree's own paths."""
+"""Shared test helpers: the tools as modules, the tree's own paths, and each test's kind."""
+import fnmatch
 import importlib.machinery
 import importlib.util
 import os
@@ -31,6 +32,23 @@ def wait_for(predicate, timeout: float, what: str, step: float = 0.3, detail=Non
             raise AssertionError(f"timed out after {timeout} s waiting for {what}"
                                  + (":\n" + detail() if detail else ""))
         time.sleep(step)
+
+
+class FakeClock:
+    """The clock of a module under test, moved by the test instead of by waiting:
+    `monkeypatch.setattr(module, "time", clock)` for a module that calls
+    time.monotonic() or time.time() (anything else of `time` it calls fails loudly)."""
+
+    def __init__(self, now: float = 0.0):
+        self.now = now
+
+    def monotonic(self) -> float:
+        return self.now
+
+    time = monotonic
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def load_tool(name: str):
@@ -85,3 +103,65 @@ def wchan_missing():
 @pytest.fixture
 def fixtures_dir():
     return FIXTURES
+
+
+# -- the kind of each test (pytest.ini describes the kinds) ------------------------------
+#
+# Every test has exactly one kind.  A test file's tests take the kind this table gives
+# the file (patterns relative to tests/); a test, or a file's `pytestmark`, may carry
+# its own kind instead (`@pytest.mark.integration` on a process test in a unit file).
+# A test file that is in neither place stops the run at collection: `make test-quick`
+# (pytest -m unit) must not leave out a new file unseen.
+KINDS = ("unit", "integration", "vm", "deploy")
+KIND_OF_FILE = {
+    "unit": [
+        "test_allocate.py", "test_allocate_journal.py", "test_allocate_types.py",
+        "test_apm.py", "test_architecture.py", "test_cgroups.py", "test_config.py",
+        "test_configs.py", "test_contention.py", "test_control_score.py", "test_corpus.py",
+        "test_discover.py", "test_docs.py", "test_file_storage.py", "test_frames.py",
+        "test_kubernetes.py", "test_mesos.py", "test_platform.py",
+        "test_prometheus_endpoint.py", "test_rdt_monitor.py", "test_resctrl.py",
+        "test_scenario.py", "test_scenario_score.py", "test_slo_controller.py",
+        "test_spool.py", "test_workloads_catalog.py", "test_workloads_parsers.py",
+        "test_workloads_sine.py",
+    ],
+    "integration": [
+        "test_allocate_cgroups.py", "test_contract_table.py", "test_detect.py",
+        "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
+        "test_kafka.py", "test_measure.py", "test_perf.py", "test_pipeline_cgroups.py",
+        "test_promtool.py", "test_rdt_hardware.py", "test_slo_controller_cgroups.py",
+        "test_tools_contract.py", "test_workloads_launch.py", "test_workloads_wrap.py",
+    ],
+    "vm": ["vm/test_*.py", "vm/guest_*.py"],  # guest_*: what the guest itself runs
+    "deploy": ["deploy/test_*.py"],
+}
+
+
+def kind_of_file(path: str):
+    """The kind KIND_OF_FILE gives a test file, or None."""
+    relative = os.path.relpath(path, os.path.join(ROOT, "tests"))
+    for kind, patterns in KIND_OF_FILE.items():
+        if any(fnmatch.fnmatchcase(relative, pattern) for pattern in patterns):
+            return kind
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects by the kinds given here
+def pytest_collection_modifyitems(config, items):
+    unknown, doubled = set(), []
+    for item in items:
+        own = {mark.name for mark in item.iter_markers() if mark.name in KINDS}
+        if len(own) > 1:
+            doubled.append(f"{item.nodeid}: {', '.join(sorted(own))}")
+        elif not own:
+            kind = kind_of_file(str(item.path))
+            if kind is None:
+                unknown.add(os.path.relpath(str(item.path), ROOT))
+            else:
+                item.add_marker(kind)
+    if unknown or doubled:
+        raise pytest.UsageError(
+            "every test has exactly one kind, one of the markers pytest.ini lists:"
+            + "".join(f"\n  {path}: no kind: list it in KIND_OF_FILE (tests/conftest.py)"
+                      for path in sorted(unknown))
+            + "".join(f"\n  {line}: more than one kind" for line in doubled))

@@ -12,7 +12,8 @@ A row:
 - files: {path: text} written before the tool starts (`{dir}`, `{now}`: the time);
 - stdin: a list of byte strings and the tokens GOOD and GOOD2 (a frame the tool consumes);
 - upstream: None, or the command lines of tools whose pipeline feeds the tool's stdin
-  (the row then runs for PIPELINE_SECONDS and ends with SIGTERM to every stage);
+  (the row then runs for at least PIPELINE_SECONDS, and until stdout holds what
+  `contains` names, and ends with SIGTERM to every stage);
 - close: descriptors closed at the start (`<&-`), a tuple of "stdin", "stdout", "stderr";
 - signal: None; ("SIGTERM" or "SIGINT", "starting"): sent as soon as the tool has run its
   first instruction (its handler is installed), at a random instant of its start,

@@ -24,6 +24,8 @@ import pytest
 # What the server does with a request, besides replaying the route's answer.
 NORMAL, HANG, ERROR_500, GARBAGE, TRUNCATE, CLOSE = (
     "normal", "hang", "500", "garbage", "truncate", "close")
+# How long a hung request waits before the server closes it (unless stopped).
+HANG_SECONDS = 60
 
 
 class ReplayServer:
@@ -40,6 +42,9 @@ class ReplayServer:
         # on does): any other answer is 401 with a challenge.
         self.authorization = None
         self.released = threading.Event()
+        # Hung requests that waited out their whole hang: a client that gave up on
+        # its own deadline leaves this at 0, whatever the machine's load.
+        self.hangs_outlasted = 0
         self.connections = set()
         self.httpd = None
         self.thread = None
@@ -127,7 +132,8 @@ def _handler(server: ReplayServer):
             mode = server.mode
             key = f"{self.command} {self.path}" + (f" {call}" if call else "")
             if mode == HANG or key in server.hang:
-                server.released.wait(60)
+                if not server.released.wait(HANG_SECONDS):
+                    server.hangs_outlasted += 1
                 self.close_connection = True
                 return
             if mode == CLOSE:

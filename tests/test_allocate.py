@@ -328,6 +328,7 @@ def test_every_metric_emitted_is_registered(node):
 
 # -- the tool -------------------------------------------------------------------------
 
+@pytest.mark.integration
 def test_the_tool_applies_a_static_configuration_and_restores_at_eof(node, tmp_path):
     config = tmp_path / "owca.yaml"
     config.write_text("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
@@ -381,6 +382,7 @@ def _delegate(path):
         pytest.skip(f"no trusted.* extended attributes here: {e.strerror}")
 
 
+@pytest.mark.integration  # its Allocate keeps the default state directory, /var/lib/owca-allocate
 def test_a_systemd_units_own_cgroup_is_refused_unless_below_a_delegated_one(tmp_path):
     # A plain-file tree: the guest's test (tests/vm/guest_v2.py) shows systemd's resets.
     cgroupfs = fake_cgroup_v2(str(tmp_path / "cgroup"), {

@@ -15,7 +15,8 @@ import pytest
 
 from cgroup_helpers import (BURN_FOREVER, read_int, read_str, v1_cgroup, v1_missing,
                             wait_line)
-from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
+from conftest import (ROOT, blocked_writing, tool_command, tool_env, wait_for,
+                      wchan_missing)
 from owca.core import frames
 from owca.allocate.stage import Allocate, AllocateConfig, read_topology
 from owca.core.paths import DEFAULT_PATHS
@@ -134,7 +135,7 @@ def test_a_cpuset_wider_than_the_parents_is_refused(family, state):
     s.close()
 
 
-def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family, state):
+def test_a_burning_process_capped_at_a_fifth_of_a_cpu_is_held_to_it(family, state):
     _, task, _ = family
     ncpus = online_cpus()
     # cpu_quota is a share of the whole platform: a fifth of ONE CPU is 0.2 / ncpus
@@ -145,20 +146,55 @@ def test_a_burning_process_capped_at_a_fifth_of_a_cpu_uses_a_fifth(family, state
         {"task": {"cpu_quota": quota, "cpu_shares": 100}})), state)
     start(task, BURN_FOREVER)
     s.process(measurements(1, task.path))
-    throttled = _throttled(task)
-    usage0, t0 = read_int(task.file("cpuacct", "cpuacct.usage")), time.monotonic()
-    time.sleep(3)
-    usage1, t1 = read_int(task.file("cpuacct", "cpuacct.usage")), time.monotonic()
-    used = (usage1 - usage0) / 1e9 / (t1 - t0)
-    assert abs(used - 0.2) <= 0.05, f"used {used:.3f} of a CPU, expected 0.2 +- 0.05"
-    assert _throttled(task) > throttled   # the cap, not a lack of work, held it there
+    period_us = read_int(task.file("cpu", "cpu.cfs_period_us"))
+    quota_us = read_int(task.file("cpu", "cpu.cfs_quota_us"))
+    assert quota_us == round(0.2 * period_us)
+    # The kernel's own accounting, not the wall clock: CFS periods counted by the
+    # kernel, and the CPU time it charged the cgroup between two readings of them
+    # (usage read after the first and before the second: its span lies within theirs).
+    stat0 = _cpu_stat(task)
+    usage0 = read_int(task.file("cpuacct", "cpuacct.usage"))
+
+    def periods_passed_and_throttled():
+        stat = _cpu_stat(task)
+        return stat["nr_periods"] - stat0["nr_periods"] >= CFS_PERIODS \
+            and stat["nr_throttled"] > stat0["nr_throttled"]
+
+    wait_for(periods_passed_and_throttled, timeout=120,
+             what=f"{CFS_PERIODS} CFS periods of the burner, throttled in some")
+    usage1 = read_int(task.file("cpuacct", "cpuacct.usage"))
+    stat1 = _cpu_stat(task)
+    periods = stat1["nr_periods"] - stat0["nr_periods"]
+    # The span holds `periods` period boundaries, so it touches periods + 1 periods;
+    # one more quota covers what a CPU's local pool kept from before it and a tick's
+    # overrun.  A burst the kernel may carry over comes on top.
+    burst_us = _burst_us(task)
+    allowed_ns = (quota_us * (periods + 2) + burst_us) * 1000
+    used_ns = usage1 - usage0
+    assert used_ns <= allowed_ns, (f"{used_ns / 1e6:.1f} ms of CPU in {periods} periods, "
+                                   f"at most {allowed_ns / 1e6:.1f} ms with {quota_us} us a "
+                                   f"period")
+    # the cap, not a lack of work, held it there
+    assert stat1["nr_throttled"] > stat0["nr_throttled"]
+    assert stat1["throttled_time"] > stat0["throttled_time"]
     s.close()
     assert read_int(task.file("cpu", "cpu.cfs_quota_us")) == -1
 
 
-def _throttled(cg):
-    stat = dict(line.split() for line in read_str(cg.file("cpu", "cpu.stat")).splitlines())
-    return int(stat["nr_throttled"])
+# Enough CFS periods (100 ms each by default) for the cap to show several times over.
+CFS_PERIODS = 20
+
+
+def _cpu_stat(cg) -> dict:
+    """cpu.stat: nr_periods, nr_throttled, throttled_time (ns), ..."""
+    return {key: int(value) for key, value in
+            (line.split() for line in read_str(cg.file("cpu", "cpu.stat")).splitlines())}
+
+
+def _burst_us(cg) -> int:
+    """cpu.cfs_burst_us, where the kernel has it (5.14 and later); 0 before."""
+    path = cg.file("cpu", "cpu.cfs_burst_us")
+    return read_int(path) if os.path.exists(path) else 0
 
 
 def test_dry_run_writes_nothing(family):

@@ -311,6 +311,7 @@ def test_the_shutdown_frame_ships_the_restored_values(node):
     assert samples(out, "owca_frames_written_total") is not None
 
 
+@pytest.mark.integration
 def test_the_tool_ends_every_clean_stop_with_a_shutdown_frame(node, tmp_path):
     args = [f"{k}={v}" for k, v in node.items() if k != "--state-dir"] + ["--no-timing"]
     stdin = frames.encode(measurements(1))
@@ -341,6 +342,7 @@ def _cycle(tool, frame):
     return [json.loads(tool.stdout.readline()) for _ in range(2)]
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(v1_missing(controllers=V1) is not None, reason=str(v1_missing(controllers=V1)))
 def test_sigkill_then_restart_then_clean_stop_gives_the_originals_back(tmp_path):
     """The field trial: killed after it capped a task, restarted, stopped cleanly."""
@@ -392,6 +394,7 @@ def test_sigkill_then_restart_then_clean_stop_gives_the_originals_back(tmp_path)
     assert not os.path.exists(tmp_path / "state" / journal.NAME)
 
 
+@pytest.mark.integration
 def test_sigkill_of_a_stage_with_rdt_then_restart_restores_the_threads(resctrl_node):
     options, fs = resctrl_node()
     tasks = {t: {"name": t, "cgroup_path": f"/owca/{t}", "labels": {}, "resources": {},

@@ -118,6 +118,7 @@ def test_reader_samples_are_registered_metrics(tmp_path):
 
 # -- owca-measure merges them (a real process, a real cgroup) -----------------------------------
 
+@pytest.mark.integration
 def test_measure_merges_apm_metrics_into_the_matching_task(tmp_path):
     """The root cgroup stands in for a task: every host has it."""
     import time
@@ -149,6 +150,7 @@ def test_measure_merges_apm_metrics_into_the_matching_task(tmp_path):
     assert b"bad.json" in out.stderr
 
 
+@pytest.mark.integration
 def test_measure_without_apm_dir_reads_no_apm(tmp_path):
     tasks = frames.tasks_frame(1, [{"id": "hp", "name": "hp", "cgroup_path": "/", "labels": {}}])
     out = subprocess.run(tool_command("measure"), input=frames.encode(tasks),

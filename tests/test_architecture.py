@@ -173,6 +173,7 @@ def runs(tmp_path):
     ]
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("index", range(9), ids=lambda i: f"run{i}")
 def test_a_tool_holds_its_stage_the_core_and_the_plugins_its_configuration_names(
         tmp_path, index, monkeypatch):

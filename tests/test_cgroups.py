@@ -317,6 +317,7 @@ def test_files_stay_open_between_reads_and_close_releases_them():
     assert open_fds() == before
 
 
+@pytest.mark.integration
 def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():
     code = textwrap.dedent("""
         import logging, resource, sys
@@ -336,6 +337,7 @@ def test_raise_fd_limit_lifts_the_soft_limit_to_the_hard_one():
 
 # -- real cgroups v1 ----------------------------------------------------------------------
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_cpu_usage_matches_what_the_process_burnt():
     with v1_cgroup() as cg:
@@ -352,6 +354,7 @@ def test_v1_cpu_usage_matches_what_the_process_burnt():
         reader.close()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_counters_are_read_afresh_each_cycle():
     with v1_cgroup() as cg:
@@ -366,6 +369,7 @@ def test_v1_counters_are_read_afresh_each_cycle():
         reader.close()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_memory_usage_matches_what_the_process_allocated():
     with v1_cgroup() as cg:
@@ -388,6 +392,7 @@ def test_v1_memory_usage_matches_what_the_process_allocated():
         reader.close()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_limits_set_on_the_cgroup_are_reported():
     with v1_cgroup() as cg:
@@ -405,6 +410,7 @@ def test_v1_limits_set_on_the_cgroup_are_reported():
         assert got["task_cpu_throttled_seconds"] > 0
 
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_cgroup_removed_between_cycles_is_gone():
     with v1_cgroup() as cg:
@@ -422,6 +428,7 @@ def test_v1_cgroup_removed_between_cycles_is_gone():
             reader.read()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_v1_cgroup_recreated_under_the_same_path_is_read_again():
     with v1_cgroup() as cg:
@@ -435,6 +442,7 @@ def test_v1_cgroup_recreated_under_the_same_path_is_read_again():
         reader.close()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_1000_readers_under_a_1024_fd_soft_limit():
     """The budget keeps some files open, the rest are read open-read-close; all read."""
@@ -470,6 +478,7 @@ def test_1000_readers_under_a_1024_fd_soft_limit():
     assert out.stderr.count("opened for each read") == 1
 
 
+@pytest.mark.integration
 @needs_v1
 def test_owca_measure_measures_1000_tasks_with_1024_fds():
     """The tool, its hard limit 1024 too (so raise_fd_limit cannot help): every task measured."""
@@ -492,6 +501,7 @@ def test_owca_measure_measures_1000_tasks_with_1024_fds():
 
 # -- real cgroup v2 -----------------------------------------------------------------------
 
+@pytest.mark.integration
 @needs_v2
 def test_v2_cpu_usage_grows_and_absent_controllers_give_absent_metrics():
     with v2_cgroup() as cg:
@@ -516,6 +526,7 @@ def test_v2_cpu_usage_grows_and_absent_controllers_give_absent_metrics():
         reader.close()
 
 
+@pytest.mark.integration
 @needs_v2
 def test_v2_cgroup_removed_between_cycles_is_gone():
     with v2_cgroup() as cg:

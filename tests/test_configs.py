@@ -63,6 +63,7 @@ def test_no_builtin_registers_itself_on_import():
     assert offenders == []
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_shipped_config_loads(path):
     import yaml

@@ -366,6 +366,7 @@ def test_load_buckets_are_bounded():
     assert len(det._tasks[HP].baseline.buckets) == 4
 
 
+@pytest.mark.integration
 def test_bad_parameters_fail_at_start_with_file_and_line(tmp_path):
     config = tmp_path / "c.yaml"
     config.write_text("detect:\n  detector: !ContentionDetector\n"
@@ -387,6 +388,7 @@ def replay(config, stdin: bytes) -> bytes:
     return result.stdout
 
 
+@pytest.mark.integration
 def test_replay_is_byte_identical(tmp_path):
     """The same configuration over the same stream gives the same anomalies frames: twice
     on a synthetic stream with an episode, and twice on the recorded scenario."""
@@ -438,6 +440,7 @@ def test_a_degradation_nobody_explains_is_not_called_contention():
     assert a["contending_task_ids"] == [] and a["resource"] == "unknown"
 
 
+@pytest.mark.integration
 def test_on_the_recorded_scenario_both_antagonists_are_found_and_nothing_else():
     """A real recording (nginx; a CPU hog, then a memory-bandwidth hog on its core). Its
     stream has only the latency and CPU time: the antagonists are named, the resource is
@@ -540,6 +543,7 @@ def documented_scores():
     return rows
 
 
+@pytest.mark.integration
 def test_the_scores_on_the_corpus_are_the_documented_ones():
     """Replayed through the real owca-detect and scored by the lab's scorer: every figure
     of the detector's rows in docs/detection.md, to the digits printed there."""
@@ -552,6 +556,7 @@ def test_the_scores_on_the_corpus_are_the_documented_ones():
         assert documented[name] == formatted(scoring.totals([s])), name
 
 
+@pytest.mark.integration
 def test_replaying_a_corpus_recording_is_byte_identical():
     from test_corpus import CORPUS, scoring
     config = f"{ROOT}/configs/examples/contention-lab.yaml"

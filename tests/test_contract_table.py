@@ -10,12 +10,14 @@ import random
 import re
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from conftest import ROOT, blocked_writing, tool_command, tool_env, wchan_missing
+from conftest import (ROOT, blocked_writing, tool_command, tool_env, wait_for,
+                      wchan_missing)
 from contract_cases import CASES, GOOD, GOOD2, PIPELINE_SECONDS, REPEATS
 from test_tools_contract import measurements_line, own_counters, tasks_line
 
@@ -31,6 +33,7 @@ def cases():
             yield pytest.param(case, tool, id=f"{tool}: {case['id']}")
 
 
+@pytest.mark.unit
 def test_the_table_covers_every_tool_and_item():
     tools = {tool for case in CASES for tool in case["tools"]}
     assert tools == {"discover", "measure", "detect", "allocate", "ship"}
@@ -219,7 +222,9 @@ def run_running(row: Row, signum):
 
 
 def run_pipeline(row: Row):
-    """Upstream tools piped into the tool for PIPELINE_SECONDS, then SIGTERM to all."""
+    """Upstream tools piped into the tool for at least PIPELINE_SECONDS (the window in
+    which a wrong warning would come) and until the tool wrote what the row expects to
+    find (a bounded wait, however slowly the pipeline starts), then SIGTERM to all."""
     procs, upstream_out = [], None
     for command in row.case["upstream"]:
         proc = spawn(row.argv(command[1:], tool=command[0]), stdin=upstream_out or
@@ -231,13 +236,34 @@ def run_pipeline(row: Row):
     tool = spawn(row.argv(), stdin=upstream_out, stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE)
     upstream_out.close()
+    out, err = bytearray(), bytearray()
+    readers = [threading.Thread(target=drain, args=(stream, into), daemon=True)
+               for stream, into in ((tool.stdout, out), (tool.stderr, err))]
+    for reader in readers:
+        reader.start()
     time.sleep(PIPELINE_SECONDS)
+    needles = row.case["stream"].get("contains", ())
+    wait_for(lambda: all(needle in out for needle in needles) or tool.poll() is not None,
+             HANG_GUARD, f"{needles} in the output of owca-{row.tool}")
     for proc in procs + [tool]:
         proc.send_signal(signal.SIGTERM)
-    out, err = tool.communicate(timeout=HANG_GUARD)
+    tool.wait(HANG_GUARD)
+    for reader in readers:
+        reader.join(HANG_GUARD)
+    tool.stdout.close()
+    tool.stderr.close()
     for proc in procs:
         proc.wait(HANG_GUARD)
-    return tool.returncode, out, err
+    return tool.returncode, bytes(out), bytes(err)
+
+
+def drain(stream, into: bytearray) -> None:
+    """Everything `stream` gives until its end, appended to `into` as it comes."""
+    while True:
+        chunk = os.read(stream.fileno(), 65536)
+        if not chunk:
+            return
+        into.extend(chunk)
 
 
 def run(row: Row):

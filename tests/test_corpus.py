@@ -117,6 +117,7 @@ def formatted(t: dict) -> dict:
             "false alarms/h surge": f(t["false_alarms_per_hour_surge"], "{:.0f}")}
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("baseline", sorted(BASELINES))
 def test_the_baselines_figures_are_the_documented_ones(baseline):
     """Replayed through the real owca-detect: the overall and per-recording figures of
@@ -131,6 +132,7 @@ def test_the_baselines_figures_are_the_documented_ones(baseline):
         assert documented[(baseline, name)] == formatted(scoring.totals([s])), name
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("detector", sorted(DETECTORS))
 def test_the_quiet_corpus_figures_are_the_documented_ones(detector):
     """The quiet-host corpus replayed through the real owca-detect: every figure of

@@ -2,6 +2,8 @@
 import json
 import subprocess
 
+import pytest
+
 from conftest import ROOT, tool_command, tool_env
 from owca.core import frames
 from owca.plugin import ContentionAnomaly, anomaly_uuid
@@ -82,6 +84,7 @@ def test_a_failing_detector_costs_its_cycle_not_the_pipeline(tmp_path, capsys):
     assert last["anomalies"] == [] and counters["owca_detector_errors_total"] == 2
 
 
+@pytest.mark.unit
 def test_anomaly_uuid_depends_on_what_not_on_order():
     a = ContentionAnomaly("llc", "hp", ["be1", "be2"]).to_dict()
     b = ContentionAnomaly("llc", "hp", ["be2", "be1"]).to_dict()

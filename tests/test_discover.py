@@ -27,6 +27,7 @@ def discover(*args, config_text=None, tmp_path=None):
     return json.loads(result.stdout), result.stderr.decode()
 
 
+@pytest.mark.integration
 @needs_v1
 def test_cgroup_source_finds_cgroups_with_processes_in_v1(tmp_path):
     parent = new_name()
@@ -47,6 +48,7 @@ def test_cgroup_source_finds_cgroups_with_processes_in_v1(tmp_path):
         assert top.path == parent
 
 
+@pytest.mark.integration
 @needs_v2
 def test_cgroup_source_finds_cgroups_in_v2():
     with v2_cgroup() as cg:
@@ -57,6 +59,7 @@ def test_cgroup_source_finds_cgroups_in_v2():
         assert cg.path in ids
 
 
+@pytest.mark.integration
 def test_static_source_from_a_file_and_missing_cgroups_left_out(tmp_path):
     cgroupfs = tmp_path / "cgroup"
     (cgroupfs / "cpuacct" / "web").mkdir(parents=True)
@@ -89,6 +92,7 @@ def test_static_file_that_breaks_keeps_the_last_good_list(tmp_path):
     assert second["seq"] == first["seq"] + 1
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("config, message", [
     ("discover:\n  source: !CgroupDiscovery {root: relative}\n", "absolute cgroup path"),
     ("discover:\n  source: !CgroupDiscovery {hierarchies: [blkio2]}\n", "unknown hierarchy"),

@@ -2,10 +2,10 @@
 
 Each test points discovery at a real HTTP server on loopback that misbehaves
 on demand (tests/orchestrator_server.py) and checks the one-line error, the
-counters, what the tasks frame holds meanwhile, and the recovery.  The bound
-on a cycle against a hanging server is checked with a wide margin: it is a
-property (the cycle does not wait for the server's minute-long hang), not a
-speed measurement.
+counters, what the tasks frame holds meanwhile, and the recovery.  Against a
+hanging server the property checked is that the cycle ends without waiting for
+the server's minute-long hang (the server counts the hangs that ran out), not
+how soon it ends.
 """
 import logging
 import os
@@ -13,14 +13,14 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
-from conftest import FIXTURES, tool_command, tool_env
+from conftest import FIXTURES, FakeClock, tool_command, tool_env
 from orchestrator_server import (CLOSE, ERROR_500, GARBAGE, HANG, NORMAL, TRUNCATE,
                                  ReplayServer, fake_cgroupfs, load_json, wait_until)
 from owca.core import frames
+from owca.discover import stage as discover_stage
 from owca.discover.stage import Discover, DiscoverConfig
 from owca.plugin import DiscoveryError
 from owca.discover.sources.http import HttpClient, HttpOptions
@@ -84,11 +84,9 @@ def test_a_failing_cycle_reports_one_line_counts_and_keeps_the_last_list(setup, 
     assert counters(good)["owca_discovery_tasks_age_seconds"] == 0
     server.mode = mode
     before = len(server.requests)
-    started = time.monotonic()
     with caplog.at_level(logging.ERROR):
         frame = stage.produce()[0]
-    elapsed = time.monotonic() - started
-    assert elapsed < FAST["deadline"] + FAST["timeout"] + 3  # not the server's 60 s hang
+    assert server.hangs_outlasted == 0  # it gave up on its own deadline
     frames.validate(frame)
     assert frame["tasks"] == good["tasks"]  # the last good list, within max_staleness
     (line,) = errors_logged(caplog)
@@ -127,13 +125,16 @@ def test_the_orchestrator_goes_away_and_comes_back(setup, caplog):
     assert counters(back)["owca_discovery_tasks_age_seconds"] == 0
 
 
-def test_after_max_staleness_the_list_is_emptied_until_recovery(setup, caplog):
+def test_after_max_staleness_the_list_is_emptied_until_recovery(setup, caplog, monkeypatch):
     server, stage, _, listed = setup
+    clock = FakeClock(100.0)  # the stage's; the HTTP client keeps the real one
+    monkeypatch.setattr(discover_stage, "time", clock)
     stage.cfg.max_staleness = 0.2
     stage.produce()
     server.mode = ERROR_500
+    clock.advance(0.1)
     assert len(stage.produce()[0]["tasks"]) == len(listed)  # still within 0.2 s
-    time.sleep(0.3)
+    clock.advance(0.2)
     with caplog.at_level(logging.ERROR):
         stale = stage.produce()[0]
     assert stale["tasks"] == []
@@ -165,20 +166,30 @@ def test_no_good_answer_yet_means_no_tasks(caplog, tmp_path):
     assert "no good answer yet" in errors_logged(caplog)[0]
 
 
-def test_mesos_errors_name_the_call_and_share_one_deadline(tmp_path):
+def test_mesos_errors_name_the_call_and_share_one_deadline(tmp_path, monkeypatch):
     routes = agent_routes()
     routes["POST /api/v1 GET_STATE"] = b"<html>502 Bad Gateway</html>"
+    deadlines = []
+    request_json = HttpClient.request_json
+
+    def recording(self, method, path, body, until):
+        deadlines.append((body["type"], until))
+        return request_json(self, method, path, body, until)
+
+    monkeypatch.setattr(HttpClient, "request_json", recording)
     with ReplayServer(routes) as agent:
         source = MesosDiscovery(url=agent.url, **FAST)
         with pytest.raises(DiscoveryError) as e:
             source.list_tasks(None)
         assert "/api/v1 GET_STATE: malformed JSON" in str(e.value)
         agent.hang.add("POST /api/v1 GET_STATE")
-        started = time.monotonic()
+        deadlines.clear()
         with pytest.raises(DiscoveryError, match="GET_STATE: no answer"):
             source.list_tasks(None)
-        # both calls together stay within one deadline (plus a wide margin)
-        assert time.monotonic() - started < FAST["deadline"] + FAST["timeout"] + 3
+        assert agent.hangs_outlasted == 0  # it gave up on its own deadline
+    # both calls of the cycle were given the one deadline
+    (first, until), (second, same) = deadlines
+    assert (first, second) == ("GET_CONTAINERS", "GET_STATE") and until == same
 
 
 @pytest.mark.parametrize("answer, reason", [
@@ -208,6 +219,7 @@ def test_answers_that_will_not_change_are_not_retried(routes, options, reason):
         assert source._client.retries == 0
 
 
+@pytest.mark.unit
 def test_backoff_grows_exponentially_with_jitter_and_a_ceiling():
     client = HttpClient(HttpOptions(url="http://127.0.0.1:1", backoff=0.1, backoff_max=0.5),
                         "test")
@@ -259,7 +271,7 @@ def test_a_stop_during_a_hanging_request_ends_the_tool_at_once(tmp_path, source,
         try:
             assert wait_until(lambda: server.requests, timeout=60), "no request arrived"
             tool.send_signal(signum)
-            out, err = tool.communicate(timeout=30)
+            out, err = tool.communicate(timeout=120)
         finally:
             if tool.poll() is None:
                 tool.kill()

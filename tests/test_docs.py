@@ -3,6 +3,8 @@ import os
 import re
 import subprocess
 
+import pytest
+
 from conftest import ROOT, tool_command, tool_env
 from owca.core import metrics
 from owca.docs import markdown
@@ -19,6 +21,7 @@ def emitted_names(text: str) -> set:
     return {m.group(1) for m in re.finditer(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)[{ ]", text, re.M)}
 
 
+@pytest.mark.integration
 def test_every_metric_a_real_pipeline_emits_is_documented():
     recording = os.path.join(ROOT, "tests", "fixtures", "recorded_stream", "stream.jsonl")
     live = subprocess.run(" ".join(tool_command("discover", "--once")) + " | "
@@ -98,6 +101,7 @@ def console_blocks(path):
             yield command, expected
 
 
+@pytest.mark.integration
 def test_the_examples_print_what_they_say():
     import shutil
     import sys

@@ -4,6 +4,7 @@ Real files; owca-ship as a real process for the end to end."""
 import os
 import threading
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from kafka_broker import ShipProcess, allocations, anomalies, measurements
@@ -69,6 +70,7 @@ def test_a_cycle_with_a_category_missing_is_written_when_the_next_begins(tmp_pat
     assert path.read_text().startswith("# owca cycle seq=5 host=node-1 categories=metrics\n")
 
 
+@pytest.mark.integration
 def test_owca_ship_s_textfile_never_shows_part_of_a_cycle(tmp_path):
     """A reader polling the file while owca-ship writes 200 cycles sees, every time,
     the metrics, the anomalies and the allocations of one cycle together."""

@@ -4,6 +4,7 @@ import re
 
 import pytest
 
+from conftest import FakeClock
 from owca.core import frames
 from owca.core.frames import FrameError
 
@@ -115,6 +116,65 @@ def test_pace_is_learnt_from_the_frames_ts():
     pace.saw(110.0)
     assert pace.known and pace.expected(1.0) == 10.0      # discovery every 10 s
     assert pace.expected(30.0) == 30.0                    # never less than our interval
+
+
+class _ScriptedInput:
+    """A LineReader on a fake clock: `line` arrives at each of `arrivals`, the input
+    ends at `end`, and a read with nothing due lets its whole timeout pass."""
+
+    def __init__(self, clock, arrivals, end, line):
+        self.clock, self.arrivals, self.end, self.line = clock, list(arrivals), end, line
+        self.lineno = 0
+
+    def read(self, timeout=None):
+        from owca.core.stream import EOF, LINE, TIMEOUT
+        due = min([self.end] + self.arrivals[:1])
+        if timeout is not None and self.clock.now + timeout < due:
+            self.clock.now += timeout
+            return TIMEOUT, None
+        self.clock.now = due
+        if self.arrivals and due == self.arrivals[0]:
+            self.arrivals.pop(0)
+            self.lineno += 1
+            return LINE, self.line
+        return EOF, None
+
+
+class _Written(list):
+    frames_written = 0
+
+    def write(self, data):
+        self.append(data)
+
+
+def test_an_interval_paces_the_cycles_and_input_adds_none(monkeypatch):
+    """run_filter on a fake clock: idle() every `interval`, however often input comes."""
+    from owca.core import stage as stage_loop
+    clock = FakeClock()
+    monkeypatch.setattr(stage_loop, "time", clock)
+
+    class Ticker(stage_loop.Stage):
+        name = "ticker"
+        paced_by_interval = True
+
+        def __init__(self):
+            super().__init__(None, {"--interval": "0.2"})
+            self.cycles = []
+
+        def idle(self):
+            self.cycles.append(clock.now)
+            return []
+
+    ticker = Ticker()
+    line = frames.encode(frames.tasks_frame(1, [], ts=1.0, host="h"))  # not consumed here
+    arrivals = [0.01 + 0.05 * i for i in range(18)]  # four lines an interval, to 0.86
+    written = _Written()
+    stage_loop.run_filter(ticker, _ScriptedInput(clock, arrivals, 0.9, line), written,
+                          once=False, strict=False, interval=ticker.interval)
+    assert written == [line] * len(arrivals)  # every line forwarded
+    assert len(ticker.cycles) == 4            # 0.2, 0.4, 0.6, 0.8: the clock's, not the input's
+    gaps = [b - a for a, b in zip(ticker.cycles, ticker.cycles[1:])]
+    assert ticker.cycles[0] >= 0.2 and min(gaps) >= 0.2 - 1e-9, ticker.cycles
 
 
 def test_names_left_out_are_counted_and_the_frame_kept():

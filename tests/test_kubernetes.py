@@ -304,6 +304,7 @@ def test_null_lists_are_empty():
     assert tasks[0]["labels"]["qos_class"] == "BestEffort"
 
 
+@pytest.mark.integration
 def test_an_empty_node_is_an_empty_list_not_a_failing_kubelet(tmp_path, caplog):
     """A node whose last pod went away: no error, no counted failure, no stale pods."""
     expected = load_json(CONTAINERD, "expected_tasks_cgroupfs.json")["tasks"]
@@ -340,6 +341,7 @@ def kubelet():
         yield server
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("driver", ["cgroupfs", "systemd"])
 def test_served_pods_become_a_tasks_frame_for_each_driver_and_cgroup_version(
@@ -369,6 +371,7 @@ def test_served_pods_become_a_tasks_frame_for_each_driver_and_cgroup_version(
     assert metrics["owca_tasks_dropped_total"]["value"] == 1
 
 
+@pytest.mark.integration
 def test_priority_rule_from_a_label(kubelet, tmp_path):
     rule = PriorityRule(label="owca.io/priority", hp_values=["hp"], qos_classes=["Burstable"])
     tasks = KubernetesDiscovery(url=kubelet.url, priority=rule).list_tasks(_paths(tmp_path))
@@ -411,6 +414,7 @@ def test_config_builds_the_source_and_refuses_bad_options(tmp_path):
 
 # -- the secure port: TLS, bearer token, client certificate -----------------------------------
 
+@pytest.mark.integration
 def test_secure_port_with_ca_bearer_token_and_client_certificate(pki, tmp_path):
     token = tmp_path / "token"
     token.write_text("first-token\n")
@@ -428,6 +432,7 @@ def test_secure_port_with_ca_bearer_token_and_client_certificate(pki, tmp_path):
         assert server.requests[-1][3]["Authorization"] == "Bearer rotated-token"
 
 
+@pytest.mark.integration
 def test_secure_port_with_the_kubelets_own_certificate_and_the_node_name(tmp_path):
     """The kubelet's self-made certificate names the node, not 127.0.0.1.
 
@@ -471,6 +476,7 @@ def test_server_name_is_checked_at_start(bad, reason):
         config.load_section("owca.yaml", "discover", DiscoverConfig, text=text)
 
 
+@pytest.mark.integration
 def test_verify_false_adds_one_line_at_start_and_nothing_per_request(pki, tmp_path):
     """The tool's stderr holds OWCA's one warning, not urllib3's on every request."""
     cfg = tmp_path / "owca.yaml"
@@ -488,6 +494,7 @@ def test_verify_false_adds_one_line_at_start_and_nothing_per_request(pki, tmp_pa
         f"{server.url} are not authenticated"]
 
 
+@pytest.mark.integration
 def test_verify_false_leaves_other_sessions_warnings_alone(pki, tmp_path):
     import warnings
     before = list(warnings.filters)
@@ -503,6 +510,7 @@ def test_verify_false_leaves_other_sessions_warnings_alone(pki, tmp_path):
     assert [w.category.__name__ for w in caught] == ["InsecureRequestWarning"]
 
 
+@pytest.mark.integration
 def test_a_refused_token_fails_in_one_line_that_does_not_hold_it(pki, tmp_path, caplog):
     token = tmp_path / "token"
     token.write_text("s3cret-token-value\n")
@@ -519,6 +527,7 @@ def test_a_refused_token_fails_in_one_line_that_does_not_hold_it(pki, tmp_path, 
     assert "s3cret" not in caplog.text and "s3cret" not in json.dumps(frame)
 
 
+@pytest.mark.integration
 def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):
     with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
                       tls=server_tls(pki)) as server:
@@ -534,6 +543,7 @@ def test_secure_port_refuses_a_server_the_ca_does_not_vouch_for(pki, tmp_path):
             KubernetesDiscovery(url=server.url).list_tasks(_paths(tmp_path))
 
 
+@pytest.mark.integration
 def test_secure_port_without_the_required_client_certificate_fails_in_one_line(pki, tmp_path):
     with ReplayServer({"GET /pods": {"kind": "PodList", "items": []}},
                       tls=server_tls(pki, require_client_cert=True)) as server:
@@ -543,6 +553,7 @@ def test_secure_port_without_the_required_client_certificate_fails_in_one_line(p
         assert "\n" not in str(e.value) and server.url in str(e.value)
 
 
+@pytest.mark.integration
 def test_the_example_config_works_against_a_served_kubelet(tmp_path):
     cfg = config.load_section(os.path.join(ROOT, "configs", "kubernetes.yaml"), "discover",
                               DiscoverConfig)

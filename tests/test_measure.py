@@ -1,7 +1,6 @@
 """owca-measure as a stage: tasks in, measurements out, tasks that vanish dropped."""
 import json
 import subprocess
-import time
 
 import pytest
 
@@ -51,14 +50,13 @@ def test_interval_measures_the_latest_tasks_between_tasks_frames():
                                 stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT)
         proc.stdin.write(frames.encode(tasks_frame(1, cg.path)))
         proc.stdin.flush()
-        started = time.monotonic()
-        seen = [json.loads(proc.stdout.readline()) for _ in range(4)]  # one tasks frame only
-        elapsed = time.monotonic() - started
+        # One tasks frame only: the four cycles come from the interval's clock
+        # (owca.core.stage.run_filter; tests/test_frames.py checks its pace).
+        seen = [json.loads(proc.stdout.readline()) for _ in range(4)]
         proc.stdin.close()
         assert proc.wait(20) == 0
     assert [f["seq"] for f in seen] == [1, 2, 3, 4]
     assert all(cg.path in f["tasks"] for f in seen)
-    assert elapsed >= 0.5  # paced by the interval, not by input
     usage = [f["tasks"][cg.path]["metrics"]["task_cpu_usage_seconds"] for f in seen]
     assert usage == sorted(usage)
 
@@ -92,6 +90,7 @@ def test_a_bad_measure_setting_fails_at_start_with_file_and_line(tmp_path, body,
     assert f"{config}:3".encode() in out.stderr and field.encode() in out.stderr
 
 
+@pytest.mark.unit
 def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     stage = Measure(MeasureConfig(slow_metrics_every=4), {"--no-timing": True})
     stage.update([{"id": f"t{i}", "cgroup_path": f"/t{i}"} for i in range(6)])
@@ -101,6 +100,7 @@ def test_tasks_get_consecutive_phases_for_their_slow_metrics():
     stage.close()
 
 
+@pytest.mark.unit
 def test_the_metrics_reference_states_the_default_slow_metrics_cadence():
     from owca.core import metrics
     assert f"(default {MeasureConfig().slow_metrics_every})" in metrics.SLOW

@@ -174,6 +174,7 @@ def test_task_group_forgeries_and_orphans_are_reported_and_left_out():
 
 # -- served over HTTP, through the stage -----------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("version", ["v1", "v2"])
 def test_served_state_becomes_a_tasks_frame(tmp_path, caplog, version):
     expected, _ = parse(TASK_GROUP)
@@ -208,6 +209,7 @@ def test_served_state_becomes_a_tasks_frame(tmp_path, caplog, version):
         assert metrics["owca_orchestrator_invalid_entries_total"] == 15
 
 
+@pytest.mark.integration
 def test_a_task_whose_cgroup_is_missing_is_reported_and_left_out(tmp_path, caplog):
     cgroupfs = fake_cgroupfs(tmp_path / "cgroup", [], "v1")
     with ReplayServer(routes(AURORA)) as agent:
@@ -219,6 +221,7 @@ def test_a_task_whose_cgroup_is_missing_is_reported_and_left_out(tmp_path, caplo
     assert "its cgroup /mesos/ceab3bec-9282-43aa-b05f-095736cc169e does not exist" in caplog.text
 
 
+@pytest.mark.integration
 def test_priority_from_an_aurora_tier_label(tmp_path):
     rule = PriorityRule(label="org.apache.aurora.tier", hp_values=["preferred"], roles=["web"])
     paths = Paths(cgroupfs=str(tmp_path))
@@ -251,6 +254,7 @@ def test_config_with_a_cgroups_root_and_refusals(tmp_path):
 
 # -- HTTPS with a test CA and HTTP basic credentials -------------------------------------------
 
+@pytest.mark.integration
 def test_https_agent_with_ca_and_basic_credentials(pki, tmp_path):
     secret = tmp_path / "secret"
     secret.write_text("s3cr3t\n")
@@ -267,6 +271,7 @@ def test_https_agent_with_ca_and_basic_credentials(pki, tmp_path):
             source.list_tasks(Paths(cgroupfs=str(tmp_path)))
 
 
+@pytest.mark.integration
 def test_agent_with_authentication_refuses_wrong_credentials_in_one_line(
         pki, tmp_path, caplog):
     """An agent with --authenticate_http_readonly: 401 unless the principal's secret is right.
@@ -298,6 +303,7 @@ def test_agent_with_authentication_refuses_wrong_credentials_in_one_line(
         assert leak not in seen
 
 
+@pytest.mark.integration
 def test_https_agent_with_an_unknown_ca_is_refused(pki, tmp_path):
     with ReplayServer(routes(AURORA), tls=server_tls(pki)) as agent:
         source = MesosDiscovery(url=agent.url, ca_bundle=pki["other_ca"])
@@ -306,6 +312,7 @@ def test_https_agent_with_an_unknown_ca_is_refused(pki, tmp_path):
         assert agent.requests == []
 
 
+@pytest.mark.integration
 def test_the_example_config_works_against_a_served_agent(tmp_path):
     cfg = config.load_section(os.path.join(ROOT, "configs", "mesos.yaml"), "discover",
                               DiscoverConfig)

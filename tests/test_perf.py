@@ -371,6 +371,19 @@ def read_until(counting, name, metric, minimum):
         time.sleep(0.1)
 
 
+def stop(pid):
+    """SIGSTOP a child and wait until it stands still: counters read while it stays
+    stopped all cover the same run of it, however late this process reads them."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + GUARD_SECONDS
+    while True:
+        with open('/proc/%d/stat' % pid) as f:
+            if f.read().rsplit(')', 1)[1].split()[0] == 'T':
+                return
+        assert time.monotonic() < deadline, 'pid %d did not stop' % pid
+        time.sleep(0.01)
+
+
 def ctxt_switches(pid):
     """The kernel's own count of a process's context switches (/proc/PID/status)."""
     with open('/proc/%d/status' % pid) as f:
@@ -425,13 +438,18 @@ def test_task_clock_matches_cpuacct_usage(tasks, counters):
     counting = counters()
     counting.update({'burner': name})
     time.sleep(0.2)
+    burner = cg.children[0].pid
+    stop(burner)
     first, usage_first = counting.read()['burner'], read_int(cg.file('cpuacct', 'cpuacct.usage'))
+    os.kill(burner, signal.SIGCONT)
     # Half a CPU-second of burning, however long a busy machine takes to give it.
     deadline = time.monotonic() + GUARD_SECONDS
     while read_int(cg.file('cpuacct', 'cpuacct.usage')) - usage_first < 0.5e9:
         assert time.monotonic() < deadline, 'the burner got no CPU for %d s' % GUARD_SECONDS
         time.sleep(0.1)
+    stop(burner)
     second, usage_second = counting.read()['burner'], read_int(cg.file('cpuacct', 'cpuacct.usage'))
+    os.kill(burner, signal.SIGCONT)
 
     task_clock = second['task_task_clock_seconds'] - first['task_task_clock_seconds']
     usage = (usage_second - usage_first) / 1e9
@@ -447,14 +465,17 @@ def test_context_switches_of_a_task_waking_100_times_a_second(tasks, counters):
     counting = counters()
     counting.update({'sleeper': name})
     time.sleep(0.3)
+    stop(pid)
     first, kernel_first = counting.read()['sleeper'], ctxt_switches(pid)
+    os.kill(pid, signal.SIGCONT)
     # A hundred wakeups, as many as the kernel counts for the process itself.
-    second = read_until(counting, 'sleeper', 'task_context_switches',
-                        first['task_context_switches'] + 100)
-    kernel = ctxt_switches(pid) - kernel_first
+    read_until(counting, 'sleeper', 'task_context_switches', first['task_context_switches'] + 100)
+    stop(pid)
+    second, kernel = counting.read()['sleeper'], ctxt_switches(pid) - kernel_first
+    os.kill(pid, signal.SIGCONT)
     counted = second['task_context_switches'] - first['task_context_switches']
-    # The process's own count also includes switches between the two reads here: a
-    # few more, never fewer.
+    # Both read while it is stopped: the same run of it, give or take the switches
+    # the stop itself adds.
     assert kernel * 0.9 - 5 <= counted <= kernel + 5, (counted, kernel)
 
 
@@ -467,10 +488,7 @@ def test_missing_hardware_event_is_warned_once_and_the_others_flow(
     caplog.set_level(logging.WARNING, logger='owca.measure.sources.perf')
     counting = counters(['instructions', 'task-clock'])
     counting.update({'burner': name})
-    time.sleep(0.2)
-    counting.read()
-    time.sleep(0.2)
-    metrics = counting.read()['burner']
+    metrics = read_until(counting, 'burner', 'task_task_clock_seconds', 1e-9)
     warnings = [r.getMessage() for r in caplog.records if 'instructions' in r.getMessage()]
     assert len(warnings) == 1 and 'not available' in warnings[0]
     assert metrics['task_task_clock_seconds'] > 0

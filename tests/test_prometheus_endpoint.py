@@ -111,6 +111,7 @@ def endpoint(tmp_path):
         ship.close()
 
 
+@pytest.mark.integration
 def test_scrape_serves_the_latest_cycle(endpoint):
     ship, url = endpoint()
     status, headers, body = scrape(url + "/metrics")
@@ -162,6 +163,7 @@ def stage_samples(stage, seq, bad=0):
             frames.sample("owca_cycle_duration_seconds", 0.001 * seq, labels)]
 
 
+@pytest.mark.integration
 def test_every_series_of_every_category_is_served(endpoint):
     """A family that more than one category carries (a stage's own counters and cycle
     time: owca-measure's in the metrics, owca-detect's in the anomalies, owca-allocate's
@@ -189,6 +191,7 @@ def failed_lines(ship) -> int:
     return sum("failed:" in line for line in ship.log().splitlines())
 
 
+@pytest.mark.integration
 def test_clients_that_hang_up_cost_one_debug_line_each(endpoint):
     """Clients that reset their connection mid-request: no traceback, nothing at the
     default log level; at debug level one line each."""
@@ -216,6 +219,7 @@ def test_clients_that_hang_up_cost_one_debug_line_each(endpoint):
         assert all(line.startswith("owca-ship: debug: ") for line in lines), lines
 
 
+@pytest.mark.integration
 def test_concurrent_scrapes_each_see_one_whole_cycle(endpoint):
     ship, url = endpoint("      categories: [metrics]\n")
     ship.send(measurements(1))
@@ -248,6 +252,7 @@ def test_concurrent_scrapes_each_see_one_whole_cycle(endpoint):
     assert ship.finish() == 0, ship.log()
 
 
+@pytest.mark.integration
 def test_timestamps_on_request_and_staleness(endpoint):
     ship, url = endpoint("      timestamps: true\n      stale_after_seconds: 0.5\n")
     ship.send(measurements(7))
@@ -258,6 +263,7 @@ def test_timestamps_on_request_and_staleness(endpoint):
     assert b"the latest cycle is" in scrape(url + "/metrics")[2]
 
 
+@pytest.mark.integration
 def test_port_in_use_fails_at_start(tmp_path, capsys):
     """Not a configuration error (exit 2, no restart): the port may come free (exit 1)."""
     with socket.socket() as taken:
@@ -280,6 +286,7 @@ def test_bad_configuration_fails_with_file_and_line(tmp_path, capsys):
         f"owca-ship: error: {config}:4: PrometheusStorage: port: expected 0..65535, got 70000\n"
 
 
+@pytest.mark.integration
 def test_the_shipped_config_works(tmp_path):
     """configs/prometheus.yaml, on a free loopback port."""
     from conftest import ROOT

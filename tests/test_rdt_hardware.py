@@ -118,8 +118,9 @@ def test_a_streaming_task_gets_a_real_mon_group_with_the_kernels_figures(resctrl
             assert "platform_llc_occupancy_bytes" in platform
             if MBM_TOTAL in features(resctrl):
                 rate = tasks["streaming"].get("task_mem_bandwidth_bytes_per_second")
-                # A 64 MiB copy loop moves well over 100 MB/s on any server.
-                assert rate is not None and rate > 100e6, tasks["streaming"]
+                # How fast the copy loop goes is the machine's (and its load's) figure;
+                # that it moved memory, and no more than the kernel saw, is OWCA's.
+                assert rate is not None and rate > 0, tasks["streaming"]
                 assert tasks["streaming"]["task_mem_bandwidth_bytes"] <= \
                     kernel_figure(hot_dir, MBM_TOTAL)
             monitor.update({"idle": idle.path})

@@ -347,6 +347,7 @@ def test_a_resctrl_gone_under_owca_measure_costs_the_rdt_figures_only(node, tmp_
     stage.close()
 
 
+@pytest.mark.integration
 def test_rdt_monitoring_where_there_is_none_fails_at_start(tmp_path, fixtures_dir):
     with pytest.raises(MonitoringUnavailable, match="not mounted"):
         RdtMonitor(FakeResctrlKernel(str(tmp_path)), lambda path: [])

@@ -118,6 +118,7 @@ def run_score(*args):
                            *args], capture_output=True, text=True, env=tool_env(), timeout=120)
 
 
+@pytest.mark.integration
 def test_the_threshold_example_replayed_through_owca_detect(tmp_path):
     """A real replay: owca-detect with the example plug-in, the figures read back."""
     config = tmp_path / "detect.yaml"
@@ -137,6 +138,7 @@ def test_the_threshold_example_replayed_through_owca_detect(tmp_path):
     assert got["episodes"][0]["detected"]  # the cpu antagonist's latency passes 8 ms
 
 
+@pytest.mark.integration
 def test_a_detector_that_cannot_start_is_one_line_and_exit_1(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("detect:\n  detector: !NoSuchDetector {}\n")
@@ -145,11 +147,13 @@ def test_a_detector_that_cannot_start_is_one_line_and_exit_1(tmp_path):
     assert out.stderr.strip().count("\n") == 0 and "owca-detect exited with status 2" in out.stderr
 
 
+@pytest.mark.integration
 def test_no_recording_is_a_runtime_error(tmp_path):
     out = run_score(str(tmp_path))
     assert out.returncode == 1 and "no recording" in out.stderr
 
 
+@pytest.mark.integration
 def test_plot_writes_one_png_per_run(tmp_path):
     pytest.importorskip("matplotlib")
     out = run_score("--recorded", "--plot", str(tmp_path / "plots"), RECORDED)

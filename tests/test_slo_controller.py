@@ -365,6 +365,7 @@ def test_the_yaml_tag_builds_it_and_bad_values_fail_at_start(tmp_path):
         config.load_section(str(bad), "allocate", AllocateConfig)
 
 
+@pytest.mark.integration  # its Allocate keeps the default state directory, /var/lib/owca-allocate
 def test_owca_allocate_hands_the_detectors_anomalies_to_the_controller(tmp_path):
     from fake_node import fake_cgroup_v2
     cgroupfs = fake_cgroup_v2(str(tmp_path / "cgroup"), {"/hp": [], "/be": []})

@@ -217,6 +217,7 @@ APPENDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("round_", range(3))
 def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path, round_):
     """A real process appending as fast as it can, killed at an arbitrary moment:
@@ -249,6 +250,7 @@ def test_sigkill_during_appends_loses_nothing_acknowledged(tmp_path, round_):
 
 # -- a full filesystem -----------------------------------------------------------------
 
+@pytest.mark.integration
 def test_full_filesystem_drops_the_oldest_not_the_newest(small_fs):
     """The spool's filesystem fills long before the spool's own bounds: the oldest
     records make room for the new ones, each counted as disk_full; none is refused."""
@@ -265,6 +267,7 @@ def test_full_filesystem_drops_the_oldest_not_the_newest(small_fs):
     s.close()
 
 
+@pytest.mark.integration
 def test_free_space_reserve_is_kept(small_fs):
     fs = small_fs(2 << 20)
     fs.fill(leave_free=600_000)
@@ -280,6 +283,7 @@ def test_free_space_reserve_is_kept(small_fs):
     s.close()
 
 
+@pytest.mark.integration
 def test_no_room_even_for_one_record_drops_it_counted(small_fs):
     fs = small_fs(1 << 20)
     directory = os.path.join(fs.path, "spool")

@@ -8,10 +8,10 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 
+from cgroup_helpers import kill
 from conftest import ROOT, load_tool, tool_command, tool_env
 from owca.core import frames
 
@@ -185,14 +185,18 @@ def test_signals_end_the_stream_cleanly(tool, signum):
 
 
 def test_discover_stops_on_sigterm_between_cycles(tmp_path):
-    proc = subprocess.Popen(tool_command("discover", "--interval", "30", "--cgroupfs",
+    # An interval of an hour: a tool that slept it out would outlast the guard on the
+    # wait many times over, however loaded the machine.  How soon it stops is
+    # benchmarks/discover_stop.py's figure, not this test's.
+    proc = subprocess.Popen(tool_command("discover", "--interval", "3600", "--cgroupfs",
                                          str(tmp_path)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
-    assert json.loads(proc.stdout.readline())["seq"] == 1
-    started = time.monotonic()
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(20) == 0
-    assert time.monotonic() - started < 10  # it did not sleep out its interval
+    try:
+        assert json.loads(proc.stdout.readline())["seq"] == 1
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+    finally:
+        kill(proc)  # SIGKILL only if it still runs (a failed test); reaped, pipes closed
 
 
 @pytest.mark.parametrize("tool", ("discover",) + FILTERS)

@@ -145,6 +145,7 @@ def test_aurora_jobs_parse_and_follow_the_catalog():
 
 # -- the tools' help and the docs ----------------------------------------------------------------
 
+@pytest.mark.integration
 @pytest.mark.parametrize("tool", TOOLS)
 def test_help_has_the_common_sections_and_exits_0(tool):
     out = subprocess.run([sys.executable, os.path.join(WORKLOADS, tool), "--help"],
@@ -154,6 +155,7 @@ def test_help_has_the_common_sections_and_exits_0(tool):
         assert section in out.stdout, (tool, section)
 
 
+@pytest.mark.integration
 def test_docs_describe_every_workload_and_every_wrapper_option():
     with open(os.path.join(ROOT, "docs", "workloads.md")) as f:
         doc = f.read()
@@ -179,6 +181,7 @@ def test_the_image_installs_what_the_catalog_runs():
         assert re.search(rf"\s{re.escape(package)}\s", dockerfile), package
 
 
+@pytest.mark.integration
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx-light not installed")
 def test_the_images_nginx_configuration_is_valid(tmp_path):
     conf = tmp_path / "nginx.conf"
