@@ -19,6 +19,21 @@ for p in (os.path.join(ROOT, "lib"), ROOT):
         sys.path.insert(0, p)
 
 
+
+@pytest.fixture(scope="session", autouse=True)
+def private_allocate_state(tmp_path_factory):
+    """owca-allocate's state directory for every test that does not name one: a
+    stage or tool started without --state-dir would otherwise take the host's
+    /var/lib/owca-allocate (and its lock, which a second run of the suite holds)."""
+    state = str(tmp_path_factory.mktemp("owca-allocate-state"))
+    before = os.environ.get("STATE_DIRECTORY")
+    os.environ["STATE_DIRECTORY"] = state
+    yield state
+    if before is None:
+        os.environ.pop("STATE_DIRECTORY", None)
+    else:
+        os.environ["STATE_DIRECTORY"] = before
+
 def wait_for(predicate, timeout: float, what: str, step: float = 0.3, detail=None):
     """predicate()'s first true value, asked every `step` s.  After `timeout` s an
     AssertionError names `what` (and adds detail(), where given): a guard against a
