@@ -230,7 +230,9 @@ class PerfCounters:
             self.failed_tasks = failed
             self._report_failures()
             return
-        for (what, task_id, slot), reply in zip(pending, self.helper.request(requests)):
+        # One reply per request, in order (Helper.request).
+        replies = self.helper.request(requests)
+        for (what, task_id, slot), reply in zip(pending, replies, strict=True):
             if reply.slot != slot:
                 raise HelperGone('reply for slot %s to a request for slot %d' % (reply.slot, slot))
             if what == 'close':
