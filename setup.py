@@ -10,7 +10,8 @@ import os
 import subprocess
 
 from setuptools import find_packages, setup
-from distutils.command.build_scripts import build_scripts  # noqa: E402 (setuptools provides distutils)
+# After setuptools, which provides distutils where the standard library has none (3.12).
+from distutils.command.build_scripts import build_scripts
 
 HELPER_SOURCE = os.path.join("bin", "owca-perf.c")
 CFLAGS = ["-O2", "-Wall", "-Wextra", "-Werror", "-std=gnu11"]
@@ -50,7 +51,7 @@ setup(
     name="owca",
     version=read_version(),
     description="Orchestration-aware Workload Collocation Agent",
-    python_requires=">=3.9",
+    python_requires=">=3.10",
     package_dir={"": "lib", **({"owca_workloads": WORKLOADS_PACKAGE} if HAS_WORKLOADS else {})},
     packages=find_packages("lib") + (["owca_workloads"] if HAS_WORKLOADS else []),
     entry_points={"console_scripts": [f"{name}=owca_workloads.{module}:main"

@@ -17,7 +17,7 @@ names plug-ins used before the package had one folder per stage
 a DeprecationWarning (owca/__init__.py).
 """
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from owca.core import allocation, frames  # noqa: F401  (re-exported for plug-ins)
 from owca.core.config import ConfigError, Range, Seconds, register  # noqa: F401  (re-exported)
@@ -84,8 +84,10 @@ class NOPAnomalyDetector(AnomalyDetector):
         return [], []
 
 
-def plugin_inputs(frame: dict):
-    """The plug-in API's arguments, out of a measurements frame."""
+def plugin_inputs(frame: dict) -> Tuple[Platform, Dict[str, dict], Dict[str, dict],
+                                        Dict[str, dict]]:
+    """The plug-in API's arguments, out of a measurements frame: the platform, and
+    per task its metrics, resources and labels."""
     tasks = frame["tasks"]
     return (Platform.from_frame(frame),
             {i: t.get("metrics", {}) for i, t in tasks.items()},

@@ -2,6 +2,7 @@
 the pipeline.  Each failed call is logged and counted (owca_allocator_errors_total).
 """
 import logging
+from typing import Callable, Optional
 
 from owca.plugin import Allocator, anomaly_dicts, plugin_inputs
 
@@ -14,9 +15,15 @@ class AllocatorCalls:
         self.errors = 0       # calls that failed
         self.ok = True        # whether the allocator answered this cycle
 
+    def _observer(self) -> Optional[Callable[[list], object]]:
+        """The allocator's observe_anomalies method, which Allocator does not declare:
+        None where this allocator has none."""
+        observe = getattr(self.allocator, "observe_anomalies", None)
+        return observe if callable(observe) else None
+
     @property
     def observes_anomalies(self) -> bool:
-        return callable(getattr(self.allocator, "observe_anomalies", None))
+        return self._observer() is not None
 
     @property
     def reads_current_allocations(self) -> bool:
@@ -32,7 +39,7 @@ class AllocatorCalls:
                                 f"{type(allocations).__name__}")
             self.ok = True
             return allocations, anomaly_dicts(anomalies), list(extra)
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
             self.ok = False
             self.errors += 1
             log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
@@ -40,9 +47,14 @@ class AllocatorCalls:
             return {}, [], []
 
     def observe_anomalies(self, frame: dict) -> None:
+        """The frame's anomalies handed to an allocator that observes them (the stage
+        asks observes_anomalies first); nothing for one that does not."""
+        observe = self._observer()
+        if observe is None:
+            return
         try:
-            self.allocator.observe_anomalies(frame.get("anomalies") or [])
-        except Exception as e:  # a plug-in's bug costs its cycle, not the pipeline
+            observe(frame.get("anomalies") or [])
+        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
             self.errors += 1
             log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
                       type(self.allocator).__name__, type(e).__name__, e)
@@ -51,7 +63,7 @@ class AllocatorCalls:
         allocator = self.allocator
         try:
             return bool(allocator.reapply_external_change(task_id, type_, wanted, found))
-        except Exception as e:  # a plug-in's bug: OWCA's value stands, as by default
+        except Exception as e:  # noqa: BLE001 a plug-in's bug: OWCA's value stands, as by default
             self.errors += 1
             log.error("task %s: %s.reapply_external_change failed: %s: %s", task_id,
                       type(allocator).__name__, type(e).__name__, e)

@@ -13,11 +13,11 @@ the root cgroup, and any symlink below the mount point are refused
 (CgroupRefused).  Files are opened without O_CREAT and with O_NOFOLLOW, so
 nothing is ever created and no link is followed.  The period (cpu.cfs_period_us,
 the second field of cpu.max) is read, never written.
-"""
+"""  # noqa: E501 (the table's rows cannot be wrapped)
 import errno
 import os
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple, Union
 
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
                                   SHARES_V1_DEFAULT, WEIGHT_V2_DEFAULT, InvalidAllocation,
@@ -128,7 +128,7 @@ class Reading:
     path: str
     text: str
     value: object
-    period_us: int = None
+    period_us: Optional[int] = None   # cpu_quota's only: the CFS period it is a share of
 
 
 # -- a task's cgroup ----------------------------------------------------------------
@@ -143,7 +143,8 @@ class TaskCgroupFiles:
             self._roots = {t: paths.cgroup_v1(c) for t, (c, _) in V1_FILES.items()}
         else:
             self._roots = {t: paths.cgroup_v2_root for t in V2_FILES}
-        self._dirs = {}
+        # hierarchy root -> the cgroup's directory in it, or why there is none
+        self._dirs: Dict[str, Union[str, Exception]] = {}
 
     def directory(self, type_: str) -> str:
         # Resolved once per object: owca-allocate makes one per task per cycle, so a
@@ -216,10 +217,12 @@ class TaskCgroupFiles:
     def target(self, type_: str, value, topology: Topology, current: Reading) -> str:
         """The text that gives the task `value` (validated already) in this cgroup."""
         if type_ == CPU_QUOTA:
-            quota_us = quota_to_us(value, current.period_us, max(1, len(topology.cpus)))
+            period_us = current.period_us
+            assert period_us is not None, "read() gives a cpu_quota reading its period"
+            quota_us = quota_to_us(value, period_us, max(1, len(topology.cpus)))
             if self.version == "v1":
                 return str(quota_us)
-            return format_cpu_max(quota_us, current.period_us)
+            return format_cpu_max(quota_us, period_us)
         if type_ == CPU_SHARES:
             return str(shares_to_kernel(value, self.version))
         if self.version == "v1":

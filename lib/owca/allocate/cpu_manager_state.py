@@ -17,7 +17,7 @@ with an atomic rename, so a reader sees the old or the new content, whole.
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, Optional
+from typing import Dict, FrozenSet, Optional, Tuple
 
 from owca.core.kernel import parse_cpu_list
 
@@ -55,7 +55,7 @@ def parse(text: str) -> CpuManagerState:
     entries = raw.get("entries") or {}
     if not isinstance(entries, dict):
         raise CheckpointError("entries: expected an object")
-    exclusive = {}
+    exclusive: Dict[str, Dict[str, FrozenSet[int]]] = {}
     for pod, containers in entries.items():
         if not isinstance(containers, dict):
             raise CheckpointError(f"entries.{pod:.40}: expected an object")
@@ -74,7 +74,7 @@ class CheckpointReader:
 
     def __init__(self, path: str = DEFAULT_PATH):
         self.path = path
-        self._key = None
+        self._key: Optional[Tuple[int, int, int]] = None   # inode, size, mtime of _state's file
         self._state: Optional[CpuManagerState] = None
 
     def read(self) -> Optional[CpuManagerState]:

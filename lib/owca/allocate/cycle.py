@@ -31,14 +31,18 @@ class Original:
     Journaled (lib/owca/allocate/journal.py) before every write that changes it."""
     text: str                      # written back on restore ("" for rdt: the default group)
     value: object                  # the same, normalised (for the frame and the metrics)
-    path: str = None
-    identity: Tuple[int, int] = None
+    # The file and its cgroup's (st_dev, st_ino), both set for a cgroup file; rdt's
+    # original (the default group) has neither.
+    path: Optional[str] = None
+    identity: Optional[Tuple[int, int]] = None
     # The texts OWCA wrote or is writing to the file (canonical): the file holds
     # OWCA's value when it holds one of them.
     ours: List[str] = field(default_factory=list)
-    written: str = None            # the last text OWCA wrote this run, once the write worked
-    foreign: tuple = None          # (text found, value wanted, reapplied?) of a change
-                                   # another writer made, so that it counts once
+    # The last text OWCA wrote this run, once the write worked.
+    written: Optional[str] = None
+    # (text found, value wanted, reapplied?) of a change another writer made, so that
+    # it counts once.
+    foreign: Optional[tuple] = None
 
     def holds_ours(self, type_: str, text: str) -> bool:
         text = canonical(type_, text)
@@ -53,14 +57,16 @@ class Original:
     def to_journal(self) -> dict:
         entry = {"original": self.text, "value": self.value, "ours": list(self.ours)}
         if self.path is not None:
+            assert self.identity is not None, "set with the path"
             entry.update(path=self.path, identity=list(self.identity))
         return entry
 
     @classmethod
     def from_journal(cls, entry: dict) -> "Original":
-        identity = entry.get("identity")
+        identity = entry.get("identity")   # journal.check_body: two numbers, or absent
         return cls(text=entry["original"], value=entry.get("value"), path=entry.get("path"),
-                   identity=tuple(identity) if identity else None, ours=list(entry["ours"]))
+                   identity=(identity[0], identity[1]) if identity else None,
+                   ours=list(entry["ours"]))
 
 
 @dataclass
@@ -76,9 +82,15 @@ class Change:
     type: str
     value: object       # what the task gets (None: withdrawn, its original restored)
     ops: List[Op]
-    original: Original = None     # the restore this change performs
-    text: str = None              # what it puts in the file (rdt: the group's name)
-    creates: str = None           # the resctrl group it creates
+    original: Optional[Original] = None   # the restore this change performs
+    text: Optional[str] = None            # what it puts in the file (rdt: the group's name)
+    creates: Optional[str] = None         # the resctrl group it creates
+
+    def new_text(self) -> str:
+        """What the change puts in its file: every change has it but a restore, which
+        writes back its `original`."""
+        assert self.text is not None, f"a restore of {self.type} has no text of its own"
+        return self.text
 
 
 @dataclass

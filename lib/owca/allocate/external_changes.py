@@ -3,7 +3,7 @@
 (Allocator.reapply_external_change) says whether OWCA writes its value again.
 """
 import logging
-from typing import Dict
+from typing import Dict, Optional, Set, Tuple
 
 from owca.core import frames
 from owca.allocate.allocator_calls import AllocatorCalls
@@ -16,10 +16,10 @@ class ExternalChanges:
     def __init__(self, allocator: AllocatorCalls):
         self.allocator = allocator
         self.counts: Dict[tuple, int] = {}   # (task_id, type, file) -> changes
-        self._logged = set()                 # (task_id, type) logged at warning level
+        self._logged: Set[Tuple[str, str]] = set()   # (task_id, type) logged at warning level
 
     def reapply(self, task_id: str, type_: str, file: str, original: Original,
-                text: str, found, wanted, wrote: str = None) -> bool:
+                text: str, found, wanted, wrote: Optional[str] = None) -> bool:
         """Another writer changed a value OWCA wrote: counted and logged once per change;
         the allocator's policy says whether OWCA writes its value again (True)."""
         if original.foreign is not None and original.foreign[:2] == (text, wanted):

@@ -39,7 +39,7 @@ import math
 import os
 import re
 import time
-from typing import Optional
+from typing import Any, Optional
 
 from owca.core.allocation import CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, \
     RDT_GROUP_NAME
@@ -90,14 +90,15 @@ class Journal:
         self.path = os.path.join(directory, NAME)
         self.fsync = fsync
         self.set_aside = 0          # corrupt journals renamed aside by this run
-        self._dir_fd = None
-        self._saved = None          # the encoded body on disk (None: no file)
+        self._dir_fd: Optional[int] = None   # the state directory, open and locked
+        self._saved: Optional[bytes] = None  # the encoded body on disk (None: no file)
 
     # -- the directory -------------------------------------------------------------------
 
-    def _open(self) -> None:
+    def _open(self) -> int:
+        """The state directory's descriptor, opened and locked on first use."""
         if self._dir_fd is not None:
-            return
+            return self._dir_fd
         try:
             os.makedirs(self.directory, mode=0o700, exist_ok=True)
             fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -113,6 +114,7 @@ class Journal:
         tmp = self._tmp_path()
         if os.path.exists(tmp):   # a save cut short: the journal beside it is whole
             os.unlink(tmp)
+        return fd
 
     def _tmp_path(self) -> str:
         return os.path.join(self.directory, f".{NAME}.tmp")
@@ -158,14 +160,14 @@ class Journal:
         encoded = None if empty else encode_body(body)
         if encoded == self._saved:
             return
-        self._open()
+        dir_fd = self._open()
         try:
             if encoded is None:
                 os.unlink(self.path)
             else:
                 self._write(encoded)
             if self.fsync:
-                os.fsync(self._dir_fd)
+                os.fsync(dir_fd)
         except FileNotFoundError:
             pass
         except OSError as e:
@@ -241,7 +243,9 @@ def _is_value(value) -> bool:
 
 
 def check_body(body_: dict) -> None:
-    groups, tasks = body_.get("groups"), body_.get("tasks")
+    # JSON values of any type until checked.
+    groups: Any = body_.get("groups")
+    tasks: Any = body_.get("tasks")
     _expect(isinstance(groups, list) and all(isinstance(g, str) and RDT_GROUP_NAME.match(g)
                                              for g in groups), "groups: not OWCA's groups")
     _expect(isinstance(tasks, dict), "tasks: not an object")

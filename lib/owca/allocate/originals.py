@@ -10,7 +10,7 @@ originals (`adopt`), never the values that run wrote.
 """
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from owca.core import frames
 from owca.core.allocation import CPU_QUOTA, RDT
@@ -34,7 +34,7 @@ class Originals:
         self.rdt = rdt
         self.by_task: Dict[str, Dict[str, Original]] = {}
         self.cgroup_paths: Dict[str, str] = {}
-        self.created_groups = set()     # resctrl groups OWCA made (journaled)
+        self.created_groups: Set[str] = set()   # resctrl groups OWCA made (journaled)
         # Whether originals or groups changed since the journal was last saved: a
         # cycle that changed nothing costs no encoding of the journal.
         self.dirty = False
@@ -163,13 +163,14 @@ class Originals:
                 original = originals[change.type] = Original(
                     text=reading.text, value=reading.value, path=reading.path,
                     identity=files.identity(change.type))
-        original.note_ours(change.type, change.text, found)
+        original.note_ours(change.type, change.new_text(), found)
         if change.creates:
             self.created_groups.add(change.creates)
 
     def wrote(self, change: Change) -> None:
         """The change's write worked: its file holds OWCA's text now."""
-        self.by_task[change.task_id][change.type].written = canonical(change.type, change.text)
+        self.by_task[change.task_id][change.type].written = canonical(change.type,
+                                                                      change.new_text())
 
     def forget_groups(self, names: List[str]) -> None:
         """OWCA's resctrl groups that were removed."""
@@ -180,8 +181,10 @@ class Originals:
 
     # -- restoring ---------------------------------------------------------------------
 
-    def restores(self, task_id: str, types: List[str], cycle: Cycle = None) -> List[Change]:
-        """Changes that write back the originals of `types` (forgotten here)."""
+    def restores(self, task_id: str, types: List[str],
+                 cycle: Optional[Cycle] = None) -> List[Change]:
+        """Changes that write back the originals of `types` (forgotten here); `cycle`:
+        this cycle's readings, None for a task that went or at the stop."""
         originals = self.by_task.get(task_id, {})
         out = []
         for type_ in types:

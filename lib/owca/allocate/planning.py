@@ -8,7 +8,7 @@ policy says (external_changes.py).
 """
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from owca.core import allocation
 from owca.core.allocation import RDT, TYPES, InvalidAllocation
@@ -31,7 +31,8 @@ class Planner:
         self.originals = originals
         self.rdt = rdt
         self.external = external
-        self.desired: Dict[str, Dict[str, object]] = {}
+        # task -> type -> value, validated: a number, a CPU list, or an rdt dict
+        self.desired: Dict[str, Dict[str, Any]] = {}
 
     def merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
         """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""

@@ -4,6 +4,7 @@ it, the moves back to the default group, and the removal of groups no task wants
 
 The rules of the filesystem (only `owca-*` groups are written) are resctrl.py's.
 """
+import functools
 import logging
 from typing import Dict, List, Optional
 
@@ -57,7 +58,7 @@ class RdtGroups:
         held = max(cycle.groups.values(), key=lambda g: len(g.thread_ids & threads))
         if not held.thread_ids & threads:
             return None
-        value = {"name": held.name}
+        value: Dict[str, object] = {"name": held.name}
         if "L3" in held.schemata:
             value["l3"] = dict(held.schemata["L3"])
         if "MB" in held.schemata:
@@ -80,16 +81,17 @@ class RdtGroups:
             raise InvalidAllocation(f"{RDT}: resctrl is not mounted at {self.resctrlfs}")
         threads = cycle.thread_ids(task_id)
         name = value["name"]
-        for group in cycle.groups.values():
-            if not is_owca_group(group.name) and group.thread_ids.intersection(threads):
+        for other in cycle.groups.values():
+            if not is_owca_group(other.name) and other.thread_ids.intersection(threads):
                 raise InvalidAllocation(f"{RDT}: the task's threads are in resctrl group "
-                                        f"{group.name!r}, which is not OWCA's")
+                                        f"{other.name!r}, which is not OWCA's")
         wanted = schemata_of(value)
         claim = cycle.claims.setdefault(name, (task_id, wanted))
         if claim[1] != wanted:
             raise InvalidAllocation(f"{RDT}: group {name} is given other values by task "
                                     f"{claim[0]} in this cycle")
-        ops, creates = [], None
+        ops: List[Op] = []
+        creates = None
         group = cycle.groups.get(name)
         if group is None:
             num_closids = self.resctrl.info().num_closids
@@ -113,7 +115,7 @@ class RdtGroups:
         for thread_id in threads:
             if thread_id not in group.thread_ids:
                 ops.append(Op(f"move thread {thread_id} to resctrl group {name}",
-                              lambda t=thread_id: self.move_thread(t, name)))
+                              functools.partial(self.move_thread, thread_id, name)))
         group.thread_ids.update(threads)
         if not ops:
             return None
@@ -151,7 +153,7 @@ class RdtGroups:
             (self.resctrl.groups() if self.resctrl.available() else {})
         owca = set().union(*[g.thread_ids for g in groups.values() if is_owca_group(g.name)])
         return [Op(f"move thread {t} back to the default resctrl group",
-                   lambda t=t: self.move_thread(t, DEFAULT_GROUP))
+                   functools.partial(self.move_thread, t, DEFAULT_GROUP))
                 for t in threads if t in owca]
 
     # -- removing ----------------------------------------------------------------------

@@ -136,7 +136,7 @@ def validate_on_platform(value: dict, info: ResctrlInfo) -> dict:
             raise InvalidAllocation(f"{what}: {resource} allocation: {why}")
         per_id = _expand(value[key], info.domains.get(resource, []), resource, what)
         for cache_id, v in per_id.items():
-            if resource == L3:
+            if isinstance(limits, CacheInfo):   # L3's
                 check_mask(int(v, 16), limits, f"{what}.{cache_id}")
             else:
                 check_bandwidth(v, limits, f"{what}.{cache_id}")
@@ -188,7 +188,7 @@ class Resctrl:
 
     def __init__(self, fs: ResctrlFS):
         self.fs = fs
-        self._info = None
+        self._info: Optional[ResctrlInfo] = None   # read on first use
 
     def available(self) -> bool:
         return self.fs.mounted()

@@ -38,7 +38,7 @@ import atexit
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional, Set, Tuple
 
 from owca.core import config, frames
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, Topology,
@@ -67,7 +67,9 @@ log = logging.getLogger("owca.allocate")
 @dataclass
 class AllocateConfig:
     allocator: Allocator = field(default_factory=NOPAllocator)
-    interval: float = None
+    # No interval unless configured; the annotation stays `float`, not Optional, because
+    # the configuration is checked against it: `interval: null` is refused.
+    interval: float = None  # type: ignore[assignment]
     # At most this many changes (one type of one task) are written per cycle; the
     # rest wait for the next cycle, so that one bad decision cannot rewrite a
     # whole node at once.  Restores are never held back.
@@ -79,16 +81,20 @@ class AllocateConfig:
     write_systemd_units: bool = False
 
     def __post_init__(self):
-        if not isinstance(self.max_changes_per_cycle, int) or self.max_changes_per_cycle < 1:
+        # Checked as any value: the configuration's loader checks the type, but an
+        # AllocateConfig made in code skips it.
+        count: object = self.max_changes_per_cycle
+        if not isinstance(count, int) or count < 1:
             raise ValueError(f"max_changes_per_cycle: expected a positive integer, got "
                              f"{self.max_changes_per_cycle!r}")
 
 
 class Allocate(Stage):
     name = "allocate"
-    consumes = ("measurements",)
+    consumes: Tuple[str, ...] = ("measurements",)
 
-    def __init__(self, cfg: AllocateConfig, options: dict, resctrl_fs: ResctrlFS = None):
+    def __init__(self, cfg: AllocateConfig, options: dict,
+                 resctrl_fs: Optional[ResctrlFS] = None):
         super().__init__(cfg, options)
         self.dry_run = bool(options.get("--dry-run"))
         self.paths = paths_from_options(sysfs=options.get("--sysfs"),
@@ -106,9 +112,10 @@ class Allocate(Stage):
                                self.store, self.rdt, self.external)
         self.writer = Writer(self.dry_run, self.store)
         self.allocation_errors_total = 0
-        self._logged = set()
-        self._last = (0, None, None)    # seq, ts, host of the last cycle
-        self._last_frame = None
+        self._logged: Set[Tuple[str, str, str]] = set()   # (task, type, reason) logged
+        # seq, ts, host of the last cycle
+        self._last: Tuple[int, Optional[float], Optional[str]] = (0, None, None)
+        self._last_frame: Optional[dict] = None
         self._values_shipped = False    # whether the frames carried per-task values
         self._closed = False
         self.store.adopt()
@@ -148,7 +155,8 @@ class Allocate(Stage):
             readings[task_id] = current_allocations(files[task_id], topology)
         return Cycle(topology, files, readings, self.rdt.read())
 
-    def current_allocations(self, frame: dict, cycle: Cycle = None) -> Dict[str, dict]:
+    def current_allocations(self, frame: dict,
+                            cycle: Optional[Cycle] = None) -> Dict[str, dict]:
         """What each task has now, read from its cgroup and resctrl group this cycle."""
         cycle = cycle or self.read_cycle(frame)
         out = {}
@@ -203,7 +211,8 @@ class Allocate(Stage):
         self.allocation_errors_total += len(cycle.errors)
 
         metrics = list(extra) + self._samples(current, done, cycle) + self.stats.samples()
-        out_allocations, restored = {}, {}
+        out_allocations: Dict[str, dict] = {}   # task -> type -> value
+        restored: Dict[str, dict] = {}          # task -> type -> original value
         for change in done:
             out_allocations.setdefault(change.task_id, {})[change.type] = change.value
             if change.original is not None:
@@ -296,7 +305,7 @@ class Allocate(Stage):
         if self._last_frame is None and not restored:
             return []    # no frame written, none to end
         seq, _, host = self._last
-        now = []
+        now: List[dict] = []
         if self._last_frame is not None and (self._values_shipped or restored):
             current = self.current_allocations(self._last_frame)
             for task_id in sorted(current):
@@ -313,10 +322,11 @@ class Allocate(Stage):
             return {}
         self._closed = True
         atexit.unregister(self._restore_everything)
-        restored = {}
+        restored: Dict[str, dict] = {}   # task -> type -> original value
         for task_id in sorted(self.originals):
             for change in self.store.restores(task_id, list(self.originals[task_id])):
                 if self.writer.restore_at_stop(change):
+                    assert change.original is not None, "a restore writes back its original"
                     restored.setdefault(task_id, {})[change.type] = change.original.value
                     log.info("task %s: %s restored", task_id, change.type)
         self.desired.clear()

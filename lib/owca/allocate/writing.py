@@ -51,13 +51,7 @@ class Writer:
                     log.info("dry-run: task %s: would %s", change.task_id, op.what)
                 done.append(change)
                 continue
-            try:
-                for op in change.ops:
-                    log.debug("task %s: %s", change.task_id, op.what)
-                    op.run()
-            except OSError as e:
-                cycle.error(change.task_id, change.type,
-                            f"{op.what}: {e.strerror or e}")
+            if not self._run(change, cycle):
                 continue
             if change.original is None and change.text is not None:
                 self.originals.wrote(change)
@@ -65,14 +59,27 @@ class Writer:
         self.changes_total += len(done)
         return done
 
+    @staticmethod
+    def _run(change: Change, cycle: Cycle) -> bool:
+        """Run the change's writes in order; the first that fails is the change's error
+        and ends it.  Whether every write worked."""
+        for op in change.ops:
+            log.debug("task %s: %s", change.task_id, op.what)
+            try:
+                op.run()
+            except OSError as e:
+                cycle.error(change.task_id, change.type, f"{op.what}: {e.strerror or e}")
+                return False
+        return True
+
     def restore_at_stop(self, change: Change) -> bool:
         """A restore written when OWCA stops, with no cycle to report a failure in: it
         is logged.  Whether the change was written."""
-        try:
-            for op in change.ops:
+        for op in change.ops:
+            try:
                 op.run()
-        except OSError as e:
-            log.error("task %s: %s: %s", change.task_id, op.what, e.strerror or e)
-            return False
+            except OSError as e:
+                log.error("task %s: %s: %s", change.task_id, op.what, e.strerror or e)
+                return False
         self.changes_total += 1
         return True

@@ -15,11 +15,11 @@ InvalidAllocation with a one-line reason.
 
 A value of None (JSON null) withdraws the type: OWCA restores what the task had
 before OWCA's first write.
-"""
+"""  # noqa: E501 (the table's rows cannot be wrapped)
 import math
 import re
 from dataclasses import dataclass
-from typing import FrozenSet
+from typing import Dict, FrozenSet, Optional
 
 from owca.core.kernel import MAX_LIST_ID, format_cpu_list, parse_cpu_list
 
@@ -69,7 +69,7 @@ def _number(value, what: str) -> float:
     return float(value)
 
 
-def validate_cpu_quota(value, topology: Topology = None) -> float:
+def validate_cpu_quota(value, topology: Optional[Topology] = None) -> float:
     quota = _number(value, CPU_QUOTA)
     if not 0 < quota <= QUOTA_MAX:
         raise InvalidAllocation(f"{CPU_QUOTA} {quota:g} is out of range (0, 1]: 1.0 is the "
@@ -77,7 +77,7 @@ def validate_cpu_quota(value, topology: Topology = None) -> float:
     return quota
 
 
-def validate_cpu_shares(value, topology: Topology = None) -> float:
+def validate_cpu_shares(value, topology: Optional[Topology] = None) -> float:
     shares = _number(value, CPU_SHARES)
     if not SHARES_MIN <= shares <= SHARES_MAX:
         raise InvalidAllocation(f"{CPU_SHARES} {shares:g} is out of range "
@@ -112,11 +112,11 @@ def _validate_ids(value, type_: str, online, noun: str) -> str:
     return format_cpu_list(ids)
 
 
-def validate_cpuset_cpus(value, topology: Topology = None) -> str:
+def validate_cpuset_cpus(value, topology: Optional[Topology] = None) -> str:
     return _validate_ids(value, CPUSET_CPUS, topology and topology.cpus, "CPU")
 
 
-def validate_cpuset_mems(value, topology: Topology = None) -> str:
+def validate_cpuset_mems(value, topology: Optional[Topology] = None) -> str:
     return _validate_ids(value, CPUSET_MEMS, topology and topology.numa_nodes, "NUMA node")
 
 
@@ -160,7 +160,7 @@ def _percent(value, what: str) -> int:
     return value
 
 
-def validate_rdt(value, topology: Topology = None) -> dict:
+def validate_rdt(value, topology: Optional[Topology] = None) -> dict:
     """The shape of an rdt value; lib/owca/allocate/resctrl.py checks it against the platform.
 
     Canonical form: {"name": "owca-x", "l3": {cache_id: "hexmask"}, "mb": {cache_id: percent}}
@@ -178,7 +178,7 @@ def validate_rdt(value, topology: Topology = None) -> dict:
                                 f"groups")
     if value.get("l3") is None and value.get("mb") is None:
         raise InvalidAllocation(f"{RDT} {name}: neither l3 nor mb given")
-    out = {"name": name}
+    out: Dict[str, object] = {"name": name}
     if value.get("l3") is not None:
         masks = _per_cache_id(value["l3"], f"{RDT}.l3", parse_mask)
         out["l3"] = {k: format(m, "x") for k, m in masks.items()}
@@ -196,7 +196,7 @@ VALIDATORS = {
 }
 
 
-def validate(type_: str, value, topology: Topology = None):
+def validate(type_: str, value, topology: Optional[Topology] = None):
     """The canonical form of `value`; InvalidAllocation when it cannot be written.
 
     Without a topology only the form and ranges are checked (a configuration at

@@ -131,9 +131,10 @@ class KeptFile:
 
     def __init__(self, path: str, size: int = 4096):
         self.path = path
-        self.fd = None
+        self.fd: Optional[int] = None
         self.size = size     # grows to fit the file, so that one pread reads it all
-        self.kept = None     # None: not opened yet; True: held open; False: transient
+        # None: not opened yet; True: held open; False: transient
+        self.kept: Optional[bool] = None
 
     def read(self) -> str:
         return self.read_bytes().decode()
@@ -189,7 +190,7 @@ class KeptFile:
             if len(data) < self.size:
                 return data
 
-    def _read_transient(self) -> str:
+    def _read_transient(self) -> bytes:
         fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
         try:
             data = os.pread(fd, self.size, 0)
@@ -243,11 +244,12 @@ def cpu_cgroup_version(paths: Paths, cgroup_path: str) -> str:
     return "v2" if held is None or held == UNIFIED else "v1"
 
 
-def cgroup_dir(root: str, cgroup_path: str) -> str:
+def cgroup_dir(root: str, cgroup_path: object) -> str:
     """The real directory of `cgroup_path` below the hierarchy mounted at `root`.
 
-    Raises CgroupRefused for the root cgroup, `.`/`..` components or a symlink
-    anywhere below the mount point; CgroupGone when it is not a directory.
+    Raises CgroupRefused for anything but an absolute path string (whatever a caller
+    passes), for the root cgroup, `.`/`..` components or a symlink anywhere below the
+    mount point; CgroupGone when it is not a directory.
     """
     if not isinstance(cgroup_path, str) or not cgroup_path.startswith("/") \
             or "\0" in cgroup_path:

@@ -374,7 +374,8 @@ SHIP = _specs(
     M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
       "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
       "to keep spool_max_cycles and spool_max_bytes), disk_full (the oldest, or at worst "
-      "the new one, when the filesystem's free space or spool_min_free_bytes ran out), too_large (bigger than the spool), rejected (refused by the broker), "
+      "the new one, when the filesystem's free space or spool_min_free_bytes ran out), "
+      "too_large (bigger than the spool), rejected (refused by the broker), "
       "corrupt (a damaged spool file).", "owca-ship: KafkaStorage", scope="internal"),
     M("owca_ship_spool_cycles", GAUGE, "cycles",
       "Cycles waiting in a storage's spool for the broker.", "owca-ship: KafkaStorage",

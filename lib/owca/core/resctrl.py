@@ -5,7 +5,7 @@ groups, owca-allocate); what each does with the groups lives in its stage.
 Kernel interface: Documentation/arch/x86/resctrl.rst.
 """
 import os
-from typing import Dict, List
+from typing import Dict, List, Mapping
 
 # A group's `tasks` is a thread list, as a cgroup's is.
 from owca.core.kernel import parse_thread_ids as parse_thread_ids  # re-exported
@@ -43,7 +43,7 @@ def parse_schemata(text: str) -> Dict[str, Dict[str, str]]:
     return out
 
 
-def format_schemata(lines: Dict[str, Dict[str, object]]) -> str:
+def format_schemata(lines: Mapping[str, Mapping[str, object]]) -> str:
     """The inverse of parse_schemata, ids in numeric order."""
     return "".join(
         f"{name}:" + ";".join(f"{i}={v}" for i, v in sorted(domains.items(),

@@ -113,7 +113,6 @@ class Stage:
     name = "stage"
     consumes: Tuple[str, ...] = ()  # kinds this stage parses; every other frame is forwarded
     forward_consumed = True  # write the consumed frame on before what process() adds
-    paced_by_interval = False  # cycles come from idle() on the clock, not from input
     forwards_unknown = True    # pass on what it does not understand (a sink counts it)
     # Kinds it makes itself: one from upstream (a replayed recording's) is dropped.
     replaces: Tuple[str, ...] = ()
@@ -126,6 +125,12 @@ class Stage:
             or getattr(cfg, "interval", None)
         self.stats = Stats(self.name)
         self.stats.timing = not options.get("--no-timing")
+
+    @property
+    def paced_by_interval(self) -> bool:
+        """Whether cycles come from idle() on the clock, not from input (a stage
+        may decide it from its configuration)."""
+        return False
 
     @classmethod
     def writes_stdout(cls, cfg) -> bool:

@@ -36,7 +36,7 @@ class MeasureConfig:
     # task_run_queue_delay_seconds: each thread's /proc/TID/schedstat read every
     # cycle (benchmarks/measure_cycle.py measures the cost); false reads none.
     run_queue_delay: bool = True
-    # --- perf counters: the perf section (lib/owca/measure/sources/perf.py) plugs in here ---
+    # --- perf counters: the perf section (lib/owca/measure/sources/perf/) plugs in here ---
     # Events counted per task (docs/perf.md), e.g. [instructions, cycles,
     # task-clock, stalled_mem_loads=0x140014a3]; none: no perf helper at all.
     perf_events: Optional[list] = None
@@ -45,7 +45,7 @@ class MeasureConfig:
     # Where task cgroups are found for perf; default: the v1 perf_event mount when
     # the controller is bound to v1, else the cgroup2 mount.
     perf_cgroup_root: Optional[str] = None
-    # --- application performance metrics: workload wrappers' files (lib/owca/measure/sources/apm.py) ---
+    # --- application performance metrics: the wrappers' files (lib/owca/measure/sources/apm.py) ---
     # Directory of the wrappers' APM files (/run/owca/apm is theirs by default);
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
@@ -77,7 +77,7 @@ class Measure(Stage):
                                         resctrlfs=options.get("--resctrlfs"))
         raise_fd_limit()
         self.tasks: Dict[str, dict] = {}
-        self.upstream_metrics = []
+        self.upstream_metrics: List[dict] = []   # the tasks frame's own samples
         self.dropped = 0
         self.seq = 0
         self.sources: List[Source] = [source_class(name)(cfg, self.paths)

@@ -33,7 +33,7 @@ import os
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Dict, FrozenSet, List, Optional
+from typing import Deque, Dict, FrozenSet, List, Optional, Set, TypeGuard
 
 from owca.core import frames
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, InvalidAllocation,
@@ -81,10 +81,10 @@ class SloRdt:
 @dataclass
 class Hp:
     """One HP task's SLI history."""
-    last_report: tuple = None
+    last_report: Optional[tuple] = None    # None: no SLI in the last cycle
     repeats: int = 0
     loads: deque = field(default_factory=lambda: deque(maxlen=8))
-    last_load_report: tuple = None
+    last_load_report: Optional[tuple] = None
 
 
 @dataclass
@@ -180,8 +180,9 @@ class SloController(Allocator):
         self.cycle = 0
         self._hp: Dict[str, Hp] = {}
         self._trial: Optional[Trial] = None
-        self._worst = deque(maxlen=16)     # the worst HP pressure of each fresh cycle
-        self._cut_named = set()
+        # The worst HP pressure of each fresh cycle.
+        self._worst: Deque[float] = deque(maxlen=16)
+        self._cut_named: Set[str] = set()
         self._last_change = -10 ** 9
         self._backoff_until = -1
         self._consecutive_rollbacks = 0
@@ -192,7 +193,7 @@ class SloController(Allocator):
         self._confirmed: Dict[str, Dict[str, object]] = {}
         self._overridden: Dict[str, Dict[str, int]] = {}   # task -> type -> cycle until
         self._override_count: Dict[tuple, int] = {}
-        self._logged = set()
+        self._logged: Set[tuple] = set()   # keys of the warnings logged once
         self.changes_total = self.rollbacks_total = self.overrides_total = 0
         self.checkpoint_errors_total = 0
         self._checkpoint = CheckpointReader(self.cpu_manager_state) \
@@ -213,7 +214,7 @@ class SloController(Allocator):
         hp = sorted(t for t, labels in tasks_labels.items() if _matches(labels, self.hp_labels))
         be = sorted(t for t, labels in tasks_labels.items()
                     if _matches(labels, self.be_labels) and t not in hp)
-        metrics = []
+        metrics: List[dict] = []
         self._note_named(be)
         self._cut_named = set(self._named)
         for gone in set(self._hp) - set(hp):
@@ -280,7 +281,7 @@ class SloController(Allocator):
             return self._violation(), None
         self._violating = 0
         if self._trial is not None:
-            verdict = self._watch(worst)
+            verdict = self._watch(self._trial, worst)
             if verdict is not None:
                 return verdict, None
         if slack < self.shrink_slack:
@@ -349,8 +350,9 @@ class SloController(Allocator):
         self._set(0)
         return CUT
 
-    def _watch(self, worst: float) -> Optional[str]:
-        trial = self._trial
+    def _watch(self, trial: Trial, worst: float) -> Optional[str]:
+        """The verdict on the step under watch (`trial`, self._trial) once it has been
+        watched long enough: ROLLBACK, or None when it is kept or still watched."""
         trial.after.append(worst)
         if len(trial.after) < self.verify_intervals:
             return None
@@ -456,7 +458,7 @@ class SloController(Allocator):
                                          "cpusets left as they are")
             return None
         cores = self._cores(allowed)
-        hp_cpus = frozenset()
+        hp_cpus: FrozenSet[int] = frozenset()
         for task_id in hp:
             try:
                 hp_cpus |= parse_cpu_list(str(current.get(task_id, {}).get(CPUSET_CPUS) or ""))
@@ -485,7 +487,7 @@ class SloController(Allocator):
 
     def _cores(self, cpus: FrozenSet[int]) -> List[FrozenSet[int]]:
         """`cpus` grouped by physical core (hyperthreads together), in CPU order."""
-        groups = {}
+        groups: Dict[int, Set[int]] = {}   # the core's first CPU -> its CPUs
         for cpu in sorted(cpus):
             path = os.path.join(self.sysfs, f"devices/system/cpu/cpu{cpu}/topology/"
                                             f"thread_siblings_list")
@@ -499,25 +501,27 @@ class SloController(Allocator):
 
     def _rdt_values(self, fraction: float, metrics):
         """(floor, this level's) rdt values of the BE group, or None without resctrl."""
+        rdt, resctrl = self.rdt, self._resctrl
+        assert rdt is not None and resctrl is not None, "rdt in knobs needs the rdt section"
         try:
-            if not self._resctrl.available():
-                raise FileNotFoundError(f"resctrl is not mounted at {self.rdt.resctrlfs}")
-            info = self._resctrl.info()
+            if not resctrl.available():
+                raise FileNotFoundError(f"resctrl is not mounted at {rdt.resctrlfs}")
+            info = resctrl.info()
         except (OSError, ValueError) as e:
             self._log_once(("rdt", str(e)), "rdt left out: %s",
                            getattr(e, "strerror", None) or e)
             return None
         def at(f):
-            value = {}
+            value: Dict[str, object] = {}
             if info.l3 is not None:
                 ways = bin(info.l3.cbm_mask).count("1")
-                top = min(ways, self.rdt.l3_ways_ceiling or ways)
-                low = min(top, max(self.rdt.l3_ways_floor, info.l3.min_cbm_bits))
+                top = min(ways, rdt.l3_ways_ceiling or ways)
+                low = min(top, max(rdt.l3_ways_floor, info.l3.min_cbm_bits))
                 value["l3"] = format((1 << round(low + (top - low) * f)) - 1, "x")
             if info.mb is not None:
                 least, gran = info.mb.min_bandwidth, info.mb.bandwidth_gran
-                low = max(self.rdt.mb_floor, least)
-                mb = low + (max(low, self.rdt.mb_ceiling) - low) * f
+                low = max(rdt.mb_floor, least)
+                mb = low + (max(low, rdt.mb_ceiling) - low) * f
                 # A step the hardware takes: min_bandwidth + n x bandwidth_gran.
                 value["mb"] = int(min(100, least + gran * round((mb - least) / gran)))
             return value
@@ -526,7 +530,7 @@ class SloController(Allocator):
         if not level:
             return None
         # Tasks in one group share its values: a cut antagonist needs a group of its own.
-        return {"name": self.rdt.group + "-floor", **floor}, {"name": self.rdt.group, **level}
+        return {"name": rdt.group + "-floor", **floor}, {"name": rdt.group, **level}
 
     # -- not fighting other managers ---------------------------------------------------
 
@@ -587,7 +591,7 @@ def _matches(labels: dict, wanted: Dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in wanted.items())
 
 
-def _finite(x) -> bool:
+def _finite(x) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 

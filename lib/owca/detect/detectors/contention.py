@@ -150,7 +150,7 @@ def _pearson(xs: List[float], ys: List[float]) -> float:
     syy = sum((y - my) ** 2 for y in ys)
     if sxx <= 0 or syy <= 0:
         return 0.0
-    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / math.sqrt(sxx * syy)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / math.sqrt(sxx * syy)
 
 
 class _Baseline:
@@ -529,8 +529,8 @@ class ContentionDetector(AnomalyDetector):
                 xs = [by_cycle.get(c, {}).get(feature, 0.0) for c in cycles]
                 if not any(xs):
                     continue
-                before = [x for x, e in zip(xs, episode) if not e]
-                during = [x for x, e in zip(xs, episode) if e]
+                before = [x for x, e in zip(xs, episode, strict=True) if not e]
+                during = [x for x, e in zip(xs, episode, strict=True) if e]
                 if not before or not during:
                     continue
                 rise = _median(during) - _median(before)

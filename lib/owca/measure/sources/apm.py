@@ -30,7 +30,7 @@ import os
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from owca.core import frames
 from owca.core.digest import hexdigest
@@ -87,10 +87,11 @@ def parse(text: str) -> ApmRecord:
         raise ApmError(f"invalid JSON: {e}") from None
     if not isinstance(data, dict):
         raise ApmError(f"expected a JSON object, got {type(data).__name__}")
-    task_id = data.get("task_id")
-    ts = data.get("ts")
-    labels = data.get("labels", {})
-    metrics = data.get("metrics")
+    # JSON values of any type: each is checked below, before the record is made.
+    task_id: Any = data.get("task_id")
+    ts: Any = data.get("ts")
+    labels: Any = data.get("labels", {})
+    metrics: Any = data.get("metrics")
     try:
         frames.check_task_id(task_id, "task_id")
         frames.check_labels(labels, "labels")
@@ -162,7 +163,8 @@ class ApmReader:
         self.read_errors_total = 0
         # The last read could not list the directory (a missing one is listed empty).
         self.directory_unreadable = False
-        self._reported = {}       # path -> (mtime_ns, size) of the version reported
+        # path -> (mtime_ns, size) of the version reported
+        self._reported: Dict[str, Tuple[int, int]] = {}
         self._missing_reported = False
 
     def read(self) -> Dict[str, Dict[str, float]]:
@@ -211,22 +213,24 @@ class ApmReader:
         try:
             st = entry.stat()
             version = (st.st_mtime_ns, st.st_size)
-            if st.st_size > MAX_FILE_BYTES:
-                raise ApmError(f"{st.st_size} bytes, more than {MAX_FILE_BYTES}")
-            with open(entry.path, "rb") as f:
-                text = f.read(MAX_FILE_BYTES + 1).decode("utf-8")
-            record = parse(text)
+            try:
+                if st.st_size > MAX_FILE_BYTES:
+                    raise ApmError(f"{st.st_size} bytes, more than {MAX_FILE_BYTES}")
+                with open(entry.path, "rb") as f:
+                    text = f.read(MAX_FILE_BYTES + 1).decode("utf-8")
+                record = parse(text)
+            except (ApmError, UnicodeDecodeError) as e:
+                # Reported once per version of the file (its mtime and size).
+                if self._reported.get(entry.path) != version:
+                    self._reported[entry.path] = version
+                    self.malformed_total += 1
+                    log.error("APM file %s: %s (ignored)", entry.path, e)
+                return None
         except FileNotFoundError:
             return None  # its wrapper removed it between listing and reading
         except OSError as e:
             self.read_errors_total += 1
             log.error("APM file %s: %s", entry.path, e.strerror)
-            return None
-        except (ApmError, UnicodeDecodeError) as e:
-            if self._reported.get(entry.path) != version:
-                self._reported[entry.path] = version
-                self.malformed_total += 1
-                log.error("APM file %s: %s (ignored)", entry.path, e)
             return None
         self._reported.pop(entry.path, None)
         return record

@@ -46,7 +46,7 @@ The run-queue delay (RunQueueDelay) sums the second field of each thread's
 threads of the cgroup and of its descendants (the descendants are listed again on
 the slow cycles).  A thread that exits takes its delay with it; its last value is
 kept, so that the counter never falls.
-"""
+"""  # noqa: E501 (the table's rows cannot be wrapped)
 import logging
 import os
 from typing import Dict, List, Optional
@@ -144,7 +144,7 @@ def parse_numa_stat(data: bytes, page_size: int = PAGE_SIZE) -> Dict[str, Dict[s
         if line is None:
             return {}
         return {"task_mem_numa_pages": _per_node(line.split()[1:])}
-    pages = {}
+    pages: Dict[str, int] = {}   # node -> bytes
     for kind in ("anon", "file"):
         line = _line_starting(text, kind + " ")
         if line is None:
@@ -196,6 +196,8 @@ def parse_pressure(data: bytes) -> Dict[str, Dict[str, float]]:
 
 # A single-number file is read with a small buffer: one that fits the small
 # object allocator is cheaper than a page (and grows when a file needs more).
+# Its `into` function carries the size as an attribute, `buffer`, that _Source
+# reads (mypy has no type for an attribute set on a function: ignored there).
 SINGLE_NUMBER_BUFFER = 64
 
 
@@ -206,7 +208,7 @@ def _number_into(name: str, divisor: int = 1):
     else:
         def number_into(data: bytes, out: dict) -> None:
             out[name] = int(data) / divisor
-    number_into.buffer = SINGLE_NUMBER_BUFFER
+    number_into.buffer = SINGLE_NUMBER_BUFFER  # type: ignore[attr-defined]
     return number_into
 
 
@@ -215,7 +217,7 @@ def _limit_into(name: str):
         value = parse_memory_limit(data)
         if value is not None:
             out[name] = value
-    limit_into.buffer = SINGLE_NUMBER_BUFFER
+    limit_into.buffer = SINGLE_NUMBER_BUFFER  # type: ignore[attr-defined]
     return limit_into
 
 
@@ -377,13 +379,14 @@ class TaskCgroup:
         self.requested_version = version
         self.slow_every = slow_every
         self.phase = phase % slow_every
-        self.version = None           # v1 or v2, once the first read found the cgroup
-        self._sources = None          # read every time
-        self._slow_sources = None     # read every slow_every times
-        self._slow_values = {}
+        self.version: Optional[str] = None   # v1 or v2, once the first read found the cgroup
+        # The files read every time; None until the first read found the cgroup.
+        self._sources: Optional[List[_Source]] = None
+        self._slow_sources: List[_Source] = []    # read every slow_every times
+        self._slow_values: Dict[str, object] = {}
         self._reads = 0
         self.run_queue_delay = run_queue_delay
-        self._rq = None
+        self._rq: Optional[RunQueueDelay] = None
 
     def _setup(self) -> None:
         paths, cgroup_path = self.paths, self.cgroup_path
@@ -426,13 +429,15 @@ class TaskCgroup:
         """This cycle's metrics; raises CgroupGone when the cgroup went away."""
         if self._sources is None:
             self._setup()
+        sources = self._sources
+        assert sources is not None, "_setup() found the cgroup, or raised CgroupGone"
         self._reads = reads = self._reads + 1
-        out = {}
+        out: Dict[str, object] = {}
         if self._slow_sources and (reads == 1 or (reads + self.phase) % self.slow_every == 0):
-            slow = {}
+            slow: Dict[str, object] = {}
             self._read_all(self._slow_sources, slow)
             self._slow_values = slow
-        self._read_all(self._sources, out)
+        self._read_all(sources, out)
         out.update(self._slow_values)
         if self._rq is not None:
             if (reads + self.phase) % max(self.slow_every, 10) == 0:
@@ -504,7 +509,8 @@ class TaskCgroup:
         if self._rq is not None:
             self._rq.close()
             self._rq = None
-        self._sources = self._slow_sources = None
+        self._sources = None
+        self._slow_sources = []
         self._slow_values = {}
         self._reads = 0
         self.version = None

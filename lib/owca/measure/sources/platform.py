@@ -17,7 +17,7 @@ Sources:
 """
 import logging
 import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Set, Tuple
 
 from owca.core.kernel import KeptFile, parse_cpu_list
 from owca.core.paths import Paths
@@ -101,14 +101,15 @@ class PlatformReader:
         self._meminfo = KeptFile(paths.proc("meminfo"))
         self._cpus_online = KeptFile(paths.online_cpus_file, size=256)
         self._nodes_online = KeptFile(paths.online_nodes_file, size=256)
-        self._cpus_text = None
-        self._nodes_text = None
+        # The online lists as last read (None: not readable), to see them change.
+        self._cpus_text: Optional[str] = None
+        self._nodes_text: Optional[str] = None
         self._topology: Dict[str, int] = {}
         self._node_meminfo: Dict[str, KeptFile] = {}
-        self._warned = set()
+        self._warned: Set[str] = set()   # paths whose failure was logged
 
     def read(self) -> dict:
-        out = {}
+        out: Dict[str, object] = {}
         self._check_topology()
         out.update(self._topology)
         text = self._try(self._stat)
@@ -117,7 +118,8 @@ class PlatformReader:
         text = self._try(self._meminfo)
         if text is not None:
             out.update(memory_metrics(parse_meminfo(text)))
-        free, used = {}, {}
+        free: Dict[str, int] = {}    # NUMA node -> bytes
+        used: Dict[str, int] = {}
         for node, f in self._node_meminfo.items():
             text = self._try(f)
             if text is not None:

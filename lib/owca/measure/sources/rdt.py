@@ -38,7 +38,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from owca.core import frames
 from owca.core.kernel import CgroupGone, CgroupRefused, cgroup_thread_ids, parse_thread_ids
@@ -74,6 +74,12 @@ def parse_counter(text: str) -> Optional[int]:
     return int(text) if text.isdigit() else None
 
 
+def _sum_of_all(values: Sequence[Optional[float]]) -> Optional[float]:
+    """The sum of `values` (of ints an int), None where one of them is None."""
+    known = [v for v in values if v is not None]
+    return sum(known) if len(known) == len(values) else None
+
+
 @dataclass
 class Counter:
     """One cumulative kernel counter turned into a rate and an OWCA-side counter that
@@ -87,9 +93,10 @@ class Counter:
         if value is None:        # Unavailable: no rate this cycle, next one starts afresh
             self.last = self.last_ts = self.rate = None
             return
-        if self.last is not None and value >= self.last and ts > self.last_ts:
-            self.total += value - self.last
-            self.rate = (value - self.last) / (ts - self.last_ts)
+        last, last_ts = self.last, self.last_ts   # both None, or both set
+        if last is not None and last_ts is not None and value >= last and ts > last_ts:
+            self.total += value - last
+            self.rate = (value - last) / (ts - last_ts)
         else:                    # first value, or the counter went back: wrapped or reset
             self.rate = None
         self.last, self.last_ts = value, ts
@@ -259,7 +266,7 @@ class RdtMonitor:
 
     def _read_events(self, parts: Tuple[str, ...]) -> Dict[Tuple[str, str], Optional[int]]:
         """{(event, cache id): value or None} of a group's mon_data."""
-        out = {}
+        out: Dict[Tuple[str, str], Optional[int]] = {}
         try:
             domains = self.fs.directories(*parts, MON_DATA)
         except FileNotFoundError:
@@ -301,7 +308,7 @@ class RdtMonitor:
     @staticmethod
     def _metrics(prefix: str, values: dict, counters: dict, ts: float) -> dict:
         """A task's metrics, summed over cache ids; a figure some id lacks is left out."""
-        out = {}
+        out: Dict[str, float] = {}
         occupancy = [v for (e, _), v in values.items() if e == LLC]
         if occupancy and None not in occupancy:
             out[prefix + "llc_occupancy_bytes"] = sum(occupancy)
@@ -321,8 +328,10 @@ class RdtMonitor:
     def _platform_metrics(platform: dict, ts: float) -> dict:
         """Per cache id, the sum over the control groups (the default one included),
         each of which counts its MON groups too: the whole platform."""
-        out = {}
-        occupancy, rates = {}, {}
+        out: Dict[str, Dict[str, float]] = {}   # metric -> cache id -> value
+        occupancy: Dict[str, List[Optional[int]]] = {}   # cache id -> each group's bytes
+        # (event, cache id) -> each group's rate
+        rates: Dict[Tuple[str, str], List[Optional[float]]] = {}
         for values, counters in platform.values():
             for (event, cache_id), value in values.items():
                 if event == LLC:
@@ -331,14 +340,15 @@ class RdtMonitor:
                     counter = counters.setdefault((event, cache_id), Counter())
                     counter.update(value, ts)
                     rates.setdefault((event, cache_id), []).append(counter.rate)
-        for cache_id, values in sorted(occupancy.items()):
-            if None not in values:
-                out.setdefault("platform_llc_occupancy_bytes", {})[cache_id] = sum(values)
-        for (event, cache_id), values in sorted(rates.items()):
+        for cache_id, sizes in sorted(occupancy.items()):
+            size = _sum_of_all(sizes)
+            if size is not None:
+                out.setdefault("platform_llc_occupancy_bytes", {})[cache_id] = size
+        for (event, cache_id), group_rates in sorted(rates.items()):
             # A group made since the last cycle has no rate yet: the sum would be short.
-            if None not in values:
-                out.setdefault("platform_" + MBM_METRICS[event][1], {})[cache_id] = \
-                    sum(values)
+            rate = _sum_of_all(group_rates)
+            if rate is not None:
+                out.setdefault("platform_" + MBM_METRICS[event][1], {})[cache_id] = rate
         return out
 
     def samples(self, labels: dict) -> list:

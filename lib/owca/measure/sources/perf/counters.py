@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from typing import Dict
+from typing import Dict, Optional
 
 from owca.core import frames
 from owca.core.config import ConfigError
@@ -108,7 +108,7 @@ class PerfCounters:
         self._reported_failures = None
         self._start_failures = 0
         self._cycles_until_start = 0
-        self.helper = None
+        self.helper: Optional[Helper] = None   # None while stopped or backing off
         self._start()
 
     # -- helper lifecycle ---------------------------------------------------
@@ -142,6 +142,7 @@ class PerfCounters:
                 pass
 
     def _restart(self, reason):
+        assert self.helper is not None, 'only a started helper fails'
         log.warning('perf helper (pid %d) failed: %s; restarting it, this cycle has no '
                     'perf metrics', self.helper.pid, reason)
         self._stop()
@@ -204,6 +205,7 @@ class PerfCounters:
                 self._restart(e)
 
     def _sync(self):
+        assert self.helper is not None, 'called once the helper has started'
         requests, pending = [], []
         for task_id, (slot, path) in list(self._opened.items()):
             if self._wanted.get(task_id) != path:
@@ -228,7 +230,9 @@ class PerfCounters:
             self.failed_tasks = failed
             self._report_failures()
             return
-        for (what, task_id, slot), reply in zip(pending, self.helper.request(requests)):
+        # One reply per request, in order (Helper.request).
+        replies = self.helper.request(requests)
+        for (what, task_id, slot), reply in zip(pending, replies, strict=True):
             if reply.slot != slot:
                 raise HelperGone('reply for slot %s to a request for slot %d' % (reply.slot, slot))
             if what == 'close':

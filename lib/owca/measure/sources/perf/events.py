@@ -6,6 +6,7 @@ tests/test_perf.py reads that table out of the C source and keeps the two equal.
 """
 import collections
 import re
+from typing import List, Set
 
 
 class KnownEvent(collections.namedtuple('KnownEvent', 'name perf_type perf_config metric scale')):
@@ -60,7 +61,9 @@ def parse_events(specs):
     hardware leader keeps the group in the PMU's context.  Raises ValueError
     naming the bad spec.
     """
-    hardware, software, seen = [], [], set()
+    hardware: List[Event] = []
+    software: List[Event] = []
+    seen: Set[str] = set()
     for spec in specs:
         if not isinstance(spec, str):
             raise ValueError('perf event must be a string, not %r' % (spec,))

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO, List, Tuple
 
 PROTOCOL_VERSION = 1
 HELPER_NAME = 'owca-perf'
@@ -46,9 +47,11 @@ def parse_hello(text):
     if not lines or lines[-1] != 'ready':
         raise HelperGone('hello does not end with "ready": %r' % text[-80:])
     first = lines[0].split()
-    if len(first) != 3 or first[0] != HELPER_NAME or not first[1].isdigit() or not first[2].isdigit():
+    if len(first) != 3 or first[0] != HELPER_NAME or not first[1].isdigit() \
+            or not first[2].isdigit():
         raise HelperGone('bad hello line %r' % lines[0])
-    events, skipped = [], []
+    events: List[str] = []
+    skipped: List[Skipped] = []
     for line in lines[1:-1]:
         parts = line.split(' ', 3)
         if parts[0] == 'event' and len(parts) == 3 and parts[1] == str(len(events)):
@@ -120,8 +123,11 @@ class Helper:
         self._buffer = bytearray()
         self.process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         close_fds=True)
-        self._stdin = self.process.stdin.fileno()
-        self._stdout = self.process.stdout.fileno()
+        stdin, stdout = self.process.stdin, self.process.stdout
+        assert stdin is not None and stdout is not None, "both are PIPE"
+        self._pipes: Tuple[IO[bytes], IO[bytes]] = (stdin, stdout)
+        self._stdin = stdin.fileno()
+        self._stdout = stdout.fileno()
         # Writes wait with a deadline too: a hung helper must not hang us.
         os.set_blocking(self._stdin, False)
         # poll, not select: a helper restarted while owca-measure holds
@@ -131,7 +137,7 @@ class Helper:
         self._writable = select.poll()
         self._writable.register(self._stdin, select.POLLOUT)
         try:
-            lines = []
+            lines: List[str] = []
             while not lines or lines[-1] != 'ready':
                 lines.append(self._line())
             self.hello = parse_hello('\n'.join(lines) + '\n')
@@ -188,7 +194,7 @@ class Helper:
 
     def request(self, lines):
         """Sends request lines, in chunks; returns one Reply per line."""
-        replies = []
+        replies: List[Reply] = []
         for start in range(0, len(lines), REQUEST_CHUNK):
             chunk = lines[start:start + REQUEST_CHUNK]
             self._send(''.join(line + '\n' for line in chunk))
@@ -215,5 +221,5 @@ class Helper:
             except subprocess.TimeoutExpired:
                 self.process.send_signal(signal.SIGKILL)
                 self.process.wait()
-        self.process.stdin.close()
-        self.process.stdout.close()
+        for pipe in self._pipes:   # stdin, then stdout
+            pipe.close()

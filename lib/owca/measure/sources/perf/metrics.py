@@ -16,7 +16,7 @@ def counter_metrics(record, events):
     if record.cpus_unknown:
         return {}
     metrics = {event.metric: value * event.scale if event.scale != 1 else value
-               for event, value in zip(events, record.values)}
+               for event, value in zip(events, record.values, strict=True)}
     if record.cpus_counted:
         metrics[SCALING_FACTOR_AVG] = record.scale_avg
         metrics[SCALING_FACTOR_MAX] = record.scale_max
