@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from conftest import ROOT
+from owca.core.kernel import parse_cpu_list
 
 sys.path.insert(0, os.path.join(ROOT, "workloads"))
 from owca_workloads import control_score  # noqa: E402
@@ -124,7 +125,7 @@ def test_the_plot_has_the_sli_the_be_allocation_and_the_be_work(tmp_path):
 
 def test_the_be_allocation_is_bounded_by_the_be_cpusets_together():
     def cpuset(task, cpus):
-        return {"name": "allocation_cpuset_cpus", "value": len(control_score._ids(cpus)),
+        return {"name": "allocation_cpuset_cpus", "value": len(parse_cpu_list(cpus)),
                 "labels": {"task_id": task, "cpus": cpus}}
 
     def quota(task, q):

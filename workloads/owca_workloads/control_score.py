@@ -28,6 +28,8 @@ import os
 import statistics
 from typing import Dict, List, Optional
 
+from owca.core.kernel import parse_cpu_list
+
 RECOVERY_WINDOW = 20.0
 SURGE = "surge"
 
@@ -148,21 +150,12 @@ def _be_allocation(samples, be_tasks, ncpus, truth) -> Optional[float]:
             quota[labels["task_id"]] = min(1.0, s["value"]) * ncpus
         elif s["name"] == "allocation_cpuset_cpus":
             cpus[labels["task_id"]] = s["value"]
-            union.update(_ids(labels.get("cpus", "")))
+            union.update(parse_cpu_list(labels.get("cpus", "")))
     if not quota and not cpus:
         # An allocator that reads nothing back: the cpuset the BE tasks were started on.
-        return float(len(_ids(truth["be_cpus"]))) if truth.get("be_cpus") else None
+        return float(len(parse_cpu_list(truth["be_cpus"]))) if truth.get("be_cpus") else None
     total = sum(min(quota.get(t, ncpus), cpus.get(t, ncpus)) for t in be_tasks)
     return round(min(ncpus, len(union) if union else ncpus, total), 4)
-
-
-def _ids(cpu_list: str) -> set:
-    out = set()
-    for part in cpu_list.split(","):
-        if part:
-            first, _, last = part.partition("-")
-            out.update(range(int(first), int(last or first) + 1))
-    return out
 
 
 def _reports(run: dict, name: str) -> List[tuple]:

@@ -38,6 +38,7 @@ from typing import Dict, List, Optional
 import yaml
 
 from owca.measure.sources import apm
+from owca.core.kernel import online_cpus, parse_cpu_list
 from owca.core.paths import Paths
 
 from owca_workloads import score
@@ -335,20 +336,9 @@ def load_scenario(path: str) -> Scenario:
 
 def other_cpus(cpus: str, paths: Paths) -> str:
     """The online CPUs not in `cpus` (the load generator's), or all when none is left."""
-    online = _cpu_list(open(paths.sys("devices/system/cpu/online")).read())
-    rest = sorted(online - _cpu_list(cpus))
+    online = online_cpus(paths)
+    rest = sorted(online - parse_cpu_list(cpus))
     return ",".join(map(str, rest)) if rest else ",".join(map(str, sorted(online)))
-
-
-def _cpu_list(text: str) -> set:
-    out = set()
-    for part in text.strip().split(","):
-        if "-" in part:
-            lo, hi = part.split("-")
-            out.update(range(int(lo), int(hi) + 1))
-        elif part:
-            out.add(int(part))
-    return out
 
 
 def config_sections(path: Optional[str]) -> Dict[str, object]:
@@ -550,7 +540,7 @@ class Runner:
 
     # -- the host's load ----------------------------------------------------------------
     def sample_host(self) -> None:
-        sampler = HostLoad(self.paths, self.parent, _cpu_list(self.s.cpus))
+        sampler = HostLoad(self.paths, self.parent, parse_cpu_list(self.s.cpus))
         sampler.sample()
         while not self._sampler_stop.wait(self.s.interval):
             try:
