@@ -58,11 +58,24 @@ def moved_names(old: str, homes):
         for home in homes:
             module = importlib.import_module(f"{__name__}.{home}")
             if hasattr(module, name):
+                found = getattr(module, name)
                 warnings.warn(f"{old}.{name} is deprecated: import it from "
-                              f"{__name__}.{home}", DeprecationWarning, stacklevel=2)
-                return getattr(module, name)
+                              f"{_recommended_home(found, name, module.__name__)}",
+                              DeprecationWarning, stacklevel=2)
+                return found
         raise AttributeError(f"module {old!r} has no attribute {name!r}")
     return __getattr__
+
+
+def _recommended_home(found, name: str, where: str) -> str:
+    """Where to import `found` from now: owca.plugin for what plug-ins use, else the
+    module that defines it (a stage's module may only pass it on)."""
+    plugin = importlib.import_module(f"{__name__}.plugin")
+    if getattr(plugin, name, None) is found:
+        return plugin.__name__
+    defined_in = getattr(found, "__module__", None)
+    return defined_in if isinstance(defined_in, str) and defined_in.startswith(__name__) \
+        else where
 
 
 class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
