@@ -23,6 +23,7 @@ from owca.core import frames
 from owca.discover import stage as discover_stage
 from owca.discover.stage import Discover, DiscoverConfig
 from owca.plugin import DiscoveryError
+from owca.discover.sources import http as discover_http
 from owca.discover.sources.http import HttpClient, HttpOptions
 from owca.discover.sources.kubernetes import KubernetesDiscovery
 from owca.discover.sources.mesos import MesosDiscovery
@@ -279,3 +280,33 @@ def test_a_stop_during_a_hanging_request_ends_the_tool_at_once(tmp_path, source,
     assert tool.returncode == 0, err.decode()
     assert out == b""  # the cycle in hand had no answer: no frame, no half frame
     assert err.decode() == ""  # a stop is no error
+
+
+def test_a_wait_that_overran_the_deadline_reports_the_failure_that_caused_it(setup, caplog,
+                                                                             monkeypatch):
+    """A loaded host may wake the client after its deadline: the error names why it
+    waited (the server's 500), the attempts made, and counts no request not sent."""
+    server, stage, _, _ = setup
+    good = stage.produce()[0]
+    server.mode = ERROR_500
+    client_time = discover_http.time
+    overran = []
+
+    def sleep_past_the_deadline(seconds):
+        overran.append(seconds)
+        client_time.sleep(FAST["deadline"])
+
+    monkeypatch.setattr(discover_http, "time", type("Time", (), {
+        "monotonic": staticmethod(client_time.monotonic),
+        "sleep": staticmethod(sleep_past_the_deadline)}))
+    with caplog.at_level(logging.ERROR):
+        frame = stage.produce()[0]
+    assert len(overran) == 1
+    (line,) = errors_logged(caplog)
+    assert "HTTP 500 Internal Server Error (1 attempt in" in line, line
+    assert "deadline" not in line
+    c, g = counters(frame), counters(good)
+    assert c["owca_orchestrator_requests_total"] - g["owca_orchestrator_requests_total"] == 1
+    assert c["owca_orchestrator_retries_total"] == g["owca_orchestrator_retries_total"]
+    assert (c["owca_orchestrator_request_failures_total"]
+            - g["owca_orchestrator_request_failures_total"]) == 1

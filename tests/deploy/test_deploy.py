@@ -384,16 +384,19 @@ def test_a_configuration_the_tool_refuses_fails_the_play_and_changes_nothing(
 def test_a_stage_that_fails_after_starting_fails_the_play_naming_it(node, playbook, deployed):
     """A configuration that loads but cannot run (ship's port is taken by sshd)."""
     taken = node.port
-    result = playbook.run("-e", "owca_ship_config='storages: [!PrometheusStorage "
-                                f"{{port: {taken}}}]'", check=False)
-    assert result.returncode != 0 and recap(result.stdout)[HOST]["failed"] == 1
-    out = result.stdout + result.stderr
-    message = re.search(r"owca-ship\.service is (\w+) \((\S+)\): (.*)", out)
-    assert message, out[-3000:]
-    assert "Address already in use" in message.group(3), message.group(0)
-    assert "owca-ship: error: " in message.group(3)
-    # the same play with the good configuration repairs it
-    result = playbook.run()
+    try:
+        result = playbook.run("-e", "owca_ship_config='storages: [!PrometheusStorage "
+                                    f"{{port: {taken}}}]'", check=False)
+        assert result.returncode != 0 and recap(result.stdout)[HOST]["failed"] == 1
+        out = result.stdout + result.stderr
+        message = re.search(r"owca-ship\.service is (\w+) \((\S+)\): (.*)", out)
+        assert message, out[-3000:]
+        assert "Address already in use" in message.group(3), message.group(0)
+        assert "owca-ship: error: " in message.group(3)
+    finally:
+        # the same play with the good configuration repairs it (and leaves the
+        # node as the next test expects it, whatever failed above)
+        result = playbook.run()
     assert recap(result.stdout)[HOST]["failed"] == 0
     state = units_state(node, [f"owca-{s}.service" for s in STAGES])
     assert all(s["SubState"] == "running" for s in state.values()), state

@@ -178,11 +178,23 @@ class HttpClient:
                                     and "type" in body else "")
         started = time.monotonic()
         attempt = 0
+        reason: Optional[_Retry] = None
         while True:
             attempt += 1
+            left = until - time.monotonic()
+            if left <= 0:
+                if reason is None:
+                    self.attempts += 1
+                    self.failures += 1
+                    raise DiscoveryError(f"{what}: deadline reached before the request")
+                # The backoff ran into the deadline: the cause worth reporting is
+                # the failure that made it wait, not the deadline itself.
+                raise self._gave_up(what, reason, attempt - 1, started)
             self.attempts += 1
+            if attempt > 1:
+                self.retries += 1
             try:
-                answer = self._attempt(method, url, body, until)
+                answer = self._attempt(method, url, body, until, left)
             except _Fail as e:
                 self.failures += 1
                 raise DiscoveryError(f"{what}: {e}") from None
@@ -191,15 +203,19 @@ class HttpClient:
                 delay = self._backoff(attempt)
                 left = until - time.monotonic()
                 if attempt > self.options.retries or delay >= left:
-                    raise DiscoveryError(f"{what}: {e} ({attempt} attempt"
-                                         f"{'s' if attempt > 1 else ''} in "
-                                         f"{time.monotonic() - started:.1f} s)") from None
+                    raise self._gave_up(what, e, attempt, started) from None
                 log.debug("%s: %s; retrying in %.2f s", what, e, delay)
-                self.retries += 1
+                reason = e
                 time.sleep(delay)
                 continue
             self.last_duration = time.monotonic() - started
             return answer
+
+    @staticmethod
+    def _gave_up(what: str, reason: "_Retry", attempts: int, started: float) -> DiscoveryError:
+        return DiscoveryError(f"{what}: {reason} ({attempts} attempt"
+                              f"{'s' if attempts > 1 else ''} in "
+                              f"{time.monotonic() - started:.1f} s)")
 
     def _backoff(self, attempt: int) -> float:
         # Half fixed, half random: spread out, but never a zero wait.
@@ -219,10 +235,7 @@ class HttpClient:
             headers["Authorization"] = "Basic " + base64.b64encode(pair).decode("ascii")
         return headers
 
-    def _attempt(self, method: str, url: str, body, until: float):
-        left = until - time.monotonic()
-        if left <= 0:
-            raise _Retry("deadline reached before the request")
+    def _attempt(self, method: str, url: str, body, until: float, left: float):
         timeout = min(self.options.timeout, left)
         try:
             with warnings.catch_warnings():
