@@ -148,6 +148,8 @@ KIND_OF_FILE = {
         "test_promtool.py", "test_rdt_hardware.py", "test_scenario_control.py",
         "test_slo_controller_cgroups.py",
         "test_tools_contract.py", "test_workloads_launch.py", "test_workloads_wrap.py",
+        # hostile inputs (one file per area): real tools, real servers, real signals
+        "test_hostile_*.py",
     ],
     "vm": ["vm/test_*.py", "vm/guest_*.py"],  # guest_*: what the guest itself runs
     "deploy": ["deploy/test_*.py"],
