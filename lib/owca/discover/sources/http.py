@@ -5,9 +5,12 @@ the orchestrator does (hangs, answers 500, answers garbage, goes away), the
 cycle must end in bounded time with one line that says what went wrong:
 
 - every attempt has a socket timeout (`timeout`, for the connection and for
-  each read), and the whole cycle a `deadline`: no attempt starts after it, a
-  body still arriving at it is abandoned, and each socket wait is cut to the
-  time left, so a cycle never takes much longer than `deadline`;
+  each read), and the whole cycle a `deadline`: no attempt starts after it,
+  each socket wait is cut to the time left, and at the deadline the sockets of
+  the attempt in hand are shut down, so a cycle never takes much longer than
+  `deadline`: not even against a peer that sends its headers a byte a second,
+  each byte well within `timeout` (a timeout per read alone would let it
+  stretch one request to minutes);
 - transport errors, timeouts, HTTP 5xx and 429, and malformed or truncated
   bodies are retried `retries` times, after an exponential backoff with jitter
   (so that the nodes of a cluster do not hammer a restarting agent in step),
@@ -36,8 +39,11 @@ import logging
 import os
 import random
 import re
+import socket
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Set
 from urllib.parse import urlsplit
@@ -146,9 +152,9 @@ class HttpClient:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.verify = options.ca_bundle or options.verify
-        if options.server_name:
-            self.session.mount(self.base.split("://", 1)[0] + "://",
-                               _server_name_adapter(requests, options.server_name))
+        self.cutter = _Cutter()
+        self.session.mount(self.base.split("://", 1)[0] + "://",
+                           _transport(requests, urllib3, self.cutter, options.server_name))
         if options.client_cert:
             self.session.cert = (options.client_cert, options.client_key) \
                 if options.client_key else options.client_cert
@@ -236,6 +242,19 @@ class HttpClient:
         return headers
 
     def _attempt(self, method: str, url: str, body, until: float, left: float):
+        # Each socket wait is bounded by `timeout`, the attempt by the deadline:
+        # at the deadline its sockets are shut down, whatever the peer dribbles.
+        cut = threading.Event()
+        watchdog = threading.Timer(left, self.cutter.cut, (cut,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._exchange(method, url, body, until, left, cut)
+        finally:
+            watchdog.cancel()
+
+    def _exchange(self, method: str, url: str, body, until: float, left: float,
+                  cut: threading.Event):
         timeout = min(self.options.timeout, left)
         try:
             with warnings.catch_warnings():
@@ -247,12 +266,13 @@ class HttpClient:
                 response = self.session.request(
                     method, url, json=body, headers=self._headers(), stream=True,
                     timeout=(timeout, timeout), allow_redirects=False)
-        except self.requests.exceptions.Timeout:
-            if timeout < self.options.timeout:
+        except self.requests.exceptions.RequestException as e:
+            if cut.is_set() or (isinstance(e, self.requests.exceptions.Timeout)
+                                and timeout < self.options.timeout):
                 raise _Retry(f"no answer before the deadline ({self.options.deadline:g} s)") \
                     from None
-            raise _Retry(f"no answer within {timeout:g} s") from None
-        except self.requests.exceptions.RequestException as e:
+            if isinstance(e, self.requests.exceptions.Timeout):
+                raise _Retry(f"no answer within {timeout:g} s") from None
             reason = short_reason(e)
             if reason.startswith("TLS") and "CERTIFICATE" in reason.upper():
                 raise _Fail(reason) from None  # a certificate does not fix itself
@@ -266,13 +286,13 @@ class HttpClient:
                             f" not followed")
             if status != 200:
                 raise _Fail(f"HTTP {status} {response.reason}")
-            data = self._read_body(response, until)
+            data = self._read_body(response, until, cut)
         try:
             return json.loads(data, parse_constant=_no_constants)
         except ValueError as e:
             raise _Retry(f"malformed JSON in a {len(data)}-byte answer: {e}") from None
 
-    def _read_body(self, response, until: float) -> bytes:
+    def _read_body(self, response, until: float, cut: threading.Event) -> bytes:
         limit = self.options.max_response_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -291,7 +311,12 @@ class HttpClient:
                 chunks.append(chunk)
         except (self.urllib3.exceptions.HTTPError, self.requests.exceptions.RequestException,
                 OSError) as e:
+            if cut.is_set():
+                raise _Retry(f"answer still incomplete at the deadline ({size} bytes read)") \
+                    from None
             raise _Retry(f"answer cut after {size} bytes: {short_reason(e)}") from None
+        if cut.is_set():  # the end of the data may be the shutdown's
+            raise _Retry(f"answer still incomplete at the deadline ({size} bytes read)")
         return b"".join(chunks)
 
     def samples(self) -> list:
@@ -308,13 +333,63 @@ class HttpClient:
         return out
 
 
-def _server_name_adapter(requests, server_name: str):
-    """A transport that sends `server_name` as SNI and verifies the certificate for it."""
-    class ServerNameAdapter(requests.adapters.HTTPAdapter):
+class _Cutter:
+    """The sockets of one client's connections, shut down at an attempt's deadline.
+
+    A shutdown wakes a recv blocked in another thread at once (it returns end
+    of file), where closing the socket would not.  The client's attempts run
+    one at a time, so every socket it holds is the attempt's or an idle one,
+    which the pool replaces when it finds it shut.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+    def track(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.sockets.add(sock)
+
+    def cut(self, fired: threading.Event) -> None:
+        fired.set()
+        with self.lock:
+            sockets = list(self.sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile, or never connected
+
+
+def _transport(requests, urllib3, cutter: _Cutter, server_name: Optional[str]):
+    """An adapter whose connections' sockets `cutter` can shut down (the TLS
+    handshake's included); with `server_name`, it sends that name as SNI and
+    verifies the certificate for it."""
+    class Tracked:
+        def _new_conn(self):
+            sock = super()._new_conn()  # type: ignore[misc]
+            cutter.track(sock)
+            return sock
+
+    class Connection(Tracked, urllib3.connection.HTTPConnection):
+        pass
+
+    class TLSConnection(Tracked, urllib3.connection.HTTPSConnection):
+        pass
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TLSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TLSConnection
+
+    class Adapter(requests.adapters.HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):
-            kwargs["server_hostname"] = server_name
+            if server_name:
+                kwargs["server_hostname"] = server_name
             super().init_poolmanager(*args, **kwargs)
-    return ServerNameAdapter()
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+    return Adapter()
 
 
 def _no_constants(name: str):
