@@ -11,12 +11,17 @@ Waits are bounded generously; what is asserted is that the tool did not wait
 for the peer (the server counts the dribbles it finished), not how soon.
 """
 import os
+import queue
+import re
 import subprocess
+import threading
 
 import pytest
 
 from conftest import FIXTURES, tool_command, tool_env
-from orchestrator_server import DRIBBLE, NORMAL, ReplayServer, load_json
+from orchestrator_server import (DRIBBLE, NORMAL, ReplayServer, load_json,
+                                 pki,  # noqa: F401 (pki: a fixture)
+                                 server_tls)
 from owca.core import frames
 
 KUBELET = os.path.join(FIXTURES, "kubelet_docker")
@@ -103,3 +108,170 @@ def test_normal_mode_is_unchanged_by_the_watchdog(tmp_path):
     for t in frame["tasks"]:
         t["labels"].pop("priority")
     assert frame["tasks"] == expected
+
+
+# -- 2. secret files: FIFOs, directories, huge files ----------------------------------------
+
+def odd_file(tmp_path, kind: str, huge: int = 64 * 1024 + 1) -> str:
+    """A path to what a file option must not be: a device, a FIFO, a directory,
+    a regular file of `huge` bytes (sparse: no disk), one that is no certificate."""
+    if kind == "device":
+        return "/dev/zero"
+    path = str(tmp_path / f"odd-{kind.replace(' ', '-')}")
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        os.mkdir(path)
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(huge)
+    elif kind == "no certificate":
+        with open(path, "w") as f:
+            f.write("not a certificate\n")
+    return path
+
+
+SECRET_REASONS = {"fifo": "is not a regular file", "directory": "is not a regular file",
+                  "huge": "larger than 65536 bytes"}
+
+
+@pytest.mark.parametrize("option", ["token_file", "password_file"])
+@pytest.mark.parametrize("kind", sorted(SECRET_REASONS))
+def test_check_config_refuses_a_secret_file_that_is_not_a_small_regular_file(tmp_path, option,
+                                                                           kind):
+    path = odd_file(tmp_path, kind)
+    credentials = f"    {option}: {path}\n" + (
+        "    username: agent\n" if option == "password_file" else "")
+    result = check_config(tmp_path, "!KubernetesDiscovery\n    url: https://127.0.0.1:10250\n"
+                          + credentials)
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.search(rf"owca\.yaml:\d+: .*{option}: .*{SECRET_REASONS[kind]}", line), line
+
+
+class Tool:
+    """owca-discover running on its interval: its frames as they come, stderr in a file."""
+
+    def __init__(self, tmp_path, source_yaml: str):
+        config = tmp_path / "owca.yaml"
+        config.write_text("discover:\n  require_cgroup: false\n  interval: 0.2\n"
+                          "  source: " + source_yaml)
+        self.stderr_path = tmp_path / "stderr"
+        with open(self.stderr_path, "w") as err:
+            self.process = subprocess.Popen(tool_command("discover", "--config", str(config)),
+                                            stdout=subprocess.PIPE, stderr=err, env=tool_env())
+        self.frames: "queue.Queue[bytes]" = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.frames.put(line)
+
+    def next_frame(self) -> dict:
+        try:
+            return frames.decode(self.frames.get(timeout=GUARD))
+        except queue.Empty:
+            raise AssertionError(f"no frame within {GUARD} s: the tool is stuck") from None
+
+    def settle(self) -> dict:
+        """The frame after the ones already written (an edit may race the cycle in hand)."""
+        while not self.frames.empty():
+            self.frames.get_nowait()
+        self.next_frame()
+        return self.next_frame()
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(GUARD)
+        self.process.stdout.close()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "huge"])
+def test_a_token_file_replaced_by_a_fifo_or_a_huge_file_fails_the_cycle_in_one_line(
+        pki, tmp_path, kind):  # noqa: F811 (pki: the fixture)
+    token = tmp_path / "token"
+    token.write_text("good-token\n")
+    with ReplayServer(kubelet_routes(), tls=server_tls(pki)) as server:
+        server.authorization = "Bearer good-token"
+        tool = Tool(tmp_path, f"!KubernetesDiscovery\n    url: {server.url}\n"
+                              f"    ca_bundle: {pki['ca']}\n    token_file: {token}\n"
+                              "    retries: 0\n")
+        try:
+            assert len(tool.next_frame()["tasks"]) == 5
+            token.unlink()
+            if kind == "fifo":
+                os.mkfifo(token)  # nobody writes it: an open that waits for a writer waits forever
+            else:
+                token.write_text("x" * (1024 * 1024))
+            failed = tool.settle()
+            assert counters(failed)["owca_discovery_errors_total"] >= 1
+            reason = SECRET_REASONS[kind]
+            lines = [line for line in error_lines(tool.stderr()) if reason in line]
+            assert lines and f"token_file: {token}" in lines[-1], tool.stderr()
+            token.unlink()
+            token.write_text("good-token\n")  # fixed: the next cycle is good again
+            assert counters(tool.settle())["owca_discovery_tasks_age_seconds"] == 0
+        finally:
+            tool.stop()
+
+
+def test_a_ca_bundle_replaced_by_a_fifo_fails_the_cycle_in_one_line(pki, tmp_path):  # noqa: F811
+    ca = tmp_path / "ca.pem"
+    ca.write_bytes(open(pki["ca"], "rb").read())
+    with ReplayServer(kubelet_routes(), tls=server_tls(pki)) as server:
+        tool = Tool(tmp_path, f"!KubernetesDiscovery\n    url: {server.url}\n"
+                              f"    ca_bundle: {ca}\n    retries: 0\n")
+        try:
+            assert len(tool.next_frame()["tasks"]) == 5
+            server.stop()  # the kept-alive connection goes: the next one loads the CA again
+            server.start()
+            ca.unlink()
+            os.mkfifo(ca)
+            tool.settle()
+            lines = [line for line in error_lines(tool.stderr()) if "is not a regular file" in line]
+            assert lines and f"ca_bundle: {ca}" in lines[-1], tool.stderr()
+        finally:
+            tool.stop()
+
+
+# -- 6. CA bundles and client certificates that are not certificate files -------------------
+
+@pytest.mark.parametrize("kind, reason", [
+    ("device", "is not a regular file"), ("fifo", "is not a regular file"),
+    ("directory", "is not a regular file"), ("huge", "larger than"),
+    ("no certificate", "no PEM certificate"),
+])
+def test_check_config_refuses_a_ca_bundle_that_is_not_a_certificate_file(tmp_path, kind,
+                                                                         reason):
+    path = odd_file(tmp_path, kind, huge=64 * 1024 * 1024)
+    result = check_config(tmp_path, "!KubernetesDiscovery\n    url: https://127.0.0.1:10250\n"
+                          f"    ca_bundle: {path}\n")
+    assert result.returncode == 2, result.stderr
+    (line,) = result.stderr.splitlines()
+    assert re.search(rf"owca\.yaml:\d+: .*ca_bundle: .*{re.escape(reason)}", line), line
+
+
+@pytest.mark.parametrize("option", ["client_cert", "client_key"])
+def test_check_config_refuses_a_client_certificate_that_is_a_device(pki, tmp_path,  # noqa: F811
+                                                                   option):
+    files = {"client_cert": pki["client_cert"], "client_key": pki["client_key"],
+             option: "/dev/zero"}
+    result = check_config(tmp_path, "!MesosDiscovery\n    url: https://127.0.0.1:5051\n"
+                          + "".join(f"    {k}: {v}\n" for k, v in files.items()))
+    assert result.returncode == 2, result.stderr
+    assert re.search(rf"owca\.yaml:\d+: .*{option}: /dev/zero is not a regular file",
+                     result.stderr), result.stderr
+
+
+def test_good_secret_and_ca_files_pass_check_config(pki, tmp_path):  # noqa: F811
+    token = tmp_path / "token"
+    token.write_text("t0k3n\n")
+    result = check_config(tmp_path, "!KubernetesDiscovery\n    url: https://127.0.0.1:10250\n"
+                          f"    ca_bundle: {pki['ca']}\n    token_file: {token}\n"
+                          f"    client_cert: {pki['client_cert']}\n"
+                          f"    client_key: {pki['client_key']}\n")
+    assert result.returncode == 0, result.stderr

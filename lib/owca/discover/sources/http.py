@@ -26,6 +26,10 @@ cycle must end in bounded time with one line that says what went wrong:
   certificate) are refused over plain http;
 - a body is read up to `max_response_bytes`, so a runaway answer cannot
   exhaust the agent's memory;
+- the files named (secrets, certificates) must be regular files of bounded
+  size, checked at start and again before each use: a FIFO would block the
+  read (or the TLS library's) for ever, a device or a huge file exhaust
+  memory;
 - proxies and credentials from the environment (HTTP_PROXY, .netrc) are
   ignored: a node-local API is asked directly, with only the configured
   credentials.
@@ -40,6 +44,7 @@ import os
 import random
 import re
 import socket
+import stat
 import threading
 import time
 import warnings
@@ -54,6 +59,13 @@ from owca.plugin import DiscoveryError
 log = logging.getLogger("owca.http")
 
 READ_CHUNK = 64 * 1024
+# The most a token or password file may hold (a service account token is ~1 KiB).
+MAX_SECRET_BYTES = 64 * 1024
+# The most a CA bundle, client certificate or key may hold (a system's whole
+# CA bundle is ~250 KiB).
+MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
+CERTIFICATE_FILES = ("ca_bundle", "client_cert", "client_key")
+SECRET_FILES = ("token_file", "password_file")
 _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
 
@@ -123,10 +135,83 @@ def check_http_options(o: HttpOptions) -> None:
     if credentials and parts.scheme != "https":
         raise ValueError(f"credentials would cross the network in clear: use an https url, "
                          f"not {o.url!r}")
-    for name in ("ca_bundle", "client_cert", "client_key", "token_file", "password_file"):
+    for name in CERTIFICATE_FILES + SECRET_FILES:
         path = getattr(o, name)
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"{name}: cannot read {path!r}")
+        if path is not None:
+            check_file(path, name)
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
+    if o.ca_bundle:
+        _check_ca_bundle(o.ca_bundle)
+
+
+class FileProblem(ValueError):
+    """A file option that names no usable file; the message says which and why."""
+
+
+def check_file(path: str, option: str) -> os.stat_result:
+    """The file's status, when it is a regular file of at most its option's size.
+
+    Looked at, not opened: opening a FIFO waits for a writer, and opening some
+    devices does something.
+    """
+    try:
+        status = os.stat(path)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    return _checked_status(status, path, option)
+
+
+def _checked_status(status: os.stat_result, path: str, option: str) -> os.stat_result:
+    if not stat.S_ISREG(status.st_mode):
+        raise FileProblem(f"{option}: {path} is not a regular file")
+    limit = MAX_SECRET_BYTES if option in SECRET_FILES else MAX_CERTIFICATE_BYTES
+    if status.st_size > limit:
+        raise FileProblem(f"{option}: {path} is larger than {limit} bytes")
+    return status
+
+
+def read_small_file(path: str, option: str) -> bytes:
+    """The content of a file that check_file accepts, read without ever blocking.
+
+    Checked again on the open descriptor (O_NONBLOCK: a FIFO swapped in since
+    the check does not block the open), and read up to the limit only (a file
+    that grew since is refused, not read whole).
+    """
+    check_file(path, option)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    try:
+        _checked_status(os.fstat(fd), path, option)
+        limit = MAX_SECRET_BYTES if option in SECRET_FILES else MAX_CERTIFICATE_BYTES
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileProblem(f"{option}: {path} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _check_ca_bundle(path: str) -> None:
+    """A CA bundle the TLS library can load: PEM certificates, not any readable file."""
+    import ssl  # OpenSSL: only for a configuration that names a CA bundle
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=read_small_file(path, "ca_bundle").decode(
+            "ascii", "replace"))
+    except ssl.SSLError as e:
+        raise FileProblem(f"ca_bundle: {path} holds no PEM certificate OpenSSL can load "
+                          f"({e.reason or e})") from None
 
 
 class _Retry(Exception):
@@ -242,6 +327,13 @@ class HttpClient:
         return headers
 
     def _attempt(self, method: str, url: str, body, until: float, left: float):
+        for name in CERTIFICATE_FILES:  # the TLS library reads them on each connection
+            path = getattr(self.options, name)
+            if path is not None:
+                try:
+                    check_file(path, name)
+                except FileProblem as e:
+                    raise _Fail(str(e)) from None
         # Each socket wait is bounded by `timeout`, the attempt by the deadline:
         # at the deadline its sockets are shut down, whatever the peer dribbles.
         cut = threading.Event()
@@ -398,11 +490,11 @@ def _no_constants(name: str):
 
 def _read_secret(path: str, option: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiscoveryError(f"{option}: cannot read {path}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
+        secret = read_small_file(path, option).decode("utf-8").strip()
+    except FileProblem as e:
+        raise DiscoveryError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise DiscoveryError(f"{option}: cannot read {path}: {e}") from None
     if not secret or any(c in secret for c in "\r\n\0"):
         raise DiscoveryError(f"{option}: {path} holds no usable secret (empty, or more "
                              f"than one line)")
