@@ -10,6 +10,7 @@ ends, says what went wrong in one line, counts it, and the stream goes on.
 Waits are bounded generously; what is asserted is that the tool did not wait
 for the peer (the server counts the dribbles it finished), not how soon.
 """
+import logging
 import os
 import queue
 import re
@@ -23,6 +24,9 @@ from orchestrator_server import (DRIBBLE, NORMAL, ReplayServer, load_json,
                                  pki,  # noqa: F401 (pki: a fixture)
                                  server_tls)
 from owca.core import frames
+from owca.discover.stage import Discover, DiscoverConfig
+from owca.discover.sources.kubernetes import KubernetesDiscovery
+from owca.discover.sources.mesos import MesosDiscovery
 
 KUBELET = os.path.join(FIXTURES, "kubelet_docker")
 AGENT = os.path.join(FIXTURES, "mesos_agent_aurora")
@@ -236,6 +240,32 @@ def test_a_ca_bundle_replaced_by_a_fifo_fails_the_cycle_in_one_line(pki, tmp_pat
             assert lines and f"ca_bundle: {ca}" in lines[-1], tool.stderr()
         finally:
             tool.stop()
+
+
+# -- 4. an answer nested 100 000 levels deep ------------------------------------------------
+
+DEEP = b'{"items": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+
+
+@pytest.mark.parametrize("source", sorted(SOURCES))
+def test_an_answer_nested_100k_deep_fails_the_cycle_and_keeps_the_last_list(caplog, source):
+    tag, routes, key = SOURCES[source]
+    make = KubernetesDiscovery if source == "kubernetes" else MesosDiscovery
+    with ReplayServer(routes()) as server:
+        stage = Discover(DiscoverConfig(source=make(url=server.url, retries=1, backoff=0.01),
+                                        require_cgroup=False), {})
+        good = stage.produce()[0]
+        assert good["tasks"]
+        server.routes[key] = DEEP
+        with caplog.at_level(logging.ERROR):
+            frame = stage.produce()[0]
+        frames.encode(frame)
+        assert frame["tasks"] == good["tasks"]  # the last good list
+        (line,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert "nested too deep" in line and "keeping the" in line and "\n" not in line
+        assert counters(frame)["owca_discovery_errors_total"] == 1
+        server.routes[key] = routes()[key]
+        assert counters(stage.produce()[0])["owca_discovery_tasks_age_seconds"] == 0
 
 
 # -- 6. CA bundles and client certificates that are not certificate files -------------------

@@ -25,7 +25,8 @@ cycle must end in bounded time with one line that says what went wrong:
   that a rotated token is picked up; a user and `password_file`; a client
   certificate) are refused over plain http;
 - a body is read up to `max_response_bytes`, so a runaway answer cannot
-  exhaust the agent's memory;
+  exhaust the agent's memory, and an answer nested deeper than the JSON
+  parser goes is a malformed answer, not a crash;
 - the files named (secrets, certificates) must be regular files of bounded
   size, checked at start and again before each use: a FIFO would block the
   read (or the TLS library's) for ever, a device or a huge file exhaust
@@ -45,6 +46,7 @@ import random
 import re
 import socket
 import stat
+import sys
 import threading
 import time
 import warnings
@@ -383,6 +385,11 @@ class HttpClient:
             return json.loads(data, parse_constant=_no_constants)
         except ValueError as e:
             raise _Retry(f"malformed JSON in a {len(data)}-byte answer: {e}") from None
+        except RecursionError:
+            # The parser recurses once per level: its bound, not the answer, decides.
+            raise _Retry(f"malformed JSON in a {len(data)}-byte answer: nested too deep "
+                         f"for the parser (its limit: {sys.getrecursionlimit()} levels)") \
+                from None
 
     def _read_body(self, response, until: float, cut: threading.Event) -> bytes:
         limit = self.options.max_response_bytes
