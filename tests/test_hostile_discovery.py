@@ -24,6 +24,7 @@ from orchestrator_server import (DRIBBLE, NORMAL, ReplayServer, load_json,
                                  pki,  # noqa: F401 (pki: a fixture)
                                  server_tls)
 from owca.core import frames
+from owca.discover.sources.kubernetes import parse_quantity
 from owca.discover.stage import Discover, DiscoverConfig
 from owca.discover.sources.kubernetes import KubernetesDiscovery
 from owca.discover.sources.mesos import MesosDiscovery
@@ -240,6 +241,63 @@ def test_a_ca_bundle_replaced_by_a_fifo_fails_the_cycle_in_one_line(pki, tmp_pat
             assert lines and f"ca_bundle: {ca}" in lines[-1], tool.stderr()
         finally:
             tool.stop()
+
+
+# -- 3. Kubernetes quantities: every form, and values a frame cannot carry ------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("1Ei", 2 ** 60), ("1Pi", 2 ** 50), ("1Ti", 2 ** 40), ("2Gi", 2 ** 31), ("1.5Gi", 3 * 2 ** 29),
+    ("0.5Ki", 512), ("1E", 10 ** 18), ("2P", 2 * 10 ** 15), ("1T", 10 ** 12), ("3G", 3 * 10 ** 9),
+    ("1e3", 1000), ("1E3", 1000), ("1e+3", 1000), ("5e-1", 0.5), ("1.5e2", 150),
+    ("100m", 0.1), ("1500m", 1.5), ("250u", 0.00025), ("12n", 12e-9), ("+1Ki", 1024),
+    ("5.", 5), (".25", 0.25), ("0", 0), ("1.25", 1.25), ("1024", 1024),
+])
+def test_every_kubernetes_quantity_form_parses(text, value):
+    assert parse_quantity(text) == pytest.approx(value, rel=1e-12)
+
+
+def test_a_pod_with_1ei_and_quantities_beyond_the_frame_is_listed_and_clamped(tmp_path):
+    """1Ei is a valid quantity (2^60 bytes); 16Ei and a sum of 8Ei ones exceed the
+    largest quantity Kubernetes keeps (2^63 - 1): clamped to it, reported, counted."""
+    pods = load_json(KUBELET, "pods.json")
+    pod(pods, "test")["spec"]["containers"][0]["resources"] = {
+        "requests": {"cpu": "1500m", "memory": "1Ei"}, "limits": {"cpu": "2", "memory": "1Ei"}}
+    pod(pods, "test2")["spec"]["containers"][0]["resources"] = {"limits": {"memory": "16Ei"}}
+    coredns = pod(pods, "coredns-6fd7dbf94c-tf9zx")["spec"]
+    coredns["containers"][0]["resources"]["requests"]["memory"] = "8Ei"
+    coredns["overhead"] = {"memory": "8Ei"}
+    with ReplayServer(kubelet_routes(pods)) as server:
+        result, frame = run_once(tmp_path, f"!KubernetesDiscovery\n    url: {server.url}\n")
+    assert result.returncode == 0, result.stderr
+    tasks = {t["name"]: t for t in frame["tasks"]}
+    assert len(tasks) == 5  # every running pod: none left out
+    assert tasks["default/test"]["resources"] == {
+        "cpus": 1.5, "mem_bytes": 2 ** 60, "limit_cpus": 2, "limit_mem_bytes": 2 ** 60}
+    assert tasks["default/test2"]["resources"] == {"limit_mem_bytes": MAX_QUANTITY}
+    assert tasks["kube-system/coredns-6fd7dbf94c-tf9zx"]["resources"]["mem_bytes"] \
+        == MAX_QUANTITY
+    warnings = [line for line in result.stderr.splitlines() if "clamped" in line]
+    assert any("default/test2" in line and "16Ei" in line for line in warnings), result.stderr
+    assert any("coredns" in line for line in warnings), result.stderr
+    assert all(line.startswith("owca-discover: warning: ") for line in warnings)
+    assert counters(frame)["owca_orchestrator_invalid_entries_total"] == len(warnings)
+
+
+def test_mesos_scalars_beyond_the_frame_are_clamped_not_a_crash(tmp_path):
+    """1e308 MB is a finite JSON number whose byte count is not (it overflows to inf)."""
+    state = load_json(AGENT, "get_state.json")
+    (task,) = state["get_state"]["get_tasks"]["launched_tasks"]
+    for r in task["resources"]:
+        if r["name"] == "mem":
+            r["scalar"]["value"] = 1e308
+    with ReplayServer(agent_routes(state)) as server:
+        result, frame = run_once(tmp_path, f"!MesosDiscovery\n    url: {server.url}\n")
+    assert result.returncode == 0, result.stderr
+    (listed,) = frame["tasks"]
+    assert listed["resources"]["mem_bytes"] == MAX_QUANTITY
+    assert listed["resources"]["cpus"] == 8
+    assert "clamped" in result.stderr
+    assert counters(frame)["owca_orchestrator_invalid_entries_total"] == 1
 
 
 # -- 4. an answer nested 100 000 levels deep ------------------------------------------------

@@ -6,6 +6,9 @@ way: an id, a label or a cgroup path that the orchestrator got wrong (or that
 someone forged) leaves that entry out, reported in one line and counted; it
 never crashes the cycle or reaches a cgroup path outside the orchestrator's
 own tree.  An answer whose overall shape is wrong is a DiscoveryError.
+
+A resource above MAX_RESOURCE is clamped to it by the parsers (`clamped`), and
+reported.
 """
 import logging
 import re
@@ -21,6 +24,11 @@ log = logging.getLogger("owca.discover")
 
 # An id the orchestrator gives that becomes one component of a cgroup path.
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+# The largest resource value a task carries: the largest quantity Kubernetes
+# keeps (it caps larger ones to it), the kernel's limit for a cgroup's bytes,
+# and an integer every consumer of a frame can hold.  A larger one (16Ei, a sum
+# of 8Ei, a Mesos scalar of 1e308 MB) is clamped to it, with a warning.
+MAX_RESOURCE = 2 ** 63 - 1
 
 
 class InvalidEntry(ValueError):
@@ -92,6 +100,14 @@ def add_labels(labels: Dict[str, str], pairs, where: str, prefix: str = "") -> L
         else:
             labels[name] = value
     return skipped
+
+
+def clamped(value, where: str, problems: List[str]):
+    """`value`, or MAX_RESOURCE with a line in `problems` when it exceeds it."""
+    if value > MAX_RESOURCE:
+        problems.append(f"{where}: exceeds {MAX_RESOURCE} (2^63 - 1): clamped to it")
+        return MAX_RESOURCE
+    return value
 
 
 class Reporter:
