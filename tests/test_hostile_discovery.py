@@ -326,6 +326,70 @@ def test_an_answer_nested_100k_deep_fails_the_cycle_and_keeps_the_last_list(capl
         assert counters(stage.produce()[0])["owca_discovery_tasks_age_seconds"] == 0
 
 
+# -- 5. lone surrogates from the orchestrator -----------------------------------------------
+
+def test_lone_surrogates_from_the_kubelet_leave_out_only_what_holds_them(tmp_path):
+    pods = load_json(KUBELET, "pods.json")
+    pod(pods, "test")["metadata"]["name"] = "te\ud800st"
+    pod(pods, "test2")["metadata"]["namespace"] = "\udfffdefault"
+    coredns = pod(pods, "coredns-6fd7dbf94c-tf9zx")["metadata"]
+    coredns["labels"]["k8s-app"] = "core\ud800dns"
+    coredns["annotations"]["note"] = "\ud800"
+    calico = pod(pods, "calico-node-vz6m6")
+    calico["spec"]["nodeName"] = "node\ud800"
+    with ReplayServer(kubelet_routes(pods)) as server:
+        result, frame = run_once(tmp_path, f"!KubernetesDiscovery\n    url: {server.url}\n")
+    assert result.returncode == 0, result.stderr
+    tasks = {t["name"]: t for t in frame["tasks"]}
+    assert sorted(tasks) == ["kube-system/calico-node-vz6m6",
+                             "kube-system/coredns-6fd7dbf94c-tf9zx", "kube-system/kube-proxy-hhxg5"]
+    labels = tasks["kube-system/coredns-6fd7dbf94c-tf9zx"]["labels"]
+    assert "k8s_app" not in labels and "annotation_note" not in labels
+    assert labels["pod_template_hash"] == "6fd7dbf94c"
+    assert "node_name" not in tasks["kube-system/calico-node-vz6m6"]["labels"]
+    warnings = [line for line in result.stderr.splitlines() if "surrogate" in line]
+    assert len(warnings) == 5, result.stderr
+    assert counters(frame)["owca_orchestrator_invalid_entries_total"] == 5
+
+
+@pytest.mark.parametrize("where, left_out", [("name", "task"), ("label", "label"),
+                                             ("framework", "framework_name")])
+def test_lone_surrogates_from_the_mesos_agent_leave_out_only_what_holds_them(tmp_path, where,
+                                                                             left_out):
+    state = load_json(AGENT, "get_state.json")
+    (task,) = state["get_state"]["get_tasks"]["launched_tasks"]
+    if where == "name":
+        task["name"] = "cassandra\ud800"
+    elif where == "label":
+        task["labels"]["labels"][0]["value"] = "\udc00"
+    else:
+        state["get_state"]["get_frameworks"]["frameworks"][0]["framework_info"]["name"] = "\ud800"
+    with ReplayServer(agent_routes(state)) as server:
+        result, frame = run_once(tmp_path, f"!MesosDiscovery\n    url: {server.url}\n")
+    assert result.returncode == 0, result.stderr
+    assert "surrogate" in result.stderr
+    assert counters(frame)["owca_orchestrator_invalid_entries_total"] == 1
+    if left_out == "task":
+        assert frame["tasks"] == []
+        return
+    (listed,) = frame["tasks"]
+    gone = "org_apache_aurora_tier" if left_out == "label" else left_out
+    assert gone not in listed["labels"] and listed["labels"]["executor_id"]
+
+
+def test_a_task_name_no_frame_can_encode_is_left_out_whatever_the_source(tmp_path):
+    """The stage's own check, for sources that do not check (a static file, a plug-in)."""
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text('- {cgroup_path: /a, name: "bad\\ud800"}\n'
+                     '- {cgroup_path: /b, name: b, labels: {x: "\\udfff"}}\n'
+                     '- {cgroup_path: /c, name: c}\n')
+    result, frame = run_once(tmp_path, f"!StaticDiscovery\n    file: {tasks}\n")
+    assert result.returncode == 0, result.stderr
+    assert [t["name"] for t in frame["tasks"]] == ["c"]
+    assert len([line for line in result.stderr.splitlines() if "surrogate" in line]) == 2
+    assert counters(frame)["owca_tasks_dropped_total"] == 2
+
+
 # -- 6. CA bundles and client certificates that are not certificate files -------------------
 
 @pytest.mark.parametrize("kind, reason", [
