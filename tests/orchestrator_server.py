@@ -4,11 +4,12 @@
 agent or a kubelet: it serves the recorded answers (tests/fixtures/mesos_*/,
 tests/fixtures/kubelet_*/) over a real socket, optionally TLS with a CA made
 for the test run (`make_pki`, the `pki` fixture), and misbehaves on demand:
-hangs, answers 500, answers garbage, cuts an answer short, goes away and comes
-back on the same port.  `fake_cgroupfs` lays out directories like the v1 or v2
-hierarchies for the existence check (the real hierarchies are the end-to-end
-test's); `golden` compares with an expected file, or rewrites it under
-OWCA_UPDATE_GOLDEN=1 (review the diff).
+hangs, answers 500, answers garbage, cuts an answer short, dribbles its answer
+(headers included) a byte a second, goes away and comes back on the same port.
+`fake_cgroupfs` lays out directories like the v1 or v2 hierarchies for the
+existence check (the real hierarchies are the end-to-end test's); `golden`
+compares with an expected file, or rewrites it under OWCA_UPDATE_GOLDEN=1
+(review the diff).
 """
 import http.server
 import json
@@ -26,6 +27,10 @@ NORMAL, HANG, ERROR_500, GARBAGE, TRUNCATE, CLOSE = (
     "normal", "hang", "500", "garbage", "truncate", "close")
 # How long a hung request waits before the server closes it (unless stopped).
 HANG_SECONDS = 60
+# DRIBBLE: the whole answer, status line and headers first, one byte per this many
+# seconds (a peer that each read's timeout never catches).
+DRIBBLE = "dribble"
+DRIBBLE_SECONDS = 1.0
 
 
 class ReplayServer:
@@ -45,6 +50,9 @@ class ReplayServer:
         # Hung requests that waited out their whole hang: a client that gave up on
         # its own deadline leaves this at 0, whatever the machine's load.
         self.hangs_outlasted = 0
+        # Dribbled answers sent to their last byte: a client that kept to its
+        # deadline hung up before (an answer of ~150 bytes takes minutes).
+        self.dribbles_outlasted = 0
         self.connections = set()
         self.httpd = None
         self.thread = None
@@ -139,6 +147,9 @@ def _handler(server: ReplayServer):
             if mode == CLOSE:
                 self.close_connection = True
                 return
+            if mode == DRIBBLE:
+                self._dribble(*server.answer(self.command, self.path, call))
+                return
             if server.authorization is not None \
                     and self.headers.get("Authorization") != server.authorization:
                 self.send_response(401, "Unauthorized")
@@ -162,6 +173,20 @@ def _handler(server: ReplayServer):
                 self.close_connection = True
                 return
             self._send(status, body)
+
+        def _dribble(self, status, body):
+            self.close_connection = True
+            head = (f"HTTP/1.1 {status} {self.responses[status][0]}\r\n"
+                    f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                    f"\r\n").encode()
+            for i, byte in enumerate(head + body):
+                if i and server.released.wait(DRIBBLE_SECONDS):
+                    return
+                try:
+                    self.connection.sendall(bytes([byte]))
+                except OSError:
+                    return  # the client gave up
+            server.dribbles_outlasted += 1
 
         def _send(self, status, body, reason=None):
             self.send_response(status, reason)

@@ -5,6 +5,7 @@ it returns, keeps ids stable, drops tasks whose cgroup does not exist on this
 node, and writes the frame.  The sources are in `owca.discover.sources`, one
 module each.
 """
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -102,6 +103,7 @@ class Discover(Stage):
                 frames.check_resources(task.get("resources", {}), "resources")
                 if task["id"] in seen:
                     raise frames.FrameError(f"duplicate task id {task['id']!r}")
+                _encodable(task)
             except frames.FrameError as e:
                 self.dropped += 1
                 log.warning("task %r left out: %s", task.get("id"), e)
@@ -125,3 +127,15 @@ class Discover(Stage):
             frames.sample("owca_discovery_tasks_age_seconds", self._age(), source),
         ] + self.cfg.source.samples()
 
+
+def _encodable(task: dict) -> None:
+    """FrameError unless the frame can carry the task as it is.
+
+    The orchestrator sources check their strings; a static file or a plug-in
+    may still hand over a lone surrogate (`"\\ud800"` in YAML or JSON), which
+    UTF-8 cannot encode: left out here, it costs its task, not the frame.
+    """
+    try:
+        json.dumps(task, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError
+        raise frames.FrameError(f"it cannot be encoded in a frame: {e}") from None

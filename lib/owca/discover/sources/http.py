@@ -5,9 +5,12 @@ the orchestrator does (hangs, answers 500, answers garbage, goes away), the
 cycle must end in bounded time with one line that says what went wrong:
 
 - every attempt has a socket timeout (`timeout`, for the connection and for
-  each read), and the whole cycle a `deadline`: no attempt starts after it, a
-  body still arriving at it is abandoned, and each socket wait is cut to the
-  time left, so a cycle never takes much longer than `deadline`;
+  each read), and the whole cycle a `deadline`: no attempt starts after it,
+  each socket wait is cut to the time left, and at the deadline the sockets of
+  the attempt in hand are shut down, so a cycle never takes much longer than
+  `deadline`: not even against a peer that sends its headers a byte a second,
+  each byte well within `timeout` (a timeout per read alone would let it
+  stretch one request to minutes);
 - transport errors, timeouts, HTTP 5xx and 429, and malformed or truncated
   bodies are retried `retries` times, after an exponential backoff with jitter
   (so that the nodes of a cluster do not hammer a restarting agent in step),
@@ -22,7 +25,12 @@ cycle must end in bounded time with one line that says what went wrong:
   that a rotated token is picked up; a user and `password_file`; a client
   certificate) are refused over plain http;
 - a body is read up to `max_response_bytes`, so a runaway answer cannot
-  exhaust the agent's memory;
+  exhaust the agent's memory, and an answer nested deeper than the JSON
+  parser goes is a malformed answer, not a crash;
+- the files named (secrets, certificates) must be regular files of bounded
+  size, checked at start and again before each use: a FIFO would block the
+  read (or the TLS library's) for ever, a device or a huge file exhaust
+  memory;
 - proxies and credentials from the environment (HTTP_PROXY, .netrc) are
   ignored: a node-local API is asked directly, with only the configured
   credentials.
@@ -36,8 +44,13 @@ import logging
 import os
 import random
 import re
+import socket
+import stat
+import sys
+import threading
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import List, Optional, Set
 from urllib.parse import urlsplit
@@ -48,6 +61,13 @@ from owca.plugin import DiscoveryError
 log = logging.getLogger("owca.http")
 
 READ_CHUNK = 64 * 1024
+# The most a token or password file may hold (a service account token is ~1 KiB).
+MAX_SECRET_BYTES = 64 * 1024
+# The most a CA bundle, client certificate or key may hold (a system's whole
+# CA bundle is ~250 KiB).
+MAX_CERTIFICATE_BYTES = 16 * 1024 * 1024
+CERTIFICATE_FILES = ("ca_bundle", "client_cert", "client_key")
+SECRET_FILES = ("token_file", "password_file")
 _HOST_NAME = re.compile(r"(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
                         r"(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\.?\Z")
 
@@ -117,10 +137,83 @@ def check_http_options(o: HttpOptions) -> None:
     if credentials and parts.scheme != "https":
         raise ValueError(f"credentials would cross the network in clear: use an https url, "
                          f"not {o.url!r}")
-    for name in ("ca_bundle", "client_cert", "client_key", "token_file", "password_file"):
+    for name in CERTIFICATE_FILES + SECRET_FILES:
         path = getattr(o, name)
-        if path is not None and not os.access(path, os.R_OK):
-            raise ValueError(f"{name}: cannot read {path!r}")
+        if path is not None:
+            check_file(path, name)
+            if not os.access(path, os.R_OK):
+                raise ValueError(f"{name}: cannot read {path!r}")
+    if o.ca_bundle:
+        _check_ca_bundle(o.ca_bundle)
+
+
+class FileProblem(ValueError):
+    """A file option that names no usable file; the message says which and why."""
+
+
+def check_file(path: str, option: str) -> os.stat_result:
+    """The file's status, when it is a regular file of at most its option's size.
+
+    Looked at, not opened: opening a FIFO waits for a writer, and opening some
+    devices does something.
+    """
+    try:
+        status = os.stat(path)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    return _checked_status(status, path, option)
+
+
+def _checked_status(status: os.stat_result, path: str, option: str) -> os.stat_result:
+    if not stat.S_ISREG(status.st_mode):
+        raise FileProblem(f"{option}: {path} is not a regular file")
+    limit = MAX_SECRET_BYTES if option in SECRET_FILES else MAX_CERTIFICATE_BYTES
+    if status.st_size > limit:
+        raise FileProblem(f"{option}: {path} is larger than {limit} bytes")
+    return status
+
+
+def read_small_file(path: str, option: str) -> bytes:
+    """The content of a file that check_file accepts, read without ever blocking.
+
+    Checked again on the open descriptor (O_NONBLOCK: a FIFO swapped in since
+    the check does not block the open), and read up to the limit only (a file
+    that grew since is refused, not read whole).
+    """
+    check_file(path, option)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    try:
+        _checked_status(os.fstat(fd), path, option)
+        limit = MAX_SECRET_BYTES if option in SECRET_FILES else MAX_CERTIFICATE_BYTES
+        chunks, size = [], 0
+        while size <= limit:
+            chunk = os.read(fd, min(READ_CHUNK, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise FileProblem(f"{option}: {path} is larger than {limit} bytes")
+    return b"".join(chunks)
+
+
+def _check_ca_bundle(path: str) -> None:
+    """A CA bundle the TLS library can load: PEM certificates, not any readable file."""
+    import ssl  # OpenSSL: only for a configuration that names a CA bundle
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cadata=read_small_file(path, "ca_bundle").decode(
+            "ascii", "replace"))
+    except ssl.SSLError as e:
+        raise FileProblem(f"ca_bundle: {path} holds no PEM certificate OpenSSL can load "
+                          f"({e.reason or e})") from None
 
 
 class _Retry(Exception):
@@ -146,9 +239,9 @@ class HttpClient:
         self.session = requests.Session()
         self.session.trust_env = False
         self.session.verify = options.ca_bundle or options.verify
-        if options.server_name:
-            self.session.mount(self.base.split("://", 1)[0] + "://",
-                               _server_name_adapter(requests, options.server_name))
+        self.cutter = _Cutter()
+        self.session.mount(self.base.split("://", 1)[0] + "://",
+                           _transport(requests, urllib3, self.cutter, options.server_name))
         if options.client_cert:
             self.session.cert = (options.client_cert, options.client_key) \
                 if options.client_key else options.client_cert
@@ -236,6 +329,26 @@ class HttpClient:
         return headers
 
     def _attempt(self, method: str, url: str, body, until: float, left: float):
+        for name in CERTIFICATE_FILES:  # the TLS library reads them on each connection
+            path = getattr(self.options, name)
+            if path is not None:
+                try:
+                    check_file(path, name)
+                except FileProblem as e:
+                    raise _Fail(str(e)) from None
+        # Each socket wait is bounded by `timeout`, the attempt by the deadline:
+        # at the deadline its sockets are shut down, whatever the peer dribbles.
+        cut = threading.Event()
+        watchdog = threading.Timer(left, self.cutter.cut, (cut,))
+        watchdog.daemon = True
+        watchdog.start()
+        try:
+            return self._exchange(method, url, body, until, left, cut)
+        finally:
+            watchdog.cancel()
+
+    def _exchange(self, method: str, url: str, body, until: float, left: float,
+                  cut: threading.Event):
         timeout = min(self.options.timeout, left)
         try:
             with warnings.catch_warnings():
@@ -247,12 +360,13 @@ class HttpClient:
                 response = self.session.request(
                     method, url, json=body, headers=self._headers(), stream=True,
                     timeout=(timeout, timeout), allow_redirects=False)
-        except self.requests.exceptions.Timeout:
-            if timeout < self.options.timeout:
+        except self.requests.exceptions.RequestException as e:
+            if cut.is_set() or (isinstance(e, self.requests.exceptions.Timeout)
+                                and timeout < self.options.timeout):
                 raise _Retry(f"no answer before the deadline ({self.options.deadline:g} s)") \
                     from None
-            raise _Retry(f"no answer within {timeout:g} s") from None
-        except self.requests.exceptions.RequestException as e:
+            if isinstance(e, self.requests.exceptions.Timeout):
+                raise _Retry(f"no answer within {timeout:g} s") from None
             reason = short_reason(e)
             if reason.startswith("TLS") and "CERTIFICATE" in reason.upper():
                 raise _Fail(reason) from None  # a certificate does not fix itself
@@ -266,13 +380,18 @@ class HttpClient:
                             f" not followed")
             if status != 200:
                 raise _Fail(f"HTTP {status} {response.reason}")
-            data = self._read_body(response, until)
+            data = self._read_body(response, until, cut)
         try:
             return json.loads(data, parse_constant=_no_constants)
         except ValueError as e:
             raise _Retry(f"malformed JSON in a {len(data)}-byte answer: {e}") from None
+        except RecursionError:
+            # The parser recurses once per level: its bound, not the answer, decides.
+            raise _Retry(f"malformed JSON in a {len(data)}-byte answer: nested too deep "
+                         f"for the parser (its limit: {sys.getrecursionlimit()} levels)") \
+                from None
 
-    def _read_body(self, response, until: float) -> bytes:
+    def _read_body(self, response, until: float, cut: threading.Event) -> bytes:
         limit = self.options.max_response_bytes
         declared = response.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > limit:
@@ -291,7 +410,12 @@ class HttpClient:
                 chunks.append(chunk)
         except (self.urllib3.exceptions.HTTPError, self.requests.exceptions.RequestException,
                 OSError) as e:
+            if cut.is_set():
+                raise _Retry(f"answer still incomplete at the deadline ({size} bytes read)") \
+                    from None
             raise _Retry(f"answer cut after {size} bytes: {short_reason(e)}") from None
+        if cut.is_set():  # the end of the data may be the shutdown's
+            raise _Retry(f"answer still incomplete at the deadline ({size} bytes read)")
         return b"".join(chunks)
 
     def samples(self) -> list:
@@ -308,13 +432,63 @@ class HttpClient:
         return out
 
 
-def _server_name_adapter(requests, server_name: str):
-    """A transport that sends `server_name` as SNI and verifies the certificate for it."""
-    class ServerNameAdapter(requests.adapters.HTTPAdapter):
+class _Cutter:
+    """The sockets of one client's connections, shut down at an attempt's deadline.
+
+    A shutdown wakes a recv blocked in another thread at once (it returns end
+    of file), where closing the socket would not.  The client's attempts run
+    one at a time, so every socket it holds is the attempt's or an idle one,
+    which the pool replaces when it finds it shut.
+    """
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.sockets: "weakref.WeakSet[socket.socket]" = weakref.WeakSet()
+
+    def track(self, sock: socket.socket) -> None:
+        with self.lock:
+            self.sockets.add(sock)
+
+    def cut(self, fired: threading.Event) -> None:
+        fired.set()
+        with self.lock:
+            sockets = list(self.sockets)
+        for sock in sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass  # closed meanwhile, or never connected
+
+
+def _transport(requests, urllib3, cutter: _Cutter, server_name: Optional[str]):
+    """An adapter whose connections' sockets `cutter` can shut down (the TLS
+    handshake's included); with `server_name`, it sends that name as SNI and
+    verifies the certificate for it."""
+    class Tracked:
+        def _new_conn(self):
+            sock = super()._new_conn()  # type: ignore[misc]
+            cutter.track(sock)
+            return sock
+
+    class Connection(Tracked, urllib3.connection.HTTPConnection):
+        pass
+
+    class TLSConnection(Tracked, urllib3.connection.HTTPSConnection):
+        pass
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Connection
+
+    class TLSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TLSConnection
+
+    class Adapter(requests.adapters.HTTPAdapter):
         def init_poolmanager(self, *args, **kwargs):
-            kwargs["server_hostname"] = server_name
+            if server_name:
+                kwargs["server_hostname"] = server_name
             super().init_poolmanager(*args, **kwargs)
-    return ServerNameAdapter()
+            self.poolmanager.pool_classes_by_scheme = {"http": Pool, "https": TLSPool}
+    return Adapter()
 
 
 def _no_constants(name: str):
@@ -323,11 +497,11 @@ def _no_constants(name: str):
 
 def _read_secret(path: str, option: str) -> str:
     try:
-        with open(path, encoding="utf-8") as f:
-            secret = f.read().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DiscoveryError(f"{option}: cannot read {path}: "
-                             f"{getattr(e, 'strerror', None) or e}") from None
+        secret = read_small_file(path, option).decode("utf-8").strip()
+    except FileProblem as e:
+        raise DiscoveryError(str(e)) from None
+    except UnicodeDecodeError as e:
+        raise DiscoveryError(f"{option}: cannot read {path}: {e}") from None
     if not secret or any(c in secret for c in "\r\n\0"):
         raise DiscoveryError(f"{option}: {path} holds no usable secret (empty, or more "
                              f"than one line)")

@@ -44,7 +44,9 @@ nesting).  A container's cgroup is below its pod's: cgroupfs `<id>` (CRI-O:
 """
 import fnmatch
 import re
+import sys
 from dataclasses import dataclass, field
+from decimal import Context, Decimal, MAX_EMAX, MIN_EMIN
 from typing import Dict, List, Literal, Optional, Set, Tuple
 
 from owca.core import frames
@@ -52,8 +54,8 @@ from owca.plugin import DiscoveryError
 from owca.discover.sources.cgroup import cgroup_exists
 from owca.core.frames import sanitize_label_name
 from owca.discover.sources.orchestrator import (InvalidEntry, OrchestratorSource, add_labels,
-                                                check_type, need, optional, path_component,
-                                                task_id)
+                                                check_type, clamped, need, optional,
+                                                path_component, task_id)
 from owca.core.priority import QOS_CLASSES, QOS_LABEL, PriorityRule
 
 PODS_PATH = "/pods"
@@ -72,12 +74,18 @@ CONTAINER_CGROUP = {
 CONTAINER_ID = re.compile(r"([a-z0-9-]+)://([A-Za-z0-9]{1,128})\Z")
 POD_UID = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}\Z")
 
-# Kubernetes quantities: a decimal number, then a suffix or a decimal exponent.
+# Kubernetes quantities: a decimal number, then a binary or decimal SI suffix,
+# or a decimal exponent (`1E` is 10^18, `1E3` is 1000).
 _QUANTITY = re.compile(r"([+-]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+))"
-                       r"(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]+)?\Z")
-_SUFFIX = {"n": 1e-9, "u": 1e-6, "m": 1e-3, "": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-           "P": 1e15, "E": 1e18, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "Ti": 2 ** 40,
-           "Pi": 2 ** 50, "Ei": 2 ** 60}
+                       r"(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?[0-9]{1,9})?\Z")
+_SUFFIX = {"n": Decimal("1e-9"), "u": Decimal("1e-6"), "m": Decimal("1e-3"), "": Decimal(1),
+           "k": Decimal("1e3"), "M": Decimal("1e6"), "G": Decimal("1e9"), "T": Decimal("1e12"),
+           "P": Decimal("1e15"), "E": Decimal("1e18"), "Ki": Decimal(2 ** 10),
+           "Mi": Decimal(2 ** 20), "Gi": Decimal(2 ** 30), "Ti": Decimal(2 ** 40),
+           "Pi": Decimal(2 ** 50), "Ei": Decimal(2 ** 60)}
+# Exact for every quantity a float can hold; exponents never overflow.
+_EXACT = Context(prec=40, Emax=MAX_EMAX, Emin=MIN_EMIN)
+_FLOAT_MAX = Decimal(sys.float_info.max)
 
 
 @dataclass
@@ -120,21 +128,26 @@ class KubernetesDiscovery(OrchestratorSource):
 
 
 def parse_quantity(text) -> float:
-    """A Kubernetes quantity (`100m`, `64Mi`, `1.5`, `2e3`, `1G`) as a number."""
+    """A Kubernetes quantity (`100m`, `64Mi`, `1.5`, `2e3`, `1G`, `1Ei`) as a number.
+
+    Computed exactly, then an int when whole (`1Ei` is 2^60 bytes, not a float
+    near it), else a float.  A quantity beyond what a float holds (`1e999`) is
+    out of range; one beyond MAX_RESOURCE is returned as is, for the caller to
+    clamp and report.
+    """
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return text
     m = _QUANTITY.match(text.strip()) if isinstance(text, str) else None
     if not m:
         raise InvalidEntry(f"{text!r:.40} is not a quantity")
-    number, suffix = m.group(1), m.group(2) or ""
-    try:
-        if suffix[:1] in ("e", "E") and len(suffix) > 1:
-            value = float(number) * 10.0 ** int(suffix[1:])
-        else:
-            value = float(number) * _SUFFIX[suffix]
-    except OverflowError:
-        raise InvalidEntry(f"{text!r:.40} is out of range") from None
-    return int(value) if value.is_integer() and abs(value) < 2 ** 63 else value
+    number, suffix = Decimal(m.group(1)), m.group(2) or ""
+    if suffix in _SUFFIX:
+        value = _EXACT.multiply(number, _SUFFIX[suffix])
+    else:
+        value = number.scaleb(int(suffix[1:]), _EXACT)
+    if abs(value) > _FLOAT_MAX:
+        raise InvalidEntry(f"{text!r:.40} is out of range")
+    return int(value) if value == value.to_integral_value() else float(value)
 
 
 def root_components(cgroup_root: str) -> List[str]:
@@ -228,23 +241,27 @@ def _containers(spec: dict, where: str, key: str = "containers") -> list:
     return items
 
 
-def _quantities(mapping: dict, where: str) -> Dict[str, float]:
+def _quantities(mapping: dict, where: str, problems: List[str]) -> Dict[str, float]:
     out = {}
     for name, text in mapping.items():
         value = parse_quantity(text)
         if not value >= 0 or value == float("inf"):
             raise InvalidEntry(f"{where}.{name}: expected a quantity >= 0, got {text!r:.40}")
-        out[name] = value
+        out[name] = clamped(value, f"{where}.{name} {text!r:.40}", problems)
     return out
 
 
-def _container_resources(c: dict, where: str) -> Tuple[Dict[str, float], Dict[str, float]]:
+def _container_resources(c: dict, where: str, problems: List[str]
+                         ) -> Tuple[Dict[str, float], Dict[str, float]]:
     resources = optional(c, "resources", dict, where, {})
-    return (_quantities(optional(resources, "requests", dict, where, {}), where + ".requests"),
-            _quantities(optional(resources, "limits", dict, where, {}), where + ".limits"))
+    return (_quantities(optional(resources, "requests", dict, where, {}), where + ".requests",
+                        problems),
+            _quantities(optional(resources, "limits", dict, where, {}), where + ".limits",
+                        problems))
 
 
-def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[str, float]:
+def pod_resources(spec: dict, where: str, only: Optional[str] = None,
+                  problems: Optional[List[str]] = None) -> Dict[str, float]:
     """Requests and limits of a pod (or of its container `only`), frame-named.
 
     As the kubelet and the scheduler count them: init containers run in
@@ -255,7 +272,11 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
     containers and all its sidecars; then its overhead.  A limit counts only
     when every container that runs throughout (app and sidecar) sets it.
     Sums are rounded to the quantities' precision (milli-units; bytes).
+    A quantity or a sum above MAX_RESOURCE is clamped to it, and said in
+    `problems`.
     """
+    if problems is None:
+        problems = []
     apps = list(enumerate(_containers(spec, where)))
     inits = list(enumerate(_containers(spec, where, "initContainers")))
     if only is not None:
@@ -270,7 +291,7 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
             into[name] = into.get(name, 0) + v
 
     for i, c in apps:
-        req, lim = _container_resources(c, f"{where}.containers[{i}]")
+        req, lim = _container_resources(c, f"{where}.containers[{i}]", problems)
         add(requests, req)
         add(limits, lim)
         unlimited.update(n for n in ("cpu", "memory", "ephemeral-storage") if n not in lim)
@@ -279,7 +300,7 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
     sidecar_requests: Dict[str, float] = {}
     sidecar_limits: Dict[str, float] = {}
     for i, c in inits:
-        req, lim = _container_resources(c, f"{where}.initContainers[{i}]")
+        req, lim = _container_resources(c, f"{where}.initContainers[{i}]", problems)
         if is_sidecar(c):
             add(requests, req)
             add(limits, lim)
@@ -302,16 +323,18 @@ def pod_resources(spec: dict, where: str, only: Optional[str] = None) -> Dict[st
             if name in limits:
                 limits[name] = max(limits[name], v)
         for name, v in _quantities(optional(spec, "overhead", dict, where, {}),
-                                   where + ".overhead").items():
+                                   where + ".overhead", problems).items():
             requests[name] = requests.get(name, 0) + v
             if name in limits:
                 limits[name] += v
     out = {}
     for name, v in requests.items():
-        out[resource_name(name)] = quantity_precision(name, v)
+        out[resource_name(name)] = quantity_precision(
+            name, clamped(v, f"{where}: the sum of the requests of {name}", problems))
     for name, v in limits.items():
         if name not in unlimited:
-            out["limit_" + resource_name(name)] = quantity_precision(name, v)
+            out["limit_" + resource_name(name)] = quantity_precision(
+                name, clamped(v, f"{where}: the sum of the limits of {name}", problems))
     return out
 
 
@@ -393,14 +416,19 @@ def _pod_tasks(pod, meta, status, task, driver, root, annotations, pod_where, pr
                "priority_class": optional(spec, "priorityClassName", str, where, "")}
     labels.update((k, v) for k, v in builtin.items() if v)
     running = _running_containers(status, pod_path, driver, pod_where, problems)
+    clamps: List[str] = []
     if task == "pod":
-        return [{"id": uid, "name": f"{namespace}/{name}", "cgroup_path": pod_path,
-                 "subcgroup_paths": [path for _, path in running],
-                 "labels": labels, "resources": pod_resources(spec, where)}]
-    return [{"id": task_id(f"{uid}/{cname}", "container id"), "name": f"{namespace}/{name}/{cname}",
-             "cgroup_path": path, "labels": {**labels, "container_name": cname},
-             "resources": pod_resources(spec, where, only=cname)}
-            for cname, path in running]
+        tasks = [{"id": uid, "name": f"{namespace}/{name}", "cgroup_path": pod_path,
+                  "subcgroup_paths": [path for _, path in running],
+                  "labels": labels, "resources": pod_resources(spec, where, problems=clamps)}]
+    else:
+        tasks = [{"id": task_id(f"{uid}/{cname}", "container id"),
+                  "name": f"{namespace}/{name}/{cname}",
+                  "cgroup_path": path, "labels": {**labels, "container_name": cname},
+                  "resources": pod_resources(spec, where, only=cname, problems=clamps)}
+                 for cname, path in running]
+    problems.extend(f"{pod_where}: {line}" for line in clamps)
+    return tasks
 
 
 def _running_containers(status, pod_path, driver, pod_where, problems):

@@ -34,8 +34,9 @@ from typing import Any, Dict, List, Set, Tuple
 from owca.plugin import DiscoveryError
 from owca.discover.sources.cgroup import cgroup_exists
 from owca.core.frames import sanitize_label_name
-from owca.discover.sources.orchestrator import (InvalidEntry, OrchestratorSource, add_labels, need,
-                                                optional, path_component, task_id)
+from owca.discover.sources.orchestrator import (InvalidEntry, OrchestratorSource, add_labels,
+                                                clamped, need, optional, path_component,
+                                                task_id)
 from owca.core.priority import ROLE_LABEL, PriorityRule
 
 API_PATH = "/api/v1"
@@ -189,7 +190,7 @@ def _task(t: dict, containers: Containers, frameworks: Dict[str, str], root: str
     # A bad label costs only itself, not the task.
     for line in add_labels(labels, pairs, f"mesos: task {tid!r:.80}"):
         problems.append(line)
-    resources, roles, revocable = _resources(t, where)
+    resources, roles, revocable = _resources(t, where, f"mesos: task {tid!r:.80}", problems)
     task["resources"] = resources
     builtin = {
         "framework_id": framework,
@@ -216,8 +217,9 @@ def _nested_container(t: dict, container: str, where: str):
     return path_component(cid.get("value"), where + ".statuses[-1].container_id")
 
 
-def _resources(t: dict, where: str):
-    """(resources, roles, revocable) of the task's scalar resources."""
+def _resources(t: dict, where: str, task: str, problems: List[str]):
+    """(resources, roles, revocable) of the task's scalar resources; a sum above
+    MAX_RESOURCE (1e308 MB overflows to infinity in bytes) is clamped to it."""
     resources: Dict[str, float] = {}
     roles: Set[str] = set()
     revocable = False
@@ -236,7 +238,8 @@ def _resources(t: dict, where: str):
         if role:
             roles.add(role)
         revocable = revocable or r.get("revocable") is not None
-    return {k: _precision(k, v) for k, v in resources.items()}, roles, revocable
+    return ({k: _precision(k, clamped(v, f"{task}: resources {k}", problems))
+             for k, v in resources.items()}, roles, revocable)
 
 
 def _precision(key: str, value: float):

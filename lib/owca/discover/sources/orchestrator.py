@@ -6,6 +6,11 @@ way: an id, a label or a cgroup path that the orchestrator got wrong (or that
 someone forged) leaves that entry out, reported in one line and counted; it
 never crashes the cycle or reaches a cgroup path outside the orchestrator's
 own tree.  An answer whose overall shape is wrong is a DiscoveryError.
+
+A string no frame can carry (a lone surrogate, which JSON's `\\ud800` escape
+makes and UTF-8 cannot encode) is caught once, on the tasks a parser makes
+(`screen`): it leaves out its task, or only its label.  A resource above
+MAX_RESOURCE is clamped to it by the parsers (`clamped`), and reported.
 """
 import logging
 import re
@@ -21,6 +26,13 @@ log = logging.getLogger("owca.discover")
 
 # An id the orchestrator gives that becomes one component of a cgroup path.
 PATH_COMPONENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,254}\Z")
+# The largest resource value a task carries: the largest quantity Kubernetes
+# keeps (it caps larger ones to it), the kernel's limit for a cgroup's bytes,
+# and an integer every consumer of a frame can hold.  A larger one (16Ei, a sum
+# of 8Ei, a Mesos scalar of 1e308 MB) is clamped to it, with a warning.
+MAX_RESOURCE = 2 ** 63 - 1
+# A code point that is half of a UTF-16 pair: alone, not encodable in UTF-8.
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class InvalidEntry(ValueError):
@@ -94,6 +106,39 @@ def add_labels(labels: Dict[str, str], pairs, where: str, prefix: str = "") -> L
     return skipped
 
 
+def clamped(value, where: str, problems: List[str]):
+    """`value`, or MAX_RESOURCE with a line in `problems` when it exceeds it."""
+    if value > MAX_RESOURCE:
+        problems.append(f"{where}: exceeds {MAX_RESOURCE} (2^63 - 1): clamped to it")
+        return MAX_RESOURCE
+    return value
+
+
+def screen(tasks: List[dict], source: str, problems: List[str]) -> List[dict]:
+    """The tasks whose strings a frame can carry (UTF-8): a task whose id, name or
+    cgroup paths hold a lone surrogate is left out, a label that does only loses
+    that label; one line in `problems` for each."""
+    kept = []
+    for task in tasks:
+        ident = f"{source}: task {task.get('id')!r:.80}"
+        bad = [f"{field} {value!r:.80}" for field, value in (
+            ("id", task.get("id")), ("name", task.get("name")),
+            ("cgroup_path", task.get("cgroup_path")),
+            *(("subcgroup_path", p) for p in task.get("subcgroup_paths", ())))
+            if isinstance(value, str) and SURROGATE.search(value)]
+        if bad:
+            problems.append(f"{ident} left out: {bad[0]} holds a lone surrogate (not UTF-8)")
+            continue
+        labels = task.get("labels", {})
+        for key, value in list(labels.items()):
+            if isinstance(value, str) and SURROGATE.search(value):
+                problems.append(f"{ident}: label {key!r:.60} left out: its value {value!r:.60} "
+                                f"holds a lone surrogate (not UTF-8)")
+                del labels[key]
+        kept.append(task)
+    return kept
+
+
 class Reporter:
     """One warning per distinct problem while it lasts; every occurrence counted.
 
@@ -132,6 +177,7 @@ class OrchestratorSource(HttpOptions, TaskSource):
 
     def list_tasks(self, paths) -> List[dict]:
         tasks, problems = self.fetch(self._client, self._client.deadline(), paths)
+        tasks = screen(tasks, self._client.source, problems)
         self._reporter.cycle(problems)
         # `priority` is a field of each subclass (declared here, it would be a field
         # without a default ahead of HttpOptions' defaulted ones).
