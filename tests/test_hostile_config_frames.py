@@ -1,9 +1,13 @@
-"""Hostile configuration files, given to the real tools.
+"""Hostile configuration files and hostile frames, given to the real tools.
 
 A configuration that could exhaust the loader (an alias bomb, a recursive alias, an
 endless or huge file, a FIFO without a writer, nesting thousands deep, a key that is
-a list) is a configuration error: exit 2, `file:line: reason`, at once.
+a list) is a configuration error: exit 2, `file:line: reason`, at once.  A line that
+could upset a stage downstream (nesting thousands deep, a lone surrogate, NaN, a
+cgroup path with `..`) is a bad line at the reader: reported, counted, skipped, and
+the stream goes on (docs/protocol.md).
 """
+import json
 import os
 import resource
 import subprocess
@@ -11,10 +15,16 @@ import subprocess
 import pytest
 
 from conftest import tool_command, tool_env
-from owca.core import config
+from owca.core import config, frames
+from test_tools_contract import CONSUMED, FILTERS, good_line, measurements_line, own_counters
+from test_tools_contract import run as run_tool
 
 # A guard against a hang, not a timing goal: each of these runs ends in well under it.
 GUARD = 120
+
+
+def run(tool, args=(), stdin=b""):
+    return run_tool(tool, args, stdin=stdin, timeout=GUARD)
 
 
 def one_error(result, tool, only_line=True) -> str:
@@ -142,3 +152,110 @@ def test_yaml_nested_to_the_limit_is_read(tmp_path):
         reason = one_error(result, "ship")
         # At the limit what stops it is the schema (a list of storages), not the depth.
         assert ("deeper than" in reason) == too_deep, reason
+
+
+# -- frames --------------------------------------------------------------------------------
+
+def with_field(line: bytes, text: bytes) -> bytes:
+    """The frame of `line` with one more field, given as JSON text."""
+    assert line.endswith(b"}\n")
+    return line[:-2] + b',"x":' + text + b"}\n"
+
+
+def deep(levels: int) -> bytes:
+    """JSON text nesting `levels` deep, objects and arrays in turn."""
+    opening = [b'{"a":' if i % 2 == 0 else b"[" for i in range(levels)]
+    closing = [b"}" if i % 2 == 0 else b"]" for i in reversed(range(levels))]
+    return b"".join(opening) + b"1" + b"".join(closing)
+
+
+def bad_lines(tool):
+    good = good_line(tool, 2)
+    out = {
+        "nested 10000 deep": (with_field(good, deep(10000)), "nested deeper than"),
+        "nested one too deep": (with_field(good, deep(frames.MAX_DEPTH)), "nested deeper than"),
+        "lone surrogate in host": (good.replace(b'"host":"n1"', b'"host":"\\ud800"'),
+                                   "surrogate"),
+        "NaN": (with_field(good, b"[1, NaN]"), "NaN"),
+        "-Infinity": (with_field(good, b"{\"y\": -Infinity}"), "-Infinity"),
+    }
+    if CONSUMED[tool] == "measurements":
+        out.update({
+            "lone surrogate in a label": (good.replace(b'"be"', b'"x\\udc00y"', 1),
+                                          "surrogate"),
+            "NaN metric value": (good.replace(b'"task_up":1', b'"task_up":NaN', 1), "NaN"),
+            "Infinity metric value": (good.replace(b'"task_up":1', b'"task_up":Infinity', 1),
+                                      "Infinity"),
+        })
+    return out
+
+
+CASES = [(tool, case) for tool in FILTERS for case in bad_lines(tool)]
+
+
+@pytest.mark.parametrize("tool, case", CASES, ids=[f"{t}: {c}" for t, c in CASES])
+def test_a_hostile_line_is_a_bad_line_and_the_stream_goes_on(tool, case):
+    bad, reason = bad_lines(tool)[case]
+    assert json.loads(good_line(tool, 2))  # what it was made from is a frame
+    result = run(tool, stdin=good_line(tool, 1) + bad + good_line(tool, 3))
+    assert result.returncode == 0, result.stderr.decode()[-2000:]
+    error = one_error(result, tool, only_line=False)
+    assert error.startswith("line 2: ") and reason in error, error
+    counters = own_counters(tool, result.stdout)
+    assert counters["owca_bad_frames_total"] == 1 and counters["owca_frames_read_total"] == 3
+    if tool == "ship":
+        assert 'host="n1"' in result.stdout.decode()
+        return
+    out = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [f["seq"] for f in out if f["kind"] == "measurements"] == [1, 3]
+    if tool == "allocate":  # a clean stop: everything restored, then the last frame
+        assert out[-1]["kind"] == "allocations" and out[-1]["shutdown"] is True
+
+
+@pytest.mark.parametrize("tool", ("detect", "allocate"))
+@pytest.mark.parametrize("token", ("NaN", "Infinity", "-Infinity"))
+def test_strict_refuses_nan_and_infinities(tool, token):
+    bad = measurements_line(2).replace(b'"task_up":1', b'"task_up":' + token.encode(), 1)
+    result = run(tool, ["--strict"], stdin=measurements_line(1) + bad + measurements_line(3))
+    assert result.returncode == 1
+    last = result.stderr.decode().splitlines()[-1]
+    assert last.startswith(f"owca-{tool}: error: line 2: {token} is not a JSON number"), last
+
+
+@pytest.mark.parametrize("tool", FILTERS)
+def test_a_frame_nested_to_the_limit_is_a_frame(tool):
+    line = with_field(good_line(tool, 1), deep(frames.MAX_DEPTH - 1))  # the frame is one
+    assert frames.nesting_depth(line) == frames.MAX_DEPTH
+    result = run(tool, ["--strict"], stdin=line)
+    assert result.returncode == 0 and b"error" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("text, depth", [
+    (b'{"a":"[[[[[[[[[["}', 1),
+    (b'{"a\\\\":"\\"{{{{{{","b":[[1]]}', 3),
+    (b'{"a":"\\\\","b":"]]]","c":{"d":"[[["}}', 2),
+    (b'["\\u005b\\"[", ["x\\\\\\"}"], "}"]', 2),
+    (b"[]", 1),
+    (b'"[[["', 0),
+])
+def test_nesting_depth_counts_containers_not_brackets_in_strings(text, depth):
+    json.loads(text)
+    assert frames.nesting_depth(text) == depth
+
+
+@pytest.mark.parametrize("text", [
+    b'{"x":"\\ud83d\\ude00"}',           # a pair: one character, U+1F600
+    b'{"x":"\\\\ud800"}',                # a backslash, then the letters ud800
+    b'{"x":"\\u00e9\\u2603"}',
+])
+def test_escapes_that_are_characters_are_kept(text):
+    assert frames.parse(text) == json.loads(text)
+
+
+@pytest.mark.parametrize("text", [
+    b'{"x":"\\ud800"}', b'{"x":"\\udfff"}', b'{"x":"a\\ud83d"}', b'{"\\ude00":1}',
+    b'{"x":"\\\\\\ud800"}', b'{"x":["\\ude00\\ud83d"]}',
+])
+def test_lone_surrogates_are_refused(text):
+    with pytest.raises(frames.FrameError, match="surrogate"):
+        frames.parse(text)
