@@ -186,6 +186,9 @@ def bad_lines(tool):
             "NaN metric value": (good.replace(b'"task_up":1', b'"task_up":NaN', 1), "NaN"),
             "Infinity metric value": (good.replace(b'"task_up":1', b'"task_up":Infinity', 1),
                                       "Infinity"),
+            "cgroup path with ..": (good.replace(b'"name":"t0"',
+                                                 b'"name":"t0","cgroup_path":"/owca/../etc"', 1),
+                                    "cgroup_path"),
         })
     return out
 

@@ -291,6 +291,13 @@ def check_cgroup_path(path, where):
                          f"got {path!r:.80}")
 
 
+def check_subcgroup_paths(paths, where):
+    if type(paths) is not list:
+        raise FrameError(f"field '{where}': expected a list of cgroup paths")
+    for j, sub in enumerate(paths):
+        check_cgroup_path(sub, f"{where}[{j}]")
+
+
 def check_metric_values(metrics, where):
     if not isinstance(metrics, dict):
         raise FrameError(f"field '{where}': expected an object of metrics")
@@ -319,8 +326,7 @@ def _check_tasks(frame):
             raise FrameError(f"field '{where}.id': duplicate task id {task['id']!r}")
         seen.add(task["id"])
         check_cgroup_path(task.get("cgroup_path"), where + ".cgroup_path")
-        for j, sub in enumerate(task.get("subcgroup_paths", [])):
-            check_cgroup_path(sub, f"{where}.subcgroup_paths[{j}]")
+        check_subcgroup_paths(task.get("subcgroup_paths", []), where + ".subcgroup_paths")
         check_labels(task.get("labels", {}), where + ".labels")
         check_resources(task.get("resources", {}), where + ".resources")
 
@@ -337,6 +343,14 @@ def _check_measurements(frame):
             check_task_id(task_id, f"tasks.{task_id}")
         if type(task) is not dict:
             raise FrameError(f"field 'tasks.{task_id}': expected a task object")
+        # Optional here (a replayed recording may lack them), but never a way out of
+        # the cgroup tree for a stage that acts on the path.
+        path = task.get("cgroup_path")
+        if path is not None and not (type(path) is str and path[:1] == "/"
+                                     and "/.." not in path and "\0" not in path):
+            check_cgroup_path(path, f"tasks.{task_id}.cgroup_path")
+        if "subcgroup_paths" in task:
+            check_subcgroup_paths(task["subcgroup_paths"], f"tasks.{task_id}.subcgroup_paths")
         labels = task.get("labels", empty)
         if labels is not empty:
             check_labels(labels, f"tasks.{task_id}.labels")
