@@ -31,6 +31,14 @@ class ConfigError(Exception):
     """A configuration that cannot be used; str() is `file:line: reason`."""
 
 
+# A configuration is a few kilobytes: a bigger file is a mistake (a log, a core
+# file given to -c), and reading it whole must not take a node's memory.
+MAX_CONFIG_BYTES = 1 << 20
+# Collections in collections, the mapping of sections counting as one: a real
+# configuration nests less than 10 deep; loading and checking it recurse per level.
+MAX_DEPTH = 32
+
+
 # -- ranges of numeric fields ---------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
@@ -199,8 +207,82 @@ def _loader_class():
     import yaml
 
     class _Loader(yaml.SafeLoader):
-        pass
+        """Composes a tree, never a graph: an alias (`*name`) is refused where it stands,
+        because a few of them expand without bound (`a: &a [*a]`, a "billion laughs"),
+        and nesting is bounded, because composing it recurses."""
+        where = "<config>"
+        depth = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise ConfigError(f"{self.where}:{event.start_mark.line + 1}: YAML aliases "
+                                  f"(*{event.anchor}) are not allowed: write the value out")
+            if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
+                return super().compose_node(parent, index)
+            if self.depth == MAX_DEPTH:
+                raise ConfigError(f"{self.where}:{self.peek_event().start_mark.line + 1}: "
+                                  f"nested deeper than {MAX_DEPTH} levels")
+            self.depth += 1
+            try:
+                return super().compose_node(parent, index)
+            finally:
+                self.depth -= 1
     return _Loader
+
+
+def _compose(text: str, where: str):
+    loader = _loader_class()(text)
+    loader.where = where
+    try:
+        return loader.get_single_node()
+    finally:
+        loader.dispose()
+
+
+def _read_config_file(path: str) -> bytes:
+    """The bytes of a configuration file: a regular file (a FIFO, a device or a pipe
+    could block or never end) of at most MAX_CONFIG_BYTES."""
+    import os
+    import stat
+    try:
+        # O_NONBLOCK: opening a FIFO would wait for a writer, for ever if none comes.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise ConfigError(f"{path}: cannot read: Is a directory")
+        if not stat.S_ISREG(mode):
+            raise ConfigError(f"{path}: not a regular file ({_file_kind(mode)}): a "
+                              f"configuration is read from a file")
+        chunks = []
+        size = 0
+        while size <= MAX_CONFIG_BYTES:
+            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB): not a "
+                          f"configuration")
+    return data
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+    for test, kind in ((stat.S_ISFIFO, "a FIFO or a pipe"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return kind
+    return "not a file"
 
 
 def load_section(path: typing.Optional[str], section: str, schema: type,
@@ -213,11 +295,7 @@ def load_section(path: typing.Optional[str], section: str, schema: type,
     if text is None:
         if path is None:
             return schema()
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+        data = _read_config_file(path)
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as e:
@@ -229,7 +307,7 @@ def load_section(path: typing.Optional[str], section: str, schema: type,
     where = path or "<config>"
     import yaml
     try:
-        root = yaml.compose(text, Loader=_loader_class())
+        root = _compose(text, where)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else 1
@@ -237,7 +315,7 @@ def load_section(path: typing.Optional[str], section: str, schema: type,
         raise ConfigError(f"{where}:{line}: invalid YAML: {problem}") from None
     if root is None:
         return schema()
-    _refuse_duplicate_keys(root, where)
+    _check_keys(root, where)
     builder = _Builder(where)
     if not isinstance(root, yaml.MappingNode) or root.tag != "tag:yaml.org,2002:map":
         raise ConfigError(f"{where}:{root.start_mark.line + 1}: expected a mapping of "
@@ -258,8 +336,9 @@ def load_section(path: typing.Optional[str], section: str, schema: type,
 SECTIONS = ("discover", "measure", "detect", "allocate", "ship")
 
 
-def _refuse_duplicate_keys(root, where: str) -> None:
-    """YAML's last-one-wins for a repeated key hides a mistake: each one is an error."""
+def _check_keys(root, where: str) -> None:
+    """Every key a scalar (a field, a label: a list or a mapping names nothing), and
+    none repeated: YAML's last-one-wins for a repeated key hides a mistake."""
     import yaml
     stack = [root]
     while stack:
@@ -267,13 +346,16 @@ def _refuse_duplicate_keys(root, where: str) -> None:
         if isinstance(node, yaml.MappingNode):
             seen: dict = {}
             for key_node, value_node in node.value:
-                if isinstance(key_node, yaml.ScalarNode):
-                    first = seen.setdefault(key_node.value, key_node)
-                    if first is not key_node:
-                        raise ConfigError(f"{where}:{key_node.start_mark.line + 1}: key "
-                                          f"{key_node.value!r} given twice (first on line "
-                                          f"{first.start_mark.line + 1})")
-                stack += (key_node, value_node)
+                if not isinstance(key_node, yaml.ScalarNode):
+                    kind = "list" if isinstance(key_node, yaml.SequenceNode) else "mapping"
+                    raise ConfigError(f"{where}:{key_node.start_mark.line + 1}: a key must be "
+                                      f"a name or a number, not a {kind}")
+                first = seen.setdefault(key_node.value, key_node)
+                if first is not key_node:
+                    raise ConfigError(f"{where}:{key_node.start_mark.line + 1}: key "
+                                      f"{key_node.value!r} given twice (first on line "
+                                      f"{first.start_mark.line + 1})")
+                stack.append(value_node)
         elif isinstance(node, yaml.SequenceNode):
             stack += node.value
 

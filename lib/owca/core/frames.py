@@ -22,6 +22,11 @@ KINDS = ("tasks", "measurements", "anomalies", "allocations")
 # each stay well under it.
 MAX_FRAME_BYTES = 16 * 1024 * 1024
 
+# Nesting deeper than this is refused at the reader, so that nothing downstream that
+# walks a frame (a formatter, an encoder, a plug-in) meets a depth it cannot handle.
+# OWCA's own frames nest 6 deep (a pressure metric's two levels).
+MAX_DEPTH = 32
+
 MAX_ID_LENGTH = 256
 MAX_LABEL_VALUE_LENGTH = 1024
 LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*\Z")
@@ -109,18 +114,35 @@ def sniff(line: bytes):
     return version, line[start:end].decode("ascii", "replace")
 
 
+def _refuse_constant(name: str):
+    raise FrameError(f"{name} is not a JSON number (JSON has no NaN or infinities)")
+
+
+# Python's json reads NaN, Infinity and -Infinity, which RFC 8259 does not have.
+_DECODER = json.JSONDecoder(parse_constant=_refuse_constant)
+
+# An escape of a UTF-16 surrogate: a lone one would be a str that cannot be encoded.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
 def parse(line: bytes):
     """The JSON object of a line, not checked further; FrameError when it is none.
 
     Decoded as UTF-8 here rather than by json.loads, which guesses UTF-16 or -32
-    from a NUL byte and calls the line "not UTF-8" for it.
+    from a NUL byte and calls the line "not UTF-8" for it.  Beyond JSON's own
+    rules: no NaN or infinities, nesting at most MAX_DEPTH deep, and no string
+    with a lone surrogate (docs/protocol.md, Transport).
     """
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise FrameError(f"not UTF-8: {e.reason} at byte {e.start}") from None
     try:
-        frame = json.loads(text)
+        frame = _DECODER.decode(text)
+    except FrameError:
+        raise
+    except RecursionError:  # far deeper than MAX_DEPTH: the decoder gave up first
+        raise FrameError(f"nested deeper than {MAX_DEPTH} levels") from None
     except ValueError as e:  # the causes a reader cannot see, named before JSON's own
         nul = line.find(b"\0")
         if nul >= 0:
@@ -130,7 +152,46 @@ def parse(line: bytes):
         raise FrameError(f"invalid JSON: {e}") from None
     if type(frame) is not dict:
         raise FrameError(f"a frame is a JSON object, got {type(frame).__name__}")
+    if nesting_depth(line) > MAX_DEPTH:
+        raise FrameError(f"nested deeper than {MAX_DEPTH} levels")
+    if b"\\u" in line and _SURROGATE_ESCAPE.search(line):
+        # Rare (OWCA writes characters, not escapes): the whole frame is checked.
+        try:
+            json.dumps(frame, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise FrameError("a string holds a lone surrogate (an escape from \\ud800 to "
+                             "\\udfff not in a pair): not Unicode text") from None
     return frame
+
+
+# What nesting_depth keeps of a line: the brackets, as one kind, and the quotes.
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+_ONE_KIND = bytes.maketrans(b"[]", b"{}")
+_STRING = re.compile(rb'"[^"]*"')
+
+
+def nesting_depth(line: bytes, limit: int = MAX_DEPTH) -> int:
+    """How deep the JSON text `line` nests (a scalar 0, `[]` 1), or limit + 1 when
+    deeper than `limit`.
+
+    Done on the bytes, not the decoded objects: the brackets and quotes are kept
+    (a few C passes over the line), the strings dropped, then each pass removes
+    the innermost pairs.  `line` must be valid JSON.
+    """
+    if b"\\" in line:  # an escaped quote or backslash delimits nothing
+        line = line.replace(b"\\\\", b"").replace(b'\\"', b"")
+    # Dropping a pair of adjacent quotes leaves every other character inside or
+    # outside a string as it was: most strings go here, in one C pass.
+    kept = line.translate(_ONE_KIND, _NOT_STRUCTURE).replace(b'""', b"")
+    if b'"' in kept:  # strings that hold brackets
+        kept = _STRING.sub(b"", kept)
+    depth = 0
+    while kept:
+        if depth == limit:
+            return limit + 1
+        kept = kept.replace(b"{}", b"")
+        depth += 1
+    return depth
 
 
 def decode(line: bytes) -> dict:
@@ -230,6 +291,13 @@ def check_cgroup_path(path, where):
                          f"got {path!r:.80}")
 
 
+def check_subcgroup_paths(paths, where):
+    if type(paths) is not list:
+        raise FrameError(f"field '{where}': expected a list of cgroup paths")
+    for j, sub in enumerate(paths):
+        check_cgroup_path(sub, f"{where}[{j}]")
+
+
 def check_metric_values(metrics, where):
     if not isinstance(metrics, dict):
         raise FrameError(f"field '{where}': expected an object of metrics")
@@ -258,8 +326,7 @@ def _check_tasks(frame):
             raise FrameError(f"field '{where}.id': duplicate task id {task['id']!r}")
         seen.add(task["id"])
         check_cgroup_path(task.get("cgroup_path"), where + ".cgroup_path")
-        for j, sub in enumerate(task.get("subcgroup_paths", [])):
-            check_cgroup_path(sub, f"{where}.subcgroup_paths[{j}]")
+        check_subcgroup_paths(task.get("subcgroup_paths", []), where + ".subcgroup_paths")
         check_labels(task.get("labels", {}), where + ".labels")
         check_resources(task.get("resources", {}), where + ".resources")
 
@@ -276,6 +343,14 @@ def _check_measurements(frame):
             check_task_id(task_id, f"tasks.{task_id}")
         if type(task) is not dict:
             raise FrameError(f"field 'tasks.{task_id}': expected a task object")
+        # Optional here (a replayed recording may lack them), but never a way out of
+        # the cgroup tree for a stage that acts on the path.
+        path = task.get("cgroup_path")
+        if path is not None and not (type(path) is str and path[:1] == "/"
+                                     and "/.." not in path and "\0" not in path):
+            check_cgroup_path(path, f"tasks.{task_id}.cgroup_path")
+        if "subcgroup_paths" in task:
+            check_subcgroup_paths(task["subcgroup_paths"], f"tasks.{task_id}.subcgroup_paths")
         labels = task.get("labels", empty)
         if labels is not empty:
             check_labels(labels, f"tasks.{task_id}.labels")
