@@ -6,9 +6,9 @@ on stderr in one line (`owca-detect: error: line 17: invalid JSON: ...`),
 counted in `owca_bad_frames_total`, and skipped; the stream goes on.  With
 `--strict` it is fatal (exit 1), for debugging a producer.
 
-Exit codes: 0 on EOF, SIGTERM, SIGINT or a closed stdout; 1 on a runtime or data
-error (a bad frame under --strict, an unusable input or output); 2 on a usage or
-configuration error.
+Exit codes: 0 on EOF, SIGTERM, SIGINT, SIGHUP or a closed stdout; 1 on a runtime or
+data error (a bad frame under --strict, an unusable input or output); 2 on a usage
+or configuration error.
 """
 import logging
 import re
@@ -466,7 +466,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         return run_guarded(tool, bool(args.get("--debug")), body)
     finally:
         if signals is not None:
-            signals.close()
+            signals.close(ignore_stops=startup.began)
 
 
 def _version() -> str:
@@ -476,4 +476,6 @@ def _version() -> str:
 
 def run_tool(doc: str, stage_class, schema, **kwargs):
     """Entry point for bin/ scripts: exit with main()'s code."""
-    sys.exit(main(doc, stage_class, schema, **kwargs))
+    code = main(doc, stage_class, schema, **kwargs)
+    startup.ignore_stops()   # the status is decided: a signal now must not change it
+    sys.exit(code)

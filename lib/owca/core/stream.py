@@ -5,14 +5,14 @@
   the input, a timer and the signals at once.
 - Output is one os.write per frame: nothing sits in a userspace buffer when a
   stage is killed, and a reader downstream never waits on a flush.
-- SIGTERM and SIGINT only set a flag (and wake select through a pipe): the frame
-  in hand is finished and written before the tool exits.  A write that blocks
-  (a reader downstream that stalled) is given STOP_GRACE seconds after the
-  signal, then abandoned with OutputStalled: a stop is prompt whatever the
-  neighbours do, and a stage still restores what it changed (close()).  Only
-  a wait on something outside the node's control (an orchestrator that does
-  not answer) is cut short at once: inside `Signals.interruptible()` a stop
-  raises `Interrupted`.
+- SIGTERM, SIGINT and SIGHUP only set a flag (and wake select through a pipe): the
+  frame in hand is finished and written before the tool exits; a second signal
+  changes nothing.  A write that blocks (a reader downstream that stalled) is
+  given STOP_GRACE seconds after the signal, then abandoned with OutputStalled:
+  a stop is prompt whatever the neighbours do, and a stage still restores what
+  it changed (close()).  Only a wait on something outside the node's control (an
+  orchestrator that does not answer) is cut short at once: inside
+  `Signals.interruptible()` a stop raises `Interrupted`.
 """
 import contextlib
 import errno
@@ -24,6 +24,7 @@ import time
 from typing import Optional
 
 from owca.core import frames
+from owca.core.startup import STOP_SIGNALS
 
 log = logging.getLogger("owca")
 
@@ -97,7 +98,9 @@ class Interrupted(BaseException):
 
 
 class Signals:
-    """SIGTERM/SIGINT set `stop`; `fileno()` becomes readable when one arrives."""
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) sets `stop`; `fileno()` becomes readable
+    when one arrives.  The handler stays until close(): a second signal while the
+    stage stops only sets `stop` again."""
 
     def __init__(self):
         self.stop = False
@@ -107,7 +110,9 @@ class Signals:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        # One that is ignored stays so (nohup's SIGHUP, owca.core.startup).
+        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS
+                     if signal.getsignal(s) != signal.SIG_IGN}
         self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _on_alarm)
 
     def _handle(self, signum, _frame):
@@ -155,12 +160,16 @@ class Signals:
             self.drain()
         return False
 
-    def close(self):
+    def close(self, ignore_stops: bool = False):
+        """The handlers before back; with `ignore_stops`, stop signals ignored instead (a
+        tool's process about to exit: its status is decided, and a signal must not
+        reach the default handler that the interpreter restores while it exits)."""
         global _stop_requested
+        for s, handler in self._old.items():
+            ignored = ignore_stops and s in STOP_SIGNALS
+            signal.signal(s, signal.SIG_IGN if ignored else handler)
         _stop_requested = False
         signal.set_wakeup_fd(self._old_fd)
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
         os.close(self._r)
         os.close(self._w)
 
