@@ -242,5 +242,20 @@ def measure_start(runs: int) -> None:
         print(signame, sorted(counts.items(), key=lambda kv: -kv[1]))
 
 
+# --- 4: --help and --version into a full device ------------------------------------------
+
+@pytest.mark.parametrize("option", ["--help", "--version"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_help_into_a_full_device_is_one_line_and_exit_1(tool, option):
+    with open("/dev/full", "wb") as full:
+        result = subprocess.run(tool_command(tool, option), check=False, stdout=full,
+                                stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT,
+                                timeout=HANG_GUARD)
+    err = result.stderr.decode()
+    assert result.returncode == 1, err
+    assert err.startswith(f"owca-{tool}: error: ") and len(err.splitlines()) == 1, err
+    assert "No space left on device" in err
+
+
 if __name__ == "__main__":
     measure_start(int(sys.argv[1]) if len(sys.argv) > 1 else 50)

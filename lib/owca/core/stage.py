@@ -372,10 +372,25 @@ def parse_args(tool: str, doc: str, argv=None, options_first: bool = False):
         print(one_line(f"{tool}: usage error: {reason}; see '{tool} --help'"), file=sys.stderr)
         return None, EXIT_USAGE
     except SystemExit as e:  # --help and --version print and exit 0
-        return None, e.code if isinstance(e.code, int) else EXIT_OK
-    except BrokenPipeError:  # `--help | head -1`
-        FrameWriter(1).silence()
-        return None, EXIT_OK
+        code = e.code if isinstance(e.code, int) else EXIT_OK
+    except OSError as e:
+        return None, _help_not_written(tool, e)
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()   # a full stdout fails here, not in the exit's own flush
+    except OSError as e:
+        return None, _help_not_written(tool, e)
+    return None, code
+
+
+def _help_not_written(tool: str, e: OSError) -> int:
+    """The exit code when --help or --version could not be written to stdout."""
+    FrameWriter().silence()   # what print() still holds is not written again at exit
+    if isinstance(e, BrokenPipeError):   # `--help | head -1`
+        return EXIT_OK
+    print(one_line(f"{tool}: error: standard output: {e.strerror or e}"),  # `> /dev/full`
+          file=sys.stderr)
+    return EXIT_ERROR
 
 
 _UNMATCHED = re.compile(r"(Option|Argument)\((?:None|'([^']*)'), (?:None|'([^']*)')")
