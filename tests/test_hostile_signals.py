@@ -257,5 +257,87 @@ def test_help_into_a_full_device_is_one_line_and_exit_1(tool, option):
     assert "No space left on device" in err
 
 
+# --- 6, 7: plug-ins that raise KeyboardInterrupt, SystemExit --------------------------
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit(0)", "SystemExit(3)"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_plugin_raising_base_exceptions_at_import_is_a_config_error(tool, raised, tmp_path):
+    plugin = tmp_path / "plugin_raising.py"
+    plugin.write_text(f"class X:\n    pass\n\nraise {raised}\n")
+    proc = spawn(argv(tool, tmp_path, "-r", f"{plugin}:X"))
+    try:
+        _, err = proc.communicate(measurements_line(1), timeout=HANG_GUARD)
+        text = err.decode()
+        assert proc.returncode == 2, text
+        assert len(text.splitlines()) == 1 and text.startswith(f"owca-{tool}: error: "), text
+        assert f"{plugin}:4: " in text and f"-r {plugin}:X" in text
+    finally:
+        end(proc)
+
+
+FAILING_DETECTOR = """\
+from owca.plugin import AnomalyDetector
+
+class FailingDetector(AnomalyDetector):
+    def detect(self, platform, tasks_measurements, tasks_resources, tasks_labels):
+        if platform.metrics.get("seq_marker") == 2:
+            raise {raised}
+        return [], []
+"""
+
+FAILING_ALLOCATOR = """\
+from owca.plugin import Allocator
+
+class FailingAllocator(Allocator):
+    reads_current_allocations = False
+
+    def allocate(self, platform, tasks_measurements, tasks_resources, tasks_labels,
+                 tasks_allocations):
+        if platform.metrics.get("seq_marker") == 2:
+            raise {raised}
+        return {{}}, [], []
+"""
+
+
+def marked_line(seq: int) -> bytes:
+    """A measurements frame whose platform tells the plug-in its cycle."""
+    frame = json.loads(measurements_line(seq))
+    frame["platform"]["seq_marker"] = seq
+    return json.dumps(frame).encode() + b"\n"
+
+
+@pytest.mark.parametrize("raised", ["KeyboardInterrupt", "KeyboardInterrupt()",
+                                    "SystemExit(0)", "SystemExit(4)", "GeneratorExit"])
+@pytest.mark.parametrize("tool", ["detect", "allocate"])
+def test_a_plugin_raising_base_exceptions_costs_its_cycle_only(tool, raised, tmp_path):
+    name, source = (("FailingDetector", FAILING_DETECTOR) if tool == "detect"
+                    else ("FailingAllocator", FAILING_ALLOCATOR))
+    plugin = tmp_path / "failing_plugin.py"
+    plugin.write_text(source.format(raised=raised))
+    config = tmp_path / "owca.yaml"
+    config.write_text(f"{tool}:\n  {'detector' if tool == 'detect' else 'allocator'}: "
+                      f"!{name}\n")
+    proc = spawn(argv(tool, tmp_path, "-r", f"{plugin}:{name}", "-c", str(config)))
+    try:
+        out, err = proc.communicate(b"".join(marked_line(seq) for seq in (1, 2, 3)),
+                                    timeout=HANG_GUARD)
+        text = err.decode()
+        assert proc.returncode == 0, text
+        own = "anomalies" if tool == "detect" else "allocations"
+        written = [json.loads(line) for line in out.splitlines()]
+        cycles = [f for f in written if f["kind"] == own and not f.get("shutdown")]
+        assert [f["seq"] for f in cycles] == [1, 2, 3]
+        errors = {s["name"]: s["value"] for s in cycles[-1]["metrics"]
+                  if s["name"].endswith("_errors_total") and s["labels"].get("stage") == tool}
+        assert errors == {f"owca_{'detector' if tool == 'detect' else 'allocator'}"
+                          f"_errors_total": 1}
+        lines = text.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"owca-{tool}: error: cycle 2: {name} "
+                                                       f"failed: "), text
+        assert raised.split("(")[0] in lines[0]
+    finally:
+        end(proc)
+
+
 if __name__ == "__main__":
     measure_start(int(sys.argv[1]) if len(sys.argv) > 1 else 50)

@@ -20,7 +20,8 @@ from docopt import DocoptExit, docopt
 
 from owca.core import config, frames, startup
 from owca.core.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
-                              OutputClosed, OutputStalled, Signals, stop_requested, write_all)
+                              OutputClosed, OutputStalled, Signals, raised_by_signal,
+                              stop_requested, write_all)
 
 log = logging.getLogger("owca")
 
@@ -433,8 +434,14 @@ def run_guarded(tool: str, debug: bool, body) -> int:
     except DataError as e:
         print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except KeyboardInterrupt as e:
+        if raised_by_signal(e):
+            return EXIT_OK
+        # The tool's own handlers turn SIGINT into a clean stop: this one was raised by
+        # code it runs (a plug-in), and ended the stream early.
+        print(one_line(f"{tool}: error: KeyboardInterrupt raised by the code it ran, "
+                       f"not by a signal"), file=sys.stderr)
+        return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 the last line of defence: one line, unless --debug
         if debug:
             import traceback

@@ -89,6 +89,18 @@ def write_all(fd: int, data) -> None:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def raised_by_signal(e: BaseException) -> bool:
+    """Whether `e`, caught around a plug-in's call, is how a stop signal that this
+    process received shows up, not the plug-in's own doing.  Interrupted is one; a
+    KeyboardInterrupt is one only while SIGINT has Python's default handler: with a
+    tool's own (owca.core.startup, Signals) installed, SIGINT never raises it, so the
+    code raised it itself."""
+    if isinstance(e, Interrupted):
+        return True
+    return isinstance(e, KeyboardInterrupt) and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class Interrupted(BaseException):
     """A stop signal arrived inside Signals.interruptible().
 
