@@ -339,5 +339,69 @@ def test_a_plugin_raising_base_exceptions_costs_its_cycle_only(tool, raised, tmp
         end(proc)
 
 
+# --- 8: plug-ins that print ------------------------------------------------------------
+
+PRINTING_PLUGIN = """\
+import os
+import sys
+print("PRINTED AT IMPORT")
+os.write(1, b"WRITTEN TO FD 1 AT IMPORT\\n")
+
+from owca.plugin import Allocator, AnomalyDetector
+
+class PrintingDetector(AnomalyDetector):
+    def detect(self, platform, tasks_measurements, tasks_resources, tasks_labels):
+        print("PRINTED IN DETECT", end="")
+        sys.stdout.write("{half a frame")
+        return [], []
+
+class PrintingAllocator(Allocator):
+    reads_current_allocations = False
+
+    def allocate(self, platform, tasks_measurements, tasks_resources, tasks_labels,
+                 tasks_allocations):
+        print("PRINTED IN ALLOCATE")
+        return {}, [], []
+
+class X:
+    pass
+"""
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_what_a_plugin_prints_goes_to_stderr_not_into_the_stream(tool, tmp_path):
+    plugin = tmp_path / "printing_plugin.py"
+    plugin.write_text(PRINTING_PLUGIN)
+    args = ["-r", f"{plugin}:X"]
+    if tool in ("detect", "allocate"):
+        name = "PrintingDetector" if tool == "detect" else "PrintingAllocator"
+        config = tmp_path / "owca.yaml"
+        config.write_text(f"{tool}:\n  {'detector' if tool == 'detect' else 'allocator'}: "
+                          f"!{name}\n")
+        args = ["-r", f"{plugin}:{name}", "-c", str(config)]
+    if tool == "discover":
+        args += ["--once"]
+    stdin = b"" if tool == "discover" else \
+        b"".join(tasks_line(s) if tool == "measure" else measurements_line(s) for s in (1, 2))
+    proc = spawn(argv(tool, tmp_path, *args))
+    try:
+        out, err = proc.communicate(stdin, timeout=HANG_GUARD)
+    finally:
+        end(proc)
+    assert proc.returncode == 0, err
+    for text in (b"PRINTED AT IMPORT", b"WRITTEN TO FD 1 AT IMPORT"):
+        assert text not in out and text in err
+    if tool == "ship":
+        check_exposition(out)
+        assert out.count(b"# owca metrics ") == 2
+    else:
+        written = [json.loads(line) for line in out.splitlines()]
+        assert written and all(isinstance(f, dict) and "kind" in f for f in written)
+    if tool == "detect":
+        assert b"PRINTED IN DETECT" in err and b"{half a frame" in err
+    if tool == "allocate":
+        assert err.count(b"PRINTED IN ALLOCATE") == 2
+
+
 if __name__ == "__main__":
     measure_start(int(sys.argv[1]) if len(sys.argv) > 1 else 50)

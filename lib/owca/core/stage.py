@@ -20,8 +20,8 @@ from docopt import DocoptExit, docopt
 
 from owca.core import config, frames, startup
 from owca.core.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
-                              OutputClosed, OutputStalled, Signals, raised_by_signal,
-                              stop_requested, write_all)
+                              OutputClosed, OutputStalled, Signals, give_back_output,
+                              raised_by_signal, stop_requested, take_output, write_all)
 
 log = logging.getLogger("owca")
 
@@ -423,10 +423,10 @@ def run_guarded(tool: str, debug: bool, body) -> int:
         return body()
     except OutputStalled as e:
         log.warning("stopped: %s", e)
-        FrameWriter(1).silence()
+        FrameWriter().silence()
         return EXIT_OK
     except OutputClosed:
-        FrameWriter(1).silence()
+        FrameWriter().silence()
         return EXIT_OK
     except (UsageError, config.ConfigError) as e:
         print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
@@ -462,6 +462,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
     def body() -> int:
         nonlocal signals
         setup_logging(tool, args.get("--log-level") or "info")
+        take_output()   # before a plug-in is imported: what it prints goes to stderr
         for spec in args.get("--register") or []:
             config.register_external(spec)
         parse_interval(args.get("--interval"))
@@ -475,7 +476,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         # From here a signal lets the stage finish the frame in hand and restore.
         signals = Signals()
         stage = stage_class(cfg, args)
-        writer = FrameWriter(1)
+        writer = FrameWriter()
         if source:
             interval = stage.interval or default_interval
             assert interval, "a source is given a default_interval"
@@ -489,6 +490,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
     finally:
         if signals is not None:
             signals.close(ignore_stops=startup.began)
+        give_back_output()
 
 
 def _version() -> str:

@@ -5,6 +5,10 @@
   the input, a timer and the signals at once.
 - Output is one os.write per frame: nothing sits in a userspace buffer when a
   stage is killed, and a reader downstream never waits on a flush.
+- Output goes to the tool's stdout through a private copy of descriptor 1 once
+  the stage takes it (take_output): descriptor 1 and sys.stdout then go to
+  stderr, so that what a plug-in prints, at import or in its calls, lands in the
+  log and never inside the frame stream (or owca-ship's exposition).
 - SIGTERM, SIGINT and SIGHUP only set a flag (and wake select through a pipe): the
   frame in hand is finished and written before the tool exits; a second signal
   changes nothing.  A write that blocks (a reader downstream that stalled) is
@@ -20,6 +24,7 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 from typing import Optional
 
@@ -43,6 +48,11 @@ STOP_GRACE = 1.0
 _stop_requested = False
 _in_write = False
 _grace_armed = False
+
+# The descriptor of the tool's stdout: 1, or its private copy after take_output();
+# and sys.stdout as it was before.
+_output = 1
+_saved_stdout = None
 
 
 class OutputClosed(Exception):
@@ -87,6 +97,45 @@ def write_all(fd: int, data) -> None:
         if _grace_armed:
             _grace_armed = False
             signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def output_fd() -> int:
+    """Where frames (and owca-ship's exposition on stdout) are written."""
+    return _output
+
+
+def take_output() -> None:
+    """Keep the tool's stdout for frames alone: from now on they go to a private copy
+    of descriptor 1, and descriptor 1 and sys.stdout go to stderr, so that a plug-in's
+    print() (or a library's, or a child's write to its stdout) cannot split a frame.
+    Done before the first plug-in is imported."""
+    global _output, _saved_stdout
+    if _output != 1:
+        return
+    _flush_stdout()
+    _output = os.dup(1)   # close-on-exec: no child inherits the stream
+    os.dup2(2, 1)
+    _saved_stdout, sys.stdout = sys.stdout, sys.stderr
+
+
+def give_back_output() -> None:
+    """Descriptor 1 and sys.stdout as before take_output() (main() run in a test)."""
+    global _output, _saved_stdout
+    if _output == 1:
+        return
+    _flush_stdout()
+    os.dup2(_output, 1)
+    os.close(_output)
+    _output = 1
+    sys.stdout, _saved_stdout = _saved_stdout, None
+
+
+def _flush_stdout() -> None:
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError):
+        pass   # what a plug-in printed to a stderr that failed: lost, not the stream
 
 
 def raised_by_signal(e: BaseException) -> bool:
@@ -257,10 +306,11 @@ class LineReader:
 
 
 class FrameWriter:
-    """Writes whole frames to a file descriptor, one write per frame."""
+    """Writes whole frames to a file descriptor (the tool's stdout by default), one write
+    per frame."""
 
-    def __init__(self, fd: int = 1):
-        self.fd = fd
+    def __init__(self, fd: Optional[int] = None):
+        self.fd = output_fd() if fd is None else fd
         self.frames_written = 0
 
     def write(self, data) -> None:
