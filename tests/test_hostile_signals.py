@@ -257,6 +257,23 @@ def test_help_into_a_full_device_is_one_line_and_exit_1(tool, option):
     assert "No space left on device" in err
 
 
+# --- 5: a directory as standard input ----------------------------------------------------
+
+@pytest.mark.parametrize("tool", ["measure", "detect"])
+def test_a_directory_as_stdin_ends_the_tool_with_an_error_and_no_frame(tool):
+    # The interpreter refuses it before the tool's first instruction (README.md): no
+    # frame, and a status that is not success.
+    fd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        result = subprocess.run(tool_command(tool), check=False, stdin=fd, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=tool_env(), cwd=ROOT,
+                                timeout=HANG_GUARD)
+    finally:
+        os.close(fd)
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"is a directory" in result.stderr
+
+
 # --- 6, 7: plug-ins that raise KeyboardInterrupt, SystemExit --------------------------
 
 @pytest.mark.parametrize("raised", ["KeyboardInterrupt", "SystemExit(0)", "SystemExit(3)"])
