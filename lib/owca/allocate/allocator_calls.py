@@ -1,9 +1,12 @@
 """The allocator plug-in as owca-allocate calls it: a plug-in's bug costs its cycle, not
-the pipeline.  Each failed call is logged and counted (owca_allocator_errors_total).
+the pipeline.  Each failed call is logged and counted (owca_allocator_errors_total),
+whatever it raised: a sys.exit() or a KeyboardInterrupt of the plug-in's own too
+(a stop signal the tool received is no failure: owca.core.stream.raised_by_signal).
 """
 import logging
 from typing import Callable, Optional
 
+from owca.core.stream import raised_by_signal
 from owca.plugin import Allocator, anomaly_dicts, plugin_inputs
 
 log = logging.getLogger("owca.allocate")
@@ -39,7 +42,9 @@ class AllocatorCalls:
                                 f"{type(allocations).__name__}")
             self.ok = True
             return allocations, anomaly_dicts(anomalies), list(extra)
-        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
+        except BaseException as e:  # a plug-in's bug costs its cycle, not the pipeline
+            if raised_by_signal(e):
+                raise
             self.ok = False
             self.errors += 1
             log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(allocator).__name__,
@@ -54,7 +59,9 @@ class AllocatorCalls:
             return
         try:
             observe(frame.get("anomalies") or [])
-        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
+        except BaseException as e:  # a plug-in's bug costs its cycle, not the pipeline
+            if raised_by_signal(e):
+                raise
             self.errors += 1
             log.error("cycle %s: %s failed on anomalies: %s: %s", frame["seq"],
                       type(self.allocator).__name__, type(e).__name__, e)
@@ -63,7 +70,9 @@ class AllocatorCalls:
         allocator = self.allocator
         try:
             return bool(allocator.reapply_external_change(task_id, type_, wanted, found))
-        except Exception as e:  # noqa: BLE001 a plug-in's bug: OWCA's value stands, as by default
+        except BaseException as e:  # a plug-in's bug: OWCA's value stands, as by default
+            if raised_by_signal(e):
+                raise
             self.errors += 1
             log.error("task %s: %s.reapply_external_change failed: %s: %s", task_id,
                       type(allocator).__name__, type(e).__name__, e)

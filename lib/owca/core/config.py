@@ -154,8 +154,10 @@ def register_external(spec: str) -> type:
             module = _import_file(module_name)
         else:
             module = importlib.import_module(module_name)
-    except (Exception, SystemExit) as e:  # noqa: BLE001 any import-time failure of a
-        # plug-in, sys.exit() in it too, is a usage error that names the plug-in's line
+    except (Exception, SystemExit, KeyboardInterrupt) as e:  # noqa: BLE001 any import-time
+        # failure of a plug-in, sys.exit() or a KeyboardInterrupt of its own too, is a usage
+        # error that names the plug-in's line (a real SIGINT while a tool starts ends it
+        # before it gets here: owca.core.startup)
         where = _where_raised(e)
         raise ConfigError(f"{where + ': ' if where else ''}-r {spec}: cannot import "
                           f"{module_name}: {_import_failure(e)}") from None
@@ -168,6 +170,8 @@ def register_external(spec: str) -> type:
 def _import_failure(e: BaseException) -> str:
     if isinstance(e, SystemExit):
         return f"it called sys.exit({e.code!r}) while being imported"
+    if isinstance(e, KeyboardInterrupt):
+        return "it raised KeyboardInterrupt while being imported"
     return f"{type(e).__name__}: {e}" if not isinstance(e, ImportError) else str(e)
 
 

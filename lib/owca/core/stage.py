@@ -6,9 +6,9 @@ on stderr in one line (`owca-detect: error: line 17: invalid JSON: ...`),
 counted in `owca_bad_frames_total`, and skipped; the stream goes on.  With
 `--strict` it is fatal (exit 1), for debugging a producer.
 
-Exit codes: 0 on EOF, SIGTERM, SIGINT or a closed stdout; 1 on a runtime or data
-error (a bad frame under --strict, an unusable input or output); 2 on a usage or
-configuration error.
+Exit codes: 0 on EOF, SIGTERM, SIGINT, SIGHUP or a closed stdout; 1 on a runtime or
+data error (a bad frame under --strict, an unusable input or output); 2 on a usage
+or configuration error.
 """
 import logging
 import re
@@ -20,7 +20,8 @@ from docopt import DocoptExit, docopt
 
 from owca.core import config, frames, startup
 from owca.core.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
-                              OutputClosed, OutputStalled, Signals, stop_requested, write_all)
+                              OutputClosed, OutputStalled, Signals, give_back_output,
+                              raised_by_signal, stop_requested, take_output, write_all)
 
 log = logging.getLogger("owca")
 
@@ -372,10 +373,25 @@ def parse_args(tool: str, doc: str, argv=None, options_first: bool = False):
         print(one_line(f"{tool}: usage error: {reason}; see '{tool} --help'"), file=sys.stderr)
         return None, EXIT_USAGE
     except SystemExit as e:  # --help and --version print and exit 0
-        return None, e.code if isinstance(e.code, int) else EXIT_OK
-    except BrokenPipeError:  # `--help | head -1`
-        FrameWriter(1).silence()
-        return None, EXIT_OK
+        code = e.code if isinstance(e.code, int) else EXIT_OK
+    except OSError as e:
+        return None, _help_not_written(tool, e)
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()   # a full stdout fails here, not in the exit's own flush
+    except OSError as e:
+        return None, _help_not_written(tool, e)
+    return None, code
+
+
+def _help_not_written(tool: str, e: OSError) -> int:
+    """The exit code when --help or --version could not be written to stdout."""
+    FrameWriter().silence()   # what print() still holds is not written again at exit
+    if isinstance(e, BrokenPipeError):   # `--help | head -1`
+        return EXIT_OK
+    print(one_line(f"{tool}: error: standard output: {e.strerror or e}"),  # `> /dev/full`
+          file=sys.stderr)
+    return EXIT_ERROR
 
 
 _UNMATCHED = re.compile(r"(Option|Argument)\((?:None|'([^']*)'), (?:None|'([^']*)')")
@@ -407,10 +423,10 @@ def run_guarded(tool: str, debug: bool, body) -> int:
         return body()
     except OutputStalled as e:
         log.warning("stopped: %s", e)
-        FrameWriter(1).silence()
+        FrameWriter().silence()
         return EXIT_OK
     except OutputClosed:
-        FrameWriter(1).silence()
+        FrameWriter().silence()
         return EXIT_OK
     except (UsageError, config.ConfigError) as e:
         print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
@@ -418,8 +434,14 @@ def run_guarded(tool: str, debug: bool, body) -> int:
     except DataError as e:
         print(one_line(f"{tool}: error: {e}"), file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        return EXIT_OK
+    except KeyboardInterrupt as e:
+        if raised_by_signal(e):
+            return EXIT_OK
+        # The tool's own handlers turn SIGINT into a clean stop: this one was raised by
+        # code it runs (a plug-in), and ended the stream early.
+        print(one_line(f"{tool}: error: KeyboardInterrupt raised by the code it ran, "
+                       f"not by a signal"), file=sys.stderr)
+        return EXIT_ERROR
     except Exception as e:  # noqa: BLE001 the last line of defence: one line, unless --debug
         if debug:
             import traceback
@@ -440,6 +462,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
     def body() -> int:
         nonlocal signals
         setup_logging(tool, args.get("--log-level") or "info")
+        take_output()   # before a plug-in is imported: what it prints goes to stderr
         for spec in args.get("--register") or []:
             config.register_external(spec)
         parse_interval(args.get("--interval"))
@@ -453,7 +476,7 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         # From here a signal lets the stage finish the frame in hand and restore.
         signals = Signals()
         stage = stage_class(cfg, args)
-        writer = FrameWriter(1)
+        writer = FrameWriter()
         if source:
             interval = stage.interval or default_interval
             assert interval, "a source is given a default_interval"
@@ -466,7 +489,8 @@ def main(doc: str, stage_class, schema, argv=None, source: bool = False,
         return run_guarded(tool, bool(args.get("--debug")), body)
     finally:
         if signals is not None:
-            signals.close()
+            signals.close(ignore_stops=startup.began)
+        give_back_output()
 
 
 def _version() -> str:
@@ -476,4 +500,6 @@ def _version() -> str:
 
 def run_tool(doc: str, stage_class, schema, **kwargs):
     """Entry point for bin/ scripts: exit with main()'s code."""
-    sys.exit(main(doc, stage_class, schema, **kwargs))
+    code = main(doc, stage_class, schema, **kwargs)
+    startup.ignore_stops()   # the status is decided: a signal now must not change it
+    sys.exit(code)

@@ -5,14 +5,18 @@
   the input, a timer and the signals at once.
 - Output is one os.write per frame: nothing sits in a userspace buffer when a
   stage is killed, and a reader downstream never waits on a flush.
-- SIGTERM and SIGINT only set a flag (and wake select through a pipe): the frame
-  in hand is finished and written before the tool exits.  A write that blocks
-  (a reader downstream that stalled) is given STOP_GRACE seconds after the
-  signal, then abandoned with OutputStalled: a stop is prompt whatever the
-  neighbours do, and a stage still restores what it changed (close()).  Only
-  a wait on something outside the node's control (an orchestrator that does
-  not answer) is cut short at once: inside `Signals.interruptible()` a stop
-  raises `Interrupted`.
+- Output goes to the tool's stdout through a private copy of descriptor 1 once
+  the stage takes it (take_output): descriptor 1 and sys.stdout then go to
+  stderr, so that what a plug-in prints, at import or in its calls, lands in the
+  log and never inside the frame stream (or owca-ship's exposition).
+- SIGTERM, SIGINT and SIGHUP only set a flag (and wake select through a pipe): the
+  frame in hand is finished and written before the tool exits; a second signal
+  changes nothing.  A write that blocks (a reader downstream that stalled) is
+  given STOP_GRACE seconds after the signal, then abandoned with OutputStalled:
+  a stop is prompt whatever the neighbours do, and a stage still restores what
+  it changed (close()).  Only a wait on something outside the node's control (an
+  orchestrator that does not answer) is cut short at once: inside
+  `Signals.interruptible()` a stop raises `Interrupted`.
 """
 import contextlib
 import errno
@@ -20,10 +24,12 @@ import logging
 import os
 import select
 import signal
+import sys
 import time
 from typing import Optional
 
 from owca.core import frames
+from owca.core.startup import STOP_SIGNALS
 
 log = logging.getLogger("owca")
 
@@ -42,6 +48,11 @@ STOP_GRACE = 1.0
 _stop_requested = False
 _in_write = False
 _grace_armed = False
+
+# The descriptor of the tool's stdout: 1, or its private copy after take_output();
+# and sys.stdout as it was before.
+_output = 1
+_saved_stdout = None
 
 
 class OutputClosed(Exception):
@@ -88,6 +99,57 @@ def write_all(fd: int, data) -> None:
             signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def output_fd() -> int:
+    """Where frames (and owca-ship's exposition on stdout) are written."""
+    return _output
+
+
+def take_output() -> None:
+    """Keep the tool's stdout for frames alone: from now on they go to a private copy
+    of descriptor 1, and descriptor 1 and sys.stdout go to stderr, so that a plug-in's
+    print() (or a library's, or a child's write to its stdout) cannot split a frame.
+    Done before the first plug-in is imported."""
+    global _output, _saved_stdout
+    if _output != 1:
+        return
+    _flush_stdout()
+    _output = os.dup(1)   # close-on-exec: no child inherits the stream
+    os.dup2(2, 1)
+    _saved_stdout, sys.stdout = sys.stdout, sys.stderr
+
+
+def give_back_output() -> None:
+    """Descriptor 1 and sys.stdout as before take_output() (main() run in a test)."""
+    global _output, _saved_stdout
+    if _output == 1:
+        return
+    _flush_stdout()
+    os.dup2(_output, 1)
+    os.close(_output)
+    _output = 1
+    sys.stdout, _saved_stdout = _saved_stdout, None
+
+
+def _flush_stdout() -> None:
+    try:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except (OSError, ValueError):
+        pass   # what a plug-in printed to a stderr that failed: lost, not the stream
+
+
+def raised_by_signal(e: BaseException) -> bool:
+    """Whether `e`, caught around a plug-in's call, is how a stop signal that this
+    process received shows up, not the plug-in's own doing.  Interrupted is one; a
+    KeyboardInterrupt is one only while SIGINT has Python's default handler: with a
+    tool's own (owca.core.startup, Signals) installed, SIGINT never raises it, so the
+    code raised it itself."""
+    if isinstance(e, Interrupted):
+        return True
+    return isinstance(e, KeyboardInterrupt) and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 class Interrupted(BaseException):
     """A stop signal arrived inside Signals.interruptible().
 
@@ -97,7 +159,9 @@ class Interrupted(BaseException):
 
 
 class Signals:
-    """SIGTERM/SIGINT set `stop`; `fileno()` becomes readable when one arrives."""
+    """A stop signal (SIGTERM, SIGINT, SIGHUP) sets `stop`; `fileno()` becomes readable
+    when one arrives.  The handler stays until close(): a second signal while the
+    stage stops only sets `stop` again."""
 
     def __init__(self):
         self.stop = False
@@ -107,7 +171,9 @@ class Signals:
         os.set_blocking(self._r, False)
         os.set_blocking(self._w, False)
         self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        # One that is ignored stays so (nohup's SIGHUP, owca.core.startup).
+        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS
+                     if signal.getsignal(s) != signal.SIG_IGN}
         self._old[signal.SIGALRM] = signal.signal(signal.SIGALRM, _on_alarm)
 
     def _handle(self, signum, _frame):
@@ -155,12 +221,16 @@ class Signals:
             self.drain()
         return False
 
-    def close(self):
+    def close(self, ignore_stops: bool = False):
+        """The handlers before back; with `ignore_stops`, stop signals ignored instead (a
+        tool's process about to exit: its status is decided, and a signal must not
+        reach the default handler that the interpreter restores while it exits)."""
         global _stop_requested
+        for s, handler in self._old.items():
+            ignored = ignore_stops and s in STOP_SIGNALS
+            signal.signal(s, signal.SIG_IGN if ignored else handler)
         _stop_requested = False
         signal.set_wakeup_fd(self._old_fd)
-        for s, handler in self._old.items():
-            signal.signal(s, handler)
         os.close(self._r)
         os.close(self._w)
 
@@ -236,10 +306,11 @@ class LineReader:
 
 
 class FrameWriter:
-    """Writes whole frames to a file descriptor, one write per frame."""
+    """Writes whole frames to a file descriptor (the tool's stdout by default), one write
+    per frame."""
 
-    def __init__(self, fd: int = 1):
-        self.fd = fd
+    def __init__(self, fd: Optional[int] = None):
+        self.fd = output_fd() if fd is None else fd
         self.frames_written = 0
 
     def write(self, data) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 from owca.core import config, frames
 from owca.core.stage import Stage
+from owca.core.stream import raised_by_signal
 from owca.detect.detectors import BUILTINS
 from owca.plugin import AnomalyDetector, NOPAnomalyDetector, anomaly_dicts, plugin_inputs
 
@@ -53,7 +54,9 @@ class Detect(Stage):
             out = frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                          host=frame["host"], metrics=list(extra))
             frames.validate(self.stats.names.samples_of(out))  # a bad name costs its metric only
-        except Exception as e:  # noqa: BLE001 a plug-in's bug costs its cycle, not the pipeline
+        except BaseException as e:  # a plug-in's bug costs its cycle, not the pipeline: its
+            if raised_by_signal(e):  # own sys.exit() or KeyboardInterrupt too, not a signal
+                raise
             self.errors += 1
             log.error("cycle %s: %s failed: %s: %s", frame["seq"], type(detector).__name__,
                       type(e).__name__, e)

@@ -29,7 +29,7 @@ class StdoutStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
-        self._out = FrameWriter(1)
+        self._out = FrameWriter()   # the tool's stdout, not where plug-ins print
 
 
 @dataclass(kw_only=True)
