@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 from owca.core import frames
+from owca.ship.exposition import timestamp_ms
 from owca.ship.spool import (CORRUPT, DISK_FULL, FULL, TOO_LARGE, Record, Spool, SpoolError,
                              SpoolFull)
 from owca.plugin import CATEGORIES, Cycle, Storage, StorageError
@@ -101,7 +102,9 @@ def message_of(record: Record) -> dict:
             "headers": [("owca-category", meta["category"].encode()),
                         ("owca-seq", str(meta["seq"]).encode()),
                         ("content-type", CONTENT_TYPE)],
-            "timestamp_ms": int(round(meta["ts"] * 1000))}
+            # None (the time of sending) where an int64 cannot hold it, as in the text:
+            # a cycle the client cannot encode would stay at the head of the spool.
+            "timestamp_ms": timestamp_ms(meta["ts"])}
 
 
 class Sender(threading.Thread):

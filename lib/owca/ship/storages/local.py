@@ -112,7 +112,8 @@ class FileStorage(Storage):
         seq, host, texts, _ = pending
         categories = [c for c in CATEGORIES if c in texts]
         text = strip_timestamps(merge(texts[c] for c in categories))
-        data = (f"# owca cycle seq={seq} host={host} categories={','.join(categories)}\n"
+        data = (f"# owca cycle seq={seq} host={escape(host)} "
+                f"categories={','.join(categories)}\n"
                 f"{text}").encode()
         tmp = f"{self.path}.tmp"
         try:
