@@ -212,6 +212,51 @@ def test_an_upstream_sample_cannot_forge_owca_ship_s_own_counters():
         assert len(series) == len(set(series)), family.name
 
 
+# -- cause 4: a storage that prints -----------------------------------------------------------
+
+PRINTING_STORAGE = '''
+import os
+import subprocess
+from dataclasses import dataclass
+
+from owca.plugin import Storage
+
+
+@dataclass(kw_only=True)
+class PrintingStorage(Storage):
+    """A plug-in storage that talks on standard output, as careless ones do."""
+
+    def start(self):
+        print("printed at start")
+
+    def store(self, cycle):
+        print(f"printed for cycle {cycle.seq}", flush=True)
+        os.write(1, b"written to descriptor 1\\n")
+        subprocess.run(["echo", "a child's output"], check=True)
+'''
+
+
+def test_a_storage_that_prints_leaves_the_exposition_on_stdout_alone(tmp_path):
+    plugin = tmp_path / "printing.py"
+    plugin.write_text(PRINTING_STORAGE)
+    config = tmp_path / "ship.yaml"
+    config.write_text("ship:\n  storages:\n    - !PrintingStorage {}\n    - !StdoutStorage {}\n")
+    result = ship(frame(seq=1) + frame(seq=2), "-r", f"{plugin}:PrintingStorage",
+                  config=config)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout.decode()
+    assert "printed" not in out and "descriptor 1" not in out and "child" not in out, out
+    texts = blocks(result.stdout)
+    assert len(texts) == 2
+    for text in texts:
+        promtool_passes(text)
+        assert PLATFORM_LINE in text
+    err = result.stderr.decode()
+    for said in ("printed at start", "printed for cycle 2", "written to descriptor 1",
+                 "a child's output"):
+        assert said in err, err
+
+
 # -- Kafka ------------------------------------------------------------------------------------
 
 def test_a_cycle_whose_time_kafka_cannot_carry_is_delivered(broker, tmp_path):  # noqa: F811
