@@ -257,7 +257,76 @@ def test_a_storage_that_prints_leaves_the_exposition_on_stdout_alone(tmp_path):
         assert said in err, err
 
 
-# -- Kafka ------------------------------------------------------------------------------------
+# -- cause 5: a broker that accepts and never answers -----------------------------------------
+
+HUNG_BROKER = """
+import socket, sys, threading
+server = socket.socket()
+server.bind(("127.0.0.1", 0))
+server.listen(16)
+print(server.getsockname()[1], flush=True)
+
+def swallow(conn):
+    while conn.recv(65536):
+        pass
+
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=swallow, args=(conn,), daemon=True).start()
+"""
+
+
+def test_a_hung_broker_shows_in_the_metrics_long_before_the_client_gives_up(tmp_path):
+    """A process that accepts Kafka connections, reads and never answers.  The client
+    would wait send_timeout_seconds (300 s here) before an attempt fails; the storage's
+    own answer_timeout_seconds (1 s) counts the attempt unanswered while it still waits,
+    and the log says so once."""
+    hung = subprocess.Popen([sys.executable, "-c", HUNG_BROKER], stdout=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    port = free_port()
+    log_path = tmp_path / "ship.log"
+    ship_proc = None
+    try:
+        broker_port = int(hung.stdout.readline())
+        config = tmp_path / "ship.yaml"
+        config.write_text(
+            f"ship:\n  storages:\n    - !KafkaStorage\n"
+            f"      bootstrap_servers: [127.0.0.1:{broker_port}]\n"
+            f"      spool_directory: {tmp_path / 'spool'}\n"
+            f"      send_timeout_seconds: 300\n      answer_timeout_seconds: 1\n"
+            f"      flush_timeout_seconds: 1\n"
+            f"    - !PrometheusStorage {{port: {port}}}\n")
+        with open(log_path, "wb") as log:
+            ship_proc = subprocess.Popen(tool_command("ship", "-c", str(config)),
+                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                         stderr=log, env=tool_env())
+        seq = 0
+
+        def unanswered_shown():
+            nonlocal seq
+            assert ship_proc.poll() is None, log_path.read_text()
+            seq += 1
+            ship_proc.stdin.write(json.dumps(measurements(seq)).encode() + b"\n")
+            ship_proc.stdin.flush()
+            got = scraped(port)
+            return got and value(got, "owca_ship_unanswered_sends_total") >= 1 and got
+
+        got = wait_for(unanswered_shown, 60, "the unanswered send in the metrics", step=0.5,
+                       detail=lambda: log_path.read_text())
+        # The client's own timeout is far off: no failed attempt is counted yet.
+        assert value(got, "owca_ship_send_errors_total") == 0
+        assert value(got, "owca_ship_spool_cycles") >= 1
+        os.kill(ship_proc.pid, signal.SIGTERM)
+        assert ship_proc.wait(60) == 0, log_path.read_text()
+    finally:
+        if ship_proc is not None:
+            terminate(ship_proc)
+            ship_proc.stdin.close()
+        terminate(hung)
+        hung.stdout.close()
+    log = log_path.read_text()
+    assert log.count("has not answered for") == 1, log
+
 
 def test_a_cycle_whose_time_kafka_cannot_carry_is_delivered(broker, tmp_path):  # noqa: F811
     """A frame with ts 1e300: its message goes with the time of sending, instead of

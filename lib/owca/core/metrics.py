@@ -404,6 +404,11 @@ SHIP = _specs(
     M("owca_ship_send_errors_total", COUNTER, "errors",
       "Failed attempts to deliver a cycle (broker unreachable, timeout, error); each is "
       "retried with backoff.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_unanswered_sends_total", COUNTER, "attempts",
+      "Attempts to deliver a cycle (connecting included) the broker left unanswered for "
+      "answer_timeout_seconds, counted when that passes: a broker that accepts "
+      "connections and never answers shows here long before the client's own timeout "
+      "fails the attempt.", "owca-ship: KafkaStorage", scope="internal"),
     M("owca_ship_connection_errors_total", COUNTER, "connections",
       "Connections to the broker that the Kafka client reported refused or lost, counted "
       "as they happen (a send in flight then fails at once).", "owca-ship: KafkaStorage",
