@@ -345,3 +345,29 @@ def test_a_cycle_whose_time_kafka_cannot_carry_is_delivered(broker, tmp_path):  
     assert records[1].timestamp == (TS0 + 1) * 1000
     promtool_passes(records[0].value.decode())
 
+
+# -- cause 6: a small disk -------------------------------------------------------------------
+
+def test_on_a_small_disk_the_default_reserve_leaves_the_spool_room(small_fs, tmp_path):  # noqa: F811
+    """A 4 MiB filesystem with 392 KiB free and no broker: the default reserve (64 MiB)
+    would leave no room at all; sized from the filesystem it lets the spool keep the 16
+    cycles that fit (8 KiB each), none counted disk_full."""
+    fs = small_fs(4 << 20)
+    fs.fill(leave_free=392 << 10)
+    spool = os.path.join(fs.path, "spool")
+    config = tmp_path / "ship.yaml"
+    config.write_text(f"ship:\n  storages:\n    - !KafkaStorage\n"
+                      f"      bootstrap_servers: [127.0.0.1:{free_port()}]\n"
+                      f"      spool_directory: {spool}\n"
+                      f"      flush_timeout_seconds: 0.5\n    - !StdoutStorage {{}}\n")
+    stdin = b"".join(json.dumps(measurements(seq)).encode() + b"\n" for seq in range(1, 17))
+    result = ship(stdin, config=config)
+    assert result.returncode == 0, result.stderr
+    kept = sorted(parse_name(n) for n in os.listdir(spool) if parse_name(n) is not None)
+    assert kept == list(range(1, 17)), result.stderr
+    last = blocks(result.stdout)[-1]
+    assert 'owca_ship_spool_cycles{host="node-1",storage="KafkaStorage"} 15 ' in last
+    assert 'owca_ship_dropped_cycles_total{host="node-1",storage="KafkaStorage",' \
+           'reason="disk_full"} 0 ' in last
+    assert "full: dropping" not in result.stderr.decode()
+

@@ -327,7 +327,8 @@ class KafkaStorage(Storage):
     spool_max_bytes: int = 256 * MiB
     spool_max_cycles: int = 100000
     spool_fsync: bool = True
-    spool_min_free_bytes: int = 64 * MiB
+    # None: 64 MiB, at most 5 % of the spool's filesystem (owca.ship.spool)
+    spool_min_free_bytes: Optional[int] = None
     flush_timeout_seconds: float = 10.0
     send_timeout_seconds: float = 30.0
     answer_timeout_seconds: float = 5.0
@@ -387,7 +388,7 @@ class KafkaStorage(Storage):
         for name in ("spool_max_bytes", "spool_max_cycles", "max_request_size_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number")
-        if self.spool_min_free_bytes < 0:
+        if self.spool_min_free_bytes is not None and self.spool_min_free_bytes < 0:
             raise ValueError("spool_min_free_bytes: expected 0 or more bytes")
         for name in ("flush_timeout_seconds", "send_timeout_seconds", "answer_timeout_seconds",
                      "retry_backoff_seconds", "retry_backoff_max_seconds"):
@@ -480,9 +481,9 @@ class KafkaStorage(Storage):
         log.warning("kafka: spool %s full: dropping the oldest cycles to make room (%d "
                     "cycles, %d bytes kept, %d bytes free on its filesystem); dropped so far: "
                     "%d for spool_max_cycles/spool_max_bytes, %d for the disk "
-                    "(spool_min_free_bytes %d)", self.spool_directory, cycles, nbytes,
-                    self._spool.free_bytes(), dropped[FULL], dropped[DISK_FULL],
-                    self.spool_min_free_bytes)
+                    "(reserve %d bytes, spool_min_free_bytes)", self.spool_directory, cycles,
+                    nbytes, self._spool.free_bytes(), dropped[FULL], dropped[DISK_FULL],
+                    self._spool.reserve_bytes())
 
     def samples(self) -> List[dict]:
         if self._spool is None:
