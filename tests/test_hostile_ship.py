@@ -371,3 +371,38 @@ def test_on_a_small_disk_the_default_reserve_leaves_the_spool_room(small_fs, tmp
            'reason="disk_full"} 0 ' in last
     assert "full: dropping" not in result.stderr.decode()
 
+
+# -- cause 8: a storage that cannot write ------------------------------------------------------
+
+@pytest.mark.parametrize("storage, reason", [
+    ("!FileStorage {path: MISSING/owca.prom}", "FileStorage: path: directory MISSING does not "
+                                               "exist"),
+    ("!FileStorage {path: MISSING/owca.prom, overwrite: true}",
+     "FileStorage: path: directory MISSING does not exist"),
+    ("!LogStorage {output: MISSING/owca.log}", "LogStorage: output: directory MISSING does "
+                                               "not exist"),
+    ("!FileStorage {path: TMP}", "FileStorage: path: TMP is a directory"),
+])
+def test_check_config_refuses_a_file_that_cannot_be_written(storage, reason, tmp_path):
+    missing = str(tmp_path / "no-such-dir")
+    config = tmp_path / "ship.yaml"
+    config.write_text("ship:\n  storages:\n    - "
+                      + storage.replace("MISSING", missing).replace("TMP", str(tmp_path))
+                      + "\n")
+    result = ship(b"", "--check-config", config=config)
+    assert result.returncode == 2 and result.stdout == b""
+    assert result.stderr.decode() == (
+        f"owca-ship: error: {config}:3: "
+        f"{reason.replace('MISSING', missing).replace('TMP', str(tmp_path))}\n")
+
+
+def test_check_config_lets_a_unit_s_runtime_directory_be_made_by_systemd(tmp_path):
+    """/run/<unit> does not exist before systemd starts the unit (RuntimeDirectory=), and
+    the Ansible role checks the configuration before that."""
+    runtime = f"/run/owca-test-{os.getpid()}-absent"
+    assert not os.path.exists(runtime)
+    config = tmp_path / "ship.yaml"
+    config.write_text(f"ship:\n  storages:\n    - !FileStorage {{path: {runtime}/m.prom}}\n")
+    result = ship(b"", "--check-config", config=config)
+    assert (result.returncode, result.stderr) == (0, b"")
+    assert not os.path.exists(runtime)

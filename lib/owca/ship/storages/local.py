@@ -38,6 +38,25 @@ def private_stdout() -> int:
     return _stdout_fd
 
 
+def check_output_path(field: str, path: str) -> None:
+    """ValueError (a configuration error, with file and line) for a file that cannot be
+    written where it is named: its directory missing, not a directory, read-only, or the
+    path itself a directory.  A missing directory right under /run or /var/lib passes:
+    systemd makes a unit's RuntimeDirectory= and StateDirectory= there when the unit
+    starts, after its configuration was checked."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{field}: {path} is a directory")
+    if not os.path.exists(directory):
+        if os.path.dirname(directory) in ("/run", "/var/lib"):
+            return
+        raise ValueError(f"{field}: directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{field}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: cannot write in {directory}")
+
+
 @dataclass(kw_only=True)
 class StdoutStorage(Storage):
     """Each cycle's block on standard output, for shells (`owca-ship | less`)."""
@@ -61,6 +80,8 @@ class LogStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.output != "stderr":
+            check_output_path("output", self.output)
         self._fd = None
 
     def store(self, cycle: Cycle) -> None:
@@ -94,6 +115,7 @@ class FileStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
+        check_output_path("path", self.path)
         self._fd = None
         self._pending = None        # [seq, host, {category: text}, written] of the latest cycle
         self._expected = None       # categories a whole cycle brings, learnt from earlier ones
