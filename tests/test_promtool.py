@@ -80,6 +80,25 @@ def test_the_alerting_rules_pass_promtool_s_own_tests():
     assert b"SUCCESS" in tested.stdout
 
 
+def test_a_spool_that_keeps_growing_pages_and_a_busy_one_does_not():
+    """OwcaSpoolGrowing is among the rules and alerts_test.yml holds it to its word: it
+    fires for a spool that grew for 15 minutes, not before, not for a spool that holds
+    a cycle or two, and not once the spool stopped growing (full: OwcaCyclesDropped)."""
+    import yaml
+    with open(os.path.join(RULES, "alerts.yml")) as f:
+        rules = [r for g in yaml.safe_load(f)["groups"] for r in g["rules"]]
+    (rule,) = [r for r in rules if r.get("alert") == "OwcaSpoolGrowing"]
+    assert rule["for"] == "15m" and "owca_ship_spool_cycles" in rule["expr"]
+    with open(os.path.join(RULES, "alerts_test.yml")) as f:
+        cases = [c for t in yaml.safe_load(f)["tests"] for c in t["alert_rule_test"]
+                 if c["alertname"] == "OwcaSpoolGrowing"]
+    assert [bool(c["exp_alerts"]) for c in cases] == [False, True, False]
+    assert [a["exp_labels"]["host"] for c in cases for a in c["exp_alerts"]] == ["n1"]
+    tested = subprocess.run([binary("promtool"), "test", "rules", "alerts_test.yml"],
+                            cwd=RULES, capture_output=True, timeout=120)
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
 class PrometheusServer:
     """Debian's prometheus on a free loopback port with a data directory of its own;
     stopped by its pid and removed with its directory."""

@@ -370,7 +370,23 @@ CONTROL = _specs(
 SHIP = _specs(
     M("owca_ship_bad_values_total", COUNTER, "values",
       "Metric values owca-ship left out of what it stored because they were not finite "
-      "numbers (a string, a boolean, null).", "owca-ship", scope="internal"),
+      "numbers (NaN, a string, a boolean, null, an integer beyond float64).", "owca-ship",
+      scope="internal"),
+    M("owca_ship_bad_labels_total", COUNTER, "labels",
+      "Labels owca-ship changed so that the exposition stays valid, counted in every cycle "
+      "they come; label reason: reserved (a name Prometheus reserves, `__*`: left out), "
+      "clashing (named like a label the exposition sets itself, `host` in a sample's "
+      "labels or a nested metric's level in a task's: renamed exported_<name>).",
+      "owca-ship", scope="internal"),
+    M("owca_ship_dropped_samples_total", COUNTER, "samples",
+      "Samples owca-ship left out because the cycle already had their series; label "
+      "reason: duplicate (given twice upstream: the first kept), forged (an upstream sample "
+      "with the name and labels of one of owca-ship's own, which wins).", "owca-ship",
+      scope="internal"),
+    M("owca_ship_bad_timestamps_total", COUNTER, "frames",
+      "Frames whose ts is beyond the exposition's int64 milliseconds (1e300; seconds "
+      "mistaken for milliseconds): their samples were stored without a timestamp.",
+      "owca-ship", scope="internal"),
     M("owca_ship_dropped_cycles_total", COUNTER, "cycles",
       "Cycles that left a storage's spool undelivered; label reason: spool_full (the oldest, "
       "to keep spool_max_cycles and spool_max_bytes), disk_full (the oldest, or at worst "
@@ -388,6 +404,11 @@ SHIP = _specs(
     M("owca_ship_send_errors_total", COUNTER, "errors",
       "Failed attempts to deliver a cycle (broker unreachable, timeout, error); each is "
       "retried with backoff.", "owca-ship: KafkaStorage", scope="internal"),
+    M("owca_ship_unanswered_sends_total", COUNTER, "attempts",
+      "Attempts to deliver a cycle (connecting included) the broker left unanswered for "
+      "answer_timeout_seconds, counted when that passes: a broker that accepts "
+      "connections and never answers shows here long before the client's own timeout "
+      "fails the attempt.", "owca-ship: KafkaStorage", scope="internal"),
     M("owca_ship_connection_errors_total", COUNTER, "connections",
       "Connections to the broker that the Kafka client reported refused or lost, counted "
       "as they happen (a send in flight then fails at once).", "owca-ship: KafkaStorage",

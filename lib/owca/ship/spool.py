@@ -17,9 +17,12 @@ read, and counted.  Neither stops the spool.
 Bounds: at most `max_records` records and `max_bytes` bytes of record files, and
 at least `min_free_bytes` left free on the spool's filesystem after an append
 (checked with statvfs before each write, so that the spool never takes what the
-rest of the node needs).  An append that would break a bound drops the oldest
-records first, except the one a sender holds (`take()` .. `release()`), which is
-kept so that a record on its way to the broker is never reported as dropped.
+rest of the node needs).  `min_free_bytes=None` sizes that reserve from the
+filesystem: 64 MiB, but at most 5 % of its size, so that on a small disk the
+reserve does not take all the room and the spool still keeps what fits.  An
+append that would break a bound drops the oldest records first, except the one a
+sender holds (`take()` .. `release()`), which is kept so that a record on its way
+to the broker is never reported as dropped.
 The same holds when the filesystem fills before the bounds (ENOSPC, EDQUOT: other
 files grew): the oldest records make room, and only when none is left to drop is
 the new record itself dropped (SpoolFull).  Every drop is counted by reason.
@@ -53,6 +56,10 @@ NAME_DIGITS = 20
 # Reasons a record leaves the spool without being delivered.
 FULL, TOO_LARGE, CORRUPT = "spool_full", "too_large", "corrupt"
 DISK_FULL = "disk_full"          # the filesystem's free space (or the reserve) ran out
+
+# The reserve when none is configured: this, or this share of the filesystem if less.
+DEFAULT_RESERVE_BYTES = 64 * 1024 * 1024
+DEFAULT_RESERVE_SHARE = 0.05
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
@@ -134,8 +141,8 @@ class Spool:
     """Records in `directory`, oldest first, bounded by records and bytes."""
 
     def __init__(self, directory: str, max_bytes: int, max_records: int, fsync: bool = True,
-                 min_free_bytes: int = 0):
-        if max_bytes <= 0 or max_records <= 0 or min_free_bytes < 0:
+                 min_free_bytes: Optional[int] = 0):
+        if max_bytes <= 0 or max_records <= 0 or (min_free_bytes or 0) < 0:
             raise SpoolError("spool bounds must be positive")
         self.directory = directory
         self.max_bytes = max_bytes
@@ -263,12 +270,21 @@ class Spool:
         st = os.fstatvfs(self._dir_fd)
         return st.f_bavail * st.f_frsize
 
+    def reserve_bytes(self) -> int:
+        """The free space the spool leaves on its filesystem: min_free_bytes, or when it
+        is None, the default reserve bounded by the filesystem's size."""
+        if self.min_free_bytes is not None:
+            return self.min_free_bytes
+        st = os.fstatvfs(self._dir_fd)
+        return min(DEFAULT_RESERVE_BYTES, int(st.f_blocks * st.f_frsize * DEFAULT_RESERVE_SHARE))
+
     def _make_room(self, size: int) -> int:
-        """Drop the oldest records until `size` more bytes leave min_free_bytes free."""
-        if not self.min_free_bytes:
+        """Drop the oldest records until `size` more bytes leave the reserve free."""
+        reserve = self.reserve_bytes()
+        if not reserve:
             return 0
         # A file takes whole blocks; a little more for its directory entry.
-        need = size + 2 * os.fstatvfs(self._dir_fd).f_frsize + self.min_free_bytes
+        need = size + 2 * os.fstatvfs(self._dir_fd).f_frsize + reserve
         dropped = 0
         with self._cond:
             while self.free_bytes() < need and self._drop_oldest(DISK_FULL):

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Literal, Optional, Tuple, Type
 
 from owca.core import frames
+from owca.ship.exposition import timestamp_ms
 from owca.ship.spool import (CORRUPT, DISK_FULL, FULL, TOO_LARGE, Record, Spool, SpoolError,
                              SpoolFull)
 from owca.plugin import CATEGORIES, Cycle, Storage, StorageError
@@ -101,14 +102,16 @@ def message_of(record: Record) -> dict:
             "headers": [("owca-category", meta["category"].encode()),
                         ("owca-seq", str(meta["seq"]).encode()),
                         ("content-type", CONTENT_TYPE)],
-            "timestamp_ms": int(round(meta["ts"] * 1000))}
+            # None (the time of sending) where an int64 cannot hold it, as in the text:
+            # a cycle the client cannot encode would stay at the head of the spool.
+            "timestamp_ms": timestamp_ms(meta["ts"])}
 
 
 class Sender(threading.Thread):
     """Drains the spool into a producer, one record in flight, backing off on failure."""
 
     def __init__(self, spool: Spool, make_producer, backoff: float, backoff_max: float,
-                 where: str, client_errors: ClientErrors):
+                 where: str, client_errors: ClientErrors, answer_timeout: float = 5.0):
         super().__init__(name="owca-kafka-sender", daemon=True)
         self.spool = spool
         self.make_producer = make_producer
@@ -116,8 +119,16 @@ class Sender(threading.Thread):
         self.backoff_max = backoff_max
         self.where = where
         self.client_errors = client_errors
+        self.answer_timeout = answer_timeout
         self.sent = 0
         self.errors = 0
+        self.unanswered = 0
+        # When the wait for the broker in progress (connect, or send to acknowledgement)
+        # began, and whether it was counted unanswered; read by samples() as well.
+        self._waiting_since: Optional[float] = None
+        self._waiting_counted = False
+        self._waiting_lock = threading.Lock()
+        self._silence_logged = False
         self._producer: Any = None   # a KafkaProducer while connected
         self._errors_seen = 0    # connection errors counted when delivery last worked
         self._closing = threading.Event()
@@ -141,6 +152,7 @@ class Sender(threading.Thread):
                     outcome, error = FAILED, _describe(e)
                     log.error("kafka: sender: %s", error)
                 if outcome == DELIVERED:
+                    self._silence_logged = False
                     if failures:
                         log.info("kafka: delivering to %s again after %d failed attempts; "
                                  "%d cycles waiting", self.where, failures, len(self.spool))
@@ -199,14 +211,53 @@ class Sender(threading.Thread):
     def _connect(self):
         """(None, None) with a producer ready, else (FAILED, why)."""
         if self._producer is None:
+            self._wait_begins()     # the client waits for the broker's metadata here
             try:
                 self._producer = self.make_producer()
             except Exception as e:  # noqa: BLE001 any client error means: not reachable now
                 return FAILED, _describe(e)
+            finally:
+                self._wait_ends()
             self._errors_seen = self.client_errors.connection_errors
         return None, None
 
+    def _wait_begins(self):
+        with self._waiting_lock:
+            self._waiting_since, self._waiting_counted = time.monotonic(), False
+
+    def _wait_ends(self):
+        self.check_unanswered()
+        with self._waiting_lock:
+            self._waiting_since = None
+
+    def check_unanswered(self) -> int:
+        """Count the wait in progress as unanswered once it passed answer_timeout (called
+        by samples(), so that a broker that hangs shows while the client still waits,
+        and when the wait ends); the count."""
+        with self._waiting_lock:
+            since = self._waiting_since
+            if since is None or self._waiting_counted:
+                return self.unanswered
+            waited = time.monotonic() - since
+            if waited < self.answer_timeout:
+                return self.unanswered
+            self._waiting_counted = True
+            self.unanswered += 1
+            first = not self._silence_logged
+            self._silence_logged = True
+        if first:
+            log.warning("kafka: %s has not answered for %.0f s (answer_timeout_seconds); "
+                        "%d cycles wait in the spool", self.where, waited, len(self.spool))
+        return self.unanswered
+
     def _deliver(self, record: Record):
+        self._wait_begins()
+        try:
+            return self._send(record)
+        finally:
+            self._wait_ends()
+
+    def _send(self, record: Record):
         try:
             future = self._producer.send(**message_of(record))
         except self._permanent as e:
@@ -276,9 +327,11 @@ class KafkaStorage(Storage):
     spool_max_bytes: int = 256 * MiB
     spool_max_cycles: int = 100000
     spool_fsync: bool = True
-    spool_min_free_bytes: int = 64 * MiB
+    # None: 64 MiB, at most 5 % of the spool's filesystem (owca.ship.spool)
+    spool_min_free_bytes: Optional[int] = None
     flush_timeout_seconds: float = 10.0
     send_timeout_seconds: float = 30.0
+    answer_timeout_seconds: float = 5.0
     retry_backoff_seconds: float = 0.5
     retry_backoff_max_seconds: float = 30.0
     compression_type: Optional[Literal["gzip", "snappy", "lz4", "zstd"]] = None
@@ -315,7 +368,7 @@ class KafkaStorage(Storage):
             raise StorageError(str(e)) from None
         self._sender = Sender(self._spool, self._make_producer, self.retry_backoff_seconds,
                               self.retry_backoff_max_seconds, ",".join(self.bootstrap_servers),
-                              ClientErrors.install())
+                              ClientErrors.install(), self.answer_timeout_seconds)
         self._sender.start()
 
     def _check(self):
@@ -335,10 +388,10 @@ class KafkaStorage(Storage):
         for name in ("spool_max_bytes", "spool_max_cycles", "max_request_size_bytes"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name}: expected a positive number")
-        if self.spool_min_free_bytes < 0:
+        if self.spool_min_free_bytes is not None and self.spool_min_free_bytes < 0:
             raise ValueError("spool_min_free_bytes: expected 0 or more bytes")
-        for name in ("flush_timeout_seconds", "send_timeout_seconds", "retry_backoff_seconds",
-                     "retry_backoff_max_seconds"):
+        for name in ("flush_timeout_seconds", "send_timeout_seconds", "answer_timeout_seconds",
+                     "retry_backoff_seconds", "retry_backoff_max_seconds"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number of seconds")
         if self.retry_backoff_max_seconds < self.retry_backoff_seconds:
@@ -428,9 +481,9 @@ class KafkaStorage(Storage):
         log.warning("kafka: spool %s full: dropping the oldest cycles to make room (%d "
                     "cycles, %d bytes kept, %d bytes free on its filesystem); dropped so far: "
                     "%d for spool_max_cycles/spool_max_bytes, %d for the disk "
-                    "(spool_min_free_bytes %d)", self.spool_directory, cycles, nbytes,
-                    self._spool.free_bytes(), dropped[FULL], dropped[DISK_FULL],
-                    self.spool_min_free_bytes)
+                    "(reserve %d bytes, spool_min_free_bytes)", self.spool_directory, cycles,
+                    nbytes, self._spool.free_bytes(), dropped[FULL], dropped[DISK_FULL],
+                    self._spool.reserve_bytes())
 
     def samples(self) -> List[dict]:
         if self._spool is None:
@@ -445,7 +498,9 @@ class KafkaStorage(Storage):
                frames.sample("owca_ship_send_errors_total", self._sender.errors, labels,
                              "counter"),
                frames.sample("owca_ship_connection_errors_total",
-                             self._sender.client_errors.connection_errors, labels, "counter")]
+                             self._sender.client_errors.connection_errors, labels, "counter"),
+               frames.sample("owca_ship_unanswered_sends_total",
+                             self._sender.check_unanswered(), labels, "counter")]
         for reason in DROP_REASONS:
             out.append(frames.sample("owca_ship_dropped_cycles_total",
                                      self._spool.dropped[reason],

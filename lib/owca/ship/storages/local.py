@@ -5,8 +5,11 @@ as Prometheus text exposition; it selects what it keeps by `categories`
 (metrics, anomalies, allocations).  Kafka and the Prometheus endpoint live in
 their own modules.
 """
+import fcntl
 import os
+import sys
 from dataclasses import dataclass
+from typing import Optional
 
 from owca.core.stream import FrameWriter, write_all as _write_all
 from owca.plugin import CATEGORIES, Cycle, Storage, StorageError
@@ -17,6 +20,41 @@ def _block(cycle: Cycle) -> str:
     # The host name comes from a frame: escaped like a label value, so that no
     # character of it can end the comment line and start a sample of its own.
     return f"# owca {cycle.category} seq={cycle.seq} host={escape(cycle.host)}\n{cycle.text}"
+
+
+_stdout_fd: Optional[int] = None
+
+
+def private_stdout() -> int:
+    """A descriptor of the exposition's own for standard output; descriptor 1 (and
+    sys.stdout with it) then points at standard error, so that whatever a plug-in or a
+    library prints lands in the log, not amid the exposition.  Taken once per process."""
+    global _stdout_fd
+    if _stdout_fd is None:
+        fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
+        os.dup2(2, 1)
+        sys.stdout = sys.stderr    # what print() buffered before goes to stderr at exit
+        _stdout_fd = fd
+    return _stdout_fd
+
+
+def check_output_path(field: str, path: str) -> None:
+    """ValueError (a configuration error, with file and line) for a file that cannot be
+    written where it is named: its directory missing, not a directory, read-only, or the
+    path itself a directory.  A missing directory right under /run or /var/lib passes:
+    systemd makes a unit's RuntimeDirectory= and StateDirectory= there when the unit
+    starts, after its configuration was checked."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{field}: {path} is a directory")
+    if not os.path.exists(directory):
+        if os.path.dirname(directory) in ("/run", "/var/lib"):
+            return
+        raise ValueError(f"{field}: directory {directory} does not exist")
+    if not os.path.isdir(directory):
+        raise ValueError(f"{field}: {directory} is not a directory")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ValueError(f"{field}: cannot write in {directory}")
 
 
 @dataclass(kw_only=True)
@@ -31,6 +69,9 @@ class StdoutStorage(Storage):
         super().__post_init__()
         self._out = FrameWriter()   # the tool's stdout, not where plug-ins print
 
+    def start(self) -> None:
+        self._out = FrameWriter(private_stdout())
+
 
 @dataclass(kw_only=True)
 class LogStorage(Storage):
@@ -39,6 +80,8 @@ class LogStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.output != "stderr":
+            check_output_path("output", self.output)
         self._fd = None
 
     def store(self, cycle: Cycle) -> None:
@@ -72,6 +115,7 @@ class FileStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
+        check_output_path("path", self.path)
         self._fd = None
         self._pending = None        # [seq, host, {category: text}, written] of the latest cycle
         self._expected = None       # categories a whole cycle brings, learnt from earlier ones
@@ -112,7 +156,8 @@ class FileStorage(Storage):
         seq, host, texts, _ = pending
         categories = [c for c in CATEGORIES if c in texts]
         text = strip_timestamps(merge(texts[c] for c in categories))
-        data = (f"# owca cycle seq={seq} host={host} categories={','.join(categories)}\n"
+        data = (f"# owca cycle seq={seq} host={escape(host)} "
+                f"categories={','.join(categories)}\n"
                 f"{text}").encode()
         tmp = f"{self.path}.tmp"
         try:
