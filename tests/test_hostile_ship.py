@@ -124,10 +124,8 @@ HOSTILE = {
         'task_cpu_usage_seconds_total{host="node-1",task_id="t1",task_name="memcached",'
         'app="mc"} 1.5 ',
         'owca_ship_dropped_samples_total{host="node-1",stage="ship",reason="duplicate"} 1'),
-    "a label value with a lone surrogate": (
-        frame(tasks=_task(labels={"app": "mc\ud800"})),
-        'task_up{host="node-1",task_id="t1",task_name="memcached",app="mc?"} 1 ',
-        'owca_ship_bad_values_total{host="node-1",stage="ship"} 0'),
+    # (a lone surrogate never gets this far: the frame reader refuses the line,
+    # tests/test_hostile_config_frames.py)
     "a help that is not text": (
         frame(metrics=[{"name": "app_requests", "value": 3, "help": {"no": "text"}}]),
         f'app_requests{{host="{HOST}"}} 3 ',
@@ -160,19 +158,21 @@ def test_one_hostile_sample_leaves_an_exposition_that_parses(case, tmp_path):
 # -- cause 2: values that are not numbers -----------------------------------------------------
 
 def test_values_that_are_not_finite_numbers_are_left_out_and_counted():
-    """NaN, infinities, a string, a boolean, null and an integer beyond float64, as
-    platform, task and nested values: each left out and counted, the rest shipped."""
+    """A string, a boolean, null and an integer beyond float64, as platform, task and
+    nested values: each left out and counted, the rest shipped.  (NaN and the infinities
+    never get this far: JSON has no such token, and the frame reader refuses the line,
+    tests/test_hostile_config_frames.py.)"""
     hostile = frame(
-        platform={"a": float("nan"), "b": float("inf"), "c": "fast", "d": True, "e": None,
-                  "f": 10 ** 400, "g": {"0": float("nan"), "1": 7}},
-        tasks=_task(metrics={"task_up": 1, "task_mem_usage_bytes": float("-inf")}))
+        platform={"c": "fast", "d": True, "e": None,
+                  "f": 10 ** 400, "g": {"0": "slow", "1": 7}},
+        tasks=_task(metrics={"task_up": 1, "task_mem_usage_bytes": "lots"}))
     first, second, err = two_cycles(hostile + frame(seq=2))
     assert PLATFORM_LINE in first and TASK_LINE in first
     assert f'g{{host="{HOST}",level1="1"}} 7 ' in first
-    for name in ("a", "b", "c", "d", "e", "f", "task_mem_usage_bytes"):
+    for name in ("c", "d", "e", "f", "task_mem_usage_bytes"):
         assert not re.search(rf"^{name}[{{ ]", first, re.M), name
-    assert 'owca_ship_bad_values_total{host="node-1",stage="ship"} 8 ' in second
-    assert "cycle 1: 8 metric values are not finite numbers" in err
+    assert 'owca_ship_bad_values_total{host="node-1",stage="ship"} 6 ' in second
+    assert "cycle 1: 6 metric values are not finite numbers" in err
 
 
 # -- cause 3: an upstream sample cannot forge owca-ship's own ----------------------------------

@@ -16,7 +16,7 @@ from owca.plugin import Cycle, Storage, StorageError
 from owca.ship.exposition import (CATEGORY_OF_KIND, CLASHING, DUPLICATE, FORGED, RESERVED,
                                   Block, Formatter)
 from owca.ship.storages import BUILTINS
-from owca.ship.storages.local import StdoutStorage, private_stdout
+from owca.ship.storages.local import StdoutStorage
 
 config.add_builtins(BUILTINS)
 
@@ -59,10 +59,6 @@ class Ship(Stage):
         self.dropped_samples: Counter[str] = collections.Counter()   # reason -> samples
         self.bad_timestamps = 0
         self._reported: Set[Tuple[str, str]] = set()
-        if self.writes_stdout(cfg):
-            # Before any storage starts: what a storage prints goes to stderr, not into
-            # the exposition on stdout.
-            private_stdout()
         for i, storage in enumerate(self.cfg.storages):
             try:
                 storage.start()

@@ -5,11 +5,8 @@ as Prometheus text exposition; it selects what it keeps by `categories`
 (metrics, anomalies, allocations).  Kafka and the Prometheus endpoint live in
 their own modules.
 """
-import fcntl
 import os
-import sys
 from dataclasses import dataclass
-from typing import Optional
 
 from owca.core.stream import FrameWriter, write_all as _write_all
 from owca.plugin import CATEGORIES, Cycle, Storage, StorageError
@@ -20,22 +17,6 @@ def _block(cycle: Cycle) -> str:
     # The host name comes from a frame: escaped like a label value, so that no
     # character of it can end the comment line and start a sample of its own.
     return f"# owca {cycle.category} seq={cycle.seq} host={escape(cycle.host)}\n{cycle.text}"
-
-
-_stdout_fd: Optional[int] = None
-
-
-def private_stdout() -> int:
-    """A descriptor of the exposition's own for standard output; descriptor 1 (and
-    sys.stdout with it) then points at standard error, so that whatever a plug-in or a
-    library prints lands in the log, not amid the exposition.  Taken once per process."""
-    global _stdout_fd
-    if _stdout_fd is None:
-        fd = fcntl.fcntl(1, fcntl.F_DUPFD_CLOEXEC, 3)
-        os.dup2(2, 1)
-        sys.stdout = sys.stderr    # what print() buffered before goes to stderr at exit
-        _stdout_fd = fd
-    return _stdout_fd
 
 
 def check_output_path(field: str, path: str) -> None:
@@ -67,10 +48,9 @@ class StdoutStorage(Storage):
 
     def __post_init__(self):
         super().__post_init__()
-        self._out = FrameWriter()   # the tool's stdout, not where plug-ins print
-
-    def start(self) -> None:
-        self._out = FrameWriter(private_stdout())
+        # The tool's stdout: its private copy once the stage took it (core.stream's
+        # take_output), so that what a plug-in or a storage prints goes to stderr.
+        self._out = FrameWriter()
 
 
 @dataclass(kw_only=True)
