@@ -8,7 +8,8 @@ import pytest
 from cgroup_helpers import needs_v1, needs_v2, new_name, v1_cgroup, v2_cgroup
 from conftest import ROOT, tool_command, tool_env
 from owca.discover.sources.cgroup import CgroupDiscovery
-from owca.discover.sources.static import StaticDiscovery
+from owca.discover.sources.static import StaticDiscovery, load_static_tasks
+from owca.plugin import DiscoveryError
 from owca.core.frames import sanitize_label_name
 from owca.core.paths import DEFAULT_PATHS, Paths
 
@@ -122,3 +123,31 @@ def test_cgroup_source_on_a_recorded_tree_is_sorted_and_bounded(tmp_path):
     ids = [t["id"] for t in source.list_tasks(Paths(cgroupfs=str(tmp_path)))]
     assert ids == ["/a", "/a/x", "/b"]
     assert os.path.isdir(mount / "a/x/deep/deeper")  # beyond max_depth: not a task
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: os.mkfifo(p), "not a regular file"),
+    (lambda p: p.write_text("- &a {cgroup_path: /web}\n- *a\n"), "aliases"),
+    (lambda p: p.write_text("- {cgroup_path: /web}\n" + "#" * (1 << 20) + "\n"),
+     "larger than"),
+])
+def test_a_static_file_that_could_hang_or_exhaust_discovery_is_a_cycle_error(tmp_path, make,
+                                                                            reason):
+    """The task file is read under a configuration file's limits, each cycle: a FIFO put
+    in its place does not block (no writer ever comes), an alias or a huge file is
+    refused; the last good list is kept."""
+    cgroupfs = tmp_path / "cgroup"
+    (cgroupfs / "cpuacct" / "web").mkdir(parents=True)
+    tasks_file = tmp_path / "tasks.yaml"
+    tasks_file.write_text("- {cgroup_path: /web}\n")
+    from owca.discover.stage import Discover, DiscoverConfig
+    stage = Discover(DiscoverConfig(source=StaticDiscovery(file=str(tasks_file))),
+                     {"--cgroupfs": str(cgroupfs)})
+    first = stage.produce()[0]
+    tasks_file.unlink()
+    make(tasks_file)
+    with pytest.raises(DiscoveryError, match=reason):
+        load_static_tasks(str(tasks_file))
+    second = stage.produce()[0]
+    assert [t["id"] for t in second["tasks"]] == [t["id"] for t in first["tasks"]] == ["/web"]
+    assert {s["name"]: s["value"] for s in second["metrics"]}["owca_discovery_errors_total"] == 1

@@ -280,6 +280,31 @@ def _read_config_file(path: str) -> bytes:
     return data
 
 
+def _read_config_text(path: str) -> str:
+    data = _read_config_file(path)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        newline = b"\n"
+        line = data.count(newline, 0, e.start) + 1
+        column = e.start - data.rfind(newline, 0, e.start)
+        raise ConfigError(f"{path}:{line}: not UTF-8: {e.reason} at byte {column} of "
+                          f"the line") from None
+
+
+def load_yaml_data(path: str):
+    """Plain data (mappings, lists, scalars) from a YAML file that a plug-in reads
+    itself (a static task list), under a configuration file's limits: a regular file of
+    at most MAX_CONFIG_BYTES, no aliases, nesting bounded.  ConfigError, or
+    yaml.YAMLError for a file that is not YAML."""
+    loader = _loader_class()(_read_config_text(path))
+    loader.where = path
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def _file_kind(mode: int) -> str:
     import stat
     for test, kind in ((stat.S_ISFIFO, "a FIFO or a pipe"), (stat.S_ISCHR, "a character device"),
@@ -299,15 +324,7 @@ def load_section(path: typing.Optional[str], section: str, schema: type,
     if text is None:
         if path is None:
             return schema()
-        data = _read_config_file(path)
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            newline = b"\n"
-            line = data.count(newline, 0, e.start) + 1
-            column = e.start - data.rfind(newline, 0, e.start)
-            raise ConfigError(f"{path}:{line}: not UTF-8: {e.reason} at byte {column} of "
-                              f"the line") from None
+        text = _read_config_text(path)
     where = path or "<config>"
     import yaml
     try:

@@ -2,7 +2,7 @@
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
-from owca.core import frames
+from owca.core import config, frames
 from owca.core.paths import Paths
 from owca.plugin import DiscoveryError, TaskSource
 
@@ -42,9 +42,12 @@ def load_static_tasks(path: str) -> List[StaticTask]:
     """Tasks from a YAML file holding a list of StaticTask mappings (re-read each cycle)."""
     import yaml  # only for this source: a few MB that other sources do without
     try:
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or []
-    except (OSError, yaml.YAMLError) as e:
+        # A configuration's limits: a FIFO put there must not block discovery, nor
+        # an alias bomb or a huge file exhaust it.
+        data = config.load_yaml_data(path) or []
+    except config.ConfigError as e:
+        raise DiscoveryError(str(e)) from None
+    except yaml.YAMLError as e:
         raise DiscoveryError(f"{path}: {e}") from None
     if not isinstance(data, list):
         raise DiscoveryError(f"{path}: expected a list of tasks")
