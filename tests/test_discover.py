@@ -77,7 +77,9 @@ def test_static_source_from_a_file_and_missing_cgroups_left_out(tmp_path):
     assert counters["owca_tasks"] == 1 and counters["owca_tasks_dropped_total"] == 1
 
 
-def test_static_file_that_breaks_keeps_the_last_good_list(tmp_path):
+def static_file_stage(tmp_path):
+    """(the stage, its task file, its first frame): a static source read from a file
+    that lists /web, a cgroup that exists."""
     cgroupfs = tmp_path / "cgroup"
     (cgroupfs / "cpuacct" / "web").mkdir(parents=True)
     tasks_file = tmp_path / "tasks.yaml"
@@ -85,12 +87,19 @@ def test_static_file_that_breaks_keeps_the_last_good_list(tmp_path):
     from owca.discover.stage import Discover, DiscoverConfig
     stage = Discover(DiscoverConfig(source=StaticDiscovery(file=str(tasks_file))),
                      {"--cgroupfs": str(cgroupfs)})
-    first = stage.produce()[0]
-    tasks_file.write_text("- {cgroup_path: [broken\n")
-    second = stage.produce()[0]
+    return stage, tasks_file, stage.produce()[0]
+
+
+def assert_last_good_list_kept(first, second):
     assert [t["id"] for t in second["tasks"]] == [t["id"] for t in first["tasks"]] == ["/web"]
     assert {s["name"]: s["value"] for s in second["metrics"]}["owca_discovery_errors_total"] == 1
     assert second["seq"] == first["seq"] + 1
+
+
+def test_static_file_that_breaks_keeps_the_last_good_list(tmp_path):
+    stage, tasks_file, first = static_file_stage(tmp_path)
+    tasks_file.write_text("- {cgroup_path: [broken\n")
+    assert_last_good_list_kept(first, stage.produce()[0])
 
 
 @pytest.mark.integration
@@ -136,18 +145,9 @@ def test_a_static_file_that_could_hang_or_exhaust_discovery_is_a_cycle_error(tmp
     """The task file is read under a configuration file's limits, each cycle: a FIFO put
     in its place does not block (no writer ever comes), an alias or a huge file is
     refused; the last good list is kept."""
-    cgroupfs = tmp_path / "cgroup"
-    (cgroupfs / "cpuacct" / "web").mkdir(parents=True)
-    tasks_file = tmp_path / "tasks.yaml"
-    tasks_file.write_text("- {cgroup_path: /web}\n")
-    from owca.discover.stage import Discover, DiscoverConfig
-    stage = Discover(DiscoverConfig(source=StaticDiscovery(file=str(tasks_file))),
-                     {"--cgroupfs": str(cgroupfs)})
-    first = stage.produce()[0]
+    stage, tasks_file, first = static_file_stage(tmp_path)
     tasks_file.unlink()
     make(tasks_file)
     with pytest.raises(DiscoveryError, match=reason):
         load_static_tasks(str(tasks_file))
-    second = stage.produce()[0]
-    assert [t["id"] for t in second["tasks"]] == [t["id"] for t in first["tasks"]] == ["/web"]
-    assert {s["name"]: s["value"] for s in second["metrics"]}["owca_discovery_errors_total"] == 1
+    assert_last_good_list_kept(first, stage.produce()[0])
