@@ -1,10 +1,14 @@
-"""A new operator's first hour (issue #32): an allocation error that names the hierarchy
-a cgroup is really in.  Real tools on cgroup trees made under tmp_path (--cgroupfs)."""
+"""A new operator's first hour (issue #32): a discovery root that lists nothing said out
+loud, and an allocation error that names the hierarchy a cgroup is really in.  Real
+tools on cgroup trees made under tmp_path (--cgroupfs)."""
 import json
+import shutil
+import signal
 import subprocess
+import threading
 import time
 
-from conftest import tool_command, tool_env
+from conftest import tool_command, tool_env, wait_for
 
 
 def cgroup(tree, hierarchy: str, path: str, pids: str = "") -> None:
@@ -19,6 +23,64 @@ def discover_once(tree, config_path):
     return subprocess.run(tool_command("discover", "--once", "--cgroupfs", str(tree),
                                        "-c", str(config_path)),
                           capture_output=True, env=tool_env(), timeout=60, check=False)
+
+
+# -- item 5: a root that lists no task -----------------------------------------------
+
+class Discovering:
+    """owca-discover every 0.1 s on a tree, its frames counted as they come."""
+
+    def __init__(self, tree, config_path):
+        self.process = subprocess.Popen(
+            tool_command("discover", "--interval", "0.1", "--cgroupfs", str(tree),
+                         "-c", str(config_path)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+        self.frames = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self):
+        for line in self.process.stdout:
+            self.frames.append(json.loads(line))
+
+    def cycles(self, n: int, what: str) -> list:
+        """The tasks of the frame n cycles from now."""
+        target = len(self.frames) + n
+        wait_for(lambda: len(self.frames) >= target, 60, what)
+        return self.frames[target - 1]["tasks"]
+
+    def stop(self) -> str:
+        self.process.send_signal(signal.SIGINT)
+        _out, err = self.process.communicate(timeout=60)
+        self.reader.join(timeout=10)
+        assert self.process.returncode == 0, err
+        return err.decode()
+
+
+def test_a_discovery_root_that_lists_nothing_is_warned_once_per_change(tmp_path):
+    tree = tmp_path / "cgroup"
+    (tree / "memory").mkdir(parents=True)
+    config = tmp_path / "owca.yaml"
+    config.write_text("discover:\n  source: !CgroupDiscovery\n"
+                      "    root: /kubepods\n    hierarchies: [memory]\n")
+    run = Discovering(tree, config)
+    try:
+        assert run.cycles(5, "cycles with no /kubepods") == []
+        cgroup(tree, "memory", "/kubepods/pod1")             # there, but no processes
+        assert run.cycles(5, "cycles with an empty /kubepods") == []
+        (tree / "memory" / "kubepods" / "pod1" / "cgroup.procs").write_text("1\n")
+        assert [t["id"] for t in run.cycles(5, "cycles with a task")] == ["/kubepods/pod1"]
+        shutil.rmtree(tree / "memory" / "kubepods")             # gone again
+        assert run.cycles(5, "cycles with no /kubepods again") == []
+    finally:
+        err = run.stop()
+    missing = ("owca-discover: warning: cgroup: root /kubepods exists in none of the "
+               f"hierarchies scanned (memory, under {tree}): no tasks until it appears")
+    empty = ("owca-discover: warning: cgroup: no cgroup under /kubepods holds processes "
+             "(max_depth 3, the root itself left out): no tasks until one does")
+    back = "owca-discover: info: cgroup: 1 tasks under /kubepods again"
+    lines = [line for line in err.splitlines() if "cgroup:" in line]
+    assert lines == [missing, empty, back, missing], err
 
 
 # -- item 5: the hierarchy a cgroup lives in -----------------------------------------

@@ -1,12 +1,18 @@
 """`!CgroupDiscovery`: every cgroup with processes under a root is a task."""
+import logging
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from owca.core import frames
 from owca.core.kernel import UNIFIED, cgroup_hierarchy
 from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
 from owca.plugin import TaskSource
+
+log = logging.getLogger("owca.discover")
+
+# What a scan found under the root; a change of it is said once (see _say).
+ROOT_MISSING, ROOT_EMPTY, ROOT_TASKS = "missing", "empty", "tasks"
 
 
 def cgroup_exists(paths: Paths, cgroup_path: str) -> bool:
@@ -45,26 +51,55 @@ class CgroupDiscovery(TaskSource):
         for h in self.hierarchies:
             if h != UNIFIED and h not in CGROUP_V1_CONTROLLERS:
                 raise ValueError(f"hierarchies: unknown hierarchy {h!r}")
+        self._root_state: Optional[str] = None
 
     def _mount(self, paths: Paths, hierarchy: str) -> str:
         return paths.cgroup_v2_root if hierarchy == UNIFIED else paths.cgroup_v1(hierarchy)
 
     def list_tasks(self, paths: Paths) -> List[dict]:
         found = set()
+        scanned = []
         for hierarchy in self.hierarchies:
             mount = self._mount(paths, hierarchy)
             top = os.path.join(mount, self.root.lstrip("/"))
             if not os.path.isdir(top):
                 continue
+            scanned.append(hierarchy)
             for cgroup_path in _walk(top, mount, self.max_depth):
                 if cgroup_path == self.root and not self.include_root:
                     continue
                 if self.include_empty or _has_processes(os.path.join(mount,
                                                                      cgroup_path.lstrip("/"))):
                     found.add(cgroup_path)
+        self._say(ROOT_MISSING if not scanned else ROOT_EMPTY if not found else ROOT_TASKS,
+                  paths, len(found))
         return [{"id": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or "root",
                  "cgroup_path": p, "labels": dict(self.labels), "resources": {}}
                 for p in sorted(found)]
+
+    def _say(self, state: str, paths: Paths, ntasks: int) -> None:
+        """A root that lists no task is a mistake that would pass in silence (a
+        `root: /kubepods` on a node whose kubelet uses /kubepods.slice): warned once
+        when it starts, told once when it ends, not every cycle."""
+        before, self._root_state = self._root_state, state
+        if state == before:
+            return
+        if state == ROOT_MISSING:
+            if self._warned(state):
+                log.warning("cgroup: root %s exists in none of the hierarchies scanned (%s, "
+                            "under %s): no tasks until it appears", self.root,
+                            ", ".join(self.hierarchies), paths.cgroupfs)
+        elif state == ROOT_EMPTY:
+            log.warning("cgroup: no cgroup under %s holds processes (max_depth %d%s): no "
+                        "tasks until one does", self.root, self.max_depth,
+                        "" if self.include_root else ", the root itself left out")
+        elif before is not None and self._warned(before):
+            log.info("cgroup: %d tasks under %s again", ntasks, self.root)
+
+    def _warned(self, state: str) -> bool:
+        # A missing "/" is no root's mistake: no hierarchy is mounted at --cgroupfs at
+        # all (a bare test tree, a container without cgroups).
+        return state == ROOT_EMPTY or (state == ROOT_MISSING and self.root != "/")
 
 
 def _walk(top: str, mount: str, max_depth: int):
