@@ -1,6 +1,6 @@
-"""A new operator's first hour (issue #32): a discovery root that lists nothing said out
-loud, and an allocation error that names the hierarchy a cgroup is really in.  Real
-tools on cgroup trees made under tmp_path (--cgroupfs)."""
+"""A new operator's first hour (issue #32): HP and BE marked by cgroup path, a discovery
+root that lists nothing said out loud, and an allocation error that names the hierarchy
+a cgroup is really in.  Real tools on cgroup trees made under tmp_path (--cgroupfs)."""
 import json
 import shutil
 import signal
@@ -23,6 +23,44 @@ def discover_once(tree, config_path):
     return subprocess.run(tool_command("discover", "--once", "--cgroupfs", str(tree),
                                        "-c", str(config_path)),
                           capture_output=True, env=tool_env(), timeout=60, check=False)
+
+
+# -- item 2: HP and BE by cgroup path ------------------------------------------------
+
+def test_cgroup_discovery_marks_hp_and_be_by_cgroup_path(tmp_path):
+    tree = tmp_path / "cgroup"
+    for path in ("/system.slice/nginx.service", "/system.slice/sshd.service",
+                 "/batch/job-1", "/batch/job-2/step", "/web/frontend"):
+        for hierarchy in ("cpuacct", "memory"):
+            cgroup(tree, hierarchy, path, "1\n")
+    config = tmp_path / "owca.yaml"
+    config.write_text("discover:\n"
+                      "  source: !CgroupDiscovery\n"
+                      "    root: /\n"
+                      "    labels: {team: infra}\n"
+                      "    hp_cgroups: [/system.slice/nginx.service, /web/*]\n"
+                      "    be_cgroups: [/batch/*, /web/*]\n")
+    result = discover_once(tree, config)
+    assert result.returncode == 0, result.stderr
+    labels = {t["id"]: t["labels"] for t in json.loads(result.stdout)["tasks"]}
+    assert labels == {
+        "/system.slice/nginx.service": {"team": "infra", "priority": "hp"},
+        "/system.slice/sshd.service": {"team": "infra"},   # unmarked: neither HP nor BE
+        "/batch/job-1": {"team": "infra", "priority": "be"},
+        "/batch/job-2/step": {"team": "infra", "priority": "be"},  # `*` crosses `/`
+        "/web/frontend": {"team": "infra", "priority": "hp"},      # both match: HP
+    }
+
+
+def test_a_relative_priority_pattern_is_a_configuration_error(tmp_path):
+    config = tmp_path / "owca.yaml"
+    config.write_text("discover:\n  source: !CgroupDiscovery\n"
+                      "    be_cgroups: [batch/*]\n")
+    result = discover_once(tmp_path, config)
+    assert result.returncode == 2
+    assert f"{config}:3" in result.stderr.decode()
+    assert ("'batch/*' is not an absolute cgroup path pattern (one starts with /)"
+            in result.stderr.decode())
 
 
 # -- item 5: a root that lists no task -----------------------------------------------

@@ -1,4 +1,5 @@
 """`!CgroupDiscovery`: every cgroup with processes under a root is a task."""
+import fnmatch
 import logging
 import os
 from dataclasses import dataclass, field
@@ -7,6 +8,7 @@ from typing import Dict, List, Optional
 from owca.core import frames
 from owca.core.kernel import UNIFIED, cgroup_hierarchy
 from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
+from owca.core.priority import BE, HP
 from owca.plugin import TaskSource
 
 log = logging.getLogger("owca.discover")
@@ -33,6 +35,11 @@ class CgroupDiscovery(TaskSource):
 
     hierarchies: which trees to scan: v1 controller names and/or `unified`
     (cgroup v2); the union of what they hold is reported.
+    hp_cgroups, be_cgroups: shell patterns of cgroup paths (`*` matches `/` too):
+    a task whose path matches one is labelled `priority: hp` (be_cgroups: `be`;
+    hp wins where both match).  A task that matches neither keeps `labels`:
+    a cgroup's path says nothing of its service level, so nothing is HP or BE
+    unless the configuration says so (docs/discovery.md).
     """
     root: str = "/"
     max_depth: int = 3
@@ -40,6 +47,8 @@ class CgroupDiscovery(TaskSource):
     include_root: bool = False
     include_empty: bool = False
     labels: Dict[str, str] = field(default_factory=dict)
+    hp_cgroups: List[str] = field(default_factory=list)
+    be_cgroups: List[str] = field(default_factory=list)
 
     def __post_init__(self):
         try:
@@ -51,7 +60,21 @@ class CgroupDiscovery(TaskSource):
         for h in self.hierarchies:
             if h != UNIFIED and h not in CGROUP_V1_CONTROLLERS:
                 raise ValueError(f"hierarchies: unknown hierarchy {h!r}")
+        for name, patterns in (("hp_cgroups", self.hp_cgroups), ("be_cgroups", self.be_cgroups)):
+            for pattern in patterns:
+                # A relative pattern would match no cgroup path, silently.
+                if not pattern.startswith("/"):
+                    raise ValueError(f"{name}: {pattern!r} is not an absolute cgroup path "
+                                     f"pattern (one starts with /)")
         self._root_state: Optional[str] = None
+
+    def priority_of(self, cgroup_path: str) -> Optional[str]:
+        """hp or be where a pattern names the cgroup, else None."""
+        if any(fnmatch.fnmatchcase(cgroup_path, p) for p in self.hp_cgroups):
+            return HP
+        if any(fnmatch.fnmatchcase(cgroup_path, p) for p in self.be_cgroups):
+            return BE
+        return None
 
     def _mount(self, paths: Paths, hierarchy: str) -> str:
         return paths.cgroup_v2_root if hierarchy == UNIFIED else paths.cgroup_v1(hierarchy)
@@ -74,8 +97,15 @@ class CgroupDiscovery(TaskSource):
         self._say(ROOT_MISSING if not scanned else ROOT_EMPTY if not found else ROOT_TASKS,
                   paths, len(found))
         return [{"id": p, "name": p.rstrip("/").rsplit("/", 1)[-1] or "root",
-                 "cgroup_path": p, "labels": dict(self.labels), "resources": {}}
+                 "cgroup_path": p, "labels": self._labels(p), "resources": {}}
                 for p in sorted(found)]
+
+    def _labels(self, cgroup_path: str) -> Dict[str, str]:
+        labels = dict(self.labels)
+        verdict = self.priority_of(cgroup_path)
+        if verdict is not None:
+            labels["priority"] = verdict
+        return labels
 
     def _say(self, state: str, paths: Paths, ntasks: int) -> None:
         """A root that lists no task is a mistake that would pass in silence (a
