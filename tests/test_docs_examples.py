@@ -61,6 +61,10 @@ EXPECTED = [
     ("head -n 3 metrics.prom", r"(?m)^# (HELP|TYPE) "),
     ("owca-discover -c priorities.yaml", r"(?m)^\[.*\]$"),
     ("owca-scenario score", r"(?m)^== overall, \d+ recordings"),
+    ("slo_controller_hp_pressure", r'(?m)^slo_controller_hp_pressure\{[^}]*'
+                                   r'task_id="/owca-fixture/hp"[^}]*\} 0\.4 '),
+    ("slo_controller_hp_pressure", r'(?m)^apm_sli\{[^}]*task_id="/owca-fixture/hp"'
+                                   r'[^}]*\} 0\.004 '),
     ("owca-wrap --task-id /owca/app", r"(?m)^apm_latency_p99_seconds\{"),
     ("owca-sine --base 10", r"(?m)^rate=\d"),
     ("owca-launch run", r"(?m)^/owca"),
