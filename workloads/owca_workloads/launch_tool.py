@@ -48,8 +48,8 @@ Exit status:
   started (what was started is stopped); 2 on a usage error.
 
 Examples:
-  owca-launch run --cpus 0 --load --tasks-file /tmp/tasks.yaml nginx stress-cpu
-  owca-launch run --parent /owca/demo hp=redis be1=sysbench-cpu be2=stress-membw
+  owca-launch run --cpus 0 --load --tasks-file tasks.yaml nginx stress-cpu  # Ctrl-C stops it
+  owca-launch run --duration 5 hp=redis be1=sysbench-cpu be2=stress-membw
   owca-launch stop ./owca-run/launcher-state.json
 """
 import os

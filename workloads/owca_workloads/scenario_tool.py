@@ -74,9 +74,11 @@ Exit status:
   error, a bad scenario or a bad configuration.
 
 Examples:
+  # needs: two minutes of this machine, as root (a live scenario)
   owca-scenario run -o /tmp/scn workloads/scenarios/nginx-cpu-membw.yaml
-  owca-scenario score --plot /tmp/plots workloads/corpus
-  owca-scenario score -c configs/examples/threshold-baseline.yaml workloads/corpus
+  owca-scenario score --plot plots workloads/corpus
+  owca-scenario score -c configs/examples/threshold-baseline.yaml -r \\
+      configs/examples/threshold_detector.py:ThresholdDetector workloads/corpus
 """
 import json
 import os

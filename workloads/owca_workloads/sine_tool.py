@@ -51,11 +51,16 @@ Exit status:
   be started; 2 on a usage error.
 
 Examples:
+  owca-sine --base 10 --amplitude 5 --period 8 --step 1 --duration 4 -- echo rate={rate}
+  # needs: a web server on 127.0.0.1:8080 (nginx, say)
   owca-sine --base 800 --amplitude 400 --period 60 --connections 8 --parser wrk \\
       wrk -t1 -c{connections} -d{duration}s --latency -s {workloads}/scripts/pace.lua \\
       http://127.0.0.1:8080/ -- {delay_ms}
-  owca-wrap --task-id /owca/nginx --parser wrk --parser owca-sine \\
-      owca-sine --base 800 --amplitude 400 --period 60 ... -- wrk ...
+  # needs: a web server on 127.0.0.1:8080; owca-wrap publishes the latency and the target
+  owca-wrap --task-id /owca/nginx --parser wrk --parser owca-sine -- \\
+      owca-sine --base 800 --amplitude 400 --period 60 --connections 8 --parser wrk \\
+      wrk -t1 -c{connections} -d{duration}s --latency -s {workloads}/scripts/pace.lua \\
+      http://127.0.0.1:8080/ -- {delay_ms}
 """
 import sys
 

@@ -62,10 +62,12 @@ Exit status:
   2 on a usage error.
 
 Examples:
+  # needs: a web server on 127.0.0.1:8080 (nginx, say)
   owca-wrap --task-id /owca/nginx --parser wrk --slo 0.002 --restart always \\
       -- wrk -t1 -c8 -d5s --latency http://127.0.0.1:8080/
   owca-wrap --task-id /owca/app --frames --no-apm-file --regex \\
-      'p99=(?P<value>[0-9.]+)(?P<unit>ms) (?P<name>latency_p99_seconds)' ./app | owca-ship
+      'p99=(?P<value>[0-9.]+)(?P<unit>ms) (?P<name>latency_p99_seconds)' \\
+      -- echo 'p99=3.2ms latency_p99_seconds' | owca-ship
 """
 import sys
 

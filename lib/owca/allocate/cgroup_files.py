@@ -24,7 +24,7 @@ from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEM
                                   Topology)
 from owca.core.kernel import (CgroupGone, CgroupRefused, cgroup_dir, cpu_cgroup_version,
                               format_cpu_list, parse_cpu_list, read_file, read_thread_ids)
-from owca.core.paths import Paths
+from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
 
 # The kernel refuses a CFS quota below 1 ms per period.
 QUOTA_MIN_US = 1000
@@ -137,6 +137,7 @@ class TaskCgroupFiles:
     """The allocation files of one task's cgroup, v1 (cpu and cpuset hierarchies) or v2."""
 
     def __init__(self, paths: Paths, cgroup_path: str):
+        self.paths = paths
         self.cgroup_path = cgroup_path
         self.version = cpu_cgroup_version(paths, cgroup_path)
         if self.version == "v1":
@@ -156,9 +157,31 @@ class TaskCgroupFiles:
             except (CgroupRefused, CgroupGone) as e:
                 self._dirs[root] = e
         found = self._dirs[root]
+        if isinstance(found, CgroupGone):
+            raise self._gone(type_, found)
         if isinstance(found, Exception):
             raise found
         return found
+
+    def _gone(self, type_: str, gone: CgroupGone) -> CgroupGone:
+        """Where the cgroup is, when it is not where the type's file would be.
+
+        On a v1 node a cgroup that lives in the memory hierarchy alone (made by a
+        tool that knows memory only) is in neither the cpu nor the cpuset one, and
+        then not in cgroup2 either: "no cgroup /X in /sys/fs/cgroup/unified" would
+        send its reader to look in the wrong place."""
+        held = [c for c in CGROUP_V1_CONTROLLERS
+                if os.path.isdir(self.paths.cgroup_v1(c, self.cgroup_path))]
+        if os.path.isdir(self.paths.cgroup_v2(self.cgroup_path)):
+            held.append("cgroup2")
+        if not held:
+            return gone
+        controller = V1_FILES[type_][0]
+        wanted = f"the {controller} hierarchy ({self.paths.cgroup_v1(controller).rstrip('/')})"
+        if self.version == "v2":
+            wanted += f" or cgroup2 ({self.paths.cgroup_v2_root})"
+        return CgroupGone(f"no cgroup {self.cgroup_path} in {wanted}, where {type_} is "
+                          f"written; it exists in: {', '.join(held)}")
 
     def file(self, type_: str) -> str:
         name = V1_FILES[type_][1] if self.version == "v1" else V2_FILES[type_]
