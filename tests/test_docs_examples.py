@@ -254,7 +254,10 @@ def run_until_output(command: str, env, directory, example):
     """Start it in its own session, wait for its first output (and what it should
     print), then SIGINT the session as Ctrl-C does; (stdout, stderr)."""
     wanted = expected_for(command) or [FIRST_OUTPUT]
-    argv = ["bash", "-c", "set -e -o pipefail\n" + command]
+    # Ctrl-C reaches a terminal's foreground job, whose SIGINT is never ignored; a test
+    # run from a script's background job (`.ci/run &`) inherits SIGINT ignored, which a
+    # shell and the tools keep, as they should.
+    argv = ["env", "--default-signal=INT", "bash", "-c", "set -e -o pipefail\n" + command]
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                env=env, cwd=directory, start_new_session=True)
     out, err = [], []
@@ -277,8 +280,14 @@ def run_until_output(command: str, env, directory, example):
         status = process.wait(timeout=STOP_TIMEOUT)
     finally:
         if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+            # SIGTERM first: a tool that starts workloads in process groups of their own
+            # (owca-launch) stops and removes them; SIGKILL would leave them running.
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
     for reader in readers:
         reader.join(timeout=10)
     stdout, stderr = (b"".join(out).decode(errors="replace"),
