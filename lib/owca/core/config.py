@@ -235,13 +235,19 @@ def _loader_class():
     return _Loader
 
 
-def _compose(text: str, where: str):
+def _load(text: str, where: str, compose_only: bool):
+    """The document's node tree (compose_only) or its plain data, with the loader's
+    limits; `where` names the file in errors."""
     loader = _loader_class()(text)
     loader.where = where
     try:
-        return loader.get_single_node()
+        return loader.get_single_node() if compose_only else loader.get_single_data()
     finally:
         loader.dispose()
+
+
+def _compose(text: str, where: str):
+    return _load(text, where, compose_only=True)
 
 
 def _read_config_file(path: str) -> bytes:
@@ -249,6 +255,8 @@ def _read_config_file(path: str) -> bytes:
     could block or never end) of at most MAX_CONFIG_BYTES."""
     import os
     import stat
+
+    from owca.core.kernel import read_at_most
     try:
         # O_NONBLOCK: opening a FIFO would wait for a writer, for ever if none comes.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -261,19 +269,11 @@ def _read_config_file(path: str) -> bytes:
         if not stat.S_ISREG(mode):
             raise ConfigError(f"{path}: not a regular file ({_file_kind(mode)}): a "
                               f"configuration is read from a file")
-        chunks = []
-        size = 0
-        while size <= MAX_CONFIG_BYTES:
-            chunk = os.read(fd, MAX_CONFIG_BYTES + 1 - size)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_at_most(fd, MAX_CONFIG_BYTES)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
     finally:
         os.close(fd)
-    data = b"".join(chunks)
     if len(data) > MAX_CONFIG_BYTES:
         raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes (1 MiB): not a "
                           f"configuration")
@@ -297,12 +297,7 @@ def load_yaml_data(path: str):
     itself (a static task list), under a configuration file's limits: a regular file of
     at most MAX_CONFIG_BYTES, no aliases, nesting bounded.  ConfigError, or
     yaml.YAMLError for a file that is not YAML."""
-    loader = _loader_class()(_read_config_text(path))
-    loader.where = path
-    try:
-        return loader.get_single_data()
-    finally:
-        loader.dispose()
+    return _load(_read_config_text(path), path, compose_only=False)
 
 
 def _file_kind(mode: int) -> str:

@@ -268,6 +268,20 @@ def cgroup_dir(root: str, cgroup_path: object) -> str:
     return candidate
 
 
+def read_at_most(fd: int, limit: int) -> bytes:
+    """What `fd` holds, but no more than limit + 1 bytes: enough for the caller to tell
+    a file over `limit` from one at it, without reading an endless one (a device, a
+    growing file) whole."""
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = os.read(fd, min(1 << 16, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
 def read_file(path: str) -> str:
     """A small kernel file's text (its first 64 KiB), stripped; a link is not followed."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)

@@ -56,6 +56,7 @@ from typing import List, Optional, Set
 from urllib.parse import urlsplit
 
 from owca.core import frames
+from owca.core.kernel import read_at_most
 from owca.plugin import DiscoveryError
 
 log = logging.getLogger("owca.http")
@@ -188,20 +189,14 @@ def read_small_file(path: str, option: str) -> bytes:
     try:
         _checked_status(os.fstat(fd), path, option)
         limit = MAX_SECRET_BYTES if option in SECRET_FILES else MAX_CERTIFICATE_BYTES
-        chunks, size = [], 0
-        while size <= limit:
-            chunk = os.read(fd, min(READ_CHUNK, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
+        data = read_at_most(fd, limit)
     except OSError as e:
         raise FileProblem(f"{option}: cannot read {path!r}: {e.strerror}") from None
     finally:
         os.close(fd)
-    if size > limit:
+    if len(data) > limit:
         raise FileProblem(f"{option}: {path} is larger than {limit} bytes")
-    return b"".join(chunks)
+    return data
 
 
 def _check_ca_bundle(path: str) -> None:
