@@ -69,7 +69,8 @@ def test_reader_merges_fresh_files_ignores_and_counts_stale_ones(tmp_path):
     apm.write(str(tmp_path), record("/a", ts=995.0, apm_throughput_per_second=10.0))
     apm.write(str(tmp_path), record("/b", ts=900.0, apm_throughput_per_second=20.0))
     reader = ApmReader(str(tmp_path), max_age_seconds=30, clock=lambda: 1000.0)
-    assert reader.read() == {"/a": {"apm_throughput_per_second": 10.0}}
+    assert reader.read() == {"/a": {"apm_throughput_per_second": 10.0,
+                                    "apm_report_timestamp_seconds": 995.0}}
     assert (reader.files, reader.stale_files, reader.malformed_total) == (1, 1, 0)
 
 
@@ -93,7 +94,8 @@ def test_reader_reports_a_malformed_file_once_per_version_and_goes_on(tmp_path, 
 def test_reader_two_files_of_one_task_the_newer_wins(tmp_path):
     (tmp_path / "one.json").write_text(apm.encode(record("/a", 990.0, apm_x=1.0)).decode())
     (tmp_path / "two.json").write_text(apm.encode(record("/a", 995.0, apm_x=2.0)).decode())
-    assert ApmReader(str(tmp_path), clock=lambda: 1000.0).read() == {"/a": {"apm_x": 2.0}}
+    assert ApmReader(str(tmp_path), clock=lambda: 1000.0).read() == {
+        "/a": {"apm_x": 2.0, "apm_report_timestamp_seconds": 995.0}}
 
 
 def test_reader_without_directory_or_with_huge_file(tmp_path):
@@ -158,3 +160,14 @@ def test_measure_without_apm_dir_reads_no_apm(tmp_path):
     assert out.returncode == 0, out.stderr
     frame = frames.decode(out.stdout.splitlines()[0])
     assert not any(s["name"].startswith("owca_apm") for s in frame["metrics"])
+
+
+def test_a_file_without_a_report_time_is_given_its_ts_and_a_wrappers_own_is_kept(tmp_path):
+    # The readers that tell a new report from an old one (controller, detector) need the
+    # report's time; a file written by hand has only `ts`.
+    apm.write(str(tmp_path), record("/hand", ts=995.5, apm_sli=0.01))
+    apm.write(str(tmp_path), record("/wrapped", ts=996.0, apm_sli=0.01,
+                                    apm_report_timestamp_seconds=990.0))
+    read = ApmReader(str(tmp_path), clock=lambda: 1000.0).read()
+    assert read["/hand"]["apm_report_timestamp_seconds"] == 995.5
+    assert read["/wrapped"]["apm_report_timestamp_seconds"] == 990.0

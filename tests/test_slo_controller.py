@@ -219,6 +219,37 @@ def test_a_stale_sli_holds(sysfs):
     assert node.metric("slo_controller_hold", reason="stale_sli") == 1
 
 
+def test_a_steady_sli_with_new_report_times_is_fresh_and_lets_be_grow(sysfs):
+    # A calm service (or a p99 read from histogram buckets) reports the same values
+    # again and again; its report time says they are new reports, not a stalled source.
+    ctl = controller(sysfs, stale_cycles=3)
+    node = Node(ctl)
+    for cycle in range(1, 12):
+        steady = {"web": {"apm_sli": 0.0006, "apm_slo": 0.002, "apm_sli_normalized": 3.33,
+                          "apm_throughput_per_second": 900.0,
+                          "apm_report_timestamp_seconds": 1000.0 + cycle},
+                  "batch1": {}, "batch2": {}}
+        node.cycle(measurements=steady)
+        assert node.metric("slo_controller_hold", reason="stale_sli") is None
+        assert node.metric("slo_controller_hold", reason="no_new_sli") is None
+    assert ctl.level > 3
+
+
+def test_a_report_time_that_stops_moving_is_stale_whatever_the_values(sysfs):
+    ctl = controller(sysfs, start_level=2, stale_cycles=3)
+    node = Node(ctl)
+    levels = []
+    for cycle in range(8):
+        node.cycle(measurements={
+            "web": {"apm_sli": 0.0006 + cycle * 1e-5, "apm_slo": 0.002,
+                    "apm_sli_normalized": 3.0, "apm_throughput_per_second": 900.0 + cycle,
+                    "apm_report_timestamp_seconds": 1000.0},
+            "batch1": {}, "batch2": {}})
+        levels.append(ctl.level)
+    assert levels == [3] * 8       # the first report only: later values are no new report
+    assert node.metric("slo_controller_hold", reason="stale_sli") == 1
+
+
 def test_the_named_antagonist_is_cut_first(sysfs):
     ctl = controller(sysfs, start_level=8)
     node = Node(ctl)

@@ -490,8 +490,9 @@ APM = _specs(
     M("apm_child_up", GAUGE, "boolean", "1 while the wrapped command runs.", _WRAP,
       scope="apm"),
     M("apm_report_timestamp_seconds", GAUGE, "seconds since the epoch",
-      "When owca-wrap parsed the workload's latest report (the end of the span its "
-      "latency describes); the frame's ts is when owca-measure read the file.", _WRAP,
+      "When the latest SLI report was taken: owca-wrap's parse of the workload's report "
+      "(the end of the span its latency describes), or an APM file's ts where the file "
+      "has none; the frame's ts is when owca-measure read the file.", _WRAP,
       scope="apm"),
     M("owca_apm_files", GAUGE, "files",
       "Fresh APM files owca-measure merged in its last cycle.", "owca-measure",

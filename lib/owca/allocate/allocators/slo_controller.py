@@ -50,6 +50,7 @@ log = logging.getLogger("owca.slo_controller")
 
 KNOBS = (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT)
 SLI_NORMALIZED = "apm_sli_normalized"
+REPORT_TS = "apm_report_timestamp_seconds"
 
 # Why a cycle made no decision (the label of slo_controller_hold).
 HOLD_MISSING, HOLD_STALE, HOLD_NO_NEW = "missing_sli", "stale_sli", "no_new_sli"
@@ -249,8 +250,7 @@ class SloController(Allocator):
                 hold = hold or HOLD_MISSING
                 state.last_report, state.repeats = None, 0
                 continue
-            report = (m.get("apm_sli"), m.get(SLI_NORMALIZED), m.get("apm_throughput_per_second"),
-                      m.get(self.load_metric))
+            report = _report_identity(m, self.load_metric)
             if report == state.last_report:
                 state.repeats += 1
             else:
@@ -605,6 +605,20 @@ def _pressure(m: dict) -> Optional[float]:
     if _finite(sli) and _finite(slo) and slo > 0 and sli >= 0:
         return sli / slo   # a lower-is-better SLI whose wrapper gave no normalised value
     return None
+
+
+def _report_identity(m: dict, load_metric: str) -> tuple:
+    """What tells one SLI report from the next.  The report's own time where the source
+    gives it (`apm_report_timestamp_seconds`: owca-measure sets it from an APM file's
+    `ts`): a service whose p99 holds steady (read from histogram buckets, or simply
+    calm) keeps reporting the same values, and those are fresh reports all the same.
+    Without it, the values themselves: a report that has not changed in any of them is
+    taken for the same one."""
+    ts = m.get(REPORT_TS)
+    if _finite(ts):
+        return ("ts", ts)
+    return (m.get("apm_sli"), m.get(SLI_NORMALIZED), m.get("apm_throughput_per_second"),
+            m.get(load_metric))
 
 
 def _same(type_: str, a, b) -> bool:

@@ -45,6 +45,8 @@ METRIC_PREFIX = "apm_"
 MAX_FILE_BYTES = 256 * 1024
 MAX_METRICS = 1000
 SUFFIX = ".json"
+# When the values were taken (docs/metrics.md); from the file's `ts` where it lacks one.
+REPORT_TS_METRIC = "apm_report_timestamp_seconds"
 
 _UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9_.-]+")
 
@@ -202,7 +204,12 @@ class ApmReader:
             if record.ts < newest.get(record.task_id, -1.0):
                 continue  # two wrappers of one task: the newer values win
             newest[record.task_id] = record.ts
-            out[record.task_id] = record.metrics
+            metrics = record.metrics
+            # The report's own time, for the readers that tell a new report from an old
+            # one (the controller, the detector): a wrapper gives its own, a file
+            # written by hand has its `ts`.
+            metrics.setdefault(REPORT_TS_METRIC, record.ts)
+            out[record.task_id] = metrics
         self.files = len(out)
         for path in list(self._reported):
             if path not in seen:
