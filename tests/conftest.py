@@ -88,6 +88,18 @@ def tool_env() -> dict:
     return env
 
 
+def end_processes(processes) -> None:
+    """Kill the ones of these Popen objects (recorded by the test) that still run, and
+    close their pipes."""
+    for process in processes:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        for stream in (process.stdin, process.stdout, process.stderr):
+            if stream is not None and not stream.closed:
+                stream.close()
+
+
 def blocked_writing(pid: int) -> bool:
     """True while the process is blocked writing to a pipe (its reader stalled)."""
     try:

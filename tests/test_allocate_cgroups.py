@@ -15,8 +15,8 @@ import pytest
 
 from cgroup_helpers import (BURN_FOREVER, read_int, read_str, v1_cgroup, v1_missing,
                             wait_line)
-from conftest import (ROOT, blocked_writing, tool_command, tool_env, wait_for,
-                      wchan_missing)
+from conftest import (ROOT, blocked_writing, end_processes, tool_command, tool_env,
+                      wait_for, wchan_missing)
 from owca.core import frames
 from owca.allocate.stage import Allocate, AllocateConfig, read_topology
 from owca.core.paths import DEFAULT_PATHS
@@ -114,7 +114,8 @@ def test_quota_shares_and_cpusets_are_written_and_read_back(family, state):
     # Read back from the cgroup in the next cycle.
     s.process(measurements(2, task.path))
     assert s.cfg.allocator.seen[1]["task"] == {"cpu_quota": 0.1, "cpu_shares": 0.5,
-                                               "cpuset_cpus": "0", "cpuset_mems": "0"}
+                                               "cpu_idle": 0, "cpuset_cpus": "0",
+                                               "cpuset_mems": "0"}
     # The parent's and the sibling's files were not written.
     assert settings(parent, sibling) == others
     s.close()
@@ -274,3 +275,76 @@ def test_stopping_the_tool_restores_the_original_values(family, tmp_path, stop):
                 except BrokenPipeError:
                     pass
     assert settings(parent, task, sibling) == before
+
+
+# -- cpu_idle ----------------------------------------------------------------------------
+
+def _idle_missing():
+    if not os.path.exists(DEFAULT_PATHS.cgroup_v1("cpu", "/cpu.idle")):
+        return "the kernel has no cpu.idle (Linux 5.15 and later)"
+    return None
+
+
+def test_cpu_idle_is_written_and_the_weight_it_replaced_comes_back(family, state):
+    if _idle_missing():
+        pytest.skip(_idle_missing())
+    _, task, _ = family
+    start(task)
+    with open(task.file("cpu", "cpu.shares"), "w") as f:
+        f.write("2048")
+    s = Allocate(AllocateConfig(allocator=Scripted(
+        {"task": {"cpu_idle": True}}, {"task": {"cpu_idle": 1, "cpu_shares": 2.0}})), state)
+    frame = s.process(measurements(1, task.path))[0]
+    assert frame["errors"] == [] and frame["allocations"] == {"task": {"cpu_idle": 1}}
+    assert read_int(task.file("cpu", "cpu.idle")) == 1
+    # The kernel gives an idle cgroup the least weight, and refuses another.
+    assert read_int(task.file("cpu", "cpu.shares")) == 3
+    frame = s.process(measurements(2, task.path))[0]
+    assert [(e["type"], e["reason"].split(":")[0]) for e in frame["errors"]] == \
+        [("cpu_shares", "cpu_shares")]
+    assert "while cpu_idle is 1" in frame["errors"][0]["reason"]
+    s.close()
+    assert read_int(task.file("cpu", "cpu.idle")) == 0
+    # Clearing cpu.idle alone gives the kernel's default, 1024: the original is back.
+    assert read_int(task.file("cpu", "cpu.shares")) == 2048
+
+
+IDLE_STATIC = ("allocate:\n  allocator: !StaticAllocator\n    rules:\n"
+               "      - labels: {priority: be}\n"
+               "        allocations: {cpu_idle: 1}\n")
+
+
+def test_cpu_idle_set_by_a_run_killed_with_sigkill_is_restored_by_the_next(family, tmp_path):
+    if _idle_missing():
+        pytest.skip(_idle_missing())
+    _, task, _ = family
+    start(task)
+    shares, idle = task.file("cpu", "cpu.shares"), task.file("cpu", "cpu.idle")
+    with open(shares, "w") as f:
+        f.write("512")
+    config = tmp_path / "owca.yaml"
+    config.write_text(IDLE_STATIC)
+    env = {**tool_env(), "STATE_DIRECTORY": str(tmp_path / "state")}
+    frame = lambda seq: measurements(seq, task.path, {"priority": "be"})  # noqa: E731
+    tools = []
+
+    def run():
+        tool = subprocess.Popen(tool_command("allocate", "-c", str(config)),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, cwd=ROOT)
+        tools.append(tool)
+        tool.stdin.write(frames.encode(frame(len(tools))))
+        tool.stdin.flush()
+        return [json.loads(tool.stdout.readline()) for _ in range(2)]
+
+    try:
+        run()
+        assert (read_int(idle), read_int(shares)) == (1, 3)
+        os.kill(tools[0].pid, signal.SIGKILL)
+        assert tools[0].wait(timeout=30) == -signal.SIGKILL
+        run()
+        tools[1].stdin.close()
+        assert tools[1].wait(timeout=30) == 0, tools[1].stderr.read()
+    finally:
+        end_processes(tools)
+    assert (read_int(idle), read_int(shares)) == (0, 512)

@@ -20,7 +20,7 @@ import time
 import pytest
 
 from cgroup_helpers import v1_missing
-from conftest import ROOT, tool_command, tool_env
+from conftest import ROOT, end_processes, tool_command, tool_env
 from fake_node import FakeResctrlKernel
 from owca.core import frames
 from owca.allocate import journal
@@ -378,13 +378,7 @@ def test_sigkill_then_restart_then_clean_stop_gives_the_originals_back(tmp_path)
             assert tools[1].wait(timeout=30) == 0, tools[1].stderr.read()
             rest = [json.loads(line) for line in tools[1].stdout.read().splitlines()]
         finally:
-            for tool in tools:
-                if tool.poll() is None:
-                    tool.kill()
-                    tool.wait()
-                for stream in (tool.stdin, tool.stdout, tool.stderr):
-                    if not stream.closed:
-                        stream.close()
+            end_processes(tools)
         assert (read(quota), read(cpus)) == ("50000", "0-1")
     last = rest[-1]
     assert last["shutdown"] is True

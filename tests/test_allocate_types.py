@@ -16,6 +16,7 @@ TWO_CPUS = Topology(cpus=frozenset((0, 1)), numa_nodes=frozenset((0,)))
     ("cpu_shares", 0.5, 0.5), ("cpu_shares", 100, 100.0), ("cpu_shares", 0.01, 0.01),
     ("cpuset_cpus", "1,0", "0-1"), ("cpuset_cpus", [1], "1"),
     ("cpuset_mems", "0", "0"),
+    ("cpu_idle", True, 1), ("cpu_idle", False, 0), ("cpu_idle", 1, 1), ("cpu_idle", 0, 0),
     ("rdt", {"name": "owca-be", "l3": "0x3"}, {"name": "owca-be", "l3": {"*": "3"}}),
     ("rdt", {"name": "owca-be", "l3": {0: "f0", "1": 3}, "mb": {"*": 50}},
      {"name": "owca-be", "l3": {"0": "f0", "1": "3"}, "mb": {"*": 50}}),
@@ -50,6 +51,9 @@ def test_valid_allocations_get_their_canonical_form(type_, value, canonical):
     ("rdt", {"name": "owca-be", "mb": 0}, "out of range (0, 100]"),
     ("rdt", {"name": "owca-be", "mb": 50.5}, "expected a whole percentage"),
     ("rdt", {"name": "owca-be", "l2": "3"}, "unknown key 'l2'"),
+    ("cpu_idle", 2, "expected 0 or 1"),
+    ("cpu_idle", "1", "expected 0 or 1"),
+    ("cpu_idle", 0.5, "expected 0 or 1"),
     ("cpu_quotas", 0.1, "unknown allocation type"),
 ])
 def test_invalid_allocations_are_refused_with_a_reason(type_, value, reason):

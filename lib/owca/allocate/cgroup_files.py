@@ -4,6 +4,7 @@
 |---|---|---|---|
 | cpu_quota | cpu.cfs_quota_us (cpu) | cpu.max | quota x period x online CPUs, in us; 1.0 is -1 / max |
 | cpu_shares | cpu.shares (cpu) | cpu.weight | x 1024 (v1), x 100 (v2) |
+| cpu_idle | cpu.idle (cpu) | cpu.idle | 1 or 0 (Linux 5.15 and later); its original keeps the weight too |
 | cpuset_cpus | cpuset.cpus (cpuset) | cpuset.cpus | the kernel's list format |
 | cpuset_mems | cpuset.mems (cpuset) | cpuset.mems | the kernel's list format |
 
@@ -19,7 +20,7 @@ import os
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
-from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
+from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
                                   SHARES_V1_DEFAULT, WEIGHT_V2_DEFAULT, InvalidAllocation,
                                   Topology)
 from owca.core.kernel import (CgroupGone, CgroupRefused, cgroup_dir, cpu_cgroup_version,
@@ -34,18 +35,22 @@ V2_WEIGHT_RANGE = (1, 10000)
 V1_FILES = {
     CPU_QUOTA: ("cpu", "cpu.cfs_quota_us"),
     CPU_SHARES: ("cpu", "cpu.shares"),
+    CPU_IDLE: ("cpu", "cpu.idle"),
     CPUSET_CPUS: ("cpuset", "cpuset.cpus"),
     CPUSET_MEMS: ("cpuset", "cpuset.mems"),
 }
 V2_FILES = {
     CPU_QUOTA: "cpu.max",
     CPU_SHARES: "cpu.weight",
+    CPU_IDLE: "cpu.idle",
     CPUSET_CPUS: "cpuset.cpus",
     CPUSET_MEMS: "cpuset.mems",
 }
 # A cgroup named so is a systemd unit's own; systemd writes its attributes.
 SYSTEMD_UNIT_SUFFIXES = (".service", ".scope", ".slice", ".socket", ".mount", ".swap")
 DELEGATE_XATTRS = ("trusted.delegate", "user.delegate")
+# The first Linux release with the type's file: an older kernel's lack of it is said so.
+SINCE_KERNEL = {CPU_IDLE: "5.15"}
 # What a v2 cpuset inherits when its own file is empty.
 V2_EFFECTIVE = {CPUSET_CPUS: "cpuset.cpus.effective", CPUSET_MEMS: "cpuset.mems.effective"}
 
@@ -220,7 +225,13 @@ class TaskCgroupFiles:
     def read(self, type_: str, topology: Topology) -> Reading:
         """The type's current value; CgroupGone when the cgroup or its file is absent."""
         path = self.file(type_)
-        text = _read_existing(path)
+        try:
+            text = _read_existing(path)
+        except CgroupGone:
+            if type_ in SINCE_KERNEL and os.path.isdir(os.path.dirname(path)):
+                raise CgroupGone(f"{path} does not exist: {type_} needs Linux "
+                                 f"{SINCE_KERNEL[type_]} or later") from None
+            raise
         directory = os.path.dirname(path)
         if type_ == CPU_QUOTA:
             ncpus = max(1, len(topology.cpus))
@@ -232,6 +243,11 @@ class TaskCgroupFiles:
             return Reading(path, text, us_to_quota(quota_us, period, ncpus), period)
         if type_ == CPU_SHARES:
             return Reading(path, text, kernel_to_shares(int(text), self.version))
+        if type_ == CPU_IDLE:
+            # Clearing cpu.idle resets the weight to the kernel's default, so what a
+            # restore writes back is both: "IDLE WEIGHT" (idle_text, weight_text).
+            weight = _read_existing(os.path.join(directory, self.weight_file()))
+            return Reading(path, f"{int(text)} {int(weight)}", int(text))
         ids = text
         if not ids and self.version == "v2":
             ids = _read_existing(os.path.join(directory, V2_EFFECTIVE[type_]))
@@ -248,9 +264,14 @@ class TaskCgroupFiles:
             return format_cpu_max(quota_us, period_us)
         if type_ == CPU_SHARES:
             return str(shares_to_kernel(value, self.version))
+        if type_ == CPU_IDLE:
+            return str(value)
         if self.version == "v1":
             self._check_parent_cpuset(type_, value, current.path)
         return value
+
+    def weight_file(self) -> str:
+        return V1_FILES[CPU_SHARES][1] if self.version == "v1" else V2_FILES[CPU_SHARES]
 
     @staticmethod
     def _check_parent_cpuset(type_, value, path):

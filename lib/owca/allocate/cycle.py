@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from owca.core import allocation
-from owca.core.allocation import CPUSET_CPUS, CPUSET_MEMS, Topology, parse_cpu_list
+from owca.core.allocation import CPU_IDLE, CPUSET_CPUS, CPUSET_MEMS, Topology, parse_cpu_list
 from owca.allocate.cgroup_files import Reading, TaskCgroupFiles
 from owca.allocate.resctrl import Group
 
@@ -21,6 +21,8 @@ def canonical(type_: str, text: str) -> str:
             return allocation.format_cpu_list(parse_cpu_list(text))
         except ValueError:
             return text
+    if type_ == CPU_IDLE:
+        return " ".join(text.split()[:1])   # cpu.idle alone; an original has the weight too
     return " ".join(text.split())
 
 

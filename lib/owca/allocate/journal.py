@@ -41,8 +41,8 @@ import re
 import time
 from typing import Any, Optional
 
-from owca.core.allocation import CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, \
-    RDT_GROUP_NAME
+from owca.core.allocation import CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, \
+    RDT, RDT_GROUP_NAME
 
 log = logging.getLogger("owca.journal")
 
@@ -58,6 +58,7 @@ MAX_TEXT = 4096             # an original longer than this is no kernel value
 PLAUSIBLE = {
     CPU_QUOTA: re.compile(r"(-?\d+|(max|\d+) \d+)\Z"),
     CPU_SHARES: re.compile(r"\d+\Z"),
+    CPU_IDLE: re.compile(r"[01]( \d+)?\Z"),    # the original has the weight too
     CPUSET_CPUS: re.compile(r"[\d,-]*\Z"),
     CPUSET_MEMS: re.compile(r"[\d,-]*\Z"),
 }

@@ -13,7 +13,7 @@ import os
 from typing import Dict, List, Optional, Set
 
 from owca.core import frames
-from owca.core.allocation import CPU_QUOTA, RDT
+from owca.core.allocation import CPU_IDLE, CPU_QUOTA, RDT, TYPES
 from owca.core.paths import Paths
 from owca.core.resctrl import DEFAULT_GROUP
 from owca.core.stage import DataError
@@ -187,7 +187,7 @@ class Originals:
         this cycle's readings, None for a task that went or at the stop."""
         originals = self.by_task.get(task_id, {})
         out = []
-        for type_ in types:
+        for type_ in sorted(types, key=_restore_rank):
             original = originals.pop(type_, None)
             if original is None:
                 continue
@@ -225,6 +225,8 @@ def _restore_cgroup_ops(task_id: str, type_: str, files: TaskCgroupFiles,
                  "wrote it; left as it is", task_id, type_, path, now)
         return []
     text = original.text
+    if type_ == CPU_IDLE:
+        return _restore_idle_ops(path, files.weight_file(), text)
 
     def restore():
         written = restore_file(path, text)
@@ -233,3 +235,23 @@ def _restore_cgroup_ops(task_id: str, type_: str, files: TaskCgroupFiles,
                      "empty cpuset: wrote the parent's effective %s instead of ''",
                      task_id, type_, written)
     return [Op(f"restore {text!r} to {path}", restore)]
+
+
+def _restore_rank(type_: str) -> int:
+    """Restores go in the order of TYPES (cpu_idle before cpu_shares: see there)."""
+    return TYPES.index(type_) if type_ in TYPES else len(TYPES)
+
+
+def _restore_idle_ops(path: str, weight_name: str, original: str) -> List[Op]:
+    """cpu.idle written back, then the weight it had: clearing cpu.idle resets the
+    cgroup's weight to the kernel's default (an idle cgroup has the least, fixed)."""
+    idle, _, weight = original.partition(" ")
+    weight_path = os.path.join(os.path.dirname(path), weight_name)
+
+    def restore():
+        restore_file(path, idle)
+        if idle == "0" and weight and read_file(weight_path) != weight:
+            restore_file(weight_path, weight)
+    what = f"restore {idle!r} to {path}" + (f" and {weight!r} to {weight_path}"
+                                            if idle == "0" and weight else "")
+    return [Op(what, restore)]

@@ -11,9 +11,9 @@ import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from owca.core import allocation
-from owca.core.allocation import RDT, TYPES, InvalidAllocation
+from owca.core.allocation import CPU_IDLE, CPU_SHARES, RDT, TYPES, InvalidAllocation
 from owca.allocate.cgroup_files import CgroupGone, CgroupRefused, write_file
-from owca.allocate.cycle import Change, Cycle, Op
+from owca.allocate.cycle import Change, Cycle, Op, canonical
 from owca.allocate.external_changes import ExternalChanges
 from owca.allocate.originals import Originals
 from owca.allocate.rdt_groups import RdtGroups
@@ -82,6 +82,10 @@ class Planner:
                     continue
                 value = self.desired[task_id][type_]
                 try:
+                    if type_ == CPU_SHARES and self.desired[task_id].get(CPU_IDLE):
+                        raise InvalidAllocation(
+                            f"{CPU_SHARES}: not written while {CPU_IDLE} is 1: the kernel "
+                            f"gives an idle cgroup the least weight and refuses another")
                     if task_id not in cycle.files:
                         raise CgroupGone("the task has no cgroup_path")
                     change = (self.rdt.plan(task_id, value, cycle,
@@ -115,7 +119,7 @@ class Planner:
             cycle.readings[task_id][type_] = reading
         text = files.target(type_, value, cycle.topology, reading)
         original = self.originals.original(task_id, type_)
-        if text == reading.text:
+        if canonical(type_, text) == canonical(type_, reading.text):
             if original is not None:
                 original.foreign = None
             return None

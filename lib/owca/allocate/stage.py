@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, Tuple
 
 from owca.core import config, frames
-from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, Topology,
-                                  parse_cpu_list)
+from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
+                                  RDT, Topology, parse_cpu_list)
 from owca.core.kernel import online_cpus, online_nodes
 from owca.core.paths import paths_from_options
 from owca.core.resctrl import ResctrlFS
@@ -343,7 +343,7 @@ def allocation_samples(task_id: str, values: dict) -> list:
     """The allocation_* gauges of one task's allocations."""
     labels = {"task_id": task_id}
     out = []
-    for type_ in (CPU_QUOTA, CPU_SHARES):
+    for type_ in (CPU_QUOTA, CPU_SHARES, CPU_IDLE):
         if values.get(type_) is not None:
             out.append(frames.sample(f"allocation_{type_}", values[type_], labels))
     for type_, label in ((CPUSET_CPUS, "cpus"), (CPUSET_MEMS, "mems")):

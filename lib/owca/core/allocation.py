@@ -9,6 +9,7 @@ InvalidAllocation with a one-line reason.
 |---|---|---|
 | cpu_quota | number in (0, 1] | share of the whole platform: 1.0 is every online CPU (no limit) |
 | cpu_shares | number in [0.01, 100] | weight relative to the kernel's default: 1.0 is 1024 shares (v1), weight 100 (v2) |
+| cpu_idle | 0 or 1 (false or true) | 1: the task's cgroup runs as the idle scheduling class |
 | cpuset_cpus | "0-3,8" or [0, 1, 2, 3, 8] | online logical CPUs |
 | cpuset_mems | "0" or [0] | online NUMA nodes |
 | rdt | {name, l3, mb} | resctrl group `name` (prefix `owca-`), L3 way masks and memory bandwidth percentages per cache id |
@@ -25,11 +26,14 @@ from owca.core.kernel import MAX_LIST_ID, format_cpu_list, parse_cpu_list
 
 CPU_QUOTA = "cpu_quota"
 CPU_SHARES = "cpu_shares"
+CPU_IDLE = "cpu_idle"
 CPUSET_CPUS = "cpuset_cpus"
 CPUSET_MEMS = "cpuset_mems"
 RDT = "rdt"
 
-CGROUP_TYPES = (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS)
+# Written, and restored, in this order: cpu_idle before cpu_shares, because the kernel
+# refuses a weight for an idle cgroup and resets the weight when idle is cleared.
+CGROUP_TYPES = (CPU_QUOTA, CPU_IDLE, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS)
 TYPES = CGROUP_TYPES + (RDT,)
 
 QUOTA_MAX = 1.0
@@ -83,6 +87,13 @@ def validate_cpu_shares(value, topology: Optional[Topology] = None) -> float:
         raise InvalidAllocation(f"{CPU_SHARES} {shares:g} is out of range "
                                 f"[{SHARES_MIN:g}, {SHARES_MAX:g}]: 1.0 is the kernel's default")
     return shares
+
+
+def validate_cpu_idle(value, topology: Optional[Topology] = None) -> int:
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return int(value)
+    raise InvalidAllocation(f"{CPU_IDLE}: expected 0 or 1 (or false or true), got "
+                            f"{value!r:.60}")
 
 
 def _id_set(value, type_: str) -> FrozenSet[int]:
@@ -190,6 +201,7 @@ def validate_rdt(value, topology: Optional[Topology] = None) -> dict:
 VALIDATORS = {
     CPU_QUOTA: validate_cpu_quota,
     CPU_SHARES: validate_cpu_shares,
+    CPU_IDLE: validate_cpu_idle,
     CPUSET_CPUS: validate_cpuset_cpus,
     CPUSET_MEMS: validate_cpuset_mems,
     RDT: validate_rdt,

@@ -293,6 +293,10 @@ ALLOCATION = _specs(
     M("allocation_cpu_shares", GAUGE, "weight (1.0 = the kernel's default)",
       "The task's CPU weight after the cycle; label task_id.",
       "v1: cpu.shares / 1024; v2: cpu.weight / 100", scope="allocation"),
+    M("allocation_cpu_idle", GAUGE, "boolean",
+      "1 when the task's cgroup runs as the idle scheduling class (it gets CPU time only "
+      "when no other task wants it); label task_id.", "cpu.idle (Linux 5.15 and later)",
+      scope="allocation"),
     M("allocation_cpuset_cpus", GAUGE, "cpus",
       "How many CPUs the task may run on; labels task_id, cpus (the list).",
       "cpuset.cpus (v2: cpuset.cpus.effective when empty)", scope="allocation"),
