@@ -250,6 +250,20 @@ def test_a_report_time_that_stops_moving_is_stale_whatever_the_values(sysfs):
     assert node.metric("slo_controller_hold", reason="stale_sli") == 1
 
 
+def test_with_the_cpu_idle_knob_every_be_task_runs_as_idle_class_at_every_level(sysfs):
+    ctl = controller(sysfs, knobs=["cpu_quota", "cpu_idle", "cpuset_cpus"])
+    node = Node(ctl)
+    for pressure in (0.5, 0.5, 0.5, 1.2, 0.5):
+        allocations = node.cycle(pressure=pressure)
+        assert {t: allocations[t]["cpu_idle"] for t in BE} == {"batch1": 1, "batch2": 1}
+        assert all("cpu_shares" not in allocations[t] for t in BE)
+
+
+def test_cpu_idle_and_cpu_shares_together_are_refused_at_start(sysfs):
+    with pytest.raises(ValueError, match="cpu_idle or cpu_shares, not both"):
+        controller(sysfs, knobs=["cpu_quota", "cpu_idle", "cpu_shares"])
+
+
 def test_the_named_antagonist_is_cut_first(sysfs):
     ctl = controller(sysfs, start_level=8)
     node = Node(ctl)

@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from typing import Deque, Dict, FrozenSet, List, Optional, Set, TypeGuard
 
 from owca.core import frames
-from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, InvalidAllocation,
+from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT,
+                                  InvalidAllocation,
                                   SHARES_MAX, SHARES_MIN, format_cpu_list, parse_cpu_list,
                                   validate_cpuset_cpus)
 from owca.plugin import Allocator
@@ -48,7 +49,7 @@ from owca.core.resctrl import ResctrlFS
 
 log = logging.getLogger("owca.slo_controller")
 
-KNOBS = (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT)
+KNOBS = (CPU_QUOTA, CPU_SHARES, CPU_IDLE, CPUSET_CPUS, RDT)
 SLI_NORMALIZED = "apm_sli_normalized"
 REPORT_TS = "apm_report_timestamp_seconds"
 
@@ -168,6 +169,9 @@ class SloController(Allocator):
         need(0 <= self.lend_level <= self.levels + 1, "lend_level: between 0 and levels + 1")
         unknown = set(self.knobs) - set(KNOBS)
         need(not unknown, f"knobs: unknown {sorted(unknown)} (knobs: {', '.join(KNOBS)})")
+        need(not {CPU_IDLE, CPU_SHARES} <= set(self.knobs),
+             "knobs: cpu_idle or cpu_shares, not both (the kernel fixes an idle cgroup's "
+             "weight)")
         need((RDT in self.knobs) == (self.rdt is not None),
              "knobs: rdt needs the rdt section, and the rdt section needs rdt in knobs")
         for name in ("be_cpus", "reserved_cpus"):
@@ -401,6 +405,11 @@ class SloController(Allocator):
             if CPU_QUOTA in self.knobs:
                 values[CPU_QUOTA] = self._quota(0 if task_id in cut else self.level, len(be),
                                                 cpus[2] if cpus else None)
+            if CPU_IDLE in self.knobs:
+                # At every level: an idle-class task takes only CPU time no HP task wants,
+                # so the level's quota and cpus bound it, and the scheduler keeps it out of
+                # the HP's way within them.
+                values[CPU_IDLE] = 1
             if CPU_SHARES in self.knobs:
                 values[CPU_SHARES] = round(self.shares_floor * (
                     self.shares_ceiling / self.shares_floor) ** f, 4)
