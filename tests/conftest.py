@@ -134,6 +134,7 @@ KIND_OF_FILE = {
         "test_apm.py", "test_architecture.py", "test_cgroups.py", "test_config.py",
         "test_configs.py", "test_contention.py", "test_control_score.py", "test_corpus.py",
         "test_discover.py", "test_docs.py", "test_file_storage.py", "test_frames.py",
+        "test_headroom.py",
         "test_kernel.py", "test_kubernetes.py", "test_mesos.py", "test_platform.py",
         "test_prometheus_endpoint.py", "test_rdt_monitor.py", "test_resctrl.py",
         "test_scenario.py", "test_scenario_score.py", "test_slo_controller.py",

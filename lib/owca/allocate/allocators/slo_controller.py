@@ -33,7 +33,7 @@ import os
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, FrozenSet, List, Optional, Set, TypeGuard
+from typing import Deque, Dict, FrozenSet, List, Optional, Set
 
 from owca.core import frames
 from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, InvalidAllocation,
@@ -44,12 +44,13 @@ from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
 from owca.core.kernel import online_cpus
 from owca.core.paths import Paths
 from owca.allocate.resctrl import Resctrl
+from owca.allocate.sli import (SLI_NORMALIZED, finite as _finite, matches as _matches,
+                               pressure as _pressure)
 from owca.core.resctrl import ResctrlFS
 
 log = logging.getLogger("owca.slo_controller")
 
 KNOBS = (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT)
-SLI_NORMALIZED = "apm_sli_normalized"
 
 # Why a cycle made no decision (the label of slo_controller_hold).
 HOLD_MISSING, HOLD_STALE, HOLD_NO_NEW = "missing_sli", "stale_sli", "no_new_sli"
@@ -585,26 +586,6 @@ class SloController(Allocator):
         if key not in self._logged:
             self._logged.add(key)
             log.warning(message, *args)
-
-
-def _matches(labels: dict, wanted: Dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in wanted.items())
-
-
-def _finite(x) -> TypeGuard[float]:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _pressure(m: dict) -> Optional[float]:
-    """SLI / SLO, lower is better: 1 at the objective, above 1 broken (either kind of SLI:
-    the wrappers' apm_sli_normalized is 1 at the objective, below 1 broken)."""
-    normalized = m.get(SLI_NORMALIZED)
-    if _finite(normalized) and normalized > 0:
-        return 1.0 / normalized
-    sli, slo = m.get("apm_sli"), m.get("apm_slo")
-    if _finite(sli) and _finite(slo) and slo > 0 and sli >= 0:
-        return sli / slo   # a lower-is-better SLI whose wrapper gave no normalised value
-    return None
 
 
 def _same(type_: str, a, b) -> bool:
