@@ -143,7 +143,7 @@ KIND_OF_FILE = {
     ],
     "integration": [
         "test_allocate_cgroups.py", "test_contract_table.py", "test_detect.py",
-        "test_docs_examples.py", "test_first_hour.py",
+        "test_docs_examples.py", "test_first_hour.py", "test_headroom_kubernetes.py",
         "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
         "test_kafka.py", "test_measure.py", "test_measure_sources.py", "test_perf.py",
         "test_plugin_compat.py", "test_pipeline_cgroups.py",
