@@ -283,7 +283,19 @@ def test_each_numa_node_has_its_own_terms_and_the_node_is_their_sum(tmp_path):
         assert whole[t] == pytest.approx(n0[t] + n1[t])
 
 
-@pytest.mark.parametrize("bad", [dict(percentile=0), dict(window=0), dict(reserve_ratio=1),
+def test_cpus_limits_the_capacity_and_the_busy_time_counted():
+    h = Headroom(grow_after=0, grow_step_ratio=1, window=30, cpus="0-1")
+    node = Node()
+    out = None
+    for _ in range(20):   # 2.5 cores busy, spread over the 4 CPUs: 1.25 on CPUs 0-1
+        out = h.cycle(node.frame())
+    cpu, headroom = terms(out, "cpu")
+    assert cpu["capacity"] == 2
+    assert cpu["hp"] == pytest.approx(1.0) and cpu["system"] == pytest.approx(0)
+    assert headroom == pytest.approx(2 - 1 - 0.1)
+
+
+@pytest.mark.parametrize("bad", [dict(percentile=0), dict(cpus="x"), dict(window=0), dict(reserve_ratio=1),
                                  dict(calm_slack=0), dict(grow_step_ratio=0),
                                  dict(stale_after=0), dict(contention_cut=2)])
 def test_bad_parameters_are_refused(bad):

@@ -133,6 +133,9 @@ class Headroom:
     stale_after: float = 60.0
     require_sli: bool = True
     numa: bool = True
+    # The CPUs BE work may run on (a cpuset list); default: every online CPU.  Tasks'
+    # CPU time counts against them; other CPUs' busy time is not the headroom's.
+    cpus: Optional[str] = None
     sysfs: str = "/sys"
 
     def __post_init__(self):
@@ -150,6 +153,13 @@ class Headroom:
         for name in ("contention_hold", "grow_after"):
             need(getattr(self, name) >= 0, f"{name}: not negative")
         need(self.stale_after > 0, "stale_after: a positive number of seconds")
+        self._cpus: Optional[FrozenSet[str]] = None
+        if self.cpus is not None:
+            try:
+                self._cpus = frozenset(str(c) for c in parse_cpu_list(str(self.cpus)))
+            except ValueError as e:
+                raise ValueError(f"cpus: {e}") from None
+            need(bool(self._cpus), "cpus: at least one CPU")
         self._prev: Optional[Tuple[float, Dict[str, float], Dict[str, float]]] = None
         self._history: Dict[str, Deque[Tuple[float, Usage]]] = {}
         self._published: Dict[Tuple[str, str], float] = {}
@@ -252,6 +262,8 @@ class Headroom:
         usage = platform.get("platform_cpu_usage")
         cpus = frozenset(usage) if isinstance(usage, dict) and usage else frozenset(
             str(i) for i in range(int(_number(platform.get("platform_topology_cpus")) or 0)))
+        if self._cpus is not None:
+            cpus = cpus & self._cpus
         memory = _number(platform.get("platform_mem_total_bytes")) or 0.0
         free = platform.get("platform_mem_numa_free_bytes")
         used = platform.get("platform_mem_numa_used_bytes")
