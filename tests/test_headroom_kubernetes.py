@@ -16,10 +16,11 @@ reading the resources.
 import json
 import logging
 import os
+import subprocess
 
 import pytest
 
-from conftest import FIXTURES
+from conftest import FIXTURES, tool_command, tool_env
 from kube_api_server import PATCH_TYPES, KubeApiServer, only
 from orchestrator_server import make_pki, server_tls, wait_until
 from owca.core import frames
@@ -243,3 +244,62 @@ def test_owca_ship_publishes_through_its_thread_and_never_stops_on_bad_answers(a
     finally:
         ship.close()
     assert {r for r, n in s.results.items() if n} >= {"500", "401", "ok"}
+    # owca-ship stopped: nobody vouches for the headroom any more
+    assert extended(api)[0] == {"owca.io/be-cpu": "0", "owca.io/be-memory": "0"}
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["answering", "failing"])
+def test_the_real_tools_publish_and_never_stop_on_the_api_servers_answers(api, pki, tokens,
+                                                                           tmp_path, failing):
+    """owca-allocate (headroom) | owca-ship (stdout and the Node), real processes: every
+    cycle is shipped whatever the API server answers; the Node gets the headroom, and zero
+    when owca-ship stops."""
+    from test_headroom import Node
+    config = tmp_path / "owca.yaml"
+    config.write_text(
+        "allocate:\n"
+        "  headroom: !Headroom {grow_after: 0, grow_step_ratio: 1, window: 30}\n"
+        "ship:\n"
+        "  storages:\n"
+        "    - !StdoutStorage {}\n"
+        "    - !KubernetesNodeStatusStorage\n"
+        f"      url: {api.url}\n"
+        f"      ca_bundle: {pki['ca']}\n"
+        f"      token_file: {tokens['node101']}\n"
+        "      node_name: node101\n"
+        "      min_interval: 0.01\n")
+    if failing:
+        api.answers = [(500, {})] * 10 ** 4
+    allocate = subprocess.Popen(
+        tool_command("allocate", "-c", str(config), "--dry-run", "--state-dir",
+                     str(tmp_path / "state"), "--cgroupfs", str(tmp_path)),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=tool_env())
+    ship = subprocess.Popen(tool_command("ship", "-c", str(config)), stdin=allocate.stdout,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=tool_env())
+    allocate.stdout.close()
+    node = Node()
+    try:
+        for _ in range(10):
+            allocate.stdin.write(frames.encode(node.frame()))
+        allocate.stdin.flush()
+        # the storage's thread has sent a headroom before the input ends
+        assert wait_until(lambda: any(
+            failing or json.loads(r["body"])["status"]["capacity"]["owca.io/be-cpu"] != "0"
+            for r in list(api.requests)), 60)
+        for _ in range(5):
+            allocate.stdin.write(frames.encode(node.frame()))
+        allocate.stdin.close()
+        out, err = ship.communicate(timeout=120)
+    finally:
+        for p in (allocate, ship):
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert allocate.wait() == 0 and ship.returncode == 0, err.decode()[-2000:]
+    shipped = out.decode()
+    assert all(f"# owca allocations seq={seq} " in shipped for seq in range(1, 16))
+    if failing:
+        assert extended(api) == ({}, {})
+        assert "HTTP 500" in err.decode()
+    else:
+        assert extended(api)[0] == {"owca.io/be-cpu": "0", "owca.io/be-memory": "0"}

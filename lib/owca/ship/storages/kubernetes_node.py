@@ -91,6 +91,9 @@ class KubernetesNodeStatusStorage(Storage):
     resync: float = 300.0
     max_backoff: float = 600.0
     stale_after: float = 120.0
+    # When owca-ship stops, zero is published (one PATCH, bounded by timeout): the
+    # headroom is OWCA's promise, and nobody keeps it once OWCA is gone.
+    zero_on_stop: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -162,6 +165,14 @@ class KubernetesNodeStatusStorage(Storage):
         self._wake.set()
         if self._thread is not None:
             self._thread.join(self.timeout + 1)
+            if self._thread.is_alive():
+                return   # a PATCH still in flight: it was bounded by timeout, let it be
+        if self.zero_on_stop and self._published not in (None, (0, 0)):
+            self._not_before = -math.inf
+            with self._lock:
+                self._latest, self._seen_at = (0.0, 0.0), time.monotonic()
+            if self.sync() == "ok":
+                log.info("%s: headroom set to zero as owca-ship stops", self._node())
 
     def samples(self) -> list:
         out = [frames.sample("owca_ship_node_status_patches_total", n,
