@@ -309,7 +309,8 @@ class Headroom:
         cpu_ok = False
         # Rates across a gap longer than stale_after (the measurements stopped) would
         # average what nobody saw: the input counts as missing over the gap.
-        if prev is not None and cpu_now and 0 < ts - prev[0] <= self.stale_after:
+        # A rate needs the CPU figures of both frames: the first after a gap has none.
+        if prev is not None and cpu_now and prev[1] and 0 < ts - prev[0] <= self.stale_after:
             dt = ts - prev[0]
             for name, zone in zones.items():
                 busy = sum(max(0, cpu_now[c] - prev[1][c]) for c in zone.cpus
