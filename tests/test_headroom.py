@@ -297,6 +297,14 @@ def test_cpus_limits_the_capacity_and_the_busy_time_counted():
     assert cpu["capacity"] == 2
     assert cpu["hp"] == pytest.approx(1.0) and cpu["system"] == pytest.approx(0)
     assert headroom == pytest.approx(2 - 1 - 0.1)
+    # CPUs that are not online: no CPU capacity, and no error
+    out = Headroom(cpus="7", window=30).cycle(node.frame())
+    assert terms(out, "cpu") == ({"capacity": 0, "hp": 0, "system": 0, "reserve": 0,
+                                  "risk": 0}, 0)
+    out = Headroom(cpus="7", window=30)
+    for _ in range(3):
+        samples = out.cycle(node.frame())
+    assert terms(samples, "cpu")[1] == 0
 
 
 @pytest.mark.parametrize("bad", [dict(percentile=0), dict(cpus="x"), dict(window=0), dict(reserve_ratio=1),

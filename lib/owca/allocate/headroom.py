@@ -368,6 +368,8 @@ class Headroom:
             except ValueError:
                 cpus = all_cpus
         cpus = cpus or all_cpus
+        if not cpus:   # `cpus` names none of the online CPUs: nothing to share
+            return {name: 0.0 for name in zones}
         return {name: len(zone.cpus & cpus) / len(cpus) for name, zone in zones.items()}
 
     def _window(self, zone: str, ts: float, usage: Optional[Usage]) -> List[Usage]:
