@@ -8,7 +8,7 @@ depends on time.  Node: 4 CPUs, 8 GiB; one HP task, one BE task.
 import pytest
 
 from fake_node import fake_sysfs
-from owca.allocate.headroom import Headroom, metric_name
+from owca.allocate.headroom import PAGE_SIZE, Headroom, metric_name
 from owca.allocate.stage import Allocate, AllocateConfig
 from owca.core import frames
 
@@ -30,7 +30,7 @@ class Node:
 
     def frame(self, hp_cores=1.0, be_cores=1.0, system_cores=0.5, hp_mem=2 * GIB,
               be_mem=1 * GIB, system_mem=1 * GIB, pressure=0.5, step=1.0, cpu=True,
-              memory=True, sli_report=None, hp_cpus=None):
+              memory=True, sli_report=None, hp_cpus=None, hp_numa_pages=None):
         """The next cycle, `step` seconds on: busy CPU spread evenly over `hp_cpus` (all)."""
         self.seq += 1
         self.ts += step
@@ -56,6 +56,8 @@ class Node:
                 n: b - platform["platform_mem_numa_used_bytes"][n]
                 for n, (_, b) in self.numa.items()}
         hp_metrics = {"task_cpu_usage_seconds": self.task_cpu["hp"], "task_mem_usage_bytes": hp_mem}
+        if hp_numa_pages is not None:
+            hp_metrics["task_mem_numa_pages"] = hp_numa_pages
         if pressure is not None:
             # A wrapper's report changes each time (its throughput, here the cycle);
             # `sli_report` repeats one report, as a stalled wrapper does.
@@ -274,7 +276,8 @@ def test_each_numa_node_has_its_own_terms_and_the_node_is_their_sum(tmp_path):
     node = Node(numa={"0": ([0, 1], 4 * GIB), "1": ([2, 3], 4 * GIB)})
     out = None
     for _ in range(30):   # the HP task runs on node 0's CPUs only (its cpuset says so)
-        f = node.frame(hp_cores=1.5, be_cores=0, system_cores=0, hp_cpus=["0", "1"])
+        f = node.frame(hp_cores=1.5, be_cores=0, system_cores=0, hp_cpus=["0", "1"],
+                       hp_numa_pages={"0": 2 * GIB // PAGE_SIZE, "1": 0})
         out = h.cycle(f, {"hp": {"cpuset_cpus": "0-1"}, "be": {"cpuset_cpus": "0-3"}})
     n0, h0 = terms(out, "cpu", {"numa_node": "0"})
     n1, h1 = terms(out, "cpu", {"numa_node": "1"})
@@ -285,6 +288,11 @@ def test_each_numa_node_has_its_own_terms_and_the_node_is_their_sum(tmp_path):
     assert headroom == pytest.approx(h0 + h1)
     for t in whole:
         assert whole[t] == pytest.approx(n0[t] + n1[t])
+    # memory: the HP task's pages are all on node 0 (task_mem_numa_pages)
+    m0, _ = terms(out, "memory", {"numa_node": "0"})
+    m1, _ = terms(out, "memory", {"numa_node": "1"})
+    assert m0["capacity"] == m1["capacity"] == 4 * GIB
+    assert m0["hp"] == 2 * GIB and m1["hp"] == 0
 
 
 def test_cpus_limits_the_capacity_and_the_busy_time_counted():
