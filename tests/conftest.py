@@ -146,6 +146,7 @@ KIND_OF_FILE = {
         "test_apm.py", "test_architecture.py", "test_cgroups.py", "test_config.py",
         "test_configs.py", "test_contention.py", "test_control_score.py", "test_corpus.py",
         "test_discover.py", "test_docs.py", "test_file_storage.py", "test_frames.py",
+        "test_headroom.py",
         "test_kernel.py", "test_kubernetes.py", "test_mesos.py", "test_platform.py",
         "test_prometheus_endpoint.py", "test_rdt_monitor.py", "test_resctrl.py",
         "test_scenario.py", "test_scenario_score.py", "test_slo_controller.py",
@@ -154,7 +155,7 @@ KIND_OF_FILE = {
     ],
     "integration": [
         "test_allocate_cgroups.py", "test_contract_table.py", "test_detect.py",
-        "test_docs_examples.py", "test_first_hour.py",
+        "test_docs_examples.py", "test_first_hour.py", "test_headroom_kubernetes.py",
         "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
         "test_kafka.py", "test_measure.py", "test_measure_sources.py", "test_perf.py",
         "test_plugin_compat.py", "test_pipeline_cgroups.py",

@@ -53,6 +53,7 @@ from owca.allocate.allocators import BUILTINS
 from owca.allocate.cgroup_files import TaskCgroupFiles, current_allocations
 from owca.allocate.cycle import Change, Cycle
 from owca.allocate.external_changes import ExternalChanges
+from owca.allocate.headroom import Headroom
 from owca.allocate.journal import Journal, state_directory
 from owca.allocate.originals import Originals
 from owca.allocate.planning import Planner
@@ -61,6 +62,7 @@ from owca.allocate.resctrl import Resctrl
 from owca.allocate.writing import Writer
 
 config.add_builtins(BUILTINS)
+config.add_builtins({"Headroom": "owca.allocate.headroom:Headroom"})
 log = logging.getLogger("owca.allocate")
 
 
@@ -79,6 +81,9 @@ class AllocateConfig:
     # and set-property.  False refuses to write there (reported per task);
     # true writes anyway (systemd's resets are then another writer's changes).
     write_systemd_units: bool = False
+    # How much BE work the node can take, with its derivation, in every allocations
+    # frame (docs/headroom.md); none unless configured.
+    headroom: Optional[Headroom] = None
 
     def __post_init__(self):
         # Checked as any value: the configuration's loader checks the type, but an
@@ -119,7 +124,10 @@ class Allocate(Stage):
         self._values_shipped = False    # whether the frames carried per-task values
         self._closed = False
         self.store.adopt()
-        if self.allocator.observes_anomalies:
+        self.headroom = cfg.headroom
+        self.headroom_errors = 0
+        self._hp: Set[str] = set()   # the last cycle's HP tasks, for the headroom
+        if self.allocator.observes_anomalies or self.headroom is not None:
             # An allocator that uses the detector's anomalies gets each anomalies frame
             # (forwarded unchanged); it sees them in the next cycle, as they follow
             # their cycle's measurements frame.
@@ -174,6 +182,9 @@ class Allocate(Stage):
         if frame["kind"] == "anomalies":
             # For the allocator; the stage has forwarded the frame already (forward_consumed).
             self.allocator.observe_anomalies(frame)
+            if self.headroom is not None:
+                self.headroom.observe_anomalies(frame.get("anomalies") or [], self._hp,
+                                                frame["ts"])
             return []
         self._last = (frame["seq"], frame["ts"], frame["host"])
         self._last_frame = frame
@@ -184,13 +195,15 @@ class Allocate(Stage):
             # no cgroup is read unless it asks for something.
             asked = self.allocator.allocate(frame, {task_id: {} for task_id in tasks})
             if not asked[0]:
-                return self._quiet_cycle(frame, *asked[1:])
+                return self._quiet_cycle(frame, asked[1],
+                                         asked[2] + self._headroom(frame, asked[2], None))
         else:
             asked = None
         cycle = self.read_cycle(frame)
         current = self.current_allocations(frame, cycle)
         self._values_shipped = True
         allocations, anomalies, extra = asked or self.allocator.allocate(frame, current)
+        extra = list(extra) + self._headroom(frame, extra, current)
 
         withdrawn = self.planner.merge(allocations, tasks, cycle)
         if self.store.unclaimed and self.allocator.ok:
@@ -225,6 +238,21 @@ class Allocate(Stage):
             out.append(frames.anomalies_frame(frame["seq"], anomalies, ts=frame["ts"],
                                               host=frame["host"]))
         return out
+
+    def _headroom(self, frame: dict, extra: list, current: Optional[dict]) -> list:
+        """The headroom's samples of this cycle; a failure costs them, not the cycle."""
+        if self.headroom is None:
+            return []
+        try:
+            self._hp = self.headroom.hp_tasks(frame)
+            self.headroom.observe_allocator(extra)
+            samples = self.headroom.cycle(frame, current)
+        except Exception as e:  # noqa: BLE001 the headroom's failure costs its samples only
+            self.headroom_errors += 1
+            log.error("cycle %s: headroom failed: %s: %s", frame["seq"], type(e).__name__, e)
+            samples = []
+        return samples + [frames.sample("headroom_errors_total", self.headroom_errors,
+                                        type="counter")]
 
     def _quiet_cycle(self, frame: dict, anomalies: list, extra: list) -> list:
         """The frames of a cycle that read and wrote nothing."""

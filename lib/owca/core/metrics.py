@@ -369,6 +369,70 @@ CONTROL = _specs(
       "then left alone).", _CTL, scope="allocation"),
 )
 
+# -- headroom (owca-allocate: headroom:) -------------------------------------------------
+# (docs/headroom.md) headroom = capacity - hp - system - reserve - risk, for the node and,
+# where the platform has several NUMA nodes, per NUMA node (headroom_numa_*{numa_node}).
+_HR = "owca-allocate: headroom"
+_HR_TERMS = {
+    None: "What best-effort work may use now: capacity - hp - system - reserve - risk.",
+    "capacity": "The {what}'s {resource}: online CPUs, or MemTotal.",
+    "hp": "The HP tasks' use of {resource}: the configured percentile over the window.",
+    "system": "What no task accounts for: the {what}'s use of {resource} less every task's, "
+              "the configured percentile over the window.",
+    "reserve": "{resource} kept back: reserve_ratio of the capacity plus the absolute "
+               "reserve.",
+    "risk": "{resource} OWCA withholds: the share the HP slack, a broken SLO, contention or "
+            "the controller's cut take, and growth not yet earned (bounded steps).",
+}
+
+
+def _headroom_specs() -> Dict[str, MetricSpec]:
+    out = {}
+    for resource, unit in (("cpu", "cores"), ("memory", "bytes")):
+        for numa in (False, True):
+            for term, text in _HR_TERMS.items():
+                name = "_".join(["headroom"] + (["numa"] if numa else []) + [resource] +
+                                ([term] if term else []) + [unit])
+                what = "NUMA node" if numa else "node"
+                help_ = text.format(what=what, resource="CPU" if resource == "cpu" else
+                                    "memory")
+                help_ = help_[0].upper() + help_[1:]
+                if numa:
+                    help_ += " Per NUMA node (label numa_node)."
+                out[name] = M(name, GAUGE, unit, help_, _HR, scope="allocation")
+    return out
+
+
+HEADROOM = {
+    **_headroom_specs(),
+    **_specs(
+        M("headroom_slack", GAUGE, "fraction",
+          "1 - the worst HP pressure (SLI / SLO) the headroom saw this cycle; 1 without HP "
+          "SLIs.", _HR, scope="allocation"),
+        M("headroom_risk_ratio", GAUGE, "fraction",
+          "The share of what capacity, HP, system and reserve leave that risk withholds this "
+          "cycle (before the growth steps): 1 on a broken SLO.", _HR, scope="allocation"),
+        M("headroom_input_age_seconds", GAUGE, "seconds",
+          "Since an input of the headroom was last usable (label input: cpu, memory, sli); "
+          "beyond stale_after the headroom is 0.", _HR, scope="allocation"),
+        M("headroom_reason", GAUGE, "boolean",
+          "1 for each reason that limits the headroom this cycle; label reason: none, "
+          "slack, slo_broken, contention, controller, growth_step, growth_wait, "
+          "input_missing, stale_cpu, stale_memory, stale_sli.", _HR, scope="allocation"),
+        M("headroom_errors_total", COUNTER, "cycles",
+          "Cycles whose headroom could not be computed (logged; the cycle went on).", _HR,
+          scope="allocation"),
+        M("owca_ship_node_status_patches_total", COUNTER, "requests",
+          "PATCH requests of the Node's status to the Kubernetes API; label result: ok, or "
+          "the HTTP status or failure that answered.",
+          "owca-ship: KubernetesNodeStatusStorage", scope="internal"),
+        M("owca_ship_node_status_published", GAUGE, "resource units",
+          "The value last accepted by the Kubernetes API for each extended resource (label "
+          "resource): milli-cores for CPU, bytes for memory.",
+          "owca-ship: KubernetesNodeStatusStorage", scope="internal"),
+    ),
+}
+
 # -- shipping (owca-ship) --------------------------------------------------------------------
 # (section of the storage engineer)
 SHIP = _specs(
@@ -566,6 +630,7 @@ SECTIONS = {
     "Detection: !ContentionDetector": CONTENTION,
     "Allocations": ALLOCATION,
     "Allocations: the SLO controller": CONTROL,
+    "Allocations: headroom": HEADROOM,
     "Application performance (workload wrappers)": APM,
     "Internal: every tool": INTERNAL,
     "Internal: discovery from orchestrators": ORCHESTRATOR,

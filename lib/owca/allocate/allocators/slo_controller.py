@@ -33,7 +33,7 @@ import os
 import statistics
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Deque, Dict, FrozenSet, List, Optional, Set, TypeGuard
+from typing import Deque, Dict, FrozenSet, List, Optional, Set
 
 from owca.core import frames
 from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT,
@@ -45,13 +45,13 @@ from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
 from owca.core.kernel import online_cpus
 from owca.core.paths import Paths
 from owca.allocate.resctrl import Resctrl
+from owca.allocate.sli import (finite as _finite, matches as _matches,
+                               pressure as _pressure, report_identity)
 from owca.core.resctrl import ResctrlFS
 
 log = logging.getLogger("owca.slo_controller")
 
 KNOBS = (CPU_QUOTA, CPU_SHARES, CPU_IDLE, CPUSET_CPUS, RDT)
-SLI_NORMALIZED = "apm_sli_normalized"
-REPORT_TS = "apm_report_timestamp_seconds"
 
 # Why a cycle made no decision (the label of slo_controller_hold).
 HOLD_MISSING, HOLD_STALE, HOLD_NO_NEW = "missing_sli", "stale_sli", "no_new_sli"
@@ -254,7 +254,7 @@ class SloController(Allocator):
                 hold = hold or HOLD_MISSING
                 state.last_report, state.repeats = None, 0
                 continue
-            report = _report_identity(m, self.load_metric)
+            report = report_identity(m, self.load_metric)
             if report == state.last_report:
                 state.repeats += 1
             else:
@@ -594,40 +594,6 @@ class SloController(Allocator):
         if key not in self._logged:
             self._logged.add(key)
             log.warning(message, *args)
-
-
-def _matches(labels: dict, wanted: Dict[str, str]) -> bool:
-    return all(labels.get(k) == v for k, v in wanted.items())
-
-
-def _finite(x) -> TypeGuard[float]:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _pressure(m: dict) -> Optional[float]:
-    """SLI / SLO, lower is better: 1 at the objective, above 1 broken (either kind of SLI:
-    the wrappers' apm_sli_normalized is 1 at the objective, below 1 broken)."""
-    normalized = m.get(SLI_NORMALIZED)
-    if _finite(normalized) and normalized > 0:
-        return 1.0 / normalized
-    sli, slo = m.get("apm_sli"), m.get("apm_slo")
-    if _finite(sli) and _finite(slo) and slo > 0 and sli >= 0:
-        return sli / slo   # a lower-is-better SLI whose wrapper gave no normalised value
-    return None
-
-
-def _report_identity(m: dict, load_metric: str) -> tuple:
-    """What tells one SLI report from the next.  The report's own time where the source
-    gives it (`apm_report_timestamp_seconds`: owca-measure sets it from an APM file's
-    `ts`): a service whose p99 holds steady (read from histogram buckets, or simply
-    calm) keeps reporting the same values, and those are fresh reports all the same.
-    Without it, the values themselves: a report that has not changed in any of them is
-    taken for the same one."""
-    ts = m.get(REPORT_TS)
-    if _finite(ts):
-        return ("ts", ts)
-    return (m.get("apm_sli"), m.get(SLI_NORMALIZED), m.get("apm_throughput_per_second"),
-            m.get(load_metric))
 
 
 def _same(type_: str, a, b) -> bool:

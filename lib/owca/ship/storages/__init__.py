@@ -10,4 +10,6 @@ BUILTINS = {
     "FileStorage": "owca.ship.storages.local:FileStorage",
     "KafkaStorage": "owca.ship.storages.kafka:KafkaStorage",
     "PrometheusStorage": "owca.ship.storages.prometheus:PrometheusStorage",
+    "KubernetesNodeStatusStorage":
+        "owca.ship.storages.kubernetes_node:KubernetesNodeStatusStorage",
 }
