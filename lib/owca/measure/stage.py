@@ -19,6 +19,7 @@ from owca.core.paths import paths_from_options
 from owca.core.stage import Stage
 from owca.measure.sources import BUILTINS, SWITCHES
 from owca.measure.sources.base import Cycle, Reading, Source
+from owca.measure.sources.sli_config import SliConfig
 
 
 @dataclass
@@ -50,6 +51,10 @@ class MeasureConfig:
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
     apm_max_age: float = 30.0
+    # --- service levels the services publish (lib/owca/measure/sources/sli.py) ---
+    # Their own Prometheus histograms, a Prometheus server, redis: per task by its
+    # owca.io/sli-* annotations or by rules here (docs/control.md); None reads none.
+    sli: Optional[SliConfig] = None
     # --- Intel RDT monitoring through resctrl (lib/owca/measure/sources/rdt.py) ---
     # A resctrl monitoring group per task: its L3 occupancy and memory bandwidth.
     rdt_monitoring: bool = False

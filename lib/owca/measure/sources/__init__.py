@@ -14,6 +14,7 @@ BUILTINS = {
     "platform": "owca.measure.sources.platform:PlatformSource",
     "perf": "owca.measure.sources.perf:PerfSource",
     "apm": "owca.measure.sources.apm:ApmSource",
+    "sli": "owca.measure.sources.sli:SliSource",
     "rdt": "owca.measure.sources.rdt:RdtSource",
 }
-SWITCHES = {"perf": "perf_events", "apm": "apm_dir", "rdt": "rdt_monitoring"}
+SWITCHES = {"perf": "perf_events", "apm": "apm_dir", "sli": "sli", "rdt": "rdt_monitoring"}
