@@ -3,6 +3,8 @@ the interval's quantile from bucket differences, as Prometheus's histogram_quant
 computes it, and what a task's annotations, labels and the configuration ask for.
 tests/test_sli.py reads real services."""
 import math
+import os
+import re
 
 import pytest
 
@@ -120,3 +122,19 @@ def test_the_sli_section_is_checked_at_start(tmp_path):
                     "        histogram: h\n        match: {app: x}\n")
     with pytest.raises(ConfigError, match=r"owca.yaml:\d+: SliRule: port"):
         load_section(str(path), "measure", MeasureConfig)
+
+
+def test_the_measure_sections_of_docs_control_md_load():
+    from owca.core.config import load_section
+    from owca.measure.stage import MeasureConfig
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "docs", "control.md")
+    text = open(path).read()
+    start = text.index("## Service levels a service already publishes")
+    blocks = re.findall(r"```yaml\n(measure:\n  sli:.*?)```", text[start:], re.S)
+    assert len(blocks) == 2
+    configs = [load_section(path, "measure", MeasureConfig, text=b).sli for b in blocks]
+    assert configs[0] == SliConfig()
+    rules = configs[1].rules
+    assert [r.source for r in rules] == ["prometheus", "redis"]
+    assert rules[0].unit == "milliseconds" and "{pod_name}" in rules[0].query

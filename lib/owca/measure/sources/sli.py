@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import socket
-import threading
 import time
 import urllib.parse
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -415,7 +414,6 @@ class SliSource(Source):
                                        thread_name_prefix="owca-sli")
         self.reads_total = 0
         self.failures_total: Dict[str, int] = {}
-        self._lock = threading.Lock()
 
     # -- the task set ---------------------------------------------------------------------
     def update(self, tasks: Dict[str, dict]) -> None:
