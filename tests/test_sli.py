@@ -129,7 +129,6 @@ def test_the_p99_of_the_interval_from_a_real_histogram(service):
     reading, m = cycle(src, 2)
     assert reading.ok
     assert m["apm_sli"] == pytest.approx(0.0275)   # the 30 slow ones are not in it
-    assert m["apm_latency_p99_seconds"] == m["apm_sli"]
     assert m["apm_sli_normalized"] == pytest.approx(0.01 / 0.0275)
     assert m["apm_sli_up"] == 1 and m["apm_throughput_per_second"] > 0
     assert m["apm_report_timestamp_seconds"] > 0
@@ -467,17 +466,29 @@ def test_owca_measure_merges_the_sli_into_the_task(service, tmp_path):
     """The whole stage: a config with an sli section, a tasks frame with annotations."""
     from owca.measure.stage import Measure, MeasureConfig
     from owca.core import frames
-    cfg = MeasureConfig(sli=SliConfig(min_scrape_interval=0))
+    from owca.measure.sources import apm
+    cfg = MeasureConfig(sli=SliConfig(min_scrape_interval=0), apm_dir=str(tmp_path))
     stage = Measure(cfg, {})
     try:
         task = {"id": "t", "name": "svc", "cgroup_path": "/",
                 "labels": endpoint_labels(service.port), "resources": {}}
-        stage.process({"seq": 1, "tasks": [task]})
+        # A wrapper measures the same task from its client's side.
+        apm.write(str(tmp_path), apm.ApmRecord("t", time.time(), {}, {
+            "apm_sli": 9.0, "apm_slo": 1.0, "apm_sli_normalized": 0.1,
+            "apm_latency_p99_seconds": 9.0, "apm_throughput_per_second": 5.0}))
+        first = stage.process({"seq": 1, "tasks": [task]})[0]["tasks"]["t"]["metrics"]
+        # No SLI from the task's source yet, and none of the wrapper's either.
+        assert first["apm_sli_missing"] == {"first_read": 1}
+        assert "apm_sli" not in first and "apm_sli_normalized" not in first
+        assert "apm_throughput_per_second" not in first
+        assert first["apm_slo"] == 0.01 and first["apm_latency_p99_seconds"] == 9.0
         service.requests(40, 0.003)
         out = stage.process({"seq": 2, "tasks": [task]})[0]
         frames.validate(out)
         metrics = out["tasks"]["t"]["metrics"]
         assert 0.001 < metrics["apm_sli"] <= 0.005
+        assert metrics["apm_throughput_per_second"] != 5.0
+        assert metrics["apm_latency_p99_seconds"] == 9.0   # the wrapper's own figure
         assert any(s["name"] == "owca_source_success" and s["labels"]["source"] == "sli"
                    and s["value"] == 1 for s in out["metrics"])
     finally:

@@ -187,8 +187,8 @@ def merge(readings) -> Tuple[dict, Dict[str, dict]]:
     """(platform metrics, {task id: metrics}) of a cycle's readings, merged in order.
 
     The tasks are those the source that lists tasks read; the others' metrics of a
-    task are added to its own (that source's dicts are updated in place: a cycle's
-    readings are used once).
+    task are added to its own, after those a reading `replaces` are dropped (that
+    source's dicts are updated in place: a cycle's readings are used once).
     """
     platform: dict = {}
     for _source, reading, _seconds in readings:
@@ -200,6 +200,9 @@ def merge(readings) -> Tuple[dict, Dict[str, dict]]:
         found = reading.tasks
         for task_id, metrics in measured.items():
             extra = found.get(task_id)
+            if extra is not None:
+                for name in reading.replaces:
+                    metrics.pop(name, None)
             if extra:
                 metrics.update(extra)
     return platform, measured

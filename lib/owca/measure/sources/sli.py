@@ -10,9 +10,11 @@ started again (`hung`).
 What a task gets, whatever its source, is what owca-wrap writes for it (docs/workloads.md):
 apm_sli (seconds for a latency SLI, requests per second for a throughput one), apm_slo,
 apm_sli_normalized (1 at the objective, below 1 broken), apm_throughput_per_second (the
-service's own request rate: the load), apm_latency_pNN_seconds, and
-apm_report_timestamp_seconds (when the service was read).  No SLI that cycle, never a
-made-up one, when the read fails; apm_sli_up is then 0 and apm_sli_missing{reason} 1:
+service's own request rate: the load) and apm_report_timestamp_seconds (when the service
+was read); they replace a wrapper's values of the same task (OWNED), whose other
+figures (apm_latency_p99_seconds, the load generator's view) stay.  No SLI that cycle,
+never a made-up one, when the read fails; apm_sli_up is then 0 and apm_sli_missing{reason}
+1:
 
     down              no connection, an HTTP error, a redis error, a malformed answer
     timeout           the read did not end within scrape_timeout
@@ -63,10 +65,10 @@ from owca.measure.sources.sli_config import (LATENCYSTATS_QUANTILES, SliConfig, 
 
 log = logging.getLogger("owca.sli")
 
-# The latency quantiles that have a registered name of their own (core/metrics.py APM).
-QUANTILE_METRICS = {0.5: "apm_latency_p50_seconds", 0.75: "apm_latency_p75_seconds",
-                    0.9: "apm_latency_p90_seconds", 0.95: "apm_latency_p95_seconds",
-                    0.99: "apm_latency_p99_seconds"}
+# What this source speaks for in its tasks: a wrapper's values of them are dropped, so
+# that a cycle without an SLI from the source is one without an SLI at all.
+OWNED = frozenset({"apm_sli", "apm_slo", "apm_sli_normalized", "apm_throughput_per_second",
+                   "apm_report_timestamp_seconds"})
 REASONS = ("down", "timeout", "hung", "too_large", "no_histogram", "layout_changed",
            "counter_reset", "too_few_requests", "first_read", "no_value", "rate_limited",
            "bad_spec")
@@ -491,7 +493,8 @@ class SliSource(Source):
                 state.last_reason = None
         measured = [s for s in self.tasks.values() if s.spec is not None]
         ok = not measured or service_failures < len(measured)
-        return Reading(tasks=tasks, samples=self._samples(cycle.labels), ok=ok)
+        return Reading(tasks=tasks, samples=self._samples(cycle.labels), ok=ok,
+                       replaces=OWNED)
 
     def _read_one(self, spec: SliSpec, labels: Dict[str, str], deadline: float) -> Result:
         """One task's read, in a worker thread: only the spec, labels and the deadline
@@ -583,8 +586,6 @@ class SliSource(Source):
         else:
             if sli > 0:
                 out["apm_sli_normalized"] = spec.slo / sli
-            if spec.quantile in QUANTILE_METRICS:
-                out[QUANTILE_METRICS[spec.quantile]] = sli
         out["apm_sli_up"] = 1
 
     def _from_histograms(self, spec: SliSpec, previous: Optional[Result],
@@ -611,8 +612,6 @@ class SliSource(Source):
             out["apm_throughput_per_second"] = round(e.load, 6)
         out.pop("apm_sli", None)
         out.pop("apm_sli_normalized", None)
-        for name in QUANTILE_METRICS.values():
-            out.pop(name, None)
         out["apm_sli_up"] = 0
         out["apm_sli_missing"] = {e.reason: 1}
         if e.reason not in ("rate_limited", "first_read"):
