@@ -413,6 +413,18 @@ def test_redis_info_latencystats_as_published(redis):
     src.close()
 
 
+def test_a_port_from_the_tasks_label(redis):
+    src = source(rules=[SliRule(source="redis", slo=0.001, port_label="port",
+                                match={"workload": "redis"})])
+    src.update({"t": {"labels": {"workload": "redis", "port": str(redis.port)}},
+                "u": {"labels": {"workload": "redis", "port": "6379; x"}}})
+    redis.load(10)
+    reading, m = cycle(src)
+    assert missing(m) == "first_read"
+    assert reading.tasks["u"]["apm_sli_missing"] == {"bad_spec": 1}
+    src.close()
+
+
 def test_redis_down_is_down():
     src = source()
     src.update({"t": {"labels": {"owca_io_sli_source": "redis",
@@ -447,7 +459,7 @@ def test_a_prometheus_server_query_per_task(service):
         reading, m = cycle(src, 2)
         assert 0.001 < m["apm_sli"] <= 0.005 and m["apm_throughput_per_second"] > 0
         # A template naming a label the task lacks is no query at all.
-        assert reading.tasks["nolabel"]["apm_sli_up"] == 0
+        assert reading.tasks["nolabel"]["apm_sli_missing"] == {"bad_spec": 1}
         src.close()
     finally:
         server.close()

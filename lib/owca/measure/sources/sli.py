@@ -28,7 +28,8 @@ never a made-up one, when the read fails; apm_sli_up is then 0 and apm_sli_missi
     first_read        nothing to take a difference from yet
     no_value          the Prometheus query answered no single finite number
     rate_limited      read less than min_scrape_interval ago
-    bad_spec          the task's annotations are wrong (logged once per version)
+    bad_spec          the task's annotations are wrong, or it lacks a label that its
+                      template or port_label names
 
 The interval's quantile is taken from the bucket counts' differences between two reads,
 as Prometheus's `histogram_quantile(q, sum by (le) (rate(h_bucket[...])))` does: per
@@ -61,7 +62,7 @@ from owca.core import frames
 from owca.measure.sources.base import Cycle, Reading, Source
 from owca.measure.sources.sli_config import (LATENCYSTATS_QUANTILES, SliConfig, SliSpec,
                                              SliSpecError, fill, matches, promql_string,
-                                             spec_for_task, task_host)
+                                             spec_for_task, task_host, task_port)
 
 log = logging.getLogger("owca.sli")
 
@@ -472,6 +473,8 @@ class SliSource(Source):
                 outcome[task_id] = fut.result()
             except NoSli as e:
                 outcome[task_id] = e
+            except SliSpecError as e:   # a label its template or port_label names
+                outcome[task_id] = NoSli("bad_spec", str(e))
             except Exception as e:  # a bug of this module must not end owca-measure
                 log.exception("task %s: SLI read failed", task_id)
                 outcome[task_id] = NoSli("down", f"{type(e).__name__}: {e}")
@@ -506,7 +509,7 @@ class SliSource(Source):
         host = task_host(self.cfg, labels)
         if spec.source == "endpoint":
             url = (fill(spec.url, labels, urllib.parse.quote) if spec.url
-                   else f"http://{host}:{spec.port}{spec.path}")
+                   else f"http://{host}:{task_port(spec, labels)}{spec.path}")
             text, content_type = http_get(url, deadline, cap, ACCEPT)
             _remaining(deadline)
             return Result(wall, snapshot=parse_histogram(text, content_type, spec, mono, wall),
@@ -517,14 +520,14 @@ class SliSource(Source):
             load = (self._query(fill(spec.load_query, labels, promql_string), deadline)
                     if spec.load_query else None)
             return Result(wall, sli=sli, load=load, monotonic=mono)
-        assert spec.port is not None
+        port = task_port(spec, labels)
         if spec.redis_stat == "latencystats":
-            info = redis_command(host, spec.port, ["INFO", "latencystats", "commandstats"],
+            info = redis_command(host, port, ["INFO", "latencystats", "commandstats"],
                                  deadline, cap)
             value, calls = parse_latencystats((info or b"").decode(errors="replace"),
                                               spec.commands, spec.quantile)
             return Result(wall, sli=value * 1e-6, calls=calls, monotonic=mono)
-        answer = redis_command(host, spec.port, ["LATENCY", "HISTOGRAM", *spec.commands],
+        answer = redis_command(host, port, ["LATENCY", "HISTOGRAM", *spec.commands],
                                deadline, cap)
         return Result(wall, snapshot=redis_histogram(answer, spec.commands, mono, wall),
                       monotonic=mono)

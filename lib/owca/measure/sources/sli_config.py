@@ -96,6 +96,8 @@ class SliSpec:
     min_requests: int = 20
     # -- endpoint: the task's own /metrics -------------------------------------------
     port: Optional[int] = None
+    # The task's label that holds the port, where the orchestrator chose it (over `port`).
+    port_label: Optional[str] = None
     path: str = "/metrics"
     # A rule only: the whole URL, with {label} fields of the task (`http://{pod_ip}:9090/m`).
     url: Optional[str] = None
@@ -126,7 +128,7 @@ class SliSpec:
             if self.histogram is None or not _METRIC.match(self.histogram):
                 raise SliSpecError(f"histogram: expected a metric name, "
                                    f"got {self.histogram!r:.80}")
-            if self.url is None and self.port is None:
+            if self.url is None and self.port is None and self.port_label is None:
                 raise SliSpecError("port: an endpoint source needs the port of its /metrics")
             if not self.path.startswith("/") or any(c in self.path for c in " \r\n\t"):
                 raise SliSpecError(f"path: expected a URL path, got {self.path!r:.80}")
@@ -137,7 +139,7 @@ class SliSpec:
             if not self.query:
                 raise SliSpecError("query: a prometheus source needs a PromQL query")
         elif self.source == "redis":
-            if self.port is None:
+            if self.port is None and self.port_label is None:
                 self.port = 6379
             if not self.commands or not all(_COMMAND.match(c) for c in self.commands):
                 raise SliSpecError(f"commands: expected redis command names, "
@@ -174,8 +176,9 @@ class SliConfig:
     scrape_timeout: float = 2.0
     # An answer longer than this is cut off and gives no SLI.
     max_answer_bytes: int = 4 * 1024 * 1024
-    # A task's service is asked at most once in this many seconds.
-    min_scrape_interval: float = 1.0
+    # A task's service is asked at most once in this many seconds (below the cycle:
+    # a cycle that comes a little early is no reason to skip a read).
+    min_scrape_interval: float = 0.5
     # Reads at the same time, at most.
     parallel: int = 8
 
@@ -255,6 +258,18 @@ def spec_for_task(cfg: SliConfig, labels: Dict[str, str]) -> Optional[SliSpec]:
         if all(labels.get(k) == v for k, v in rule.match.items()):
             return replace(rule)
     return spec_from_labels(labels) if cfg.annotations else None
+
+
+def task_port(spec: SliSpec, labels: Dict[str, str]) -> int:
+    """The port of the task's own service: from its `port_label`, else `port`."""
+    if spec.port_label is not None:
+        text = labels.get(spec.port_label, "")
+        if not text.isdigit() or not 0 < int(text) < 65536:
+            raise SliSpecError(f"port_label: the task's label {spec.port_label!r} is "
+                               f"{text!r:.20}, not a port")
+        return int(text)
+    assert spec.port is not None
+    return spec.port
 
 
 def task_host(cfg: SliConfig, labels: Dict[str, str]) -> str:
