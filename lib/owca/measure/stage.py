@@ -2,11 +2,12 @@
 
 What it reads comes from its sources (lib/owca/measure/sources/): the tasks' cgroups
 and the platform always, perf counters, APM files, the services' own service levels
-(sli) and RDT monitoring when the configuration turns them on.  Each is a Source (sources/base.py): told of the task
-set when it changes, read once per cycle, closed at the end; the stage merges what
-they read in a fixed order and adds, per source, whether it worked and how long it
-took (owca_source_success, owca_source_duration_seconds).  A task whose cgroup
-vanishes is dropped from that cycle with a warning.
+(sli) and RDT monitoring when the configuration turns them on.  Each is a Source
+(sources/base.py): told of the task set when it changes, read once per cycle, closed
+at the end; the stage merges what they read in a fixed order and adds, per source,
+whether it worked and how long it took (owca_source_success,
+owca_source_duration_seconds).  A task whose cgroup vanishes is dropped from that
+cycle with a warning.
 """
 import importlib
 import time
