@@ -138,3 +138,27 @@ def test_the_measure_sections_of_docs_control_md_load():
     rules = configs[1].rules
     assert [r.source for r in rules] == ["prometheus", "redis"]
     assert rules[0].unit == "milliseconds" and "{pod_name}" in rules[0].query
+
+
+@pytest.mark.parametrize("openmetrics", [False, True])
+def test_the_exposition_is_parsed_in_either_text_format(openmetrics):
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from prometheus_client.openmetrics import exposition
+    from owca.measure.sources.sli import parse_histogram
+    from owca.measure.sources.sli_config import SliSpec
+    registry = prometheus_client.CollectorRegistry()
+    h = prometheus_client.Histogram("svc_seconds", "x", ["handler"], buckets=(0.001, 0.005),
+                                    registry=registry)
+    h.labels(handler="/api").observe(0.003)
+    h.labels(handler="/").observe(0.0001)
+    # Names that start like the histogram's but are other metrics.
+    other = prometheus_client.Counter("svc_seconds_bucket_x", "y", registry=registry)
+    other.inc()
+    if openmetrics:
+        text, kind = exposition.generate_latest(registry).decode(), exposition.CONTENT_TYPE_LATEST
+    else:
+        text, kind = prometheus_client.generate_latest(registry).decode(), "text/plain"
+    spec = SliSpec(source="endpoint", slo=1, histogram="svc_seconds", port=1,
+                   matchers='handler="/api"')
+    snapshot = parse_histogram(text, kind, spec, 0.0, 0.0)
+    assert snapshot.series == {frozenset({("handler", "/api")}): {0.001: 0, 0.005: 1, INF: 1}}

@@ -43,7 +43,7 @@ interval, as rate() leaves out a series with a single sample.
 Only classic histograms: native histograms have no text exposition (prometheus_client's
 parser reads the text format and OpenMetrics text, neither of which carries them).
 The exposition is parsed with prometheus_client's parser, on the lines of the histogram
-only (its samples' lines are picked first by name, so that a service's thousand other
+only (its family's lines are picked first by name, so that a service's thousand other
 metrics cost a string comparison each, not a parse).
 """
 import http.client
@@ -199,10 +199,13 @@ def http_get(url: str, deadline: float, max_bytes: int, accept: str) -> Tuple[st
 
 
 def histogram_lines(text: str, name: str) -> str:
-    """The exposition's lines of the histogram's samples (`name_bucket`, `name_count`)."""
-    wanted = (name + "_bucket", name + "_count")
+    """The exposition's lines of the histogram's family: its samples and its TYPE, HELP
+    and UNIT lines (which OpenMetrics' parser needs to tell its samples from others')."""
+    samples = tuple(name + suffix for suffix in ("_bucket", "_count", "_sum", "_created"))
+    comments = tuple(f"# {kind} {name} " for kind in ("TYPE", "HELP", "UNIT"))
     return "\n".join(line for line in text.splitlines()
-                     if line.startswith(wanted) and _sample_name(line) in wanted) + "\n"
+                     if line.startswith(samples) and _sample_name(line) in samples
+                     or line.startswith(comments)) + "\n"
 
 
 def _sample_name(line: str) -> str:
