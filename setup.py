@@ -63,6 +63,9 @@ setup(
         "kafka-python>=2.0",
         "requests>=2.25",
         "docopt-ng>=0.9",
+        # owca-measure's sli source parses services' Prometheus expositions with it
+        # (imported only when the configuration has an sli section).
+        "prometheus-client>=0.12",
     ],
     # `owca-scenario score --plot` draws its pictures with matplotlib.
     extras_require={"plot": ["matplotlib>=3.5"]},

@@ -150,7 +150,7 @@ KIND_OF_FILE = {
         "test_kernel.py", "test_kubernetes.py", "test_mesos.py", "test_platform.py",
         "test_prometheus_endpoint.py", "test_rdt_monitor.py", "test_resctrl.py",
         "test_scenario.py", "test_scenario_score.py", "test_slo_controller.py",
-        "test_spool.py", "test_workloads_catalog.py", "test_workloads_parsers.py",
+        "test_sli_spec.py", "test_spool.py", "test_workloads_catalog.py", "test_workloads_parsers.py",
         "test_workloads_imports.py", "test_workloads_sine.py",
     ],
     "integration": [
@@ -159,7 +159,7 @@ KIND_OF_FILE = {
         "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
         "test_kafka.py", "test_measure.py", "test_measure_sources.py", "test_perf.py",
         "test_plugin_compat.py", "test_pipeline_cgroups.py",
-        "test_promtool.py", "test_rdt_hardware.py", "test_scenario_control.py",
+        "test_promtool.py", "test_rdt_hardware.py", "test_scenario_control.py", "test_sli.py",
         "test_slo_controller_cgroups.py",
         "test_tools_contract.py", "test_workloads_launch.py", "test_workloads_wrap.py",
         # hostile inputs (one file per area): real tools, real servers, real signals

@@ -242,6 +242,23 @@ def test_long_annotations_are_not_labels():
     assert not any(k.startswith("annotation_") for t in only for k in t["labels"])
 
 
+def test_the_pod_ip_is_a_label_where_it_is_an_address():
+    pods = load_json(os.path.join(CONTAINERD, "pods.json"))
+    tasks, problems = parse_pods(pods)
+    memcached = next(t for t in tasks if t["name"] == "cache/memcached-0")
+    assert memcached["labels"]["pod_ip"] == "10.244.3.21"
+    for item in pods["items"]:
+        if item["metadata"]["name"] == "memcached-0":
+            item["status"]["podIP"] = "10.244.3.21; curl evil"
+        elif item.get("status", {}).get("podIP"):
+            item["status"]["podIP"] = ["10.0.0.1"]
+    tasks, problems = parse_pods(pods)
+    memcached = next(t for t in tasks if t["name"] == "cache/memcached-0")
+    assert "pod_ip" not in memcached["labels"]           # left out, the pod kept
+    assert any("memcached-0" in p and "not an IP address" in p for p in problems)
+    assert not any("pod_ip" in t["labels"] for t in tasks)
+
+
 def test_container_mode_lists_each_running_container():
     tasks, problems = parse_pods(load_json(os.path.join(CONTAINERD, "pods.json")), task="container",
                                  driver="systemd")

@@ -62,12 +62,13 @@ def test_every_builtin_is_a_source_of_its_name():
         assert setting in MeasureConfig.__dataclass_fields__
 
 
-def test_the_configuration_turns_on_perf_apm_and_rdt_and_nothing_else():
+def test_the_configuration_turns_on_perf_apm_sli_and_rdt_and_nothing_else():
+    from owca.measure.sources.sli_config import SliConfig
     assert enabled_sources(MeasureConfig()) == ["cgroup", "platform"]
     assert enabled_sources(MeasureConfig(apm_dir="/x", rdt_monitoring=True)) == \
         ["cgroup", "platform", "apm", "rdt"]
     assert enabled_sources(MeasureConfig(perf_events=["task-clock"], apm_dir="/x",
-                                         rdt_monitoring=True)) == list(BUILTINS)
+                                         sli=SliConfig(), rdt_monitoring=True)) == list(BUILTINS)
 
 
 def test_both_metrics_are_registered_as_internal_gauges():

@@ -38,7 +38,7 @@ def test_every_binary_of_the_catalog_is_in_requirements_apt():
     package_of = {"nginx": "nginx-light", "wrk": "wrk", "redis-server": "redis-server",
                   "redis-benchmark": "redis-tools", "memcached": "memcached",
                   "memcaslap": "libmemcached-tools", "stress-ng": "stress-ng",
-                  "sysbench": "sysbench"}
+                  "sysbench": "sysbench", "/usr/bin/python3": "python3-prometheus-client"}
     for w in CATALOG.values():
         for binary in [w.command[0]] + ([w.load.command[0]] if w.load else []):
             assert package_of[binary] in packages, binary

@@ -412,6 +412,9 @@ class Runner:
         self._done = threading.Event()        # set when the run ends: the timelines stop
         self._errors: List[Exception] = []    # what a timeline's thread ran into
         self._tasks_lock = threading.Lock()   # BE tasks that arrive rewrite the tasks file
+        # {HP task id: its service's port}: the task's `port` label, where owca-measure's
+        # sli rules find the service (benchmarks/sli/).
+        self.hp_ports: Dict[str, int] = {}
 
     # -- files --------------------------------------------------------------------------
     def path(self, *parts) -> str:
@@ -429,10 +432,11 @@ class Runner:
             tasks = []
             for w in list(self.launcher.launched.values()):
                 if w.role in ("hp", "be") and w.stopped_ts is None:
+                    labels = {"role": w.role, "workload": w.workload, "scenario": self.s.name}
+                    if w.cgroup_path in self.hp_ports:
+                        labels["port"] = str(self.hp_ports[w.cgroup_path])
                     tasks.append({"id": w.cgroup_path, "name": w.name,
-                                  "cgroup_path": w.cgroup_path,
-                                  "labels": {"role": w.role, "workload": w.workload,
-                                             "scenario": self.s.name}})
+                                  "cgroup_path": w.cgroup_path, "labels": labels})
             tmp = self.path("tasks.yaml.tmp")
             with open(tmp, "w") as f:
                 yaml.safe_dump(tasks, f, sort_keys=False)
@@ -605,6 +609,8 @@ class Runner:
                                           s.cpus, self.log_file(hp.name),
                                           cpu_quota_cores=hp.spec.quota)
                 hp.task_id = launched.cgroup_path
+                if hp.port is not None:
+                    self.hp_ports[hp.task_id] = hp.port
                 hp.record.update(task_id=hp.task_id, name=hp.name, workload=hp.workload.name,
                                  port=hp.port, sli_metric=hp.workload.sli_metric,
                                  quota_cores=hp.spec.quota)

@@ -139,7 +139,7 @@ INTERNAL = _specs(
       "Wall time a stage spent on its last cycle.", "every tool", levels=(),
       scope="internal"),
     M("owca_source_success", GAUGE, "boolean",
-      "Per owca-measure source (label `source`: cgroup, platform, perf, apm, rdt), 1 when "
+      "Per owca-measure source (label `source`: cgroup, platform, perf, apm, sli, rdt), 1 when "
       "it worked in the last cycle, 0 when it failed as a whole (what that is, the "
       "docstring of each source's class in lib/owca/measure/sources/ says: a task's "
       "cgroup gone is none), as node_exporter's node_scrape_collector_success.",
@@ -513,6 +513,8 @@ ORCHESTRATOR = _specs(
 # Written by workloads/owca-wrap into the APM directory, merged by owca-measure
 # into the task the wrapper measures (lib/owca/measure/sources/apm.py).
 _WRAP = "owca-wrap (APM file, merged by owca-measure)"
+# The same meaning where owca-measure's sli source reads a service's own metrics.
+_WRAP_OR_SLI = _WRAP + "; or owca-measure's sli source (docs/control.md)"
 APM = _specs(
     M("apm_latency_p50_seconds", GAUGE, "seconds",
       "Median request latency the load generator measured in its last report.", _WRAP,
@@ -530,7 +532,7 @@ APM = _specs(
     M("apm_latency_max_seconds", GAUGE, "seconds",
       "Longest request latency in the last report.", _WRAP, scope="apm"),
     M("apm_throughput_per_second", GAUGE, "requests per second",
-      "Requests (operations, transactions) completed per second in the last report.", _WRAP,
+      "Requests (operations, transactions) completed per second in the last report.", _WRAP_OR_SLI,
       scope="apm"),
     M("apm_errors_per_second", GAUGE, "errors per second",
       "Failed requests (socket errors, error responses) per second in the last report.",
@@ -539,13 +541,16 @@ APM = _specs(
       "Request rate owca-sine asked of the load generator for the current step: "
       "base + amplitude * sin(2*pi*t/period), averaged over the step.", _WRAP, scope="apm"),
     M("apm_sli", GAUGE, "unit of the SLI metric",
-      "Service level indicator: the value of the metric named by owca-wrap --sli-metric.",
-      _WRAP, scope="apm"),
+      "Service level indicator: the value of the metric named by owca-wrap --sli-metric; "
+      "from the sli source, the interval's latency quantile in seconds, or the request "
+      "rate for a throughput SLI.",
+      _WRAP_OR_SLI, scope="apm"),
     M("apm_slo", GAUGE, "unit of the SLI metric",
-      "Service level objective for apm_sli (owca-wrap --slo).", _WRAP, scope="apm"),
+      "Service level objective for apm_sli (owca-wrap --slo, or the sli source's slo).",
+      _WRAP_OR_SLI, scope="apm"),
     M("apm_sli_normalized", GAUGE, "ratio",
       "apm_sli / apm_slo, inverted (apm_slo / apm_sli) where lower is better: "
-      "1 is the objective, below 1 violates it.", _WRAP, scope="apm"),
+      "1 is the objective, below 1 violates it.", _WRAP_OR_SLI, scope="apm"),
     M("apm_unparsed_lines_total", COUNTER, "lines",
       "Lines of the wrapped command's output that no parser understood.", _WRAP, scope="apm"),
     M("apm_parse_errors_total", COUNTER, "lines",
@@ -559,8 +564,9 @@ APM = _specs(
       scope="apm"),
     M("apm_report_timestamp_seconds", GAUGE, "seconds since the epoch",
       "When the latest SLI report was taken: owca-wrap's parse of the workload's report "
-      "(the end of the span its latency describes), or an APM file's ts where the file "
-      "has none; the frame's ts is when owca-measure read the file.", _WRAP,
+      "(the end of the span its latency describes), an sli source's read, or an APM "
+      "file's ts where the file has none; the frame's ts is when owca-measure read it.",
+      _WRAP_OR_SLI,
       scope="apm"),
     M("owca_apm_files", GAUGE, "files",
       "Fresh APM files owca-measure merged in its last cycle.", "owca-measure",
@@ -574,6 +580,31 @@ APM = _specs(
     M("owca_apm_read_errors_total", COUNTER, "errors",
       "Failed reads of the APM directory or of one of its files.", "owca-measure",
       scope="internal"),
+)
+
+# -- service levels from the services' own metrics (owca-measure, sli section) ---------
+_SLI = "owca-measure's sli source (lib/owca/measure/sources/sli.py)"
+SLI = _specs(
+    M("apm_sli_up", GAUGE, "boolean",
+      "1 when the task's SLI source gave its SLI this cycle, 0 when it gave none "
+      "(apm_sli_missing says why); absent for a task without an SLI source.", _SLI,
+      scope="apm"),
+    M("apm_sli_missing", GAUGE, "boolean",
+      "1 for the reason the task got no SLI this cycle: down, timeout, hung, too_large, "
+      "no_histogram, layout_changed, counter_reset, too_few_requests, first_read, "
+      "no_value, rate_limited, bad_spec (docs/control.md).", _SLI, levels=("reason",),
+      scope="apm"),
+    M("apm_sli_failures_total", COUNTER, "cycles",
+      "Cycles the task got no SLI from its source, by reason (first_read and "
+      "rate_limited not counted).", _SLI, levels=("reason",), scope="apm"),
+    M("owca_sli_tasks", GAUGE, "tasks",
+      "Tasks with an SLI source that owca-measure reads.", "owca-measure", scope="internal"),
+    M("owca_sli_reads_total", COUNTER, "reads",
+      "Reads of the services' metrics started (endpoints, Prometheus queries, redis).",
+      "owca-measure", scope="internal"),
+    M("owca_sli_failures_total", COUNTER, "cycles",
+      "Task cycles without an SLI, by reason (label `reason`, as apm_sli_missing).",
+      "owca-measure", scope="internal"),
 )
 
 # -- RDT monitoring through resctrl (owca-measure, rdt_monitoring: true) --------------
@@ -632,6 +663,7 @@ SECTIONS = {
     "Allocations: the SLO controller": CONTROL,
     "Allocations: headroom": HEADROOM,
     "Application performance (workload wrappers)": APM,
+    "Application performance: the services' own metrics": SLI,
     "Internal: every tool": INTERNAL,
     "Internal: discovery from orchestrators": ORCHESTRATOR,
     "Internal: shipping": SHIP,

@@ -1,12 +1,13 @@
 """owca-measure: a `measurements` frame for each `tasks` frame (or each interval).
 
 What it reads comes from its sources (lib/owca/measure/sources/): the tasks' cgroups
-and the platform always, perf counters, APM files and RDT monitoring when the
-configuration turns them on.  Each is a Source (sources/base.py): told of the task
-set when it changes, read once per cycle, closed at the end; the stage merges what
-they read in a fixed order and adds, per source, whether it worked and how long it
-took (owca_source_success, owca_source_duration_seconds).  A task whose cgroup
-vanishes is dropped from that cycle with a warning.
+and the platform always, perf counters, APM files, the services' own service levels
+(sli) and RDT monitoring when the configuration turns them on.  Each is a Source
+(sources/base.py): told of the task set when it changes, read once per cycle, closed
+at the end; the stage merges what they read in a fixed order and adds, per source,
+whether it worked and how long it took (owca_source_success,
+owca_source_duration_seconds).  A task whose cgroup vanishes is dropped from that
+cycle with a warning.
 """
 import importlib
 import time
@@ -19,6 +20,7 @@ from owca.core.paths import paths_from_options
 from owca.core.stage import Stage
 from owca.measure.sources import BUILTINS, SWITCHES
 from owca.measure.sources.base import Cycle, Reading, Source
+from owca.measure.sources.sli_config import SliConfig
 
 
 @dataclass
@@ -50,6 +52,10 @@ class MeasureConfig:
     # None reads none.  Files older than apm_max_age seconds are ignored.
     apm_dir: Optional[str] = None
     apm_max_age: float = 30.0
+    # --- service levels the services publish (lib/owca/measure/sources/sli.py) ---
+    # Their own Prometheus histograms, a Prometheus server, redis: per task by its
+    # owca.io/sli-* annotations or by rules here (docs/control.md); None reads none.
+    sli: Optional[SliConfig] = None
     # --- Intel RDT monitoring through resctrl (lib/owca/measure/sources/rdt.py) ---
     # A resctrl monitoring group per task: its L3 occupancy and memory bandwidth.
     rdt_monitoring: bool = False
@@ -182,8 +188,8 @@ def merge(readings) -> Tuple[dict, Dict[str, dict]]:
     """(platform metrics, {task id: metrics}) of a cycle's readings, merged in order.
 
     The tasks are those the source that lists tasks read; the others' metrics of a
-    task are added to its own (that source's dicts are updated in place: a cycle's
-    readings are used once).
+    task are added to its own, after those a reading `replaces` are dropped (that
+    source's dicts are updated in place: a cycle's readings are used once).
     """
     platform: dict = {}
     for _source, reading, _seconds in readings:
@@ -195,6 +201,9 @@ def merge(readings) -> Tuple[dict, Dict[str, dict]]:
         found = reading.tasks
         for task_id, metrics in measured.items():
             extra = found.get(task_id)
+            if extra is not None:
+                for name in reading.replaces:
+                    metrics.pop(name, None)
             if extra:
                 metrics.update(extra)
     return platform, measured

@@ -2,7 +2,7 @@
 
 The kubelet answers a PodList: `items[] {metadata {uid, name, namespace,
 labels, annotations}, spec {containers[], initContainers[], overhead,
-priorityClassName, nodeName}, status {phase, qosClass, containerStatuses[]
+priorityClassName, nodeName}, status {phase, qosClass, podIP, containerStatuses[]
 {name, containerID "<runtime>://<id>", state {running?}}},
 initContainerStatuses[] (the same)}}`; each container spec has `resources
 {requests, limits}` of Kubernetes quantities, an init container
@@ -18,7 +18,8 @@ running containers is):
                   container's cgroup); subcgroup_paths: its containers'
     labels        the pod's labels and (prefixed annotation_) annotations, keys
                   sanitised; pod_name, namespace, qos_class, node_name,
-                  priority_class, container_name (container mode); priority
+                  priority_class, pod_ip (status.podIP, where it is an
+                  address), container_name (container mode); priority
     resources     requests: cpus (cores), mem_bytes, disk_bytes (ephemeral
                   storage), other resources under their sanitised names;
                   limits: the same names prefixed limit_ (absent when some
@@ -43,6 +44,7 @@ nesting).  A container's cgroup is below its pod's: cgroupfs `<id>` (CRI-O:
 `crio-<id>.scope`.
 """
 import fnmatch
+import ipaddress
 import re
 import sys
 from dataclasses import dataclass, field
@@ -413,7 +415,8 @@ def _pod_tasks(pod, meta, status, task, driver, root, annotations, pod_where, pr
         pod_where, prefix="annotation_"))
     builtin = {"pod_name": name, "namespace": namespace, QOS_LABEL: qos,
                "node_name": optional(spec, "nodeName", str, where, ""),
-               "priority_class": optional(spec, "priorityClassName", str, where, "")}
+               "priority_class": optional(spec, "priorityClassName", str, where, ""),
+               "pod_ip": _pod_ip(status, pod_where, problems)}
     labels.update((k, v) for k, v in builtin.items() if v)
     running = _running_containers(status, pod_path, driver, pod_where, problems)
     clamps: List[str] = []
@@ -429,6 +432,19 @@ def _pod_tasks(pod, meta, status, task, driver, root, annotations, pod_where, pr
                  for cname, path in running]
     problems.extend(f"{pod_where}: {line}" for line in clamps)
     return tasks
+
+
+def _pod_ip(status, pod_where, problems) -> str:
+    """status.podIP as an address (where owca-measure reads the pod's own service
+    levels, docs/control.md); an address that is not one is left out, one problem."""
+    text = status.get("podIP")
+    if text is None or text == "":
+        return ""
+    try:
+        return str(ipaddress.ip_address(text if isinstance(text, str) else ""))
+    except ValueError:
+        problems.append(f"{pod_where}: status.podIP {text!r:.60} is not an IP address")
+        return ""
 
 
 def _running_containers(status, pod_path, driver, pod_where, problems):

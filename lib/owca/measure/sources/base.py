@@ -29,7 +29,7 @@ working, and has its own counters and log lines.  What a failure as a whole is,
 each source's module says.
 """
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import Dict, FrozenSet, List
 
 
 @dataclass
@@ -46,6 +46,10 @@ class Reading:
     platform: dict = field(default_factory=dict)          # platform metric -> value
     samples: List[dict] = field(default_factory=list)     # its own owca_* samples
     ok: bool = True  # false: the source failed as a whole this cycle
+    # Metrics this source speaks for in the tasks it read: an earlier source's values
+    # of them are dropped from those tasks, whether or not this source has one this
+    # cycle (the sli source's SLI replaces a wrapper's, and its absence is no wrapper's).
+    replaces: FrozenSet[str] = frozenset()
 
 
 class Source:
