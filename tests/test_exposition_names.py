@@ -47,8 +47,9 @@ def scraped(text: str) -> dict:
 @pytest.mark.unit
 def test_every_exposed_name_says_its_unit_and_kind():
     """Counters end in `_total` and nothing else does; a value in seconds, bytes or a share
-    of a whole (a 0-1 ratio) has the unit in its name; a time since the epoch is a `_timestamp_seconds`;
-    no name is in percent or in ticks (the deprecated aliases aside)."""
+    of a whole (a 0-1 ratio) has the unit in its name; a time since the epoch is a
+    `_timestamp_seconds`; no name is in percent or in ticks (the deprecated aliases
+    aside)."""
     wrong = []
     for name, spec in REGISTRY.items():
         exposed, unit = spec.exposed_name, spec.unit
