@@ -176,3 +176,42 @@ def test_a_prometheus_server_scrapes_the_endpoint_and_answers_a_query(tmp_path):
         if server is not None:
             server.close()
         ship.close()
+
+
+def test_a_prometheus_server_reads_platform_cpu_time_in_seconds_and_the_old_name_in_ticks(
+        tmp_path):
+    """What PromQL users assume: `platform_cpu_usage_seconds_total` in seconds (the frame's
+    USER_HZ ticks / USER_HZ); until release 0.3 the old name, in ticks, beside it."""
+    from owca.core import frames
+    from owca.core.metrics import USER_HZ
+    port = free_port()
+    config = tmp_path / "owca.yaml"
+    config.write_text(f"ship:\n  storages:\n    - !PrometheusStorage {{port: {port}}}\n")
+    ship = ShipProcess(str(config), str(tmp_path / "ship.log"))
+    server = None
+    ticks = 249303
+
+    def frame(seq):
+        return frames.measurements_frame(seq, {"platform_cpu_usage": {"0": ticks}}, {},
+                                         ts=time.time(), host="node-1")
+    try:
+        ship.send(frame(1))
+        server = PrometheusServer([f"127.0.0.1:{port}"])
+        seq = [1]
+
+        def answered():
+            seq[0] += 1
+            ship.send(frame(seq[0]))
+            time.sleep(0.2)
+            return server.query('platform_cpu_usage_total{cpu="0"}')
+
+        wait_until(answered, timeout=90, what="prometheus to answer for the platform")
+        (seconds,) = server.query('platform_cpu_usage_seconds_total{cpu="0"}')
+        (old,) = server.query('platform_cpu_usage_total{cpu="0"}')
+        assert float(seconds["value"][1]) == ticks / USER_HZ
+        assert float(old["value"][1]) == ticks
+        assert ship.terminate() == 0, ship.log()
+    finally:
+        if server is not None:
+            server.close()
+        ship.close()
