@@ -669,7 +669,10 @@ def render_markdown() -> str:
                "from 0 to 1) named in the metric. Frames keep the names and units of "
                "release 0.1 (the kernel's: USER_HZ ticks, percent), so that detectors, "
                "allocators and recordings are unchanged; owca-ship converts at the "
-               "exposition.\n")
+               "exposition. The guide's single application prefix is the one rule not "
+               "followed: the names keep WCA's prefixes (`task_`, `platform_`, `apm_`, "
+               "`allocation_`; OWCA's own `owca_`), which dashboards built for WCA "
+               "query.\n")
     out.append(f"### Deprecated names (written until release {DEPRECATED_UNTIL})\n")
     out.append(f"Release {DEPRECATED_SINCE} renamed these exposition names. owca-ship writes "
                "each old name beside the new one, with the value and unit it had, until "
