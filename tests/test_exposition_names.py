@@ -186,3 +186,14 @@ def test_the_shipped_prometheus_rules_use_no_deprecated_name():
             text = f.read()
         used = {old for old in metrics.deprecated() if re.search(rf"\b{old}\b", text)}
         assert used == set(), name
+
+
+@pytest.mark.unit
+def test_a_plug_in_metric_named_like_a_deprecated_name_keeps_it():
+    """One family per name: the plug-in's sample, not a second `anomalies_found`."""
+    frame = dict(ANOMALIES, metrics=ANOMALIES["metrics"] + [
+        {"name": "anomalies_found", "value": 7, "labels": {}, "type": "gauge"}])
+    text = Formatter().format(frame).render()
+    assert text.count("# TYPE anomalies_found ") == 1
+    got = scraped(text)
+    assert got[("anomalies_found", ())] == 7 and got[("anomalies", ())] == 3

@@ -449,6 +449,8 @@ class Block:
             out.extend(lines)
             if self.deprecated_names and name in _DEPRECATED:
                 old, help_ = _DEPRECATED[name]
+                if old in self._families:   # a plug-in's metric of that name: it keeps it
+                    continue
                 divisor = _DIVISORS.get(name)
                 out.append(f"# HELP {old} {escape_help(help_)}\n")
                 out.append(f"# TYPE {old} {spec.type}\n")
