@@ -2,6 +2,7 @@
 package): `promtool check metrics` on what owca-ship makes of a recorded stream, a real
 Prometheus server scraping the endpoint and answering a query, and the alerting rules
 of configs/prometheus/ under `promtool test rules`."""
+import contextlib
 import json
 import os
 import shutil
@@ -146,33 +147,61 @@ class PrometheusServer:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def test_a_prometheus_server_scrapes_the_endpoint_and_answers_a_query(tmp_path):
+@contextlib.contextmanager
+def scraped(tmp_path, frame_of, query):
+    """owca-ship's endpoint, fed frame_of(seq) for seq = 1, 2, ... as a pipeline goes on,
+    until a Prometheus server scraping it answers `query`: (ship, server, the last seq)."""
     port = free_port()
     config = tmp_path / "owca.yaml"
     config.write_text(f"ship:\n  storages:\n    - !PrometheusStorage {{port: {port}}}\n")
     ship = ShipProcess(str(config), str(tmp_path / "ship.log"))
     server = None
     try:
-        ship.send(measurements(1))
+        ship.send(frame_of(1))
         server = PrometheusServer([f"127.0.0.1:{port}"])
         seq = [1]
 
         def answered():
             seq[0] += 1
-            ship.send(measurements(seq[0]))      # the pipeline goes on meanwhile
+            ship.send(frame_of(seq[0]))      # the pipeline goes on meanwhile
             time.sleep(0.2)
-            return server.query('task_cpu_usage_seconds_total{task_id="t1"}')
+            return server.query(query)
 
-        wait_until(answered, timeout=90, what="prometheus to answer for the task")
-        result = server.query('task_cpu_usage_seconds_total{task_id="t1"}')
-        assert len(result) == 1
-        metric, (_, value) = result[0]["metric"], result[0]["value"]
-        assert metric["job"] == "owca" and metric["task_name"] == "memcached"
-        assert metric["app"] == "mc" and metric["host"] == "node-1"
-        assert float(value) in {s * 0.5 for s in range(1, seq[0] + 1)}
-        assert server.query('up{job="owca"}')[0]["value"][1] == "1"
-        assert ship.terminate() == 0, ship.log()
+        wait_until(answered, timeout=90, what=f"prometheus to answer {query}")
+        yield ship, server, seq[0]
     finally:
         if server is not None:
             server.close()
         ship.close()
+
+
+def test_a_prometheus_server_scrapes_the_endpoint_and_answers_a_query(tmp_path):
+    query = 'task_cpu_usage_seconds_total{task_id="t1"}'
+    with scraped(tmp_path, measurements, query) as (ship, server, last):
+        result = server.query(query)
+        assert len(result) == 1
+        metric, (_, value) = result[0]["metric"], result[0]["value"]
+        assert metric["job"] == "owca" and metric["task_name"] == "memcached"
+        assert metric["app"] == "mc" and metric["host"] == "node-1"
+        assert float(value) in {s * 0.5 for s in range(1, last + 1)}
+        assert server.query('up{job="owca"}')[0]["value"][1] == "1"
+        assert ship.terminate() == 0, ship.log()
+
+
+def test_a_prometheus_server_reads_platform_cpu_time_in_seconds_and_the_old_name_in_ticks(
+        tmp_path):
+    """What PromQL users assume: `platform_cpu_usage_seconds_total` in seconds (the frame's
+    USER_HZ ticks / USER_HZ); until release 0.3 the old name, in ticks, beside it."""
+    from owca.core import frames
+    from owca.core.metrics import USER_HZ
+    ticks = 249303
+
+    def frame(seq):
+        return frames.measurements_frame(seq, {"platform_cpu_usage": {"0": ticks}}, {},
+                                         ts=time.time(), host="node-1")
+    with scraped(tmp_path, frame, 'platform_cpu_usage_total{cpu="0"}') as (ship, server, _):
+        (seconds,) = server.query('platform_cpu_usage_seconds_total{cpu="0"}')
+        (old,) = server.query('platform_cpu_usage_total{cpu="0"}')
+        assert float(seconds["value"][1]) == ticks / USER_HZ
+        assert float(old["value"][1]) == ticks
+        assert ship.terminate() == 0, ship.log()

@@ -184,3 +184,47 @@ def test_the_k_mad_baseline_flags_a_report_far_above_the_median_once_it_has_hist
     (again,) = cycle(10, 0.0100, 16, 20)            # the same report, read again
     assert again.contending_task_ids == [CPU]
     assert cycle(11, 0.0011, 17, 21) == []
+
+
+def _drawn(truth, alarms):
+    """(legend labels of every panel, every text drawn, the title) of the run's figure."""
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+    from owca_workloads.plot import figure
+    lines = recording()
+    fig = figure("t", truth, lines, scoring.score(truth, lines, alarms))
+    try:
+        legends = [t.get_text() for ax in fig.axes if ax.get_legend()
+                   for t in ax.get_legend().get_texts()]
+        texts = [(t.get_text(), t.get_fontsize()) for ax in fig.axes for t in ax.texts]
+        return legends, texts, fig._suptitle.get_text()
+    finally:
+        plt.close(fig)
+
+
+def test_the_plot_s_legend_lists_only_the_markers_the_run_has():
+    right_only = {seq_at(1014): [anomaly("cpu", CPU)]}
+    legends, texts, _ = _drawn(TRUTH, right_only)
+    assert "alarm during an antagonist (right)" in legends
+    assert not [t for t in legends if "false" in t]
+    assert {"cpu antagonist running", "io antagonist running",
+            "load surge (no antagonist)"} <= set(legends)
+
+    legends, texts, _ = _drawn(TRUTH, {seq_at(1006): [anomaly("cpu", CPU)]})
+    assert "alarm with no antagonist (false)" in legends
+    assert not [t for t in legends if "right" in t]
+
+    no_surge = dict(TRUTH, phases=[p for p in TRUTH["phases"] if p["kind"] != "surge"])
+    legends, texts, _ = _drawn(no_surge, {})
+    assert not [t for t in legends if "alarm" in t or "surge" in t]
+    assert any(text.startswith("no alarm") for text, _ in texts)
+
+
+def test_the_plot_names_each_episode_readably_and_says_what_the_host_was():
+    _, texts, title = _drawn(TRUTH, {})
+    names = {text: size for text, size in texts if "antagonist" in text}
+    assert names == {"BE task cpu: cpu antagonist": 9, "BE task io: io antagonist": 9}
+    assert "quiet host (not noisy): with no antagonist the HP met its SLO" in title
+    noisy = dict(TRUTH, noisy={"flag": True, "reasons": ["others used more than 0.15 cores"]})
+    _, _, title = _drawn(noisy, {})
+    assert "NOISY host" in title and "others used more than 0.15 cores" in title

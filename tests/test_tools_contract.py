@@ -246,7 +246,7 @@ def test_replaying_a_recording_twice_gives_identical_output(tmp_path):
             outputs.append(ship.stdout)
     assert outputs[0] == outputs[1]
     # Frames keep their names; the exposition has the Prometheus ones.
-    assert b"task_cpu_usage_seconds_total{" in outputs[0] and b"anomalies_found{" in outputs[0]
+    assert b"task_cpu_usage_seconds_total{" in outputs[0] and b"anomalies{" in outputs[0]
 
 
 def test_ship_leaves_out_and_counts_values_that_are_not_numbers():

@@ -7,6 +7,12 @@ Generated from `lib/owca/core/metrics.py` by `make docs`; a test fails when this
 registry disagree. This reference is normative: a metric's name, type, unit and levels
 change only with a new entry here.
 
+- **name (Prometheus)**: what a Prometheus server scrapes (and what the files and Kafka
+  messages carry); **name in frames**: the name in the JSON frames between the stages
+  (docs/protocol.md), with the frame's unit where it is not the exposition's ("same":
+  the names agree). Why they differ, and the deprecated names of release 0.1: the end of
+  this page.
+- **unit**: the exposition's; Prometheus wants base units (seconds, bytes, 0-1 ratios).
 - **type**: `counter` only ever grows (until the task or the agent restarts); `gauge` may go
   either way.
 - **levels**: a nested metric's dimensions, outermost first. In frames the metric is an

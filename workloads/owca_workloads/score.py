@@ -307,7 +307,7 @@ def _yes(b) -> str:
 
 
 def format_recording(name: str, s: dict) -> str:
-    noisy = "NOISY: " + "; ".join(s["noisy_reasons"]) if s["noisy"] else "not noisy"
+    noisy = "NOISY: " + "; ".join(s["noisy_reasons"]) if s["noisy"] else "quiet host (not noisy)"
     lines = [f"== {name}: {s['hp_workload']}, SLO {_f(s['slo'], '{:.6g}')} "
              f"({s['sli_metric']}), {sum(s['intervals'].values())} intervals "
              f"(positive {s['intervals']['positive']}, quiet {s['intervals']['quiet']}, "

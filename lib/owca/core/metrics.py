@@ -11,16 +11,29 @@ Plug-ins may emit metrics that are not registered here; they are exported as
 gauges (or with the type their sample gives), nested levels labelled `level1`,
 `level2`, ...
 
-Frames carry the names registered here (WCA's names, which dashboards use).  The
-Prometheus exposition, and only it, follows Prometheus' naming rules (`promtool check
-metrics`): a counter's name ends in `_total`, and no other metric's name ends in
-`_count`, `_sum` or `_bucket`.  `exposed_name()` gives the name a metric has there;
-docs/metrics.md lists the names that differ.
+Frames carry the names registered here (WCA's names, which detectors, allocators and
+recordings use), in the units the kernel gives.  The Prometheus exposition, and only it,
+follows Prometheus' naming rules (`promtool check metrics`, and
+https://prometheus.io/docs/practices/naming/): a counter's name ends in `_total`, no
+other metric's name ends in `_count`, `_sum` or `_bucket`, and a value is in a base unit
+(seconds, bytes, a 0-1 ratio), the unit in the name.  `exposed` gives a metric's
+name there where the rule does not, `divisor` turns a frame's value into the base unit
+(USER_HZ ticks into seconds), and `deprecated` is the name the metric had there in
+release 0.1, still written beside the new one (its value as the frame has it) until
+release DEPRECATED_UNTIL.
 """
+import os
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 GAUGE, COUNTER = "gauge", "counter"
+
+# The release that stops writing the deprecated exposition names.
+DEPRECATED_SINCE, DEPRECATED_UNTIL = "0.2", "0.3"
+
+# /proc/stat counts in USER_HZ, the kernel's clock ticks as user space sees them
+# (sysconf(_SC_CLK_TCK)): 100 on every architecture OWCA runs on.
+USER_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
 @dataclass(frozen=True)
@@ -33,6 +46,13 @@ class MetricSpec:
     levels: Tuple[str, ...] = ()
     scope: str = "task"  # task, platform, internal, anomaly, allocation, apm
     exposed: str = ""    # the name in the Prometheus exposition, where the rule gives none
+    divisor: float = 1   # exposition value = frame value / divisor (into the base unit)
+    frame_unit: str = ""  # the unit in frames, where the divisor makes it another
+    deprecated: str = ""  # the exposition name of release 0.1, written until DEPRECATED_UNTIL
+
+    def __post_init__(self):
+        assert (self.divisor != 1) == bool(self.frame_unit), self.name
+        assert self.divisor == 1 or self.deprecated, f"{self.name}: a new unit needs a new name"
 
     @property
     def exposed_name(self) -> str:
@@ -77,12 +97,13 @@ TASK_CGROUP = _specs(
       "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page "
       "size; " + SLOW,
       levels=("numa_node",)),
-    M("task_pressure_avg10_percent", GAUGE, "percent",
+    M("task_pressure_avg10_percent", GAUGE, "ratio (0-1)",
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
       "io.pressure avg10",
-      levels=("resource", "stall")),
+      levels=("resource", "stall"), exposed="task_pressure_avg10_ratio", divisor=100,
+      frame_unit="percent", deprecated="task_pressure_avg10_percent"),
     M("task_pressure_stall_seconds", COUNTER, "seconds",
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
@@ -104,7 +125,8 @@ TASK_CGROUP = _specs(
 TASK_INTERNAL = _specs(
     M("task_up", GAUGE, "boolean", "1 for every task measured in this cycle.", "owca-measure"),
     M("task_last_seen", GAUGE, "seconds since the epoch",
-      "When the task was last measured.", "owca-measure"),
+      "When the task was last measured.", "owca-measure",
+      exposed="task_last_seen_timestamp_seconds", deprecated="task_last_seen"),
 )
 
 # -- platform (owca-measure) -----------------------------------------------------------
@@ -117,9 +139,11 @@ PLATFORM = _specs(
       "/sys/devices/system/cpu/cpuN/topology/physical_package_id", scope="platform"),
     M("platform_topology_numa_nodes", GAUGE, "nodes", "NUMA nodes with CPUs or memory.",
       "/sys/devices/system/node/online", scope="platform"),
-    M("platform_cpu_usage", COUNTER, "USER_HZ ticks (1/100 s)",
+    M("platform_cpu_usage", COUNTER, "seconds",
       "Time each logical CPU spent busy (user, nice, system, irq, softirq, steal).",
-      "/proc/stat cpuN", levels=("cpu",), scope="platform"),
+      "/proc/stat cpuN", levels=("cpu",), scope="platform",
+      exposed="platform_cpu_usage_seconds_total", divisor=USER_HZ,
+      frame_unit=f"USER_HZ ticks (1/{USER_HZ} s)", deprecated="platform_cpu_usage_total"),
     M("platform_mem_usage_bytes", GAUGE, "bytes",
       "Memory in use: MemTotal - MemFree - Buffers - Cached.", "/proc/meminfo",
       scope="platform"),
@@ -183,8 +207,9 @@ ANOMALY = _specs(
       "1 for each anomaly of the cycle; labels type, resource, contended_task_id, "
       "contending_task_id (one sample per contending task) and uuid.", "owca-detect",
       scope="anomaly"),
-    M("anomaly_count", GAUGE, "anomalies", "Anomalies the detector found in the cycle.",
-      "owca-detect", scope="anomaly", exposed="anomalies_found"),
+    M("anomaly_count", GAUGE, "anomalies", "Anomalies the detector found in the cycle "
+      "(one per contended task: the `anomaly` series of one count once).",
+      "owca-detect", scope="anomaly", exposed="anomalies", deprecated="anomalies_found"),
 )
 
 # -- the built-in detector (owca-detect: !ContentionDetector, docs/detection.md) ---------
@@ -306,9 +331,10 @@ ALLOCATION = _specs(
     M("allocation_rdt_l3_mask", GAUGE, "bit mask (cache ways)",
       "L3 ways of the task's resctrl group; labels task_id, group_name, cache_id.",
       "resctrl <group>/schemata L3", scope="allocation"),
-    M("allocation_rdt_mb_percent", GAUGE, "percent",
+    M("allocation_rdt_mb_percent", GAUGE, "ratio (0-1)",
       "Memory bandwidth of the task's resctrl group; labels task_id, group_name, cache_id.",
-      "resctrl <group>/schemata MB", scope="allocation"),
+      "resctrl <group>/schemata MB", scope="allocation", exposed="allocation_rdt_mb_ratio",
+      divisor=100, frame_unit="percent", deprecated="allocation_rdt_mb_percent"),
     M("allocations_count", COUNTER, "changes",
       "Allocation changes written (and restores), since the start; with --dry-run, the "
       "changes that would have been written.", "owca-allocate", scope="allocation",
@@ -704,6 +730,17 @@ def renamed() -> Dict[str, str]:
             if spec.exposed_name != name}
 
 
+def deprecated() -> Dict[str, MetricSpec]:
+    """{deprecated exposition name: the metric's spec}."""
+    return {spec.deprecated: spec for spec in REGISTRY.values() if spec.deprecated}
+
+
+def _frame_cell(s: MetricSpec) -> str:
+    if s.name == s.exposed_name and not s.frame_unit:
+        return "same"
+    return f"`{s.name}`" + (f" ({s.frame_unit})" if s.frame_unit else "")
+
+
 def render_markdown() -> str:
     """docs/metrics.md's tables, one per section."""
     out = []
@@ -711,22 +748,44 @@ def render_markdown() -> str:
         if not section:
             continue
         out.append(f"## {title}\n")
-        out.append("| name | type | unit | levels (labels) | source | description |")
-        out.append("|---|---|---|---|---|---|")
+        out.append("| name (Prometheus) | name in frames | type | unit | levels (labels) | source "
+                   "| description |")
+        out.append("|---|---|---|---|---|---|---|")
         for s in section.values():
             levels = ", ".join(s.levels) or "—"
-            out.append(f"| `{s.name}` | {s.type} | {s.unit} | {levels} | {s.source} | {s.help} |")
+            name = f"`{s.exposed_name}`"
+            if s.deprecated:
+                name += f" (until {DEPRECATED_UNTIL} also `{s.deprecated}`, deprecated)"
+            out.append(f"| {name} | {_frame_cell(s)} | {s.type} | {s.unit} | {levels} | "
+                       f"{s.source} | {s.help} |")
         out.append("")
-    out.append("## Names in the Prometheus exposition\n")
-    out.append("Frames carry the names above. The Prometheus text exposition (the endpoint, "
-               "the files, the Kafka messages) follows Prometheus' naming rules, so that "
-               "`promtool check metrics` passes: a counter's name ends in `_total`, and only "
-               "histograms and summaries end in `_count`. These metrics are exposed under "
-               "another name:\n")
-    out.append("| name in frames | name in the exposition |")
-    out.append("|---|---|")
-    for name, exposed in renamed().items():
-        out.append(f"| `{name}` | `{exposed}` |")
+    out.append("## Names in frames and names in the exposition\n")
+    out.append("The first column of the tables above is the name a Prometheus server scrapes "
+               "(the endpoint, the files and the Kafka messages carry the same text); the "
+               "second is the name in frames (docs/protocol.md), which the stages, plug-ins "
+               "and recordings see. The exposition follows "
+               "Prometheus' naming rules (https://prometheus.io/docs/practices/naming/), so "
+               "that `promtool check metrics` passes: a counter's name ends in `_total`, "
+               "only histograms and summaries end in `_count`, timestamps end in "
+               "`_timestamp_seconds`, and values are in base units (seconds, bytes, ratios "
+               "from 0 to 1) named in the metric. Frames keep the names and units of "
+               "release 0.1 (the kernel's: USER_HZ ticks, percent), so that detectors, "
+               "allocators and recordings are unchanged; owca-ship converts at the "
+               "exposition. The guide's single application prefix is the one rule not "
+               "followed: the names keep WCA's prefixes (`task_`, `platform_`, `apm_`, "
+               "`allocation_`; OWCA's own `owca_`), which dashboards built for WCA "
+               "query.\n")
+    out.append(f"### Deprecated names (written until release {DEPRECATED_UNTIL})\n")
+    out.append(f"Release {DEPRECATED_SINCE} renamed these exposition names. owca-ship writes "
+               "each old name beside the new one, with the value and unit it had, until "
+               f"release {DEPRECATED_UNTIL} removes them; `ship: {{deprecated_names: false}}` "
+               "stops them now (docs/shipping.md). Change dashboards, recording rules and "
+               "alerts to the new names:\n")
+    out.append("| deprecated name | unit | new name | unit |")
+    out.append("|---|---|---|---|")
+    for old, spec in deprecated().items():
+        out.append(f"| `{old}` | {spec.frame_unit or spec.unit} | `{spec.exposed_name}` | "
+                   f"{spec.unit} |")
     out.append("")
     out.append("A plug-in's unregistered metric keeps its name (with `_total` added when its "
                "sample says `counter`); its HELP is the sample's `help`, or a line saying "

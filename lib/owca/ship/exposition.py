@@ -7,10 +7,15 @@ is beyond what the format's int64 milliseconds hold).  Labels:
 - nested metrics: one label per level, named by the metric's spec;
 - anomalies: `anomaly{type, resource, contended_task_id, contending_task_id, uuid} 1`.
 
-Metric names: frames carry OWCA's registered names; here, at the exposition
-boundary, each becomes its Prometheus name (owca.core.metrics.exposed_name: a counter
-ends in `_total`).  A registered metric has its registered type whatever its
-sample says; an unregistered one (a plug-in's) the sample's type and help.
+Metric names: frames carry OWCA's registered names in the kernel's units; here, at the
+exposition boundary, each becomes its Prometheus name (owca.core.metrics.exposed_name: a
+counter ends in `_total`; a registered `exposed` name) and its value the base unit (a
+registered `divisor`: USER_HZ ticks into seconds, percent into a ratio).  A registered
+metric has its registered type whatever its sample says; an unregistered one (a
+plug-in's) the sample's type and help.  A metric renamed in release 0.2 is written
+under its old name too, with the frame's value, until release 0.3 (`deprecated`;
+Formatter(deprecated_names=False) leaves those out): the old name is an exposition
+matter only, so that the endpoint, the files and Kafka's messages all keep it alike.
 
 This module is the one place where what reaches the exposition is made safe: the
 frame protocol lets through what Prometheus' parser refuses, and one such sample
@@ -39,7 +44,7 @@ import collections
 from typing import (Counter, Dict, FrozenSet, Iterable, List, NamedTuple, Optional, Sequence,
                     Tuple)
 
-from owca.core.metrics import REGISTRY, exposed_name, spec_for
+from owca.core.metrics import DEPRECATED_UNTIL, REGISTRY, exposed_name, spec_for
 
 CATEGORY_OF_KIND = {"measurements": "metrics", "tasks": "metrics",
                     "anomalies": "anomalies", "allocations": "allocations"}
@@ -58,6 +63,15 @@ DUPLICATE, FORGED = "duplicate", "forged"
 
 # frame name -> exposition name of the registered metrics (the hot loop's lookup)
 _EXPOSED = {name: spec.exposed_name for name, spec in REGISTRY.items()}
+# frame name -> what its frame values are divided by in the exposition
+_DIVISORS = {name: spec.divisor for name, spec in REGISTRY.items() if spec.divisor != 1}
+# frame name -> (deprecated exposition name, its HELP)
+_DEPRECATED = {name: (spec.deprecated,
+                      "Deprecated" + (f", in {spec.frame_unit}" if spec.frame_unit else "")
+                      + f": use {spec.exposed_name}"
+                      + (f" (in {spec.unit})" if spec.frame_unit else "")
+                      + f"; removed in release {DEPRECATED_UNTIL}. {spec.help}")
+               for name, spec in REGISTRY.items() if spec.deprecated}
 
 
 def _exposed(name: str, type_=None) -> str:
@@ -65,6 +79,40 @@ def _exposed(name: str, type_=None) -> str:
     if found is not None:
         return found
     return exposed_name(name, type_)
+
+
+def divided(value, divisor):
+    """A frame value in the exposition's unit: each number of it divided by `divisor`
+    (None for an integer no float holds); anything else as it is, to be counted bad."""
+    t = type(value)
+    if t is int or t is float:
+        try:
+            return value / divisor
+        except OverflowError:
+            return None
+    if t is dict:
+        return {k: divided(v, divisor) for k, v in value.items()}
+    return value
+
+
+def _undivided(text: str, divisor) -> str:
+    """An exposition value written back in the frame's unit: 15 significant digits undo
+    the division's rounding (2493.03 * 100 is 249302.99999999997; the frame had 249303)."""
+    value = float(f"{float(text) * divisor:.15g}")
+    return str(int(value)) if value.is_integer() and abs(value) < 2 ** 53 else repr(value)
+
+
+def _alias_line(line: str, exposed: str, old: str, divisor) -> str:
+    """A sample line of `exposed` as the deprecated name `old` writes it."""
+    rest = line[len(exposed):]
+    if divisor is None:
+        return old + rest
+    end = rest.rfind("} ")
+    start = end + 2 if end >= 0 else 1
+    stop = rest.find(" ", start)
+    if stop < 0:
+        stop = len(rest) - 1     # the newline
+    return f"{old}{rest[:start]}{_undivided(rest[start:stop], divisor)}{rest[stop:]}"
 
 
 def escape(value: str) -> str:
@@ -213,8 +261,10 @@ def strip_timestamps(text: str) -> str:
 class Block:
     """Samples grouped by metric name (the format wants a name's samples together)."""
 
-    def __init__(self, ts_ms: Optional[int], level_labels: Dict[tuple, str]):
+    def __init__(self, ts_ms: Optional[int], level_labels: Dict[tuple, str],
+                 deprecated_names: bool = True):
         self.ts = "\n" if ts_ms is None else f" {ts_ms}\n"
+        self.deprecated_names = deprecated_names
         self.bad_timestamp = ts_ms is None
         self.host = ""
         self.lines: Dict[str, List[str]] = {}      # by frame name
@@ -309,7 +359,10 @@ class Block:
         ts = self.ts
         lines_of = self.lines
         exposed_of = self.exposed
+        divisors = _DIVISORS
         for name, value in metrics.items():
+            if name in divisors:
+                value = divided(value, divisors[name])
             t = type(value)
             if (t is float and value - value == 0) or (t is int and -_BIG < value < _BIG):
                 lines = lines_of.get(name)
@@ -345,7 +398,10 @@ class Block:
             first = self._families.get(exposed)
             self._own_from[exposed] = len(self.lines[first]) if first else 0
         self._check[exposed] = None
-        self.add_value(name, prefix, sample["value"], type_)
+        value = sample["value"]
+        if name in _DIVISORS:
+            value = divided(value, _DIVISORS[name])
+        self.add_value(name, prefix, value, type_)
 
     def may_repeat(self, name: str):
         """Have finish() check the series of `name`'s family."""
@@ -391,6 +447,14 @@ class Block:
             out.append(f"# HELP {exposed} {escape_help(self.helps.get(name) or spec.help)}\n")
             out.append(f"# TYPE {exposed} {self.types.get(name) or spec.type}\n")
             out.extend(lines)
+            if self.deprecated_names and name in _DEPRECATED:
+                old, help_ = _DEPRECATED[name]
+                if old in self._families:   # a plug-in's metric of that name: it keeps it
+                    continue
+                divisor = _DIVISORS.get(name)
+                out.append(f"# HELP {old} {escape_help(help_)}\n")
+                out.append(f"# TYPE {old} {spec.type}\n")
+                out.extend(_alias_line(line, exposed, old, divisor) for line in lines)
         return encodable("".join(out))
 
 
@@ -406,7 +470,8 @@ class TaskLabels(NamedTuple):
 class Formatter:
     """Turns frames into exposition text; caches each task's rendered labels."""
 
-    def __init__(self):
+    def __init__(self, deprecated_names: bool = True):
+        self.deprecated_names = deprecated_names
         # (host, task id, name, labels) -> TaskLabels
         self._task_prefixes: Dict[tuple, TaskLabels] = {}
         self._level_labels: Dict[tuple, str] = {}
@@ -434,13 +499,15 @@ class Formatter:
                with_own: bool = True) -> Block:
         """The frame's block, with owca-ship's own samples unless not `with_own`; an
         upstream sample of one of their series is left out either way."""
-        block = Block(timestamp_ms(frame["ts"]), self._level_labels)
+        block = Block(timestamp_ms(frame["ts"]), self._level_labels, self.deprecated_names)
         host = block.host = encodable(frame["host"])
         host_prefix = label_string({"host": host})
         kind = frame["kind"]
         add = block.add_value
         if kind == "measurements":
             for name, value in frame["platform"].items():
+                if name in _DIVISORS:
+                    value = divided(value, _DIVISORS[name])
                 add(name, host_prefix, value)
             for task_id, task in frame["tasks"].items():
                 own = self.task_prefix(host, task_id, task)

@@ -38,6 +38,9 @@ class ShipConfig:
     # No interval unless configured; the annotation stays `float`, not Optional, because
     # the configuration is checked against it: `interval: null` is refused.
     interval: float = None  # type: ignore[assignment]
+    # The exposition names renamed in release 0.2, written beside the new ones until 0.3
+    # (docs/metrics.md "Deprecated names"); false once dashboards and rules use the new.
+    deprecated_names: bool = True
 
 
 class Ship(Stage):
@@ -52,7 +55,7 @@ class Ship(Stage):
 
     def __init__(self, cfg: ShipConfig, options: dict):
         super().__init__(cfg, options)
-        self.formatter = Formatter()
+        self.formatter = Formatter(cfg.deprecated_names)
         self.storage_errors: Dict[str, int] = {}   # storage class -> cycles not stored
         self.bad_values = 0
         self.bad_labels: Counter[str] = collections.Counter()   # reason -> labels

@@ -165,6 +165,9 @@ class PrometheusStorage(Storage):
         self._thread = threading.Thread(target=self._server.serve_forever,
                                         name="owca-prometheus", daemon=True)
         self._thread.start()
+        host = f"[{self.listen_address}]" if ":" in self.listen_address else self.listen_address
+        log.info("prometheus: listening on %s:%d, metrics at http://%s:%d%s",
+                 self.listen_address, self.port, host, self.port, self.path)
 
     def store(self, cycle: Cycle) -> None:
         texts = dict(self._texts)
