@@ -138,6 +138,29 @@ INTERNAL = _specs(
     M("owca_cycle_duration_seconds", GAUGE, "seconds",
       "Wall time a stage spent on its last cycle.", "every tool", levels=(),
       scope="internal"),
+    M("owca_cpu_seconds_total", COUNTER, "seconds",
+      "CPU time (user and system) the stage's process has used since it started; left "
+      "out with --no-timing. owca-measure's perf helper is a process of its own, counted "
+      "in owca_measure_cpu_share where a CPU budget is set.",
+      "every tool: clock_gettime(CLOCK_PROCESS_CPUTIME_ID)", scope="internal"),
+    M("owca_resident_memory_bytes", GAUGE, "bytes",
+      "The stage's resident memory now; left out with --no-timing.",
+      "every tool: /proc/self/statm, 2nd field x page size", scope="internal"),
+    M("owca_open_descriptors", GAUGE, "descriptors",
+      "Descriptors the stage's process holds open now; left out with --no-timing.",
+      "every tool: the size of /proc/self/fd (Linux 6.2+), else its entries",
+      scope="internal"),
+    M("owca_measure_shed_level", GAUGE, "level",
+      "How much optional work owca-measure sheds for its CPU budget "
+      "(`cpu_budget_percent`): 0 none; 1 slow signals (slow metrics, PSI, run-queue "
+      "delay) read 4 times less often; 2 and perf not read; 3 and every other cycle "
+      "skipped (lib/owca/measure/budget.py). Absent without a budget.",
+      "owca-measure", scope="internal"),
+    M("owca_measure_cpu_share", GAUGE, "ratio",
+      "The share of one CPU owca-measure and its perf helper used over its last cycles "
+      "at the present shed level, as its CPU budget compares it (0.02 is 2 %); absent "
+      "without a budget, left out with --no-timing.",
+      "owca-measure", scope="internal"),
     M("owca_source_success", GAUGE, "boolean",
       "Per owca-measure source (label `source`: cgroup, platform, perf, apm, rdt), 1 when "
       "it worked in the last cycle, 0 when it failed as a whole (what that is, the "

@@ -349,5 +349,19 @@ class PerfSource(Source):
         ok = self.counters.restarts == restarts and self.counters.helper is not None
         return Reading(tasks=tasks, samples=self.counters.samples(cycle.labels), ok=ok)
 
+    def helper_cpu_seconds(self) -> float:
+        """CPU time the running helper has used (its schedstat's first field, ns); 0
+        while none runs.  For owca-measure's CPU budget: the helper's reads are its
+        cost too."""
+        helper = self.counters.helper
+        if helper is None:
+            return 0.0
+        try:
+            # the helper is this process's child: the real /proc, whatever --procfs says
+            with open(f"/proc/{helper.pid}/schedstat", "rb") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
+
     def close(self) -> None:
         self.counters.close()
