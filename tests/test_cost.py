@@ -283,3 +283,44 @@ def test_be_tasks_get_the_configured_rate_and_hp_tasks_every_cycle(recorded):
                 readers["none"].costly_every) == (1, 5, 1)
     finally:
         stage.close()
+
+
+# -- what a cycle reads, for the same-work floor ----------------------------------------------
+
+def test_files_read_lists_each_file_with_its_cadence(recorded):
+    stage = Measure(MeasureConfig(slow_metrics_every=10, run_queue_delay=False), recorded)
+    try:
+        assert stage.files_read()["files"] == []   # nothing read yet
+        stage.process(tasks_frame(1))
+        plan = stage.files_read()
+    finally:
+        stage.close()
+    cgroupfs = recorded["--cgroupfs"]
+    hp = {os.path.relpath(path, cgroupfs): (every, phase, kept)
+          for path, every, phase, kept in plan["files"] if "/hp/" in path}
+    assert hp["cpuacct/owca-fixture/hp/cpuacct.usage"] == (1, 0, True)
+    assert hp["memory/owca-fixture/hp/memory.stat"] == (1, 0, True)
+    assert hp["memory/owca-fixture/hp/memory.numa_stat"] == (10, 0, True)
+    be_phases = {phase for path, _every, phase, _kept in plan["files"] if "/be/" in path}
+    assert be_phases == {1}
+    assert plan["perf_cgroups"] == [] and plan["perf_events"] == []
+
+
+@pytest.mark.parametrize("data", [
+    b"some avg10=0.12 avg60=0.05 avg300=0.01 total=12345\n"
+    b"full avg10=0.00 avg60=0.00 avg300=0.00 total=2345\n",
+    b"some avg10=0.28 avg60=0.23 avg300=0.26 total=3111302\n",
+    b"some avg10=0.28 avg60=0.23 avg300=0.26 total=3111302 extra\n"
+    b"full avg10=0.00 avg60=0.00 avg300=0.00 total=2345\n",
+    b"some avg10=1 avg60=0 avg300=0 total=1\nfull avg10=2 avg60=0 avg300=0 total=2",
+])
+def test_the_pressure_parser_reads_as_line_by_line(data):
+    from owca.measure.sources.cgroup import parse_pressure
+    avg10, stall = {}, {}
+    for line in data.decode().splitlines():
+        f = line.split()
+        if len(f) == 5 and f[1].startswith("avg10=") and f[4].startswith("total="):
+            avg10[f[0]] = float(f[1][6:])
+            stall[f[0]] = int(f[4][6:]) / 1e6
+    assert parse_pressure(data) == {"task_pressure_avg10_percent": avg10,
+                                    "task_pressure_stall_seconds": stall}

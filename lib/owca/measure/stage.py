@@ -217,6 +217,18 @@ class Measure(Stage):
                     for source, _reading, seconds in readings]
         return out
 
+    def files_read(self) -> dict:
+        """What a steady cycle reads, from the stage itself, so that the same-work floor
+        of benchmarks/measure_cycle.py cannot drift from it: `files`, [(path, every,
+        phase, kept)] (TaskCgroup.files_read); `perf_cgroups`, the cgroup directories
+        counted; `perf_events`, the events configured."""
+        cgroups = self.source("cgroup")
+        perf = self.source("perf")
+        return {"files": [item for files in cgroups.files_read().values()  # type: ignore[attr-defined]
+                          for item in files] if cgroups else [],
+                "perf_cgroups": perf.cgroups_counted() if perf else [],  # type: ignore[attr-defined]
+                "perf_events": list(self.cfg.perf_events or [])}
+
     def close(self) -> list:
         for source in self.sources:
             source.close()

@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from owca.core import frames
 from owca.core.config import ConfigError
@@ -348,6 +348,11 @@ class PerfSource(Source):
         # count a restart, and give this cycle no perf metrics.
         ok = self.counters.restarts == restarts and self.counters.helper is not None
         return Reading(tasks=tasks, samples=self.counters.samples(cycle.labels), ok=ok)
+
+    def cgroups_counted(self) -> List[str]:
+        """The cgroup directories whose groups the helper holds open (for the same-work
+        floor of benchmarks/measure_cycle.py)."""
+        return [directory for _slot, directory in self.counters._opened.values()]
 
     def helper_cpu_seconds(self) -> float:
         """CPU time the running helper has used (its schedstat's first field, ns); 0
