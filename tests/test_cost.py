@@ -324,3 +324,19 @@ def test_the_pressure_parser_reads_as_line_by_line(data):
             stall[f[0]] = int(f[4][6:]) / 1e6
     assert parse_pressure(data) == {"task_pressure_avg10_percent": avg10,
                                     "task_pressure_stall_seconds": stall}
+
+
+@pytest.mark.parametrize("tree", ["cgroup_v1_tree", "cgroup_v2_tree"])
+def test_unchanged_files_read_again_give_what_they_gave_parsed(fixtures_dir, tree):
+    """Files whose bytes did not change are not parsed again: the reads after the
+    first give the golden values all the same, and a changed file its new ones."""
+    import json
+    root = os.path.join(fixtures_dir, tree)
+    with open(os.path.join(root, "expected.json")) as f:
+        expected = json.load(f)
+    for cgroup_path, want in expected.items():
+        reader = TaskCgroup(Paths(cgroupfs=root), cgroup_path)
+        try:
+            assert [reader.read() for _ in range(3)] == [want] * 3
+        finally:
+            reader.close()

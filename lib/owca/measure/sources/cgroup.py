@@ -245,22 +245,49 @@ def _limit_into(name: str):
 
 
 def _parsed_into(parse):
-    """A parser's metrics."""
-    def parsed_into(data: bytes, out: dict) -> None:
-        out.update(parse(data))
-    return parsed_into
+    """A parser's metrics; per file (`per_file`, as _pressure_into's), the bytes of
+    the last read are kept, and unchanged bytes (cpu.stat of a task without a CPU
+    quota, every cycle) are not parsed again."""
+    def per_file():
+        last: list = [None, None]   # bytes, what they parsed into
+
+        def parsed_into(data: bytes, out: dict) -> None:
+            if data != last[0]:
+                last[:] = data, parse(data)
+            out.update(last[1])
+        return parsed_into
+
+    into = per_file()
+    into.per_file = per_file
+    return into
 
 
 def _pressure_into(resource_: str):
-    """A PSI file's metrics, under its resource (cpu, memory, io)."""
-    def pressure_into(data: bytes, out: dict) -> None:
-        avg10: Dict[str, float] = {}
-        stall: Dict[str, float] = {}
-        _pressure_lines(data, avg10, stall)
-        if avg10:
-            out.setdefault("task_pressure_avg10_percent", {})[resource_] = avg10
-            out.setdefault("task_pressure_stall_seconds", {})[resource_] = stall
-    return pressure_into
+    """A PSI file's metrics, under its resource (cpu, memory, io).
+
+    Each file gets its own function (`per_file`, which _Source calls) that keeps
+    the last bytes it parsed: a file whose bytes did not change since the last
+    read (an idle task's memory and io pressure, most cycles) yields the values
+    parsed then, not parsed again.
+    """
+    def per_file():
+        last: list = [None, None, None]   # bytes, avg10, stall
+
+        def pressure_into(data: bytes, out: dict) -> None:
+            if data == last[0]:
+                avg10, stall = last[1], last[2]
+            else:
+                avg10, stall = {}, {}
+                _pressure_lines(data, avg10, stall)
+                last[:] = data, avg10, stall
+            if avg10:
+                out.setdefault("task_pressure_avg10_percent", {})[resource_] = avg10
+                out.setdefault("task_pressure_stall_seconds", {})[resource_] = stall
+        return pressure_into
+
+    into = per_file()
+    into.per_file = per_file
+    return into
 
 
 # (controller, or None for v2; file; into).  SLOW_FILES change rarely (limits are
@@ -388,7 +415,8 @@ class _Source(KeptFile):
     def __init__(self, directory, name, into, dir_existed):
         super().__init__(f"{directory}/{name}", getattr(into, "buffer", 4096))
         self.directory = directory
-        self.into = into
+        per_file = getattr(into, "per_file", None)
+        self.into = into if per_file is None else per_file()
         self.dir_existed = dir_existed
         self.retry_at = 0
         self.warned = False
