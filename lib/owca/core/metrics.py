@@ -50,6 +50,9 @@ M = MetricSpec
 # (lib/owca/measure/sources/cgroup.py SLOW_FILES).
 SLOW = ("read every `slow_metrics_every` cycles (default 10), the last value reported "
         "in between")
+# The costly signals (lib/owca/measure/sources/cgroup.py TaskCgroup.costly_every).
+COSTLY = ("; a BE task's every `be_costly_signals_every` cycles (default 1), the last "
+          "value reported in between")
 TASK_CGROUP = _specs(
     M("task_cpu_usage_seconds", COUNTER, "seconds", "CPU time consumed by the task's cgroup.",
       "v1: cpuacct.usage; v2: cpu.stat usage_usec"),
@@ -81,19 +84,19 @@ TASK_CGROUP = _specs(
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
-      "io.pressure avg10",
+      "io.pressure avg10" + COSTLY,
       levels=("resource", "stall")),
     M("task_pressure_stall_seconds", COUNTER, "seconds",
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
-      "io.pressure total (us)",
+      "io.pressure total (us)" + COSTLY,
       levels=("resource", "stall")),
     M("task_run_queue_delay_seconds", COUNTER, "seconds",
       "Time the threads of the task's cgroup (and of its descendants) spent runnable but "
       "waiting for a CPU; an exited thread's last value is kept, so the counter never "
       "falls (cAdvisor's container_cpu_schedstat_run_queue_seconds_total).",
       "/proc/TID/schedstat, 2nd field (ns), of each thread in the v1 cpuacct `tasks` or "
-      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off"),
+      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off" + COSTLY),
     M("owca_files_not_kept_open", GAUGE, "files",
       "Kernel files (cgroup, /proc) opened, read and closed each cycle instead of held "
       "open, because the soft RLIMIT_NOFILE left no descriptors for them (slower).",
