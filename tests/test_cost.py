@@ -340,3 +340,36 @@ def test_unchanged_files_read_again_give_what_they_gave_parsed(fixtures_dir, tre
             assert [reader.read() for _ in range(3)] == [want] * 3
         finally:
             reader.close()
+
+
+def test_the_run_queue_delay_finds_descendants_made_later(tmp_path):
+    """A leaf's relist is one stat() where the file system counts subdirectories in
+    a directory's links; a descendant made later is found all the same (tmp_path's
+    file system stands in for cgroupfs: `tasks` files naming this process's threads)."""
+    import threading
+    from owca.core.paths import DEFAULT_PATHS
+    from owca.measure.sources.cgroup import RunQueueDelay
+    stop = threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        (tmp_path / "tasks").write_text(f"{os.getpid()}\n")
+        rq = RunQueueDelay(DEFAULT_PATHS, str(tmp_path), "v1")
+        try:
+            rq.read()
+            assert set(rq.threads) == {str(os.getpid()).encode()}
+            (tmp_path / "child").mkdir()
+            (tmp_path / "child" / "tasks").write_text(f"{worker.native_id}\n")
+            rq.relist()
+            rq.read()
+            assert set(rq.threads) == {str(os.getpid()).encode(),
+                                       str(worker.native_id).encode()}
+            (tmp_path / "child" / "tasks").unlink()
+            (tmp_path / "child").rmdir()
+            rq.relist()
+            assert [f.path for f in rq.lists] == [str(tmp_path / "tasks")]
+        finally:
+            rq.close()
+    finally:
+        stop.set()
+        worker.join()

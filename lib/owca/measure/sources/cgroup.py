@@ -332,6 +332,17 @@ def _read_once(path: str, size: int = 4096) -> bytes:
     return b"".join(chunks) if len(chunks) > 1 else chunks[0]
 
 
+def _has_no_subdirectories(directory: str) -> bool:
+    """True where one stat() says so: a directory without subdirectories has two links
+    on cgroupfs (kernfs counts a directory's subdirectories in its links), as on most
+    file systems.  Any other count (btrfs gives 1 always), or an error, says nothing:
+    the caller walks the directory.  A leaf cgroup's walk cost more than its reads."""
+    try:
+        return os.stat(directory).st_nlink == 2
+    except OSError:
+        return False
+
+
 class RunQueueDelay:
     """Seconds the threads of a cgroup (and its descendants) waited on a run queue.
 
@@ -352,9 +363,11 @@ class RunQueueDelay:
     def relist(self) -> None:
         """Find the descendants' thread files again (new containers of a pod)."""
         own = self.lists[0].path
-        found = [own] + [os.path.join(d, self.threads_file)
-                         for d, _dirs, _files in os.walk(self.directory)
-                         if os.path.normpath(d) != os.path.normpath(self.directory)]
+        found = [own]
+        if not _has_no_subdirectories(self.directory):
+            found += [os.path.join(d, self.threads_file)
+                      for d, _dirs, _files in os.walk(self.directory)
+                      if os.path.normpath(d) != os.path.normpath(self.directory)]
         kept = {f.path: f for f in self.lists}
         for f in self.lists:
             if f.path not in found:
