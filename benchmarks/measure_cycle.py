@@ -24,6 +24,11 @@ measure's `run_queue_delay: false`: what task_run_queue_delay_seconds costs (the
 task's thread list and each thread's /proc/TID/schedstat; one thread per task here).
 
 Beside it, on the same cgroups and in the same run:
+  floor_same_work (always, unless --no-same-work) benchmarks/floor_same_work.c,
+                  built into build/ with cc: the files the with-perf stage read for
+                  each task at their cadences, and its perf events on each counted
+                  cgroup, kept open and pread, nothing else; the list is the stage's
+                  own (Measure.files_read()), so the two read the same things
   --floor BINARY  a floor program taking `-n N -p PREFIX -k` and printing one JSON
                   object with cycle_ms and open_ms (the reference floor.c: perf
                   group reads plus five cgroup files kept open, in C)
@@ -58,6 +63,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +81,8 @@ CONTROLLERS = ("cpu", "cpuacct", "memory")
 PERF_STAT_INTERVAL_MS = 100
 PRIVATE_NAMESPACE_MARK = "OWCA_BENCH_PRIVATE_MOUNTS"
 BUILT_HELPER = os.path.join(ROOT, "build", "owca-perf")
+SAME_WORK_SOURCE = os.path.join(ROOT, "benchmarks", "floor_same_work.c")
+SAME_WORK_BINARY = os.path.join(ROOT, "build", "floor_same_work")
 
 
 # -- the task cgroups -------------------------------------------------------------------
@@ -311,6 +319,7 @@ def time_measure(cgroups, events, helper, perf_root, cycles, warmup, gap):
             results["without_perf"]["cycle_us_per_task"]["median"]
             - results["without_perf_or_run_queue_delay"]["cycle_us_per_task"]["median"], 2)
         run = runs["with_perf"]
+        results["plan"] = run.stage.files_read()
         counted = run.perf.read()
         results["with_perf"].update(
             perf_part_us_per_task=summary_us(run.perf_cpu[1 + warmup:-1], cgroups.n),
@@ -401,6 +410,48 @@ def time_lean_cycle(cgroups, helper, perf_root, cycles, warmup, gap):
 
 # -- the references ---------------------------------------------------------------------
 
+def build_same_work_floor():
+    """build/floor_same_work, compiled from benchmarks/floor_same_work.c when older."""
+    if not os.path.exists(SAME_WORK_BINARY) or \
+            os.path.getmtime(SAME_WORK_BINARY) < os.path.getmtime(SAME_WORK_SOURCE):
+        os.makedirs(os.path.dirname(SAME_WORK_BINARY), exist_ok=True)
+        subprocess.run([os.environ.get("CC", "cc"), "-O2", "-o", SAME_WORK_BINARY,
+                        SAME_WORK_SOURCE], check=True)
+    return SAME_WORK_BINARY
+
+
+def plan_lines(plan):
+    """Measure.files_read() as floor_same_work's plan file."""
+    lines = ["f %d %d %d %s" % (every, phase, int(kept), path)
+             for path, every, phase, kept in plan["files"]]
+    lines += ["p %s" % directory for directory in plan["perf_cgroups"]]
+    return "".join(line + "\n" for line in lines)
+
+
+def run_floor_same_work(plan, n, cycles, warmup, gap_ms):
+    """The same-work floor on what the with-perf stage read (its own listing), in
+    this run and process tree: its kept-open cycle, its opening, what it read."""
+    binary = build_same_work_floor()
+    with tempfile.NamedTemporaryFile("w", prefix="owca-plan-", suffix=".txt") as f:
+        f.write(plan_lines(plan))
+        f.flush()
+        argv = [binary, "-f", f.name, "-c", str(cycles), "-w", str(warmup), "-g", str(gap_ms)]
+        if plan["perf_events"]:
+            argv += ["-e", ",".join(plan["perf_events"])]
+        done = subprocess.run(argv, capture_output=True, text=True, preexec_fn=hard_nofile,
+                              check=False)
+    if done.returncode != 0:
+        return {"error": done.stderr.strip()[-300:]}
+    out = json.loads(done.stdout)
+    return {"cycle_us_per_task": round(out["cycle_ms"]["median"] * 1e3 / n, 2),
+            "files_us_per_task": round(out["files_ms"]["median"] * 1e3 / n, 2),
+            "perf_us_per_task": round(out["perf_ms"]["median"] * 1e3 / n, 2),
+            "open_us_per_task": round(out["open_ms"] * 1e3 / n, 2),
+            "files_per_task": round(out["files"] / n, 2),
+            "files_read_per_task_per_cycle": round(out["files_read_per_cycle"] / n, 2),
+            "perf_groups": out["groups"]}
+
+
 def hard_nofile():
     """For the references: they get the hard limit, the 1024 test is owca-measure's."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -452,12 +503,16 @@ def run_perf_stat(cgroups, events, settle=1.0, seconds=2.0):
 def table(results):
     rows = ["| N | measure first, no perf | measure first, perf | measure cycle, no perf | "
             "measure cycle, perf | read part, perf | perf part | perf open | floor -k cycle | "
-            "floor -k open | perf stat interval | leanest Python cycle | run-queue delay part |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "floor -k open | perf stat interval | leanest Python cycle | run-queue delay part | "
+            "same-work floor cycle | cycle, perf / same-work floor |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         floor, stat = r.get("floor_k", {}), r.get("perf_stat", {})
         lean = r.get("lean_python", {}).get("cycle_us_per_task", {})
-        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |" % (
+        same = r.get("floor_same_work", {}).get("cycle_us_per_task")
+        ratio = round(r["with_perf"]["cycle_us_per_task"]["median"] / same, 2) if same else "-"
+        rows.append("| %d | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |"
+                    % (
             r["n"], r["without_perf"]["first_us_per_task"], r["with_perf"]["first_us_per_task"],
             r["without_perf"]["cycle_us_per_task"]["median"],
             r["with_perf"]["cycle_us_per_task"]["median"],
@@ -466,7 +521,7 @@ def table(results):
             r["with_perf"]["perf_open_us_per_task"],
             floor.get("cycle_us_per_task", "-"), floor.get("open_us_per_task", "-"),
             stat.get("interval_us_per_task", "-"), lean.get("median", "-"),
-            r.get("run_queue_delay_us_per_task", "-")))
+            r.get("run_queue_delay_us_per_task", "-"), same or "-", ratio))
     return "\n".join(rows)
 
 
@@ -484,6 +539,9 @@ def main():
                     help="the owca-perf binary (default: build/owca-perf of this tree, from "
                          "`make helper`, else where owca-measure finds it)")
     ap.add_argument("--floor")
+    ap.add_argument("--no-same-work", action="store_true",
+                    help="leave out the same-work floor (benchmarks/floor_same_work.c, built "
+                         "into build/ with cc)")
     ap.add_argument("--perf-stat", action="store_true")
     ap.add_argument("--lean", action="store_true",
                     help="also time the leanest Python cycle on the same cgroups "
@@ -517,6 +575,10 @@ def main():
                 result["perf_cgroup_root"] = hierarchy.root
                 result.update(time_measure(cgroups, events, args.helper, hierarchy.root,
                                            args.cycles, args.warmup, args.gap_ms / 1000))
+                plan = result.pop("plan")
+                if not args.no_same_work:
+                    result["floor_same_work"] = run_floor_same_work(
+                        plan, n, args.cycles, args.warmup, args.gap_ms)
                 if args.floor:
                     result["floor_k"] = run_floor(args.floor, cgroups, args.cycles, args.warmup,
                                                   args.gap_ms)

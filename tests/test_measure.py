@@ -80,6 +80,8 @@ def test_measure_carries_discovery_counters_and_adds_its_own():
 @pytest.mark.parametrize("body, field", [
     ("measure:\n  cgroup_version: auto\n  slow_metrics_every: 0\n", "slow_metrics_every"),
     ("measure:\n  apm_dir: /run/owca/apm\n  apm_max_age: 0\n", "apm_max_age"),
+    ("measure:\n  interval: 1\n  cpu_budget_percent: 0\n", "cpu_budget_percent"),
+    ("measure:\n  interval: 1\n  be_costly_signals_every: 0\n", "be_costly_signals_every"),
 ])
 def test_a_bad_measure_setting_fails_at_start_with_file_and_line(tmp_path, body, field):
     config = tmp_path / "owca.yaml"

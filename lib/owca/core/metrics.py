@@ -70,6 +70,9 @@ M = MetricSpec
 # (lib/owca/measure/sources/cgroup.py SLOW_FILES).
 SLOW = ("read every `slow_metrics_every` cycles (default 10), the last value reported "
         "in between")
+# The costly signals (lib/owca/measure/sources/cgroup.py TaskCgroup.costly_every).
+COSTLY = ("; a BE task's every `be_costly_signals_every` cycles (default 1), the last "
+          "value reported in between")
 TASK_CGROUP = _specs(
     M("task_cpu_usage_seconds", COUNTER, "seconds", "CPU time consumed by the task's cgroup.",
       "v1: cpuacct.usage; v2: cpu.stat usage_usec"),
@@ -101,20 +104,20 @@ TASK_CGROUP = _specs(
       "Share of the last 10 s in which some (or all) of the cgroup's tasks stalled on a "
       "resource (pressure stall information).",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
-      "io.pressure avg10",
+      "io.pressure avg10" + COSTLY,
       levels=("resource", "stall"), exposed="task_pressure_avg10_ratio", divisor=100,
       frame_unit="percent", deprecated="task_pressure_avg10_percent"),
     M("task_pressure_stall_seconds", COUNTER, "seconds",
       "Total time some (or all) of the cgroup's tasks stalled on a resource.",
       "v2 (on a hybrid host the task's cgroup2 group): cpu.pressure, memory.pressure, "
-      "io.pressure total (us)",
+      "io.pressure total (us)" + COSTLY,
       levels=("resource", "stall")),
     M("task_run_queue_delay_seconds", COUNTER, "seconds",
       "Time the threads of the task's cgroup (and of its descendants) spent runnable but "
       "waiting for a CPU; an exited thread's last value is kept, so the counter never "
       "falls (cAdvisor's container_cpu_schedstat_run_queue_seconds_total).",
       "/proc/TID/schedstat, 2nd field (ns), of each thread in the v1 cpuacct `tasks` or "
-      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off"),
+      "the v2 `cgroup.threads`; measure `run_queue_delay: false` turns it off" + COSTLY),
     M("owca_files_not_kept_open", GAUGE, "files",
       "Kernel files (cgroup, /proc) opened, read and closed each cycle instead of held "
       "open, because the soft RLIMIT_NOFILE left no descriptors for them (slower).",
@@ -162,6 +165,29 @@ INTERNAL = _specs(
     M("owca_cycle_duration_seconds", GAUGE, "seconds",
       "Wall time a stage spent on its last cycle.", "every tool", levels=(),
       scope="internal"),
+    M("owca_cpu_seconds_total", COUNTER, "seconds",
+      "CPU time (user and system) the stage's process has used since it started; left "
+      "out with --no-timing. owca-measure's perf helper is a process of its own, counted "
+      "in owca_measure_cpu_share where a CPU budget is set.",
+      "every tool: clock_gettime(CLOCK_PROCESS_CPUTIME_ID)", scope="internal"),
+    M("owca_resident_memory_bytes", GAUGE, "bytes",
+      "The stage's resident memory now; left out with --no-timing.",
+      "every tool: /proc/self/statm, 2nd field x page size", scope="internal"),
+    M("owca_open_descriptors", GAUGE, "descriptors",
+      "Descriptors the stage's process holds open now; left out with --no-timing.",
+      "every tool: the size of /proc/self/fd (Linux 6.2+), else its entries",
+      scope="internal"),
+    M("owca_measure_shed_level", GAUGE, "level",
+      "How much optional work owca-measure sheds for its CPU budget "
+      "(`cpu_budget_percent`): 0 none; 1 slow signals (slow metrics, PSI, run-queue "
+      "delay) read 4 times less often; 2 and perf not read; 3 and every other cycle "
+      "skipped (lib/owca/measure/budget.py). Absent without a budget.",
+      "owca-measure", scope="internal"),
+    M("owca_measure_cpu_share", GAUGE, "ratio",
+      "The share of one CPU owca-measure and its perf helper used over its last cycles "
+      "at the present shed level, as its CPU budget compares it (0.02 is 2 %); absent "
+      "without a budget, left out with --no-timing.",
+      "owca-measure", scope="internal"),
     M("owca_source_success", GAUGE, "boolean",
       "Per owca-measure source (label `source`: cgroup, platform, perf, apm, sli, rdt), 1 when "
       "it worked in the last cycle, 0 when it failed as a whole (what that is, the "

@@ -21,6 +21,8 @@ from owca.core.frames import sanitize_label_name
 # Final, so that each has its literal type: `default` below is a Literal["hp", "be"].
 HP: Final = "hp"
 BE: Final = "be"
+# The label that carries the verdict, unless a rule names another.
+PRIORITY_LABEL: Final = "priority"
 QOS_CLASSES = ("Guaranteed", "Burstable", "BestEffort")
 
 # Labels the sources set, that the rule reads.
@@ -38,7 +40,7 @@ class PriorityRule:
     roles: List[str] = field(default_factory=list)
     default: Literal["hp", "be"] = BE
     # The label that carries the verdict.
-    label_name: str = "priority"
+    label_name: str = PRIORITY_LABEL
 
     def __post_init__(self):
         if self.hp_values and not self.label:

@@ -19,6 +19,7 @@ from typing import Optional, Set, Tuple
 from docopt import DocoptExit, docopt
 
 from owca.core import config, frames, startup
+from owca.core.ownusage import own_usage
 from owca.core.stream import (BAD, EOF, LINE, STOP, FrameWriter, Interrupted, LineReader,
                               OutputClosed, OutputStalled, Signals, give_back_output,
                               raised_by_signal, stop_requested, take_output, write_all)
@@ -99,6 +100,13 @@ class Stats:
         if self.timing:
             out.append(frames.sample("owca_cycle_duration_seconds",
                                      round(self.cycle_duration, 6), labels))
+            # the stage's own cost; varies from run to run like the duration, so
+            # left out of byte-identical replays too
+            usage = own_usage()
+            out += [frames.sample("owca_cpu_seconds_total", round(usage.cpu_seconds, 6),
+                                  labels, "counter"),
+                    frames.sample("owca_resident_memory_bytes", usage.rss_bytes, labels),
+                    frames.sample("owca_open_descriptors", usage.open_fds, labels)]
         if self.skipped_frames:
             out.append(frames.sample("owca_skipped_frames_total", self.skipped_frames, labels,
                                      "counter"))

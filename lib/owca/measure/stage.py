@@ -17,7 +17,9 @@ from typing import Dict, List, Literal, Optional, Tuple
 from owca.core import frames
 from owca.core.kernel import fd_usage, raise_fd_limit
 from owca.core.paths import paths_from_options
+from owca.core.ownusage import own_usage
 from owca.core.stage import Stage
+from owca.measure.budget import LONGER_INTERVAL, NO_PERF, STRIDE, CpuBudget
 from owca.measure.sources import BUILTINS, SWITCHES
 from owca.measure.sources.base import Cycle, Reading, Source
 from owca.measure.sources.sli_config import SliConfig
@@ -38,6 +40,14 @@ class MeasureConfig:
     # task_run_queue_delay_seconds: each thread's /proc/TID/schedstat read every
     # cycle (benchmarks/measure_cycle.py measures the cost); false reads none.
     run_queue_delay: bool = True
+    # The costly signals of a BE task (its PSI files and run-queue delay) are read
+    # every this many cycles, the last values reported in between; HP tasks' every
+    # cycle.  1 reads every task's every cycle.
+    be_costly_signals_every: int = 1
+    # The share of one CPU owca-measure may use, its perf helper included (2.0: 2 %);
+    # past it, optional work is shed in the order lib/owca/measure/budget.py gives,
+    # and taken up again when there is room.  None: no budget.
+    cpu_budget_percent: Optional[float] = None
     # --- perf counters: the perf section (lib/owca/measure/sources/perf/) plugs in here ---
     # Events counted per task (docs/perf.md), e.g. [instructions, cycles,
     # task-clock, stalled_mem_loads=0x140014a3]; none: no perf helper at all.
@@ -66,6 +76,10 @@ class MeasureConfig:
             parse_events(self.perf_events)  # a ValueError is reported with file:line
         if self.slow_metrics_every < 1:
             raise ValueError("slow_metrics_every: expected a number of cycles, at least 1")
+        if self.be_costly_signals_every < 1:
+            raise ValueError("be_costly_signals_every: expected a number of cycles, at least 1")
+        if self.cpu_budget_percent is not None and not self.cpu_budget_percent > 0:
+            raise ValueError("cpu_budget_percent: expected a positive share of one CPU")
         if not self.apm_max_age > 0:
             raise ValueError("apm_max_age: expected a positive number of seconds")
 
@@ -88,6 +102,9 @@ class Measure(Stage):
         self.seq = 0
         self.sources: List[Source] = [source_class(name)(cfg, self.paths)
                                       for name in enabled_sources(cfg)]
+        self.budget = CpuBudget(cfg.cpu_budget_percent) if cfg.cpu_budget_percent else None
+        self._opened = False   # new tasks since the budget's last look
+        self._skip_next = False
 
     def source(self, name: str) -> Optional[Source]:
         """The source of that name, None where the configuration leaves it off."""
@@ -100,18 +117,29 @@ class Measure(Stage):
     def process(self, frame: dict) -> list:
         self.update(frame["tasks"])
         self.upstream_metrics = frame.get("metrics", [])
-        if self.interval:
+        if self.interval or self._skipped():
             return []
         return [self.measure(frame["seq"])]
 
     def idle(self) -> list:
-        if not self.interval:
+        if not self.interval or self._skipped():
             return []
         self.seq += 1
         return [self.measure(self.seq)]
 
+    def _skipped(self) -> bool:
+        """Whether the CPU budget skips this cycle (every other one at its last level)."""
+        if self.budget is None or self.budget.level < LONGER_INTERVAL:
+            return False
+        self._skip_next = not self._skip_next
+        return not self._skip_next
+
     def update(self, tasks: list) -> None:
         """The task set of a tasks frame, handed to every source."""
+        if self.budget is not None and any(
+                t["id"] not in self.tasks or self.tasks[t["id"]]["cgroup_path"]
+                != t["cgroup_path"] for t in tasks):
+            self._opened = True
         self.tasks = {t["id"]: t for t in tasks}
         for source in self.sources:
             source.update(self.tasks)
@@ -135,7 +163,7 @@ class Measure(Stage):
                             "resources": task.get("resources", {}),
                             "metrics": metrics}
         self.stats.cycle_duration = time.monotonic() - started
-        own = self.stats.samples() + [
+        own = self.budget_samples(len(out), labels) + self.stats.samples() + [
             frames.sample("owca_tasks", len(out), labels),
             frames.sample("owca_tasks_dropped_total", self.dropped, labels, "counter"),
             frames.sample("owca_files_not_kept_open", fd_usage()["not_kept_open"], labels),
@@ -146,10 +174,38 @@ class Measure(Stage):
         return frames.measurements_frame(seq, platform, out, ts=ts,
                                          metrics=list(self.upstream_metrics) + own)
 
+    def budget_samples(self, tasks: int, labels: dict) -> list:
+        """The CPU budget's look at the cycle that ends (it may change the level),
+        and its samples; none without a budget."""
+        budget = self.budget
+        if budget is None:
+            return []
+        perf = self.source("perf")
+        helper = getattr(perf, "helper_cpu_seconds", None)
+        cpu = own_usage().cpu_seconds + (helper() if helper else 0.0)
+        opened, self._opened = self._opened, False
+        if budget.observe(time.monotonic(), cpu, tasks, opening=opened) is not None:
+            self.apply_level(budget.level)
+        out = [frames.sample("owca_measure_shed_level", budget.level, labels)]
+        if self.stats.timing:
+            out.append(frames.sample("owca_measure_cpu_share", round(budget.share, 6),
+                                     labels))
+        return out
+
+    def apply_level(self, level: int) -> None:
+        """What the budget's level sheds (budget.py's table), told to the sources."""
+        cgroups = self.source("cgroup")
+        if cgroups is not None:
+            cgroups.set_stride(STRIDE if level > 0 else 1)  # type: ignore[attr-defined]
+
     def read_sources(self, cycle: Cycle) -> List[Tuple[Source, Reading, float]]:
-        """(source, its reading, seconds the read took) of every source, in order."""
+        """(source, its reading, seconds the read took) of every source, in order;
+        perf's left out while the CPU budget sheds it."""
         readings = []
+        shed_perf = self.budget is not None and self.budget.level >= NO_PERF
         for source in self.sources:
+            if shed_perf and source.name == "perf":
+                continue
             started = time.monotonic()
             reading = source.read(cycle)
             readings.append((source, reading, time.monotonic() - started))
@@ -166,6 +222,18 @@ class Measure(Stage):
                                   dict(labels, source=source.name))
                     for source, _reading, seconds in readings]
         return out
+
+    def files_read(self) -> dict:
+        """What a steady cycle reads, from the stage itself, so that the same-work floor
+        of benchmarks/measure_cycle.py cannot drift from it: `files`, [(path, every,
+        phase, kept)] (TaskCgroup.files_read); `perf_cgroups`, the cgroup directories
+        counted; `perf_events`, the events configured."""
+        cgroups = self.source("cgroup")
+        perf = self.source("perf")
+        return {"files": [item for files in cgroups.files_read().values()  # type: ignore[attr-defined]
+                          for item in files] if cgroups else [],
+                "perf_cgroups": perf.cgroups_counted() if perf else [],  # type: ignore[attr-defined]
+                "perf_events": list(self.cfg.perf_events or [])}
 
     def close(self) -> list:
         for source in self.sources:

@@ -49,11 +49,12 @@ kept, so that the counter never falls.
 """  # noqa: E501 (the table's rows cannot be wrapped)
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from owca.core.kernel import (_MISSING_ERRNOS, PAGE_SIZE, THREADS_FILE, UNIFIED, CgroupGone,
                               KeptFile, cgroup_hierarchy)
 from owca.core.paths import Paths
+from owca.core.priority import BE, PRIORITY_LABEL
 from owca.measure.sources.base import Cycle, Reading, Source
 
 log = logging.getLogger("owca.cgroups")
@@ -181,14 +182,36 @@ def parse_pressure(data: bytes) -> Dict[str, Dict[str, float]]:
     """A PSI file (cpu.pressure ...): {"task_pressure_avg10_percent": {"some": x,
     "full": y}, "task_pressure_stall_seconds": {...}}; `full` only where the
     kernel writes it."""
-    avg10, stall = {}, {}
-    for line in data.decode().splitlines():
+    avg10: Dict[str, float] = {}
+    stall: Dict[str, float] = {}
+    _pressure_lines(data, avg10, stall)
+    return {"task_pressure_avg10_percent": avg10, "task_pressure_stall_seconds": stall}
+
+
+# PSI lines' first words, decoded once
+_PRESSURE_KINDS = {b"some": "some", b"full": "full"}
+
+
+def _pressure_lines(data: bytes, avg10: dict, stall: dict) -> None:
+    # Parsed as bytes, without decoding the file first: three PSI files per task
+    # each cycle made this parser the largest Python cost of a v2 cycle.  The
+    # kernel's usual file, a `some` and a `full` line, is split once; anything
+    # else line by line.
+    f = data.split()
+    if len(f) == 10 and f[1][:6] == b"avg10=" and f[4][:6] == b"total=" \
+            and f[6][:6] == b"avg10=" and f[9][:6] == b"total=" and data.count(b"\n") == 2:
+        for i in (0, 5):
+            kind = _PRESSURE_KINDS.get(f[i]) or f[i].decode()
+            avg10[kind] = float(f[i + 1][6:])
+            stall[kind] = int(f[i + 4][6:]) / 1e6
+        return
+    for line in data.split(b"\n"):
         # "some avg10=0.12 avg60=0.05 avg300=0.01 total=12345" (total in us)
         f = line.split()
-        if len(f) == 5 and f[1].startswith("avg10=") and f[4].startswith("total="):
-            avg10[f[0]] = float(f[1][6:])
-            stall[f[0]] = int(f[4][6:]) / 1e6
-    return {"task_pressure_avg10_percent": avg10, "task_pressure_stall_seconds": stall}
+        if len(f) == 5 and f[1].startswith(b"avg10=") and f[4].startswith(b"total="):
+            kind = _PRESSURE_KINDS.get(f[0]) or f[0].decode()
+            avg10[kind] = float(f[1][6:])
+            stall[kind] = int(f[4][6:]) / 1e6
 
 
 # What a file yields, written into a task's metrics: into(data: bytes, out: dict).
@@ -221,17 +244,50 @@ def _limit_into(name: str):
     return limit_into
 
 
-def _parsed_into(parse, resource_: Optional[str] = None):
-    """A parser's metrics; a PSI file's go under its resource (cpu, memory, io)."""
-    if resource_ is None:
+def _parsed_into(parse):
+    """A parser's metrics; per file (`per_file`, as _pressure_into's), the bytes of
+    the last read are kept, and unchanged bytes (cpu.stat of a task without a CPU
+    quota, every cycle) are not parsed again."""
+    def per_file():
+        last: list = [None, None]   # bytes, what they parsed into
+
         def parsed_into(data: bytes, out: dict) -> None:
-            out.update(parse(data))
-    else:
-        def parsed_into(data: bytes, out: dict) -> None:
-            for name, value in parse(data).items():
-                if value:
-                    out.setdefault(name, {})[resource_] = value
-    return parsed_into
+            if data != last[0]:
+                last[:] = data, parse(data)
+            out.update(last[1])
+        return parsed_into
+
+    into = per_file()
+    into.per_file = per_file
+    return into
+
+
+def _pressure_into(resource_: str):
+    """A PSI file's metrics, under its resource (cpu, memory, io).
+
+    Each file gets its own function (`per_file`, which _Source calls) that keeps
+    the last bytes it parsed: a file whose bytes did not change since the last
+    read (an idle task's memory and io pressure, most cycles) yields the values
+    parsed then, not parsed again.
+    """
+    def per_file():
+        last: list = [None, None, None]   # bytes, avg10, stall
+
+        def pressure_into(data: bytes, out: dict) -> None:
+            if data == last[0]:
+                avg10, stall = last[1], last[2]
+            else:
+                avg10, stall = {}, {}
+                _pressure_lines(data, avg10, stall)
+                last[:] = data, avg10, stall
+            if avg10:
+                out.setdefault("task_pressure_avg10_percent", {})[resource_] = avg10
+                out.setdefault("task_pressure_stall_seconds", {})[resource_] = stall
+        return pressure_into
+
+    into = per_file()
+    into.per_file = per_file
+    return into
 
 
 # (controller, or None for v2; file; into).  SLOW_FILES change rarely (limits are
@@ -258,15 +314,33 @@ V2_FILES = (
     (None, "memory.low", _limit_into("task_mem_soft_limit_bytes")),
     (None, "memory.stat", _parsed_into(parse_memory_stat)),
     (None, "memory.numa_stat", _parsed_into(parse_numa_stat)),
-    (None, "cpu.pressure", _parsed_into(parse_pressure, "cpu")),
-    (None, "memory.pressure", _parsed_into(parse_pressure, "memory")),
-    (None, "io.pressure", _parsed_into(parse_pressure, "io")),
+    (None, "cpu.pressure", _pressure_into("cpu")),
+    (None, "memory.pressure", _pressure_into("memory")),
+    (None, "io.pressure", _pressure_into("io")),
 )
 
 
-def _read_once(path: str) -> bytes:
-    with open(path, "rb") as f:
-        return f.read()
+def _read_once(path: str, size: int = 4096) -> bytes:
+    # os-level calls: Python's buffered file object costs more than the read
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks = [os.read(fd, size)]
+        while len(chunks[-1]) == size:
+            chunks.append(os.read(fd, size))
+    finally:
+        os.close(fd)
+    return b"".join(chunks) if len(chunks) > 1 else chunks[0]
+
+
+def _has_no_subdirectories(directory: str) -> bool:
+    """True where one stat() says so: a directory without subdirectories has two links
+    on cgroupfs (kernfs counts a directory's subdirectories in its links), as on most
+    file systems.  Any other count (btrfs gives 1 always), or an error, says nothing:
+    the caller walks the directory.  A leaf cgroup's walk cost more than its reads."""
+    try:
+        return os.stat(directory).st_nlink == 2
+    except OSError:
+        return False
 
 
 class RunQueueDelay:
@@ -289,9 +363,11 @@ class RunQueueDelay:
     def relist(self) -> None:
         """Find the descendants' thread files again (new containers of a pod)."""
         own = self.lists[0].path
-        found = [own] + [os.path.join(d, self.threads_file)
-                         for d, _dirs, _files in os.walk(self.directory)
-                         if os.path.normpath(d) != os.path.normpath(self.directory)]
+        found = [own]
+        if not _has_no_subdirectories(self.directory):
+            found += [os.path.join(d, self.threads_file)
+                      for d, _dirs, _files in os.walk(self.directory)
+                      if os.path.normpath(d) != os.path.normpath(self.directory)]
         kept = {f.path: f for f in self.lists}
         for f in self.lists:
             if f.path not in found:
@@ -352,7 +428,8 @@ class _Source(KeptFile):
     def __init__(self, directory, name, into, dir_existed):
         super().__init__(f"{directory}/{name}", getattr(into, "buffer", 4096))
         self.directory = directory
-        self.into = into
+        per_file = getattr(into, "per_file", None)
+        self.into = into if per_file is None else per_file()
         self.dir_existed = dir_existed
         self.retry_at = 0
         self.warned = False
@@ -368,7 +445,8 @@ class TaskCgroup:
     """
 
     def __init__(self, paths: Paths, cgroup_path: str, version: str = "auto",
-                 slow_every: int = 1, phase: int = 0, run_queue_delay: bool = True):
+                 slow_every: int = 1, phase: int = 0, run_queue_delay: bool = True,
+                 costly_every: int = 1):
         if version not in VERSIONS:
             raise ValueError(f"cgroup version: expected one of {', '.join(VERSIONS)}, "
                              f"got {version!r}")
@@ -387,6 +465,15 @@ class TaskCgroup:
         self._reads = 0
         self.run_queue_delay = run_queue_delay
         self._rq: Optional[RunQueueDelay] = None
+        # The costly signals (PSI files, the run-queue delay) are read every
+        # costly_every reads (a BE task's rate may be lower than an HP one's), and
+        # both cadences are stretched `stride` times while owca-measure sheds work
+        # for its CPU budget (lib/owca/measure/budget.py); last values in between.
+        self.costly_every = costly_every
+        self.stride = 1
+        self._costly_sources: List[_Source] = []
+        self._costly_values: Dict[str, object] = {}
+        self._rq_value: Optional[float] = None
 
     def _setup(self) -> None:
         paths, cgroup_path = self.paths, self.cgroup_path
@@ -420,9 +507,13 @@ class TaskCgroup:
         if self.run_queue_delay:
             self._rq = RunQueueDelay(paths, threads_dir, version)
         slow = SLOW_FILES if self.slow_every > 1 else frozenset()
-        self._sources = [src for name, src in sources if name not in slow]
+        self._sources = [src for name, src in sources
+                         if name not in slow and not name.endswith(".pressure")]
         self._slow_sources = [src for name, src in sources if name in slow]
+        self._costly_sources = [src for name, src in sources if name.endswith(".pressure")]
         self._slow_values = {}
+        self._costly_values = {}
+        self._rq_value = None
         self.version = version
 
     def read(self) -> dict:
@@ -433,18 +524,48 @@ class TaskCgroup:
         assert sources is not None, "_setup() found the cgroup, or raised CgroupGone"
         self._reads = reads = self._reads + 1
         out: Dict[str, object] = {}
-        if self._slow_sources and (reads == 1 or (reads + self.phase) % self.slow_every == 0):
+        slow_every = self.slow_every * self.stride
+        if self._slow_sources and (reads == 1 or (reads + self.phase) % slow_every == 0):
             slow: Dict[str, object] = {}
             self._read_all(self._slow_sources, slow)
             self._slow_values = slow
+        costly_every = self.costly_every * self.stride
+        costly = reads == 1 or costly_every == 1 or (reads + self.phase) % costly_every == 0
         self._read_all(sources, out)
+        if costly and self._costly_sources:
+            values: Dict[str, object] = {}
+            self._read_all(self._costly_sources, values)
+            self._costly_values = values
+        out.update(self._costly_values)
         out.update(self._slow_values)
         if self._rq is not None:
-            if (reads + self.phase) % max(self.slow_every, 10) == 0:
-                self._rq.relist()
-            delay = self._rq.read()
-            if delay is not None:
-                out["task_run_queue_delay_seconds"] = delay
+            if costly:
+                if (reads + self.phase) % max(self.slow_every, 10) == 0:
+                    self._rq.relist()
+                self._rq_value = self._rq.read()
+            if self._rq_value is not None:
+                out["task_run_queue_delay_seconds"] = self._rq_value
+        return out
+
+    def files_read(self) -> List[Tuple[str, int, bool]]:
+        """(path, every, kept) of each file a steady read() reads: every how many reads
+        (the read counted from 1, phase included: read when (reads + phase) % every
+        is 0), and whether it is held open (False: opened afresh each time).  The
+        same-work floor of benchmarks/measure_cycle.py reads these files.  Empty
+        before the first read()."""
+        if self._sources is None:
+            return []
+        costly = self.costly_every * self.stride
+        out = []
+        for every, sources in ((1, self._sources), (self.slow_every * self.stride,
+                                                    self._slow_sources),
+                               (costly, self._costly_sources)):
+            # a file that was not there (fd None, never kept) is not read: left out
+            out += [(src.path, every, src.fd is not None) for src in sources
+                    if src.fd is not None or src.kept is False]
+        if self._rq is not None:
+            out += [(f.path, costly, self._rq.keep_lists) for f in self._rq.lists]
+            out += [(kept.path, costly, True) for kept, _last in self._rq.threads.values()]
         return out
 
     def _read_all(self, sources: list, out: dict) -> None:
@@ -504,7 +625,7 @@ class TaskCgroup:
     def close(self) -> None:
         """Release every file; a later read() starts afresh."""
         if self._sources is not None:
-            for src in self._sources + self._slow_sources:
+            for src in self._sources + self._slow_sources + self._costly_sources:
                 src.close()
         if self._rq is not None:
             self._rq.close()
@@ -512,6 +633,9 @@ class TaskCgroup:
         self._sources = None
         self._slow_sources = []
         self._slow_values = {}
+        self._costly_sources = []
+        self._costly_values = {}
+        self._rq_value = None
         self._reads = 0
         self.version = None
 
@@ -545,6 +669,8 @@ class CgroupSource(Source):
         self.version = cfg.cgroup_version
         self.slow_every = cfg.slow_metrics_every
         self.run_queue_delay = cfg.run_queue_delay
+        self.be_costly_every = cfg.be_costly_signals_every
+        self.stride = 1   # the CPU budget's (Measure.apply_level)
         self.readers: Dict[str, TaskCgroup] = {}
         self.readers_created = 0  # the next reader's phase for its slow metrics
 
@@ -555,11 +681,27 @@ class CgroupSource(Source):
                 self.readers.pop(task_id).close()
         for task_id, task in tasks.items():
             if task_id not in self.readers:
-                self.readers[task_id] = TaskCgroup(
+                be = task.get("labels", {}).get(PRIORITY_LABEL) == BE
+                reader = self.readers[task_id] = TaskCgroup(
                     self.paths, task["cgroup_path"], self.version,
                     slow_every=self.slow_every, phase=self.readers_created,
-                    run_queue_delay=self.run_queue_delay)
+                    run_queue_delay=self.run_queue_delay,
+                    costly_every=self.be_costly_every if be else 1)
+                reader.stride = self.stride
                 self.readers_created += 1
+
+    def files_read(self) -> Dict[str, List[Tuple[str, int, int, bool]]]:
+        """{task id: [(path, every, phase, kept)]}: what each task's reader reads
+        (TaskCgroup.files_read), for the same-work floor."""
+        return {task_id: [(path, every, reader.phase, kept)
+                          for path, every, kept in reader.files_read()]
+                for task_id, reader in self.readers.items()}
+
+    def set_stride(self, stride: int) -> None:
+        """Read the slow and costly signals `stride` times less often (1: as configured)."""
+        self.stride = stride
+        for reader in self.readers.values():
+            reader.stride = stride
 
     def read(self, cycle: Cycle) -> Reading:
         measured = {}

@@ -11,7 +11,7 @@ import collections
 import logging
 import os
 import time
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 from owca.core import frames
 from owca.core.config import ConfigError
@@ -348,6 +348,25 @@ class PerfSource(Source):
         # count a restart, and give this cycle no perf metrics.
         ok = self.counters.restarts == restarts and self.counters.helper is not None
         return Reading(tasks=tasks, samples=self.counters.samples(cycle.labels), ok=ok)
+
+    def cgroups_counted(self) -> List[str]:
+        """The cgroup directories whose groups the helper holds open (for the same-work
+        floor of benchmarks/measure_cycle.py)."""
+        return [directory for _slot, directory in self.counters._opened.values()]
+
+    def helper_cpu_seconds(self) -> float:
+        """CPU time the running helper has used (its schedstat's first field, ns); 0
+        while none runs.  For owca-measure's CPU budget: the helper's reads are its
+        cost too."""
+        helper = self.counters.helper
+        if helper is None:
+            return 0.0
+        try:
+            # the helper is this process's child: the real /proc, whatever --procfs says
+            with open(f"/proc/{helper.pid}/schedstat", "rb") as f:
+                return int(f.read().split()[0]) / 1e9
+        except (OSError, IndexError, ValueError):
+            return 0.0
 
     def close(self) -> None:
         self.counters.close()
