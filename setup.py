@@ -64,7 +64,9 @@ setup(
         "requests>=2.25",
         "docopt-ng>=0.9",
     ],
-    # `owca-scenario score --plot` draws its pictures with matplotlib.
-    extras_require={"plot": ["matplotlib>=3.5"]},
+    # `owca-scenario score --plot` draws its pictures with matplotlib; `owca-profile`
+    # computes on Dask distributed (a local cluster or a scheduler's).
+    extras_require={"plot": ["matplotlib>=3.5"],
+                    "profile": ["dask[distributed]>=2024.1"]},
     cmdclass={"build_scripts": BuildScriptsWithHelper},
 )
