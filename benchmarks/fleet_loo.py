@@ -161,16 +161,19 @@ def main() -> int:
     for r in results:
         for name in ("alone", "fleet"):
             t = r["totals"][name]
-            print(f"| {os.path.basename(r['corpus'])} | {'leave-one-out' if name == 'fleet' else 'none'} "
-                  f"| {t['early']} | {t['early_recall']} ({t['early_detected']}/{t['early']}) "
-                  f"| {t['recall']} | {t['precision']} |")
+            kind = "leave-one-out" if name == "fleet" else "none"
+            print(f"| {os.path.basename(r['corpus'])} | {kind} | {t['early']} | "
+                  f"{t['early_recall']} ({t['early_detected']}/{t['early']}) | "
+                  f"{t['recall']} | {t['precision']} |")
     for r in results:
-        print(f"\n{os.path.basename(r['corpus'])}: per recording, early detected alone -> fleet")
+        print(f"\n{os.path.basename(r['corpus'])}: per recording, early episodes detected "
+              f"and precision, without -> with the profile")
         for row in r["rows"]:
-            print(f"  {row['recording']}: {row['alone']['early_detected']}/{row['alone']['early']}"
-                  f" -> {row['fleet']['early_detected']}/{row['fleet']['early']}; precision "
-                  f"{ratio(row['alone']['positive_alarm_intervals'], row['alone']['alarm_intervals'])}"
-                  f" -> {ratio(row['fleet']['positive_alarm_intervals'], row['fleet']['alarm_intervals'])}")
+            a, f = row["alone"], row["fleet"]
+            print(f"  {row['recording']}: {a['early_detected']}/{a['early']} -> "
+                  f"{f['early_detected']}/{f['early']}; "
+                  f"{ratio(a['positive_alarm_intervals'], a['alarm_intervals'])} -> "
+                  f"{ratio(f['positive_alarm_intervals'], f['alarm_intervals'])}")
     return 0
 
 
