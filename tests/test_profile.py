@@ -110,6 +110,17 @@ def test_a_profile_holds_the_normal_cycles_only_and_the_pairs(tmp_path):
     assert 0 < pair["confidence"] < 1 and pair["detector_confidence"] == 0.5
 
 
+def test_an_anomaly_of_a_tasks_first_cycle_counts_its_pair():
+    """The cycle's measurements name the workloads before its anomalies are counted."""
+    cycles, bad = compute.records.from_lines(
+        [frames.encode(f) for f in node_frames("n", cycles=3, flagged={1})], Options())
+    for c in cycles:
+        c["stream"] = c["host"]
+    part = compute.partition_part(Options(), cycles)
+    assert bad == 0 and part["pairs"] == {("web", "batch"): [1, 1, 0.5, 1]}
+    assert part["victims"] == {"web": 1} and part["excluded"] == 1
+
+
 def test_bad_input_lines_are_counted_and_the_build_goes_on(tmp_path):
     path = tmp_path / "a.jsonl.gz"
     with gzip.open(path, "wb") as f:

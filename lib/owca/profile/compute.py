@@ -100,7 +100,9 @@ def partition_part(opts: Options, *parts: List[dict]) -> dict:
         workload_of: Dict[str, str] = {}
         episodes: Dict[tuple, set] = {}     # (victim w, antagonist w) -> uuids
         victim_episodes: Dict[str, set] = {}
-        order = sorted(cycles.values(), key=lambda c: (c["ts"], c["seq"], c["kind"]))
+        # A cycle's measurements before its anomalies: they name the tasks' workloads.
+        order = sorted(cycles.values(), key=lambda c: (c["ts"], c["seq"],
+                                                       c["kind"] != "measurements"))
         for c in order:
             if c["kind"] == "measurements":
                 flagged = contended.get(c["seq"], set())
