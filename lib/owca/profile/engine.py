@@ -12,6 +12,7 @@ by key into chunks, one `summarise` per chunk.
 """
 import logging
 import time
+import warnings
 from typing import List, Optional
 
 from owca.profile import compute
@@ -53,6 +54,9 @@ def build(chunks: List[tuple], opts: Options, source: dict, client,
           partitions: Optional[int] = None, engine: str = "dask") -> dict:
     """The profile document of the chunks, computed on `client`'s cluster."""
     started = time.monotonic()
+    # The chunks go in the graph on purpose (see above): Dask's advice to load them on the
+    # workers instead is the scatter this design avoids.
+    warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
     workers = max(1, len(client.scheduler_info().get("workers", {})))
     p = partitions or max(1, 2 * workers)
     splits = client.map(compute.split, chunks, opts=opts, partitions=p, pure=False)

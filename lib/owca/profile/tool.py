@@ -2,6 +2,7 @@
 import gzip
 import logging
 import sys
+import time
 from typing import List, Optional
 
 from owca.core.stage import (EXIT_ERROR, EXIT_OK, DataError, UsageError, parse_args,
@@ -84,6 +85,7 @@ def build(args) -> int:
     workers = _positive(args, "--workers")
     partitions = _positive(args, "--partitions") if args["--partitions"] else None
     bad = 0
+    started = time.monotonic()
     if args["--kafka"]:
         from owca.profile import kafka
         topics = [t for t in args["--topics"].split(",") if t]
@@ -95,6 +97,7 @@ def build(args) -> int:
             raise DataError(str(e)) from None
     else:
         chunks, source = file_chunks(args["FILE"]), {"files": list(args["FILE"])}
+    log.info("read %d chunks in %.1f s", len(chunks), time.monotonic() - started)
     try:
         client, cluster = engine.client_for(args["--scheduler"], workers)
     except engine.EngineError as e:
