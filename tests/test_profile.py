@@ -149,6 +149,15 @@ def test_a_missing_file_exits_1_with_one_line(tmp_path):
     assert "nope.jsonl" in done.stderr.decode()
 
 
+def test_a_broker_that_cannot_be_reached_is_one_error_line_and_exit_1(tmp_path):
+    done = run_profile("fetch", "--kafka", f"127.0.0.1:{free_port()}", "-o",
+                       str(tmp_path / "p.json"))
+    assert done.returncode == 1
+    err = done.stderr.decode().strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("owca-profile: error: 127.0.0.1:")
+    assert not (tmp_path / "p.json").exists()
+
+
 # -- a real Dask cluster on loopback ---------------------------------------------------------
 
 class Cluster:

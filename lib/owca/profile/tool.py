@@ -151,6 +151,10 @@ def main(doc: str, argv=None) -> int:
 
     def body():
         setup_logging(TOOL, args["--log-level"])
+        if log.getEffectiveLevel() > logging.DEBUG:
+            # The Kafka client logs each failed connection; the error that ends the
+            # command says once what failed.
+            logging.getLogger("kafka").setLevel(logging.CRITICAL)
         if args["build"]:
             return build(args)
         return fetch(args)
