@@ -67,7 +67,9 @@ setup(
         # (imported only when the configuration has an sli section).
         "prometheus-client>=0.12",
     ],
-    # `owca-scenario score --plot` draws its pictures with matplotlib.
-    extras_require={"plot": ["matplotlib>=3.5"]},
+    # `owca-scenario score --plot` draws its pictures with matplotlib; `owca-profile`
+    # computes on Dask distributed (a local cluster or a scheduler's).
+    extras_require={"plot": ["matplotlib>=3.5"],
+                    "profile": ["dask[distributed]>=2024.1"]},
     cmdclass={"build_scripts": BuildScriptsWithHelper},
 )

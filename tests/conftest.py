@@ -158,7 +158,7 @@ KIND_OF_FILE = {
         "test_docs_examples.py", "test_first_hour.py", "test_headroom_kubernetes.py",
         "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
         "test_kafka.py", "test_measure.py", "test_measure_sources.py", "test_perf.py",
-        "test_plugin_compat.py", "test_pipeline_cgroups.py",
+        "test_plugin_compat.py", "test_pipeline_cgroups.py", "test_profile*.py",
         "test_promtool.py", "test_rdt_hardware.py", "test_scenario_control.py", "test_sli.py",
         "test_slo_controller_cgroups.py",
         "test_tools_contract.py", "test_workloads_launch.py", "test_workloads_wrap.py",

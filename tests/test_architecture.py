@@ -2,7 +2,9 @@
 
 The rule: `owca.core` imports nothing else of the package; `owca.plugin` imports
 only the core; a stage's package (`owca.discover`, `owca.measure`, `owca.detect`,
-`owca.allocate`, `owca.ship`) imports only the core, the plug-in module and itself.
+`owca.allocate`, `owca.ship`) imports only the core, the plug-in module and itself;
+`owca.profile` (owca-profile, not a stage) those and the detector, whose signals it
+reuses.
 No module imports, through any chain, one that imports it back.  Each tool, once
 started, holds only its own stage's modules, the core and the plug-ins its
 configuration names.
@@ -39,7 +41,7 @@ def layer(module: str) -> str:
     parts = module.split(".")
     if len(parts) == 1:
         return "owca"
-    return parts[1] if parts[1] in STAGES + ("core",) else module
+    return parts[1] if parts[1] in STAGES + ("core", "profile") else module
 
 
 ALLOWED = {
@@ -48,6 +50,7 @@ ALLOWED = {
     "owca.docs": {"core"},
     "owca": set(),
     **{stage: {"core", "owca.plugin", stage} for stage in STAGES},
+    "profile": {"core", "owca.plugin", "detect", "profile"},
 }
 
 

@@ -279,6 +279,28 @@ CONTENTION = _specs(
     M("contention_episode_cycles", GAUGE, "cycles",
       "In an anomaly's metrics: cycles since the episode's first degraded cycle; label "
       "contended_task_id.", _CD, scope="anomaly"),
+    M("contention_fleet_prior", GAUGE, "boolean",
+      "1 for each signal of an HP task judged this cycle against the fleet profile's "
+      "normal (its own history is shorter than profile_history); labels task_id, signal.",
+      _CD, scope="anomaly"),
+    M("contention_profile_loads", COUNTER, "reads",
+      "Times the fleet profile (`profile:`) was read, the first included.", _CD,
+      scope="anomaly"),
+    M("contention_profile_errors", COUNTER, "reads",
+      "Times a changed fleet profile could not be read (the previous one stays in use).",
+      _CD, scope="anomaly"),
+    M("fleet_bad_neighbour_episodes", GAUGE, "episodes",
+      "From the fleet profile: anomaly episodes of the victim workload that named a task "
+      "of the antagonist workload; labels victim_workload, antagonist_workload.", _CD,
+      scope="anomaly"),
+    M("fleet_bad_neighbour_share", GAUGE, "ratio",
+      "From the fleet profile: the share of the victim workload's anomaly episodes that "
+      "named the antagonist workload; labels victim_workload, antagonist_workload.", _CD,
+      scope="anomaly"),
+    M("fleet_bad_neighbour_confidence", GAUGE, "ratio",
+      "From the fleet profile: the lower bound of the share's 95 % Wilson interval, the "
+      "pairs' ranking; labels victim_workload, antagonist_workload.", _CD,
+      scope="anomaly"),
 )
 
 # -- perf counters (owca-measure, owca-perf) ----------------------------------------------

@@ -36,6 +36,7 @@ from typing import Dict, List, Optional
 
 from owca.core import frames
 from owca.core.priority import HP, PriorityRule
+from owca.detect.fleet_prior import FleetPrior
 from owca.plugin import AnomalyDetector, ContentionAnomaly
 
 # Where the run-queue delay comes from: owca-measure's per-task sum of the second field of
@@ -223,6 +224,9 @@ class _Task:
         self.calm = 0           # consecutive cycles below clear_threshold while flagged
         self.blind = 0          # consecutive cycles it could not be judged
         self.has_sli = False    # an SLI was seen once: it is the task's decision signal
+        self.workload: Optional[str] = None  # its workload label, for a fleet profile
+        self.fleet_judged: List[str] = []    # signals judged on the fleet's normal now
+        self.cpu_model = "unknown"
         self.own_load = False   # its own usage change explained its degradation best
         self.flagged = False
         self.onset: Optional[int] = None  # cycle of the run that raised the flag
@@ -268,7 +272,15 @@ class ContentionDetector(AnomalyDetector):
     forget_after: int = 30
     max_load_buckets: int = 32
     priority: Optional[PriorityRule] = None
+    # A fleet profile (owca-profile; docs/detection.md, "Fleet profiles"): the prior.
+    profile: Optional[str] = None
+    workload_label: str = "workload"
+    cpu_model_label: str = "cpu_model"
+    profile_history: int = 8
+    profile_drift: float = 1.5
+    profile_pairs: int = 10
 
+    _prior: Optional[FleetPrior] = field(default=None, init=False, repr=False)
     _tasks: Dict[str, _Task] = field(default_factory=dict, init=False, repr=False)
     _cycle: int = field(default=0, init=False, repr=False)
     _refusals: Dict[str, int] = field(default_factory=dict, init=False, repr=False)
@@ -301,6 +313,11 @@ class ContentionDetector(AnomalyDetector):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0")
         self._refusals = {r: 0 for r in REASONS}
+        if self.profile is not None:
+            if self.profile_history < 1 or self.profile_pairs < 0 or self.profile_drift <= 0:
+                raise ValueError("profile_history, profile_pairs, profile_drift: expected "
+                                 "at least 1, at least 0, a positive number")
+            self._prior = FleetPrior(self.profile, self.load_bucket_ratio, self.min_history)
 
     # -- which tasks ---------------------------------------------------------------------
     def _is_hp(self, labels: dict) -> bool:
@@ -394,13 +411,26 @@ class ContentionDetector(AnomalyDetector):
         for name in sorted(signals):
             values = task.baseline.values(bucket, name, self.min_history,
                                           monotone=name in MONOTONE)
-            if values is None:
+            scale_kind = SIGNALS[name][1]
+            fleet = None if self._prior is None else self._prior.normal(
+                task.workload, task.cpu_model, bucket, name)
+            if fleet is not None and (values is None or len(values) < self.profile_history):
+                # A task too young to know its own normal is judged against the fleet's.
+                med, scale = fleet[0], max(fleet[1], MIN_SCALE[scale_kind])
+                task.fleet_judged.append(name)
+            elif values is None:
                 refused[name] = "history"
                 continue
-            scale_kind = SIGNALS[name][1]
-            med = _median(values)
-            mad = _median([abs(v - med) for v in values])
-            scale = max(MAD_TO_SIGMA * mad, MIN_SCALE[scale_kind])
+            else:
+                med = _median(values)
+                mad = _median([abs(v - med) for v in values])
+                scale = max(MAD_TO_SIGMA * mad, MIN_SCALE[scale_kind])
+                if fleet is not None:
+                    # The fleet's spread bounds how far this node's normal may drift: a
+                    # normal that crept up with a contention learnt as normal is pulled
+                    # back to what the workload is elsewhere.
+                    bound = self.profile_drift * max(fleet[1], MIN_SCALE[scale_kind])
+                    med = min(max(med, fleet[0] - bound), fleet[0] + bound)
             z[name] = (signals[name] - med) / scale
             change[name] = (math.exp(signals[name] - med) - 1.0 if scale_kind == "log"
                             else signals[name] - med)
@@ -550,6 +580,8 @@ class ContentionDetector(AnomalyDetector):
     def detect(self, platform, tasks_measurements, tasks_resources, tasks_labels):
         self._cycle += 1
         cycle = self._cycle
+        if self._prior is not None:
+            self._prior.refresh()
         anomalies, extra = [], []
         hp_ids: List[str] = []
         be_ids: List[str] = []
@@ -567,6 +599,8 @@ class ContentionDetector(AnomalyDetector):
         for tid in hp_ids:
             task = self._tasks[tid]
             cur = tasks_measurements[tid]
+            if self._prior is not None:
+                self._profile_task(task, tasks_labels.get(tid, {}))
             signals, refused, load = self._signals(cur, task.prev)
             bucket = self._bucket(load)
             ev = self._judge(task, signals, refused, bucket)
@@ -586,6 +620,9 @@ class ContentionDetector(AnomalyDetector):
             if ev.decided:
                 extra.append(frames.sample("contention_score", round(ev.score, 6),
                                            {"task_id": tid}))
+            for name in task.fleet_judged:
+                extra.append(frames.sample("contention_fleet_prior", 1,
+                                           {"task_id": tid, "signal": name}))
             # Learn only what is normal: a flagged task or a clearly risen SLI must not
             # teach that it is.  (Values between the allowance and the threshold are
             # learnt: leaving them out would truncate the distribution, and the median
@@ -625,10 +662,35 @@ class ContentionDetector(AnomalyDetector):
             del self._tasks[tid]
 
         extra.append(frames.sample("contention_tracked_tasks", len(self._tasks)))
+        if self._prior is not None:
+            extra += self._prior_samples()
         for reason in REASONS:
             extra.append(frames.sample("contention_undecided_total", self._refusals[reason],
                                        {"reason": reason}, "counter"))
         return anomalies, extra
+
+    def _profile_task(self, task: _Task, labels: dict) -> None:
+        task.fleet_judged = []
+        workload, model = labels.get(self.workload_label), labels.get(self.cpu_model_label)
+        task.workload = workload if isinstance(workload, str) else None
+        task.cpu_model = model if isinstance(model, str) and model else "unknown"
+
+    def _prior_samples(self) -> list:
+        assert self._prior is not None
+        out = [frames.sample("contention_profile_loads", self._prior.loads, None,
+                             "counter"),
+               frames.sample("contention_profile_errors", self._prior.errors, None,
+                             "counter")]
+        for pair in self._prior.bad_neighbours(self.profile_pairs):
+            labels = {"victim_workload": str(pair.get("victim_workload")),
+                      "antagonist_workload": str(pair.get("antagonist_workload"))}
+            for name, key in (("fleet_bad_neighbour_episodes", "count"),
+                              ("fleet_bad_neighbour_share", "share"),
+                              ("fleet_bad_neighbour_confidence", "confidence")):
+                value = _num(pair.get(key))
+                if value is not None:
+                    out.append(frames.sample(name, value, labels))
+        return out
 
     def _task_reason(self, task: _Task, ev: _Evidence) -> str:
         if task.has_sli and "sli" in ev.refused:
