@@ -141,7 +141,7 @@ KIND_OF_FILE = {
         "test_workloads_imports.py", "test_workloads_sine.py",
     ],
     "integration": [
-        "test_allocate_cgroups.py", "test_contract_table.py", "test_detect.py",
+        "test_allocate_cgroups.py", "test_allocate_memory_cgroups.py", "test_contract_table.py", "test_detect.py",
         "test_docs_examples.py", "test_first_hour.py",
         "test_discovery_e2e.py", "test_discovery_failures.py", "test_hybrid_signals.py",
         "test_kafka.py", "test_measure.py", "test_measure_sources.py", "test_perf.py",

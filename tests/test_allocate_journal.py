@@ -336,6 +336,17 @@ def _start(config, env):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
 
 
+def stop_tools(tools):
+    """Kill (by pid) the tools that still run and close their pipes."""
+    for tool in tools:
+        if tool.poll() is None:
+            tool.kill()
+            tool.wait()
+        for stream in (tool.stdin, tool.stdout, tool.stderr):
+            if not stream.closed:
+                stream.close()
+
+
 def _cycle(tool, frame):
     tool.stdin.write(frames.encode(frame))
     tool.stdin.flush()
@@ -378,13 +389,7 @@ def test_sigkill_then_restart_then_clean_stop_gives_the_originals_back(tmp_path)
             assert tools[1].wait(timeout=30) == 0, tools[1].stderr.read()
             rest = [json.loads(line) for line in tools[1].stdout.read().splitlines()]
         finally:
-            for tool in tools:
-                if tool.poll() is None:
-                    tool.kill()
-                    tool.wait()
-                for stream in (tool.stdin, tool.stdout, tool.stderr):
-                    if not stream.closed:
-                        stream.close()
+            stop_tools(tools)
         assert (read(quota), read(cpus)) == ("50000", "0-1")
     last = rest[-1]
     assert last["shutdown"] is True

@@ -41,8 +41,8 @@ import re
 import time
 from typing import Any, Optional
 
-from owca.core.allocation import CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, RDT, \
-    RDT_GROUP_NAME
+from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, MEMORY_TYPES,
+                                  RDT, RDT_GROUP_NAME)
 
 log = logging.getLogger("owca.journal")
 
@@ -60,6 +60,7 @@ PLAUSIBLE = {
     CPU_SHARES: re.compile(r"\d+\Z"),
     CPUSET_CPUS: re.compile(r"[\d,-]*\Z"),
     CPUSET_MEMS: re.compile(r"[\d,-]*\Z"),
+    **{type_: re.compile(r"(max|-?\d+)\Z") for type_ in MEMORY_TYPES},
 }
 
 

@@ -305,6 +305,26 @@ ALLOCATION = _specs(
     M("allocation_rdt_mb_percent", GAUGE, "percent",
       "Memory bandwidth of the task's resctrl group; labels task_id, group_name, cache_id.",
       "resctrl <group>/schemata MB", scope="allocation"),
+    *[M(f"allocation_memory_{kind}_bytes", GAUGE, "bytes", f"{what}; label task_id; absent "
+        f"when unlimited (max) or never set by OWCA.", source, scope="allocation")
+      for kind, what, source in (
+          ("min", "Memory the kernel never reclaims from the task", "v2: memory.min"),
+          ("low", "Memory the kernel reclaims from the task only when no unprotected "
+                  "memory is left (v1: the soft limit)",
+           "v1: memory.soft_limit_in_bytes; v2: memory.low"),
+          ("high", "Memory above which the task is throttled and reclaimed",
+           "v2: memory.high"),
+          ("max", "The task's hard memory limit (OOM kill above it)",
+           "v1: memory.limit_in_bytes; v2: memory.max"))],
+    M("allocation_memory_reclaim_requested_bytes_total", COUNTER, "bytes",
+      "Bytes asked of memory.reclaim (proactive reclaim) since the start; absent where the "
+      "kernel has no memory.reclaim.", "owca-allocate: v2 memory.reclaim", scope="allocation"),
+    M("allocation_memory_reclaim_writes_total", COUNTER, "writes",
+      "Writes to memory.reclaim since the start.", "owca-allocate: v2 memory.reclaim",
+      scope="allocation"),
+    M("allocation_memory_reclaim_short_total", COUNTER, "writes",
+      "Writes to memory.reclaim after which the kernel had reclaimed less than asked "
+      "(EAGAIN; not an error).", "owca-allocate: v2 memory.reclaim", scope="allocation"),
     M("allocations_count", COUNTER, "changes",
       "Allocation changes written (and restores), since the start; with --dry-run, the "
       "changes that would have been written.", "owca-allocate", scope="allocation",
