@@ -73,6 +73,17 @@ TASK_CGROUP = _specs(
       "v1: memory.soft_limit_in_bytes; v2: memory.low; " + SLOW),
     M("task_mem_page_faults", COUNTER, "faults", "Page faults of the cgroup's tasks.",
       "v1: memory.stat total_pgfault (hierarchical); v2: memory.stat pgfault"),
+    M("task_mem_working_set_bytes", GAUGE, "bytes",
+      "The cgroup's working set: anonymous memory plus the active file pages (what it "
+      "refaults when it loses it); the memory policy protects it.",
+      "v1: memory.stat total_active_anon + total_inactive_anon + total_active_file; v2: "
+      "memory.stat anon + active_file (the file task_mem_page_faults reads: no extra read)"),
+    M("task_mem_workingset_refaults", COUNTER, "pages",
+      "Pages the cgroup faulted back in soon after they were reclaimed (evicted from its "
+      "working set); level type: anon, file.",
+      "v2: memory.stat workingset_refault_anon, workingset_refault_file (before 5.9: "
+      "workingset_refault, file pages); v1: the total_ keys where the kernel has them "
+      "(absent on older v1 kernels)", levels=("type",)),
     M("task_mem_numa_pages", GAUGE, "pages", "Pages of the cgroup per NUMA node.",
       "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page "
       "size; " + SLOW,
@@ -125,6 +136,14 @@ PLATFORM = _specs(
       scope="platform"),
     M("platform_mem_total_bytes", GAUGE, "bytes", "Memory installed (MemTotal).",
       "/proc/meminfo", scope="platform"),
+    M("platform_mem_pressure_avg10_percent", GAUGE, "percent",
+      "Share of the last 10 s in which some (or all) non-idle tasks of the node stalled "
+      "on memory (pressure stall information).",
+      "/proc/pressure/memory avg10 (absent on a kernel without PSI)", levels=("stall",),
+      scope="platform"),
+    M("platform_mem_pressure_stall_seconds", COUNTER, "seconds",
+      "Total time some (or all) non-idle tasks of the node stalled on memory.",
+      "/proc/pressure/memory total (us)", levels=("stall",), scope="platform"),
     M("platform_mem_numa_free_bytes", GAUGE, "bytes", "Free memory per NUMA node.",
       "/sys/devices/system/node/nodeN/meminfo MemFree", levels=("numa_node",),
       scope="platform"),
