@@ -37,6 +37,7 @@ class Planner:
         self.memory = memory or MemorySupport("v2")
         self.memory_reclaim_max_bytes = memory_reclaim_max_bytes
         self.reclaims: Dict[str, int] = {}     # task -> bytes asked this cycle
+        self._memory_said = False
         # bytes written to memory.reclaim, the writes, those the kernel fell short in
         self.reclaim_stats = {"bytes": 0, "writes": 0, "short": 0}
         self.write_systemd_units = write_systemd_units
@@ -66,6 +67,7 @@ class Planner:
                     continue
                 refused = self.memory.refused.get(type_)
                 if refused is not None:
+                    self.say_memory_support()
                     cycle.error(task_id, type_, refused)
                     continue
                 if value is None:
@@ -88,6 +90,12 @@ class Planner:
                     continue
                 self.desired.setdefault(task_id, {})[type_] = value
         return withdrawn
+
+    def say_memory_support(self) -> None:
+        """The one line on the memory types this kernel cannot be given, once a run."""
+        if not self._memory_said:
+            self._memory_said = True
+            log.info("%s", self.memory.line())
 
     def wanted_groups(self) -> set:
         """The resctrl groups some task is to be in."""

@@ -116,13 +116,14 @@ class Allocate(Stage):
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
         self.store = Originals(self.paths, self.journal, self.rdt)   # what OWCA writes back
-        # What the kernel cannot express is said here, once, and never tried.
+        # What the kernel cannot express is said once, never tried: at the start for an
+        # allocator that declares memory types, else when one is first asked for.
         self.memory = memory_support(self.paths)
-        if self.memory.line():
-            log.info("%s", self.memory.line())
         self.planner = Planner(cfg.max_changes_per_cycle, cfg.write_systemd_units,
                                self.store, self.rdt, self.external, self.memory,
                                cfg.memory_reclaim_max_bytes)
+        if set(getattr(cfg.allocator, "memory_types", ())) & set(self.memory.refused):
+            self.planner.say_memory_support()
         self.writer = Writer(self.dry_run, self.store)
         self.allocation_errors_total = 0
         self._logged: Set[Tuple[str, str, str]] = set()   # (task, type, reason) logged
