@@ -364,6 +364,38 @@ ALLOCATION = _specs(
       "changes were not written).", "owca-allocate", scope="allocation"),
 )
 
+# -- the memory policy (owca-allocate: !MemoryProtection, or SloController's `memory`) -----
+_MEM = "owca-allocate: !MemoryProtection"
+MEMORY_PROTECTION = _specs(
+    M("memory_protection_decision", GAUGE, "boolean",
+      "1 for each decision of the cycle; labels task_id, action (protect, lower, raise, "
+      "release, hold, reclaim) and reason (working_set, request, hp_pressure, hp_refaults, "
+      "node_pressure, calm, waiting, floor, be_pressure, no_signal).", _MEM,
+      scope="allocation"),
+    M("memory_protection_triggered", GAUGE, "boolean",
+      "1 when HP or node memory pressure asks BE memory to shrink this cycle.", _MEM,
+      scope="allocation"),
+    M("memory_protection_trigger", GAUGE, "boolean",
+      "1 for each reason the trigger is on; label reason: hp_pressure, hp_refaults, "
+      "node_pressure.", _MEM, scope="allocation"),
+    M("memory_protection_hp_protected_bytes", GAUGE, "bytes",
+      "The memory.min (or memory.low) the policy gives an HP task; label task_id.", _MEM,
+      scope="allocation"),
+    M("memory_protection_hp_refault_pages", GAUGE, "pages",
+      "An HP task's refaults (anon + file) since the last cycle; label task_id.", _MEM,
+      scope="allocation"),
+    M("memory_protection_be_high_bytes", GAUGE, "bytes",
+      "The memory.high (v1: the limit) the policy gives a BE task; label task_id; absent "
+      "while the task has its own.", _MEM, scope="allocation"),
+    M("memory_protection_lowered_total", COUNTER, "changes",
+      "BE memory.high values lowered since the start.", _MEM, scope="allocation"),
+    M("memory_protection_raised_total", COUNTER, "changes",
+      "BE memory.high values raised since the start.", _MEM, scope="allocation"),
+    M("memory_protection_reclaim_requested_bytes_total", COUNTER, "bytes",
+      "Proactive reclaim the policy asked of BE tasks since the start.", _MEM,
+      scope="allocation"),
+)
+
 # -- the SLO controller (owca-allocate: !SloController) ----------------------------------
 # (section of the control engineer; docs/control.md)
 _CTL = "owca-allocate: !SloController"
@@ -600,6 +632,7 @@ SECTIONS = {
     "Detection: !ContentionDetector": CONTENTION,
     "Allocations": ALLOCATION,
     "Allocations: the SLO controller": CONTROL,
+    "Allocations: the memory policy": MEMORY_PROTECTION,
     "Application performance (workload wrappers)": APM,
     "Internal: every tool": INTERNAL,
     "Internal: discovery from orchestrators": ORCHESTRATOR,

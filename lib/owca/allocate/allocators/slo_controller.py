@@ -40,6 +40,7 @@ from owca.core.allocation import (CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, RDT, Inval
                                   SHARES_MAX, SHARES_MIN, format_cpu_list, parse_cpu_list,
                                   validate_cpuset_cpus)
 from owca.plugin import Allocator
+from owca.allocate.allocators.memory_protection import MemoryProtection
 from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
 from owca.core.kernel import online_cpus
 from owca.core.paths import Paths
@@ -132,6 +133,8 @@ class SloController(Allocator):
     lend_level: int = 5
     be_cpus: Optional[str] = None
     rdt: Optional[SloRdt] = None
+    # Memory, on its own signals and at its own pace (docs/control.md, "Memory").
+    memory: Optional[MemoryProtection] = None
     # -- the antagonist a detector names ---------------------------------------------
     named_hold: int = 10
     # -- other managers --------------------------------------------------------------
@@ -234,7 +237,17 @@ class SloController(Allocator):
         if self._checkpoint:
             metrics.append(frames.sample("slo_controller_cpu_manager_state_errors_total",
                                          self.checkpoint_errors_total, type="counter"))
+        if self.memory is not None:     # memory types: none of the CPU knobs'
+            memory, _, memory_metrics = self.memory.allocate(
+                platform, tasks_measurements, tasks_resources, tasks_labels, {})
+            for task_id, values in memory.items():
+                allocations.setdefault(task_id, {}).update(values)
+            metrics += memory_metrics
         return allocations, [], metrics
+
+    @property
+    def memory_types(self):
+        return self.memory.memory_types if self.memory is not None else ()
 
     # -- deciding the level --------------------------------------------------------------
 
