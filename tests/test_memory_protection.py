@@ -41,7 +41,8 @@ class Run:
         platform = {"platform_mem_total_bytes": 16 * GIB,
                     "platform_mem_pressure_avg10_percent": {"some": node_psi}}
         allocations, anomalies, metrics = self.policy.allocate(
-            Platform.from_frame({"platform": platform}), {"hp": hp or hp_metrics(), "be": be or be_metrics()},
+            Platform.from_frame({"platform": platform}),
+            {"hp": hp or hp_metrics(), "be": be or be_metrics()},
             resources or {}, labels, {})
         assert anomalies == []
         return allocations, metrics
