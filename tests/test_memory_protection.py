@@ -232,3 +232,47 @@ def test_every_parameter_is_in_docs_control_md_with_its_default():
         if isinstance(default, (int, float)) and not isinstance(default, bool):
             shown = str(default) if isinstance(default, int) else f"{default:g}"
             assert re.match(rf"{shown}\b", rows[f.name]), (f.name, rows[f.name])
+
+
+def test_memory_reclaim_is_one_write_a_cycle_bounded_counted_and_never_restored(node):  # noqa: F811
+    from test_allocate import Scripted, measurements
+    with open(os.path.join(node["--cgroupfs"], "memory.reclaim"), "w"):
+        pass                                   # the kernel has memory.reclaim (5.19+)
+    put(node, "/owca/a", "memory.reclaim", "")
+    ask = {"a": {"memory_reclaim": GIB}}
+    s = Allocate(AllocateConfig(allocator=Scripted(ask, ask, {"a": {"memory_reclaim": None}}),
+                                memory_reclaim_max_bytes=64 * MIB),
+                 {**node, "--no-timing": True})
+    counters = []
+    for seq in (1, 2):
+        out = s.process(measurements(seq))[0]
+        assert out["errors"] == []
+        assert out["allocations"] == {"a": {"memory_reclaim": 64 * MIB}}    # the bound
+        assert cg(node, "/owca/a", "memory.reclaim") == str(64 * MIB)
+        counters.append(samples(out, "allocation_memory_reclaim_requested_bytes_total"))
+    assert counters == [{(): 64 * MIB}, {(): 128 * MIB}]
+    put(node, "/owca/a", "memory.reclaim", "")
+    out = s.process(measurements(3))[0]        # withdrawing an action: nothing to do
+    assert out["allocations"] == {} and out["restored"] == {} and out["errors"] == []
+    assert cg(node, "/owca/a", "memory.reclaim") == ""
+    s.close()
+    assert not os.path.exists(os.path.join(node["--state-dir"], "allocations.journal"))
+
+
+def test_a_type_the_kernel_lacks_is_refused_once_said_and_its_withdrawal_is_silent(
+        node, caplog):  # noqa: F811
+    import logging
+    from test_allocate import Scripted, measurements
+    caplog.set_level(logging.INFO, logger="owca.allocate")
+    ask = {"a": {"memory_reclaim": MIB}}   # the fake cgroup2 root has no memory.reclaim
+    s = Allocate(AllocateConfig(allocator=Scripted(ask, ask, {"a": {"memory_reclaim": None}})),
+                 {**node, "--no-timing": True})
+    reasons = [[e["reason"] for e in s.process(measurements(seq))[0]["errors"]]
+               for seq in (1, 2, 3)]
+    assert reasons[:2] == [["the kernel has no memory.reclaim (added in Linux 5.19)"]] * 2
+    assert reasons[2] == []
+    said = [r for r in caplog.records if "cannot be written" in r.message]
+    assert len(said) == 1 and said[0].message.startswith(
+        "memory: memory_reclaim cannot be written on this kernel's cgroup2")
+    assert not os.path.exists(os.path.join(node["--cgroupfs"], "owca", "a", "memory.reclaim"))
+    s.close()

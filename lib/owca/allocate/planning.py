@@ -66,6 +66,8 @@ class Planner:
                                                      f"{', '.join(TYPES)})")
                     continue
                 refused = self.memory.refused.get(type_)
+                if refused is not None and value is None:
+                    continue      # never written here: nothing to withdraw
                 if refused is not None:
                     self.say_memory_support()
                     cycle.error(task_id, type_, refused)
