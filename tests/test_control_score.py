@@ -82,6 +82,20 @@ def test_hp_refaults_are_counted_over_the_run_and_absent_where_not_measured(tmp_
     assert control_score.score_dir(str(tmp_path / "b"))["hp_refault_pages"] is None
 
 
+def test_oom_kills_are_the_host_samples_sum_and_absent_where_not_recorded(tmp_path):
+    d = str(tmp_path / "run")
+    write_run(d, [0.5] * 5, [0.0] * 5, [0.1] * 5)
+    assert control_score.score_dir(d)["oom_kills"] is None     # host samples without it
+    path = os.path.join(d, "ground_truth.json")
+    with open(path) as f:
+        truth = json.load(f)
+    truth["host_load"][0]["oom_kills"] = 0
+    truth["host_load"][1]["oom_kills"] = 2
+    with open(path, "w") as f:
+        json.dump(truth, f)
+    assert control_score.score_dir(d)["oom_kills"] == 2
+
+
 def test_a_run_that_never_recovers_and_the_table(tmp_path):
     pressures = [0.5] * 12 + [2.0] * 18
     write_run(str(tmp_path / "a"), pressures, [0.0] * 30, [0.1] * 30)

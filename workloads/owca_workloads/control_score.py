@@ -15,6 +15,7 @@ earlier runner wrote version 1, with the BE tasks that started as `antagonists`
 | recovery_intervals | per BE start and surge: from its start to the first report back within the SLO after the first one that broke it (0 when none broke it within `recovery_window` s); in intervals; None when it never came back |
 | be_cpu_seconds, be_work_vs_alone | CPU time of the BE tasks' cgroups, and that over what the same tasks use alone for as long as they ran (the lab's BE ops over its ops alone, where it measured those) |
 | changes, rollbacks | BE values written by owca-allocate; the controller's rollbacks |
+| oom_kills | processes the OOM killer killed on the node during the run (the lab's host samples, /proc/vmstat); None where not recorded |
 | hp_refault_pages | the HP tasks' refaults (task_mem_workingset_refaults, anon + file) from t=0 to the end; None where the kernel does not count them |
 | sign_changes_per_minute | of the BE allocation (CPUs the BE tasks may use: quota and cpuset) in steady load: outside surges and the first `recovery_window` s after a BE start |
 | host_other_cores | CPU the rest of the machine used meanwhile (mean, max) |
@@ -280,6 +281,8 @@ def score(run: dict) -> dict:
                              round(used / alone, 4) if alone else None),
         "be_ops": ops["ops"] if ops else None,
         "changes": run["changes"], "rollbacks": run["rollbacks"],
+        "oom_kills": (sum(h["oom_kills"] for h in host if "oom_kills" in h)
+                      if any("oom_kills" in h for h in host) else None),
         "hp_refault_pages": (sum(last - first for first, last in run["hp_refaults"].values())
                              if run.get("hp_refaults") else None),
         "sign_changes_per_minute": _sign_changes(run["be_alloc"], steady),
@@ -328,6 +331,7 @@ COLUMNS = (("within_slo", "within SLO", "{:.0%}"),
            ("be_vs_static", "BE work / static", "{:.2f}"),
            ("changes", "changes", "{:.0f}"),
            ("hp_refault_pages", "HP refaults (pages)", "{:.0f}"),
+           ("oom_kills", "OOM kills", "{:.0f}"),
            ("rollbacks", "rollbacks", "{:.0f}"),
            ("sign_changes_per_minute", "sign changes /min", "{:.1f}"),
            ("host_other_cores_mean", "host others (cores)", "{:.2f}"))
