@@ -158,6 +158,15 @@ def test_v1_protects_with_the_soft_limit_and_limits_be_only_when_asked():
     assert "memory_max" in allocations["be"]
 
 
+def test_without_a_memory_controller_nothing_is_asked(tmp_path):
+    os.makedirs(tmp_path / "memory")          # neither v1's files nor cgroup2's controller
+    policy = MemoryProtection(cgroupfs=str(tmp_path), v1_be_limit=True, reclaim=True)
+    allocations, _, _ = policy.allocate(
+        Platform.from_frame({"platform": {}}),
+        {"hp": hp_metrics(psi=50), "be": be_metrics()}, {}, LABELS, {})
+    assert allocations == {}
+
+
 def test_a_task_no_longer_hp_or_be_gets_its_own_values_back():
     run = Run()
     run.cycle(hp=hp_metrics(psi=50))

@@ -145,7 +145,7 @@ class MemoryProtection(Allocator):
     def _be_type(self) -> Optional[str]:
         if MEMORY_HIGH not in self._kernel():
             return MEMORY_HIGH
-        return MEMORY_MAX if self.v1_be_limit else None
+        return MEMORY_MAX if self.v1_be_limit and MEMORY_MAX not in self._kernel() else None
 
     # -- the cycle -------------------------------------------------------------------
 
@@ -196,8 +196,8 @@ class MemoryProtection(Allocator):
     # -- HP ----------------------------------------------------------------------------
 
     def _protect(self, task_id, m, resources, allocations, metrics) -> None:
-        if self.protect == "none":
-            return
+        if self.protect == "none" or self._protect_type() in self._kernel():
+            return      # (no memory controller at all: nothing to protect with)
         if self.protect == REQUEST:
             want, reason = resources.get("mem_bytes"), REQUEST
         else:
