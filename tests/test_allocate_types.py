@@ -5,6 +5,7 @@ import pytest
 from owca.core import allocation, config
 from owca.core.allocation import InvalidAllocation, Topology, validate
 from owca.allocate.allocators.static import StaticAllocator, StaticRule
+from owca.allocate.memory_files import canonical_memory, memory_text, parse_memory
 from owca.allocate.cgroup_files import (format_cpu_max, kernel_to_shares, parse_cpu_max,
                                         quota_to_us, shares_to_kernel, us_to_quota)
 
@@ -20,6 +21,9 @@ TWO_CPUS = Topology(cpus=frozenset((0, 1)), numa_nodes=frozenset((0,)))
     ("rdt", {"name": "owca-be", "l3": "0x3"}, {"name": "owca-be", "l3": {"*": "3"}}),
     ("rdt", {"name": "owca-be", "l3": {0: "f0", "1": 3}, "mb": {"*": 50}},
      {"name": "owca-be", "l3": {"0": "f0", "1": "3"}, "mb": {"*": 50}}),
+    ("memory_min", 0, 0), ("memory_low", 1 << 30, 1 << 30), ("memory_high", "max", "max"),
+    ("memory_max", 2.0 ** 20, 1 << 20), ("memory_reclaim", 4096, 4096),
+    ("memory_high", (1 << 20) + 1, 1 << 20),    # whole pages, as the kernel keeps them
 ])
 def test_valid_allocations_get_their_canonical_form(type_, value, canonical):
     assert validate(type_, value, TWO_CPUS) == canonical
@@ -55,6 +59,13 @@ def test_valid_allocations_get_their_canonical_form(type_, value, canonical):
     ("cpu_idle", "1", "expected 0 or 1"),
     ("cpu_idle", 0.5, "expected 0 or 1"),
     ("cpu_quotas", 0.1, "unknown allocation type"),
+    ("memory_high", -1, "out of range [0, 2^60] bytes"),
+    ("memory_max", "1G", "expected bytes (an integer) or \"max\""),
+    ("memory_low", 1.5, "expected bytes"),
+    ("memory_min", True, "expected bytes"),
+    ("memory_min", 1 << 61, "out of range"),
+    ("memory_reclaim", 0, "0 bytes reclaims nothing"),
+    ("memory_reclaim", "max", "expected bytes"),
 ])
 def test_invalid_allocations_are_refused_with_a_reason(type_, value, reason):
     with pytest.raises(InvalidAllocation) as e:
@@ -104,6 +115,17 @@ def test_shares_are_relative_to_the_kernels_default():
     assert shares_to_kernel(100, "v2") == 10000
     assert kernel_to_shares(512, "v1") == 0.5
     assert kernel_to_shares(250, "v2") == 2.5
+
+
+def test_memory_values_are_whole_pages_and_max_is_each_hierarchys_spelling():
+    import os
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert memory_text(10 * page + 1, "v2") == str(10 * page)
+    assert memory_text("max", "v2") == "max" and memory_text("max", "v1") == "-1"
+    # v1 reads back -1 as the page counter's maximum: the same value.
+    assert parse_memory("9223372036854771712\n") == "max" == parse_memory("max")
+    assert canonical_memory("-1") == canonical_memory("9223372036854771712") == "max"
+    assert parse_memory("8192") == 8192
 
 
 # -- StaticAllocator ------------------------------------------------------------------

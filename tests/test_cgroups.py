@@ -115,6 +115,28 @@ def test_memory_stat_v2_page_faults_and_keys_that_end_alike():
     assert parse_memory_stat(b"pgfault 7\nanon 0\n") == {"task_mem_page_faults": 7}
 
 
+def test_memory_stat_working_set_and_refaults_v1_hierarchical():
+    # v1's plain keys are the cgroup's own; only total_* (with its children) count.
+    text = (b"cache 1\nactive_anon 999\nworkingset_refault_file 999\ntotal_pgfault 5\n"
+            b"total_inactive_anon 4096\ntotal_active_anon 8192\ntotal_inactive_file 1\n"
+            b"total_active_file 16384\ntotal_workingset_refault_anon 3\n"
+            b"total_workingset_refault_file 7\n")
+    assert parse_memory_stat(text) == {
+        "task_mem_page_faults": 5, "task_mem_working_set_bytes": 4096 + 8192 + 16384,
+        "task_mem_workingset_refaults": {"anon": 3, "file": 7}}
+
+
+def test_memory_stat_working_set_and_refaults_v2_and_an_older_kernel():
+    text = (b"anon 40960\nfile 999\nactive_anon 1\ninactive_file 2\nactive_file 8192\n"
+            b"workingset_refault_anon 11\nworkingset_refault_file 12\npgfault 3\n")
+    assert parse_memory_stat(text) == {
+        "task_mem_page_faults": 3, "task_mem_working_set_bytes": 40960 + 8192,
+        "task_mem_workingset_refaults": {"anon": 11, "file": 12}}
+    # Before 5.9: one counter, of file pages.
+    assert parse_memory_stat(b"anon 0\nactive_file 0\nworkingset_refault 9\n")[
+        "task_mem_workingset_refaults"] == {"file": 9}
+
+
 def test_numa_stat_v1_prefers_hierarchical_total():
     text = (b"total=10 N0=6 N1=4\nfile=1 N0=1 N1=0\nanon=9 N0=5 N1=4\nunevictable=0 N0=0 N1=0\n"
             b"hierarchical_total=73 N0=41 N1=32\nhierarchical_file=14 N0=0 N1=14\n")

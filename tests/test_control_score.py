@@ -17,7 +17,7 @@ HP = "/run/web"
 BE = "/run/batch"
 
 
-def write_run(d, pressures, be_cpu, quotas, alone=1.0):
+def write_run(d, pressures, be_cpu, quotas, alone=1.0, refaults=None):
     """One cycle a second from T0: HP pressure, BE CPU seconds (cumulative), BE quota."""
     os.makedirs(d)
     truth = {"version": 1, "kind": "control", "scenario": "s", "config": "controller",
@@ -39,6 +39,8 @@ def write_run(d, pressures, be_cpu, quotas, alone=1.0):
                          "apm_throughput_per_second": 100 + i}},
                      BE: {"labels": {"role": "be"},
                           "metrics": {"task_cpu_usage_seconds": cpu}}}
+            if refaults is not None:
+                tasks[HP]["metrics"]["task_mem_workingset_refaults"] = refaults(i)
             f.write(json.dumps({"v": 1, "kind": "measurements", "ts": ts, "seq": i,
                                 "platform": {"platform_topology_cpus": 2},
                                 "tasks": tasks}) + "\n")
@@ -70,6 +72,28 @@ def test_the_scores_of_a_known_run(tmp_path):
     # remain): up at 40, down at 50, one change of sign.
     assert s["sign_changes_per_minute"] == pytest.approx(1 / (37 / 60), abs=0.01)
     assert s["host_other_cores_mean"] == pytest.approx(0.6)
+
+
+def test_hp_refaults_are_counted_over_the_run_and_absent_where_not_measured(tmp_path):
+    write_run(str(tmp_path / "a"), [0.5] * 10, [0.0] * 10, [0.1] * 10,
+              refaults=lambda i: {"anon": 2 * i, "file": 100 + 10 * i})
+    assert control_score.score_dir(str(tmp_path / "a"))["hp_refault_pages"] == 9 * 12
+    write_run(str(tmp_path / "b"), [0.5] * 10, [0.0] * 10, [0.1] * 10)
+    assert control_score.score_dir(str(tmp_path / "b"))["hp_refault_pages"] is None
+
+
+def test_oom_kills_are_the_host_samples_sum_and_absent_where_not_recorded(tmp_path):
+    d = str(tmp_path / "run")
+    write_run(d, [0.5] * 5, [0.0] * 5, [0.1] * 5)
+    assert control_score.score_dir(d)["oom_kills"] is None     # host samples without it
+    path = os.path.join(d, "ground_truth.json")
+    with open(path) as f:
+        truth = json.load(f)
+    truth["host_load"][0]["oom_kills"] = 0
+    truth["host_load"][1]["oom_kills"] = 2
+    with open(path, "w") as f:
+        json.dump(truth, f)
+    assert control_score.score_dir(d)["oom_kills"] == 2
 
 
 def test_a_run_that_never_recovers_and_the_table(tmp_path):

@@ -115,6 +115,21 @@ def test_without_numa_support_the_numa_metrics_are_absent(tmp_path):
     assert got["platform_topology_cpus"] == 2
 
 
+def test_without_psi_the_node_pressure_is_absent_and_not_looked_for(tmp_path):
+    root = tmp_path / "tree"
+    shutil.copytree(TREE, root)
+    shutil.rmtree(root / "proc" / "pressure")
+    reader = PlatformReader(tree_paths(str(root)))
+    got = reader.read()
+    assert "platform_mem_pressure_avg10_percent" not in got
+    assert reader._pressure is None     # no open tried each cycle
+    os.makedirs(root / "proc" / "pressure")
+    (root / "proc" / "pressure" / "memory").write_text("some avg10=1.00 avg60=0 avg300=0 "
+                                                       "total=1\n")
+    assert "platform_mem_pressure_avg10_percent" not in reader.read()   # looked for once
+    reader.close()
+
+
 def test_this_machine():
     reader = PlatformReader(DEFAULT_PATHS)
     first = reader.read()

@@ -184,6 +184,11 @@ def test_host_load_samples_carry_the_load_average(tmp_path):
     (proc / "stat").write_text("cpu  9 0 1 10 0 0 0 0 0 0\ncpu0 9 0 1 10 0 0 0 0 0 0\n")
     got = sampler.sample()
     assert got["loadavg1"] == 1.25 and got["other_cpu_cores"] > 0
+    assert "oom_kills" not in got           # no /proc/vmstat: not counted, not zero
+    (proc / "vmstat").write_text("nr_free_pages 100\noom_kill 3\npgfault 9\n")
+    sampler.sample()
+    (proc / "vmstat").write_text("nr_free_pages 100\noom_kill 5\npgfault 9\n")
+    assert sampler.sample()["oom_kills"] == 2
 
 
 # -- a short live run of the matrix ------------------------------------------------------

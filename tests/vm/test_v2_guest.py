@@ -18,7 +18,7 @@ import pytest
 import owca_qemu
 
 HERE = Path(__file__).resolve().parent
-GUEST_MODULES = ("guest_v2", "guest_deploy")
+GUEST_MODULES = ("guest_v2", "guest_memory", "guest_deploy")
 ROOT = HERE.parent.parent
 
 

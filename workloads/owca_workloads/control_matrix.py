@@ -15,6 +15,9 @@ surges of unmeasured clients.  The configurations:
     controller-floor  the same, with static isolation as its floor: BE never has less
                 than the cores no HP uses (quota_floor = their share, lend_level 1), so
                 the controller only decides when to lend it the HP cores
+    memory      !MemoryProtection (its defaults; on v1 BE is limited with its hard
+                limit, v1_be_limit): the memory scenarios (workloads/scenarios/memory)
+                against `none`
 
 Before a scenario's runs the matrix (benchmarks/control_eval.py) sets each HP's SLO
 (`calibrate_slo`: a lab run of the HP loads alone) and measures `be_alone`
@@ -39,7 +42,7 @@ from owca_workloads.launch import Launcher
 from owca_workloads.scenario import (Runner, Scenario, be_tasks, hp_samples, hp_tasks,
                                      load_scenario, other_cpus)
 
-CONFIGS = ("none", "static", "controller", "controller-floor")
+CONFIGS = ("none", "static", "controller", "controller-floor", "memory")
 
 
 def load(path: str) -> Scenario:
@@ -55,6 +58,9 @@ def allocate_section(config: str, home_share: float) -> str:
             params.update(quota_floor=round(home_share, 4), lend_level=1)
         body = yaml.safe_dump(params, default_flow_style=False, sort_keys=False)
         return "allocator: !SloController\n" + textwrap.indent(body, "  ")
+    if config == "memory":
+        return ("allocator: !MemoryProtection\n  hp_labels: {role: hp}\n"
+                "  be_labels: {role: be}\n  v1_be_limit: true\n")
     return "allocator: !NOPAllocator\n"
 
 

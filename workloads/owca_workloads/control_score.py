@@ -15,6 +15,8 @@ earlier runner wrote version 1, with the BE tasks that started as `antagonists`
 | recovery_intervals | per BE start and surge: from its start to the first report back within the SLO after the first one that broke it (0 when none broke it within `recovery_window` s); in intervals; None when it never came back |
 | be_cpu_seconds, be_work_vs_alone | CPU time of the BE tasks' cgroups, and that over what the same tasks use alone for as long as they ran (the lab's BE ops over its ops alone, where it measured those) |
 | changes, rollbacks | BE values written by owca-allocate; the controller's rollbacks |
+| oom_kills | processes the OOM killer killed on the node during the run (the lab's host samples, /proc/vmstat); None where not recorded |
+| hp_refault_pages | the HP tasks' refaults (task_mem_workingset_refaults, anon + file) from t=0 to the end; None where the kernel does not count them |
 | sign_changes_per_minute | of the BE allocation (CPUs the BE tasks may use: quota and cpuset) in steady load: outside surges and the first `recovery_window` s after a BE start |
 | host_other_cores | CPU the rest of the machine used meanwhile (mean, max) |
 
@@ -93,7 +95,7 @@ def load_run(run_dir: str) -> dict:
     for a in truth.get("antagonists", []):
         be_names.setdefault(a["task_id"], a["name"])
     run = {"dir": run_dir, "truth": truth, "intervals": [], "be_alloc": [],
-           "be_usage": {}, "rollbacks": 0, "changes": 0}
+           "be_usage": {}, "rollbacks": 0, "changes": 0, "hp_refaults": {}}
     ncpus, present = None, set()
     for frame in read_frames(run_dir):
         kind, ts = frame.get("kind"), frame.get("ts", 0)
@@ -115,6 +117,12 @@ def load_run(run_dir: str) -> dict:
             entry = {"ts": ts, "hp": {}}
             for hp in hps:
                 m = tasks.get(hp["task_id"], {}).get("metrics", {})
+                refaults = m.get("task_mem_workingset_refaults")
+                if isinstance(refaults, dict):   # first and last count of the run
+                    seen = run["hp_refaults"].setdefault(hp["name"], [None, None])
+                    total = sum(refaults.values())
+                    seen[0] = total if seen[0] is None else seen[0]
+                    seen[1] = total
                 entry["hp"][hp["name"]] = {"pressure": _pressure(m, hp.get("slo")),
                                            "p99": m.get("apm_latency_p99_seconds"),
                                            "report": (m.get("apm_report_timestamp_seconds"),
@@ -273,6 +281,10 @@ def score(run: dict) -> dict:
                              round(used / alone, 4) if alone else None),
         "be_ops": ops["ops"] if ops else None,
         "changes": run["changes"], "rollbacks": run["rollbacks"],
+        "oom_kills": (sum(h["oom_kills"] for h in host if "oom_kills" in h)
+                      if any("oom_kills" in h for h in host) else None),
+        "hp_refault_pages": (sum(last - first for first, last in run["hp_refaults"].values())
+                             if run.get("hp_refaults") else None),
         "sign_changes_per_minute": _sign_changes(run["be_alloc"], steady),
         "host_other_cores_mean": round(statistics.fmean(others), 3) if others else None,
         "host_other_cores_max": max(others) if others else None,
@@ -318,6 +330,8 @@ COLUMNS = (("within_slo", "within SLO", "{:.0%}"),
            ("be_work_vs_alone", "BE work / alone", "{:.2f}"),
            ("be_vs_static", "BE work / static", "{:.2f}"),
            ("changes", "changes", "{:.0f}"),
+           ("hp_refault_pages", "HP refaults (pages)", "{:.0f}"),
+           ("oom_kills", "OOM kills", "{:.0f}"),
            ("rollbacks", "rollbacks", "{:.0f}"),
            ("sign_changes_per_minute", "sign changes /min", "{:.1f}"),
            ("host_other_cores_mean", "host others (cores)", "{:.2f}"))

@@ -9,7 +9,9 @@ the lab runs on is shared.  Each sample says, over the interval just ended,
 - `other_cpu_cores`: CPU time used by everything outside the scenario's
   cgroups (/proc/stat's busy time less the scenario parent's cpuacct usage),
   in cores, and `other_cpu_on_hp_cpus` the same on the HP task's cores;
-- `loadavg1`: the 1-minute load average at the sample's time (/proc/loadavg).
+- `loadavg1`: the 1-minute load average at the sample's time (/proc/loadavg);
+- `oom_kills`: processes the kernel's OOM killer killed in the interval, anywhere on
+  the node (/proc/vmstat oom_kill, Linux 4.13+).
 """
 import os
 import time
@@ -72,7 +74,17 @@ class HostLoad:
         except (OSError, ValueError, IndexError):
             load1 = None
         return {"t": time.monotonic(), "ts": time.time(), "busy": busy, "own": own, "psi": psi,
-                "loadavg1": load1}
+                "loadavg1": load1, "oom_kill": self._oom_kills()}
+
+    def _oom_kills(self) -> Optional[int]:
+        try:
+            with open(self.paths.proc("vmstat")) as f:
+                for line in f:
+                    if line.startswith("oom_kill "):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
 
     def sample(self) -> Optional[dict]:
         now = self._read()
@@ -97,4 +109,6 @@ class HostLoad:
                 out[f"{resource}_some_percent"] = round(100.0 * (b - a) / dt, 3)
         if now["loadavg1"] is not None:
             out["loadavg1"] = now["loadavg1"]
+        if now["oom_kill"] is not None and last["oom_kill"] is not None:
+            out["oom_kills"] = now["oom_kill"] - last["oom_kill"]
         return out

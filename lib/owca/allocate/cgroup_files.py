@@ -13,7 +13,8 @@ its cgroup path alone (owca.core.kernel.cgroup_dir); a path with `.` or `..`,
 the root cgroup, and any symlink below the mount point are refused
 (CgroupRefused).  Files are opened without O_CREAT and with O_NOFOLLOW, so
 nothing is ever created and no link is followed.  The period (cpu.cfs_period_us,
-the second field of cpu.max) is read, never written.
+the second field of cpu.max) is read, never written.  The memory types' files are
+memory_files.py's; their hierarchy is the one that holds the task's memory cgroup.
 """  # noqa: E501 (the table's rows cannot be wrapped)
 import errno
 import os
@@ -21,11 +22,15 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Tuple, Union
 
 from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
-                                  SHARES_V1_DEFAULT, WEIGHT_V2_DEFAULT, InvalidAllocation,
-                                  Topology)
-from owca.core.kernel import (CgroupGone, CgroupRefused, cgroup_dir, cpu_cgroup_version,
-                              format_cpu_list, parse_cpu_list, read_file, read_thread_ids)
+                                  MEMORY_RECLAIM, MEMORY_TYPES, SHARES_V1_DEFAULT,
+                                  WEIGHT_V2_DEFAULT, InvalidAllocation, Topology)
+from owca.core.kernel import (CgroupGone, CgroupRefused, cgroup_dir, cgroup_hierarchy,
+                              cpu_cgroup_version, format_cpu_list, parse_cpu_list, read_file,
+                              read_thread_ids)
 from owca.core.paths import CGROUP_V1_CONTROLLERS, Paths
+from owca.allocate.memory_files import V1_FILES as MEMORY_V1_FILES
+from owca.allocate.memory_files import V2_FILES as MEMORY_V2_FILES
+from owca.allocate.memory_files import memory_text, parse_memory
 
 # The kernel refuses a CFS quota below 1 ms per period.
 QUOTA_MIN_US = 1000
@@ -151,10 +156,26 @@ class TaskCgroupFiles:
             self._roots = {t: paths.cgroup_v2_root for t in V2_FILES}
         # hierarchy root -> the cgroup's directory in it, or why there is none
         self._dirs: Dict[str, Union[str, Exception]] = {}
+        self._memory_version: Optional[str] = None
+
+    @property
+    def memory_version(self) -> str:
+        """"v1" where the v1 memory hierarchy holds the cgroup, else "v2" (looked up
+        only for a memory type)."""
+        if self._memory_version is None:
+            held = cgroup_hierarchy(self.paths, self.cgroup_path, ("memory",))
+            self._memory_version = "v1" if held == "memory" else "v2"
+            for type_ in MEMORY_TYPES + (MEMORY_RECLAIM,):
+                self._roots[type_] = (self.paths.cgroup_v1("memory")
+                                      if self._memory_version == "v1"
+                                      else self.paths.cgroup_v2_root)
+        return self._memory_version
 
     def directory(self, type_: str) -> str:
         # Resolved once per object: owca-allocate makes one per task per cycle, so a
         # symlink put in place later is still caught by the next cycle's check.
+        if type_ not in self._roots:
+            self.memory_version    # noqa: B018 (sets the memory types' roots)
         root = self._roots[type_]
         if root not in self._dirs:
             try:
@@ -181,7 +202,7 @@ class TaskCgroupFiles:
             held.append("cgroup2")
         if not held:
             return gone
-        controller = V1_FILES[type_][0]
+        controller = V1_FILES[type_][0] if type_ in V1_FILES else "memory"
         wanted = f"the {controller} hierarchy ({self.paths.cgroup_v1(controller).rstrip('/')})"
         if self.version == "v2":
             wanted += f" or cgroup2 ({self.paths.cgroup_v2_root})"
@@ -189,6 +210,13 @@ class TaskCgroupFiles:
                           f"written; it exists in: {', '.join(held)}")
 
     def file(self, type_: str) -> str:
+        if type_ not in V1_FILES:
+            names = (MEMORY_V1_FILES if self.memory_version == "v1"
+                     else MEMORY_V2_FILES)
+            if type_ not in names:
+                raise InvalidAllocation(f"{type_}: cgroup v1 has no such file (the task's "
+                                        f"memory cgroup is v1)")
+            return os.path.join(self.directory(type_), names[type_])
         name = V1_FILES[type_][1] if self.version == "v1" else V2_FILES[type_]
         return os.path.join(self.directory(type_), name)
 
@@ -248,6 +276,8 @@ class TaskCgroupFiles:
             # restore writes back is both: "IDLE WEIGHT" (idle_text, weight_text).
             weight = _read_existing(os.path.join(directory, self.weight_file()))
             return Reading(path, f"{int(text)} {int(weight)}", int(text))
+        if type_ in MEMORY_TYPES:
+            return Reading(path, text, parse_memory(text))
         ids = text
         if not ids and self.version == "v2":
             ids = _read_existing(os.path.join(directory, V2_EFFECTIVE[type_]))
@@ -266,6 +296,8 @@ class TaskCgroupFiles:
             return str(shares_to_kernel(value, self.version))
         if type_ == CPU_IDLE:
             return str(value)
+        if type_ in MEMORY_TYPES:
+            return memory_text(value, self.memory_version)
         if self.version == "v1":
             self._check_parent_cpuset(type_, value, current.path)
         return value

@@ -9,8 +9,10 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Tuple
 
 from owca.core import allocation
-from owca.core.allocation import CPU_IDLE, CPUSET_CPUS, CPUSET_MEMS, Topology, parse_cpu_list
+from owca.core.allocation import (CPU_IDLE, CPUSET_CPUS, CPUSET_MEMS, MEMORY_TYPES, Topology,
+                                  parse_cpu_list)
 from owca.allocate.cgroup_files import Reading, TaskCgroupFiles
+from owca.allocate.memory_files import canonical_memory
 from owca.allocate.resctrl import Group
 
 
@@ -23,6 +25,8 @@ def canonical(type_: str, text: str) -> str:
             return text
     if type_ == CPU_IDLE:
         return " ".join(text.split()[:1])   # cpu.idle alone; an original has the weight too
+    if type_ in MEMORY_TYPES:    # v1 reads back -1 as the page counter's maximum
+        return canonical_memory(text)
     return " ".join(text.split())
 
 

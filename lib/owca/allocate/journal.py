@@ -41,8 +41,8 @@ import re
 import time
 from typing import Any, Optional
 
-from owca.core.allocation import CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS, \
-    RDT, RDT_GROUP_NAME
+from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
+                                  MEMORY_TYPES, RDT, RDT_GROUP_NAME)
 
 log = logging.getLogger("owca.journal")
 
@@ -61,6 +61,7 @@ PLAUSIBLE = {
     CPU_IDLE: re.compile(r"[01]( \d+)?\Z"),    # the original has the weight too
     CPUSET_CPUS: re.compile(r"[\d,-]*\Z"),
     CPUSET_MEMS: re.compile(r"[\d,-]*\Z"),
+    **{type_: re.compile(r"(max|-?\d+)\Z") for type_ in MEMORY_TYPES},
 }
 
 

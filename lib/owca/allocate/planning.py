@@ -5,15 +5,21 @@ files differ, a Change; at most `max_changes_per_cycle` of them are written a cy
 An invalid (task, type) is the cycle's error and leaves the others alone.  A value
 OWCA wrote that another writer changed is written again only as the allocator's
 policy says (external_changes.py).
+
+memory_reclaim is an action, not a setting: what the allocator asks this cycle, up to
+`memory_reclaim_max_bytes` a task, is written once, never kept nor restored.  A type
+the node's kernel cannot express (memory_files.MemorySupport) is refused without a
+write.
 """
 import logging
 import os
 from typing import Any, Dict, List, Optional, Tuple
 
 from owca.core import allocation
-from owca.core.allocation import CPU_IDLE, CPU_SHARES, RDT, TYPES, InvalidAllocation
+from owca.core.allocation import CPU_IDLE, CPU_SHARES, MEMORY_RECLAIM, RDT, TYPES, InvalidAllocation
 from owca.allocate.cgroup_files import CgroupGone, CgroupRefused, write_file
 from owca.allocate.cycle import Change, Cycle, Op, canonical
+from owca.allocate.memory_files import MemorySupport, write_reclaim
 from owca.allocate.external_changes import ExternalChanges
 from owca.allocate.originals import Originals
 from owca.allocate.rdt_groups import RdtGroups
@@ -25,8 +31,15 @@ ANY_TYPE = "*"  # the `type` of an error about a task's whole allocation
 
 class Planner:
     def __init__(self, max_changes_per_cycle: int, write_systemd_units: bool,
-                 originals: Originals, rdt: RdtGroups, external: ExternalChanges):
+                 originals: Originals, rdt: RdtGroups, external: ExternalChanges,
+                 memory: Optional[MemorySupport] = None, memory_reclaim_max_bytes: int = 0):
         self.max_changes_per_cycle = max_changes_per_cycle
+        self.memory = memory or MemorySupport("v2")
+        self.memory_reclaim_max_bytes = memory_reclaim_max_bytes
+        self.reclaims: Dict[str, int] = {}     # task -> bytes asked this cycle
+        self._memory_said = False
+        # bytes written to memory.reclaim, the writes, those the kernel fell short in
+        self.reclaim_stats = {"bytes": 0, "writes": 0, "short": 0}
         self.write_systemd_units = write_systemd_units
         self.originals = originals
         self.rdt = rdt
@@ -37,6 +50,7 @@ class Planner:
     def merge(self, allocations: dict, tasks: dict, cycle: Cycle) -> List[tuple]:
         """Validate what the allocator set into `desired`; returns the withdrawn (task, type)."""
         withdrawn = []
+        self.reclaims = {}
         for task_id, wanted in allocations.items():
             task_id = str(task_id)
             if task_id not in tasks:
@@ -50,6 +64,13 @@ class Planner:
                 if type_ not in TYPES:
                     cycle.error(task_id, str(type_), f"unknown allocation type (types: "
                                                      f"{', '.join(TYPES)})")
+                    continue
+                refused = self.memory.refused.get(type_)
+                if refused is not None and value is None:
+                    continue      # never written here: nothing to withdraw
+                if refused is not None:
+                    self.say_memory_support()
+                    cycle.error(task_id, type_, refused)
                     continue
                 if value is None:
                     self.desired.get(task_id, {}).pop(type_, None)
@@ -66,8 +87,17 @@ class Planner:
                     cycle.error(task_id, type_, f"{type(e).__name__}: "
                                                 f"{getattr(e, 'strerror', None) or e}")
                     continue
+                if type_ == MEMORY_RECLAIM:
+                    self.reclaims[task_id] = min(value, self.memory_reclaim_max_bytes)
+                    continue
                 self.desired.setdefault(task_id, {})[type_] = value
         return withdrawn
+
+    def say_memory_support(self) -> None:
+        """The one line on the memory types this kernel cannot be given, once a run."""
+        if not self._memory_said:
+            self._memory_said = True
+            log.info("%s", self.memory.line())
 
     def wanted_groups(self) -> set:
         """The resctrl groups some task is to be in."""
@@ -131,6 +161,32 @@ class Planner:
         return Change(task_id, type_, value,
                       [Op(f"write {text!r} to {path}", lambda: write_file(path, text))],
                       text=text)
+
+    def reclaim(self, cycle: Cycle) -> List[Change]:
+        """This cycle's proactive reclaims: one write of each, counted."""
+        changes = []
+        for task_id, amount in sorted(self.reclaims.items()):
+            if task_id not in cycle.files:
+                cycle.error(task_id, MEMORY_RECLAIM, "the task has no cgroup_path")
+                continue
+            try:
+                path = cycle.files[task_id].file(MEMORY_RECLAIM)
+            except (InvalidAllocation, CgroupGone, CgroupRefused) as e:
+                cycle.error(task_id, MEMORY_RECLAIM, str(e))
+                continue
+            changes.append(Change(task_id, MEMORY_RECLAIM, amount,
+                                  [Op(f"reclaim {amount} bytes through {path}",
+                                      self._reclaim_op(path, amount))]))
+        self.reclaims = {}
+        return changes
+
+    def _reclaim_op(self, path: str, amount: int):
+        def reclaim():
+            whole = write_reclaim(path, amount)
+            self.reclaim_stats["writes"] += 1
+            self.reclaim_stats["bytes"] += amount
+            self.reclaim_stats["short"] += not whole
+        return reclaim
 
     def budget(self, changes: List[Change], seq) -> Tuple[List[Change], List[Change]]:
         """The changes written this cycle, and those that wait for the next one."""

@@ -42,7 +42,7 @@ from typing import Dict, List, Optional, Set, Tuple
 
 from owca.core import config, frames
 from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS,
-                                  RDT, Topology, parse_cpu_list)
+                                  MEMORY_TYPES, MEMORY_UNLIMITED, RDT, Topology, parse_cpu_list)
 from owca.core.kernel import online_cpus, online_nodes
 from owca.core.paths import paths_from_options
 from owca.core.resctrl import ResctrlFS
@@ -55,6 +55,7 @@ from owca.allocate.cycle import Change, Cycle
 from owca.allocate.external_changes import ExternalChanges
 from owca.allocate.headroom import Headroom
 from owca.allocate.journal import Journal, state_directory
+from owca.allocate.memory_files import memory_support
 from owca.allocate.originals import Originals
 from owca.allocate.planning import Planner
 from owca.allocate.rdt_groups import RdtGroups
@@ -84,6 +85,9 @@ class AllocateConfig:
     # How much BE work the node can take, with its derivation, in every allocations
     # frame (docs/headroom.md); none unless configured.
     headroom: Optional[Headroom] = None
+    # The most one memory_reclaim writes to one task's memory.reclaim in one cycle: a
+    # reclaim runs in the writer's context, so it is bounded to keep the cycle short.
+    memory_reclaim_max_bytes: int = 256 << 20
 
     def __post_init__(self):
         # Checked as any value: the configuration's loader checks the type, but an
@@ -92,6 +96,10 @@ class AllocateConfig:
         if not isinstance(count, int) or count < 1:
             raise ValueError(f"max_changes_per_cycle: expected a positive integer, got "
                              f"{self.max_changes_per_cycle!r}")
+        reclaim: object = self.memory_reclaim_max_bytes
+        if not isinstance(reclaim, int) or reclaim < 4096:
+            raise ValueError(f"memory_reclaim_max_bytes: expected bytes (at least a page), "
+                             f"got {self.memory_reclaim_max_bytes!r}")
 
 
 class Allocate(Stage):
@@ -113,8 +121,14 @@ class Allocate(Stage):
         self.journal = None if self.dry_run else \
             Journal(state_directory(options.get("--state-dir")))
         self.store = Originals(self.paths, self.journal, self.rdt)   # what OWCA writes back
+        # What the kernel cannot express is said once, never tried: at the start for an
+        # allocator that declares memory types, else when one is first asked for.
+        self.memory = memory_support(self.paths)
         self.planner = Planner(cfg.max_changes_per_cycle, cfg.write_systemd_units,
-                               self.store, self.rdt, self.external)
+                               self.store, self.rdt, self.external, self.memory,
+                               cfg.memory_reclaim_max_bytes)
+        if set(getattr(cfg.allocator, "memory_types", ())) & set(self.memory.refused):
+            self.planner.say_memory_support()
         self.writer = Writer(self.dry_run, self.store)
         self.allocation_errors_total = 0
         self._logged: Set[Tuple[str, str, str]] = set()   # (task, type, reason) logged
@@ -161,6 +175,12 @@ class Allocate(Stage):
             self.store.note_cgroup_path(task_id, path)
             files[task_id] = TaskCgroupFiles(self.paths, path)
             readings[task_id] = current_allocations(files[task_id], topology)
+            # The memory files are read only where OWCA sets (or set) one.
+            memory = [t for t in MEMORY_TYPES if t in self.desired.get(task_id, ()) or
+                      t in self.originals.get(task_id, ())]
+            if memory:
+                readings[task_id].update(current_allocations(files[task_id], topology,
+                                                             memory))
         return Cycle(topology, files, readings, self.rdt.read())
 
     def current_allocations(self, frame: dict,
@@ -214,6 +234,7 @@ class Allocate(Stage):
         done = self.writer.apply(restores, cycle)
         written = self.writer.write(changes, cycle, self._last[2])
         done += written or []
+        done += self.writer.apply(self.planner.reclaim(cycle), cycle)
         self.store.forget_groups(self.rdt.remove_unused(cycle, self.planner.wanted_groups()))
         if written is not None:    # None: the journal failed this cycle, and was counted
             self.store.sync(self._last[2])
@@ -320,6 +341,14 @@ class Allocate(Stage):
                                   ("write", self.store.write_errors)):
                 out.append(frames.sample("allocation_journal_errors_total", count,
                                          {"reason": reason}, "counter"))
+        stats = self.planner.reclaim_stats
+        if stats["writes"] or "memory_reclaim" not in self.memory.refused:
+            out += [frames.sample("allocation_memory_reclaim_requested_bytes_total",
+                                  stats["bytes"], type="counter"),
+                    frames.sample("allocation_memory_reclaim_writes_total", stats["writes"],
+                                  type="counter"),
+                    frames.sample("allocation_memory_reclaim_short_total", stats["short"],
+                                  type="counter")]
         return out
 
     # -- the end -------------------------------------------------------------------
@@ -379,6 +408,9 @@ def allocation_samples(task_id: str, values: dict) -> list:
             ids = values[type_]
             out.append(frames.sample(f"allocation_{type_}", len(parse_cpu_list(ids)),
                                      {**labels, label: ids}))
+    for type_ in MEMORY_TYPES:
+        if values.get(type_) not in (None, MEMORY_UNLIMITED):
+            out.append(frames.sample(f"allocation_{type_}_bytes", values[type_], labels))
     rdt = values.get(RDT)
     if rdt:
         for key, name, base in (("l3", "allocation_rdt_l3_mask", 16),

@@ -13,6 +13,9 @@ InvalidAllocation with a one-line reason.
 | cpuset_cpus | "0-3,8" or [0, 1, 2, 3, 8] | online logical CPUs |
 | cpuset_mems | "0" or [0] | online NUMA nodes |
 | rdt | {name, l3, mb} | resctrl group `name` (prefix `owca-`), L3 way masks and memory bandwidth percentages per cache id |
+| memory_min, memory_low | bytes (an integer, rounded down to a page) or "max" | memory the kernel never (min) or only last (low) reclaims from the task |
+| memory_high, memory_max | bytes (an integer, rounded down to a page) or "max" (no limit) | memory above which the task is throttled and reclaimed (high), or OOM-killed (max) |
+| memory_reclaim | bytes (an integer > 0) | proactive reclaim: a write this cycle, not a setting; never kept nor restored |
 
 A value of None (JSON null) withdraws the type: OWCA restores what the task had
 before OWCA's first write.
@@ -22,7 +25,7 @@ import re
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, Optional
 
-from owca.core.kernel import MAX_LIST_ID, format_cpu_list, parse_cpu_list
+from owca.core.kernel import MAX_LIST_ID, PAGE_SIZE, format_cpu_list, parse_cpu_list
 
 CPU_QUOTA = "cpu_quota"
 CPU_SHARES = "cpu_shares"
@@ -30,11 +33,19 @@ CPU_IDLE = "cpu_idle"
 CPUSET_CPUS = "cpuset_cpus"
 CPUSET_MEMS = "cpuset_mems"
 RDT = "rdt"
+MEMORY_MIN = "memory_min"
+MEMORY_LOW = "memory_low"
+MEMORY_HIGH = "memory_high"
+MEMORY_MAX = "memory_max"
+MEMORY_RECLAIM = "memory_reclaim"
 
+# Settings of the memory controller, each kept and restored like the CPU types.
+MEMORY_TYPES = (MEMORY_MIN, MEMORY_LOW, MEMORY_HIGH, MEMORY_MAX)
 # Written, and restored, in this order: cpu_idle before cpu_shares, because the kernel
 # refuses a weight for an idle cgroup and resets the weight when idle is cleared.
-CGROUP_TYPES = (CPU_QUOTA, CPU_IDLE, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS)
-TYPES = CGROUP_TYPES + (RDT,)
+CGROUP_TYPES = (CPU_QUOTA, CPU_IDLE, CPU_SHARES, CPUSET_CPUS, CPUSET_MEMS) + MEMORY_TYPES
+# memory_reclaim is an action: what is asked is written once, in the cycle that asks.
+TYPES = CGROUP_TYPES + (RDT, MEMORY_RECLAIM)
 
 QUOTA_MAX = 1.0
 # 0.01 and 100 map into both kernels' ranges: v1 shares 2..262144 (10..102400 here),
@@ -42,6 +53,11 @@ QUOTA_MAX = 1.0
 SHARES_MIN, SHARES_MAX = 0.01, 100.0
 SHARES_V1_DEFAULT = 1024
 WEIGHT_V2_DEFAULT = 100
+
+# "max": no limit (memory_high, memory_max) or everything protected (memory_min, memory_low).
+MEMORY_UNLIMITED = "max"
+# Beyond what any machine holds: a typo of units, not a size.
+MEMORY_BYTES_MAX = 1 << 60
 
 # resctrl groups OWCA creates, and the only ones it writes, carry this prefix.
 RDT_GROUP_PREFIX = "owca-"
@@ -198,6 +214,33 @@ def validate_rdt(value, topology: Optional[Topology] = None) -> dict:
     return out
 
 
+def _memory_bytes(value, type_: str) -> int:
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidAllocation(f"{type_}: expected bytes (an integer) or \"max\", got "
+                                f"{value!r:.60}")
+    if not 0 <= value <= MEMORY_BYTES_MAX:
+        raise InvalidAllocation(f"{type_} {value}: out of range [0, 2^60] bytes")
+    return value
+
+
+def validate_memory(type_: str):
+    def validate_memory_type(value, topology: Optional[Topology] = None):
+        if value == MEMORY_UNLIMITED:
+            return MEMORY_UNLIMITED
+        # The kernel keeps whole pages: the canonical value is what the file will hold.
+        return _memory_bytes(value, type_) // PAGE_SIZE * PAGE_SIZE
+    return validate_memory_type
+
+
+def validate_memory_reclaim(value, topology: Optional[Topology] = None) -> int:
+    amount = _memory_bytes(value, MEMORY_RECLAIM)
+    if amount == 0:
+        raise InvalidAllocation(f"{MEMORY_RECLAIM}: 0 bytes reclaims nothing")
+    return amount
+
+
 VALIDATORS = {
     CPU_QUOTA: validate_cpu_quota,
     CPU_SHARES: validate_cpu_shares,
@@ -205,6 +248,8 @@ VALIDATORS = {
     CPUSET_CPUS: validate_cpuset_cpus,
     CPUSET_MEMS: validate_cpuset_mems,
     RDT: validate_rdt,
+    **{type_: validate_memory(type_) for type_ in MEMORY_TYPES},
+    MEMORY_RECLAIM: validate_memory_reclaim,
 }
 
 

@@ -52,7 +52,10 @@ class MetricSpec:
 
     def __post_init__(self):
         assert (self.divisor != 1) == bool(self.frame_unit), self.name
-        assert self.divisor == 1 or self.deprecated, f"{self.name}: a new unit needs a new name"
+        # Converted, the value must not appear under its frame name (a name release 0.1
+        # exposed in the frame's unit, now `deprecated`; a metric new since has none).
+        assert self.divisor == 1 or self.exposed_name != self.name, \
+            f"{self.name}: a new unit needs a new name"
 
     @property
     def exposed_name(self) -> str:
@@ -96,6 +99,17 @@ TASK_CGROUP = _specs(
       "v1: memory.soft_limit_in_bytes; v2: memory.low; " + SLOW),
     M("task_mem_page_faults", COUNTER, "faults", "Page faults of the cgroup's tasks.",
       "v1: memory.stat total_pgfault (hierarchical); v2: memory.stat pgfault"),
+    M("task_mem_working_set_bytes", GAUGE, "bytes",
+      "The cgroup's working set: anonymous memory plus the active file pages (what it "
+      "refaults when it loses it); the memory policy protects it.",
+      "v1: memory.stat total_active_anon + total_inactive_anon + total_active_file; v2: "
+      "memory.stat anon + active_file (the file task_mem_page_faults reads: no extra read)"),
+    M("task_mem_workingset_refaults", COUNTER, "pages",
+      "Pages the cgroup faulted back in soon after they were reclaimed (evicted from its "
+      "working set); level type: anon, file.",
+      "v2: memory.stat workingset_refault_anon, workingset_refault_file (before 5.9: "
+      "workingset_refault, file pages); v1: the total_ keys where the kernel has them "
+      "(absent on older v1 kernels)", levels=("type",)),
     M("task_mem_numa_pages", GAUGE, "pages", "Pages of the cgroup per NUMA node.",
       "v1: memory.numa_stat hierarchical_total=; v2: memory.numa_stat (anon + file) / page "
       "size; " + SLOW,
@@ -152,6 +166,15 @@ PLATFORM = _specs(
       scope="platform"),
     M("platform_mem_total_bytes", GAUGE, "bytes", "Memory installed (MemTotal).",
       "/proc/meminfo", scope="platform"),
+    M("platform_mem_pressure_avg10_percent", GAUGE, "ratio (0-1)",
+      "Share of the last 10 s in which some (or all) non-idle tasks of the node stalled "
+      "on memory (pressure stall information).",
+      "/proc/pressure/memory avg10 (absent on a kernel without PSI)", levels=("stall",),
+      scope="platform", exposed="platform_mem_pressure_avg10_ratio", divisor=100,
+      frame_unit="percent"),
+    M("platform_mem_pressure_stall_seconds", COUNTER, "seconds",
+      "Total time some (or all) non-idle tasks of the node stalled on memory.",
+      "/proc/pressure/memory total (us)", levels=("stall",), scope="platform"),
     M("platform_mem_numa_free_bytes", GAUGE, "bytes", "Free memory per NUMA node.",
       "/sys/devices/system/node/nodeN/meminfo MemFree", levels=("numa_node",),
       scope="platform"),
@@ -383,6 +406,26 @@ ALLOCATION = _specs(
       "Memory bandwidth of the task's resctrl group; labels task_id, group_name, cache_id.",
       "resctrl <group>/schemata MB", scope="allocation", exposed="allocation_rdt_mb_ratio",
       divisor=100, frame_unit="percent", deprecated="allocation_rdt_mb_percent"),
+    *[M(f"allocation_memory_{kind}_bytes", GAUGE, "bytes", f"{what}; label task_id; absent "
+        f"when unlimited (max) or never set by OWCA.", source, scope="allocation")
+      for kind, what, source in (
+          ("min", "Memory the kernel never reclaims from the task", "v2: memory.min"),
+          ("low", "Memory the kernel reclaims from the task only when no unprotected "
+                  "memory is left (v1: the soft limit)",
+           "v1: memory.soft_limit_in_bytes; v2: memory.low"),
+          ("high", "Memory above which the task is throttled and reclaimed",
+           "v2: memory.high"),
+          ("max", "The task's hard memory limit (OOM kill above it)",
+           "v1: memory.limit_in_bytes; v2: memory.max"))],
+    M("allocation_memory_reclaim_requested_bytes_total", COUNTER, "bytes",
+      "Bytes asked of memory.reclaim (proactive reclaim) since the start; absent where the "
+      "kernel has no memory.reclaim.", "owca-allocate: v2 memory.reclaim", scope="allocation"),
+    M("allocation_memory_reclaim_writes_total", COUNTER, "writes",
+      "Writes to memory.reclaim since the start.", "owca-allocate: v2 memory.reclaim",
+      scope="allocation"),
+    M("allocation_memory_reclaim_short_total", COUNTER, "writes",
+      "Writes to memory.reclaim after which the kernel had reclaimed less than asked "
+      "(EAGAIN; not an error).", "owca-allocate: v2 memory.reclaim", scope="allocation"),
     M("allocations_count", COUNTER, "changes",
       "Allocation changes written (and restores), since the start; with --dry-run, the "
       "changes that would have been written.", "owca-allocate", scope="allocation",
@@ -401,6 +444,38 @@ ALLOCATION = _specs(
       "Journal problems since the start; label reason: corrupt (a journal set aside at "
       "start, its originals not restored), write (a save that failed: the cycle's "
       "changes were not written).", "owca-allocate", scope="allocation"),
+)
+
+# -- the memory policy (owca-allocate: !MemoryProtection, or SloController's `memory`) -----
+_MEM = "owca-allocate: !MemoryProtection"
+MEMORY_PROTECTION = _specs(
+    M("memory_protection_decision", GAUGE, "boolean",
+      "1 for each decision of the cycle; labels task_id, action (protect, lower, raise, "
+      "release, hold, reclaim) and reason (working_set, request, hp_pressure, hp_refaults, "
+      "node_pressure, calm, waiting, floor, be_pressure, no_signal).", _MEM,
+      scope="allocation"),
+    M("memory_protection_triggered", GAUGE, "boolean",
+      "1 when HP or node memory pressure asks BE memory to shrink this cycle.", _MEM,
+      scope="allocation"),
+    M("memory_protection_trigger", GAUGE, "boolean",
+      "1 for each reason the trigger is on; label reason: hp_pressure, hp_refaults, "
+      "node_pressure.", _MEM, scope="allocation"),
+    M("memory_protection_hp_protected_bytes", GAUGE, "bytes",
+      "The memory.min (or memory.low) the policy gives an HP task; label task_id.", _MEM,
+      scope="allocation"),
+    M("memory_protection_hp_refault_pages", GAUGE, "pages",
+      "An HP task's refaults (anon + file) since the last cycle; label task_id.", _MEM,
+      scope="allocation"),
+    M("memory_protection_be_high_bytes", GAUGE, "bytes",
+      "The memory.high (v1: the limit) the policy gives a BE task; label task_id; absent "
+      "while the task has its own.", _MEM, scope="allocation"),
+    M("memory_protection_lowered_total", COUNTER, "changes",
+      "BE memory.high values lowered since the start.", _MEM, scope="allocation"),
+    M("memory_protection_raised_total", COUNTER, "changes",
+      "BE memory.high values raised since the start.", _MEM, scope="allocation"),
+    M("memory_protection_reclaim_requested_bytes_total", COUNTER, "bytes",
+      "Proactive reclaim the policy asked of BE tasks since the start.", _MEM,
+      scope="allocation"),
 )
 
 # -- the SLO controller (owca-allocate: !SloController) ----------------------------------
@@ -736,6 +811,7 @@ SECTIONS = {
     "Allocations": ALLOCATION,
     "Allocations: the SLO controller": CONTROL,
     "Allocations: headroom": HEADROOM,
+    "Allocations: the memory policy": MEMORY_PROTECTION,
     "Application performance (workload wrappers)": APM,
     "Application performance: the services' own metrics": SLI,
     "Internal: every tool": INTERNAL,

@@ -9,4 +9,5 @@ BUILTINS = {
     "StaticRule": "owca.allocate.allocators.static:StaticRule",
     "SloController": "owca.allocate.allocators.slo_controller:SloController",
     "SloRdt": "owca.allocate.allocators.slo_controller:SloRdt",
+    "MemoryProtection": "owca.allocate.allocators.memory_protection:MemoryProtection",
 }

@@ -41,6 +41,7 @@ from owca.core.allocation import (CPU_IDLE, CPU_QUOTA, CPU_SHARES, CPUSET_CPUS, 
                                   SHARES_MAX, SHARES_MIN, format_cpu_list, parse_cpu_list,
                                   validate_cpuset_cpus)
 from owca.plugin import Allocator
+from owca.allocate.allocators.memory_protection import MemoryProtection
 from owca.allocate.cpu_manager_state import CheckpointError, CheckpointReader
 from owca.core.kernel import online_cpus
 from owca.core.paths import Paths
@@ -134,6 +135,8 @@ class SloController(Allocator):
     lend_level: int = 5
     be_cpus: Optional[str] = None
     rdt: Optional[SloRdt] = None
+    # Memory, on its own signals and at its own pace (docs/control.md, "Memory").
+    memory: Optional[MemoryProtection] = None
     # -- the antagonist a detector names ---------------------------------------------
     named_hold: int = 10
     # -- other managers --------------------------------------------------------------
@@ -239,7 +242,17 @@ class SloController(Allocator):
         if self._checkpoint:
             metrics.append(frames.sample("slo_controller_cpu_manager_state_errors_total",
                                          self.checkpoint_errors_total, type="counter"))
+        if self.memory is not None:     # memory types: none of the CPU knobs'
+            memory, _, memory_metrics = self.memory.allocate(
+                platform, tasks_measurements, tasks_resources, tasks_labels, {})
+            for task_id, values in memory.items():
+                allocations.setdefault(task_id, {}).update(values)
+            metrics += memory_metrics
         return allocations, [], metrics
+
+    @property
+    def memory_types(self):
+        return self.memory.memory_types if self.memory is not None else ()
 
     # -- deciding the level --------------------------------------------------------------
 

@@ -123,12 +123,43 @@ def parse_memory_limit(data: bytes) -> Optional[int]:
     return None if value >= V1_UNLIMITED_FROM else value
 
 
-def parse_memory_stat(data: bytes) -> Dict[str, int]:
-    """memory.stat: the page faults, hierarchical (v1 total_pgfault; v2's pgfault is)."""
-    faults = _keyed_int(data, b"total_pgfault")
-    if faults is None:
-        faults = _keyed_int(data, b"pgfault")
-    return {} if faults is None else {"task_mem_page_faults": faults}
+# memory.stat keys, hierarchical: v1's total_* (v1's own keys are the cgroup's alone),
+# v2's plain keys (all hierarchical).  Kernels before 5.9 had one workingset_refault
+# (file pages: anonymous pages were not tracked yet).
+_MEMORY_STAT_KEYS = {
+    b"total_pgfault": "faults", b"pgfault": "faults",
+    b"total_active_anon": "anon", b"total_inactive_anon": "anon", b"anon": "anon",
+    b"total_active_file": "active_file", b"active_file": "active_file",
+    b"total_workingset_refault_anon": "refault_anon",
+    b"workingset_refault_anon": "refault_anon",
+    b"total_workingset_refault_file": "refault_file",
+    b"workingset_refault_file": "refault_file",
+    b"total_workingset_refault": "refault_file", b"workingset_refault": "refault_file",
+}
+
+
+def parse_memory_stat(data: bytes) -> Dict[str, object]:
+    """memory.stat in one pass: page faults, working set (anonymous plus active file
+    pages) and refaults, hierarchical."""
+    found: Dict[str, Dict[bytes, int]] = {}
+    v1 = data.startswith(b"cache ")    # v1's first key; v2 starts with anon
+    for line in data.split(b"\n"):
+        key, _, value = line.partition(b" ")
+        what = _MEMORY_STAT_KEYS.get(key)
+        # On v1 the plain keys are the cgroup's own: only total_* counts there.
+        if what is not None and (not v1 or key.startswith(b"total_")):
+            found.setdefault(what, {})[key] = int(value)
+    out: Dict[str, object] = {}
+    if "faults" in found:
+        out["task_mem_page_faults"] = sum(found["faults"].values())
+    if "anon" in found and "active_file" in found:
+        out["task_mem_working_set_bytes"] = sum(found["anon"].values()) + \
+            sum(found["active_file"].values())
+    refaults = {kind: sum(found[f"refault_{kind}"].values()) for kind in ("anon", "file")
+                if f"refault_{kind}" in found}
+    if refaults:
+        out["task_mem_workingset_refaults"] = refaults
+    return out
 
 
 def parse_numa_stat(data: bytes, page_size: int = PAGE_SIZE) -> Dict[str, Dict[str, int]]:

@@ -72,6 +72,19 @@ def memory_metrics(meminfo: Dict[str, int]) -> Dict[str, int]:
     return {"platform_mem_total_bytes": total, "platform_mem_usage_bytes": used}
 
 
+def memory_pressure_metrics(text: str) -> Dict[str, Dict[str, float]]:
+    """/proc/pressure/memory: "some avg10=0.12 avg60=0.05 avg300=0.01 total=12345" and a
+    `full` line (total in us)."""
+    avg10, stall = {}, {}
+    for line in text.splitlines():
+        f = line.split()
+        if len(f) == 5 and f[1].startswith("avg10=") and f[4].startswith("total="):
+            avg10[f[0]] = float(f[1][6:])
+            stall[f[0]] = int(f[4][6:]) / 1e6
+    return {"platform_mem_pressure_avg10_percent": avg10,
+            "platform_mem_pressure_stall_seconds": stall} if avg10 else {}
+
+
 def count_topology(cpus: List[Tuple[str, str, str]]) -> Dict[str, int]:
     """(package, die, core) ids of each online CPU -> cores and sockets.
 
@@ -107,6 +120,10 @@ class PlatformReader:
         self._topology: Dict[str, int] = {}
         self._node_meminfo: Dict[str, KeptFile] = {}
         self._warned: Set[str] = set()   # paths whose failure was logged
+        # The node's memory pressure (PSI): looked for once; a kernel without PSI
+        # (CONFIG_PSI off, or psi=0) costs no read a cycle.
+        pressure = paths.proc("pressure", "memory")
+        self._pressure = KeptFile(pressure) if os.path.exists(pressure) else None
 
     def read(self) -> dict:
         out: Dict[str, object] = {}
@@ -129,6 +146,9 @@ class PlatformReader:
         if free:
             out["platform_mem_numa_free_bytes"] = free
             out["platform_mem_numa_used_bytes"] = used
+        text = self._try(self._pressure) if self._pressure is not None else None
+        if text is not None:
+            out.update(memory_pressure_metrics(text))
         return out
 
     def _try(self, f: KeptFile) -> Optional[str]:
@@ -182,7 +202,7 @@ class PlatformReader:
 
     def close(self) -> None:
         for f in (self._stat, self._meminfo, self._cpus_online, self._nodes_online,
-                  *self._node_meminfo.values()):
+                  *self._node_meminfo.values(), *filter(None, [self._pressure])):
             f.close()
 
 
