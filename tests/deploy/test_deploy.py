@@ -4,13 +4,17 @@ A Debian bookworm container, booted with systemd-nspawn (owca_nspawn.py), is the
 node; ansible/site.yml reaches it over ssh on a loopback port as a real rollout
 would, building the release from this checkout. The tests run in file order on
 that one node: rollout, idempotency, check mode, the running pipeline, a crash of
-each stage, a change of one stage's configuration, and removal.
+each stage, a change of one stage's configuration, broken rollouts (refused
+configurations, a stage running what its files no longer say, perf_event_paranoid
+at 3), upgrades, removal, and last a fresh rollout whose owca-allocate is killed
+with caps applied before it is removed.
 
 What this container cannot show: its cgroup v1 controllers are mounted
 read-only, so owca-allocate runs with --dry-run here and no allocation is
 written; the tasks are measured through its writable cgroup v2 tree.
 """
 import re
+import subprocess
 import tarfile
 import time
 from pathlib import Path
@@ -20,12 +24,13 @@ import yaml
 
 import owca_nspawn
 from conftest import wait_for
+from owca.core.paths import Paths
 from owca_ansible import REPO, Playbook, recap
 
 STAGES = ("discover", "measure", "detect", "allocate", "ship")
 FIFO_STAGES = STAGES[1:]
 UNITS = ([f"owca-{s}.service" for s in STAGES] + [f"owca-{s}.socket" for s in FIFO_STAGES]
-         + ["owca.target"])
+         + ["owca-allocate-restore.service", "owca.target"])
 # The shipped stream, appended cycle by cycle (the default storage overwrites).
 SHIPPED = "/var/lib/owca-ship/metrics.log"
 # A unit of the node, standing in for a task: it burns a little CPU.
@@ -55,10 +60,12 @@ owca_ship_config: |
 # systemd's and sshd's runtime state, and what every boot or login writes.
 # /run/private is systemd's, made on the first use of DynamicUser= with a
 # RuntimeDirectory= (as Debian's systemd makes /var/lib/private); it must be
-# left empty, which test_absent_leaves_nothing_behind checks.
+# left empty, which test_absent_leaves_nothing_behind checks. /var/backups is
+# written by Debian's dpkg-db-backup.timer at midnight, whatever the role does.
 SNAPSHOT = (
     r"find / -xdev \( -path /root/.ansible -o -path /tmp -o -path /var/tmp"
-    r" -o -path /var/log -o -path /var/lib/systemd -o -path /var/cache \) -prune -o -print;"
+    r" -o -path /var/log -o -path /var/lib/systemd -o -path /var/cache"
+    r" -o -path /var/backups \) -prune -o -print;"
     r" find /run -xdev \( -path /run/systemd -o -path /run/user -o -path /run/log"
     r" -o -path /run/sshd -o -path /run/credentials -o -path /run/agetty.reload"
     r" -o -path /run/private \) -prune"
@@ -381,6 +388,92 @@ def test_a_configuration_the_tool_refuses_fails_the_play_and_changes_nothing(
     assert units_state(node, services) == before
 
 
+def stage_files(node):
+    return {s: node.ssh(f"cat /etc/owca/{s}.yaml").stdout for s in STAGES}
+
+
+def test_a_refused_configuration_with_another_change_writes_no_file_and_restarts_nothing(
+        node, playbook, deployed):
+    """Every stage's configuration is checked before any is written: a changed
+    interval beside a refused detect section leaves all five files, and every
+    stage, as they were; the interval alone then restarts the four stages that read it."""
+    services = [f"owca-{s}.service" for s in STAGES]
+    before = units_state(node, services)
+    files_before = stage_files(node)
+    result = playbook.run("-e", "owca_interval=2",
+                          "-e", "owca_detect_config='detector: !NoSuchDetector {}'", check=False)
+    assert result.returncode != 0 and recap(result.stdout)[HOST]["failed"] == 1
+    assert recap(result.stdout)[HOST]["changed"] == 0
+    out = result.stdout + result.stderr
+    # The error names the file as the node holds it, not a temporary copy.
+    error = re.search(r"owca-detect: error: (\S+?):\d+: .*unknown tag !NoSuchDetector", out)
+    assert error and error.group(1) == "/etc/owca/detect.yaml", out[-3000:]
+    assert stage_files(node) == files_before
+    assert units_state(node, services) == before
+
+    result = playbook.run("-e", "owca_interval=2")
+    after = units_state(node, services)
+    restarted = {s for s in STAGES if after[f"owca-{s}.service"]["MainPID"]
+                 != before[f"owca-{s}.service"]["MainPID"]}
+    assert restarted == {"discover", "detect", "allocate", "ship"}
+    for stage in restarted:
+        assert "  interval: 2\n" in node.ssh(f"cat /etc/owca/{stage}.yaml").stdout, stage
+    playbook.run()   # the suite's interval again, for the tests after this one
+
+
+def test_a_stage_running_an_older_configuration_is_named_by_the_check_and_restarted(
+        node, playbook, deployed):
+    """owca-detect runs a configuration that is no longer the one on disk (as after
+    an earlier run that failed having written it): the check on its own
+    (--tags owca_check) fails naming it, and the next run restarts it alone."""
+    services = [f"owca-{s}.service" for s in STAGES]
+    node.ssh("cp -p /etc/owca/detect.yaml /root/detect.yaml.kept"
+             " && echo '# changed by hand' >> /etc/owca/detect.yaml"
+             " && systemctl restart owca-detect.service"
+             " && mv /root/detect.yaml.kept /etc/owca/detect.yaml")
+    check = playbook.run("--tags", "owca_check", check=False)
+    out = check.stdout + check.stderr
+    assert check.returncode != 0 and recap(check.stdout)[HOST]["failed"] == 1, out[-3000:]
+    assert "owca-detect.service runs a configuration other than /etc/owca/detect.yaml" in out
+    assert not re.search(r"owca-(discover|measure|allocate|ship)\.service runs", out), out
+    before = units_state(node, services)
+    result = playbook.run()
+    assert recap(result.stdout)[HOST]["changed"] >= 1
+    after = units_state(node, services)
+    assert {u for u in services if after[u]["MainPID"] != before[u]["MainPID"]} == {
+        "owca-detect.service"}
+    assert all(s["SubState"] == "running" for s in after.values()), after
+    playbook.run("--tags", "owca_check")
+
+
+def test_perf_event_paranoid_above_2_is_set_to_2_for_owca_measure(node, playbook, deployed):
+    """Debian's kernels default to 3, where owca-measure's CAP_PERFMON opens no perf
+    event. The container shares the host's kernel, so the test sets the host's value
+    to 3 and puts the original back whatever happens; it makes the container's
+    /proc/sys writable (nspawn mounts it read-only, a real node's is not) meanwhile."""
+    sysctl = Path("/proc/sys/kernel/perf_event_paranoid")
+    dropin = "/etc/sysctl.d/60-owca-perf-event.conf"
+    inside = ["nsenter", f"--target={node.init_pid}", "--mount", "--"]
+    original = sysctl.read_text()
+    measure = units_state(node, ["owca-measure.service"])["owca-measure.service"]
+    try:
+        subprocess.run(inside + ["mount", "-o", "remount,bind,rw", "/proc/sys"], check=True)
+        sysctl.write_text("3")
+        result = playbook.run()
+        assert sysctl.read_text().strip() == "2"
+        assert node.ssh(f"cat {dropin}").stdout.splitlines()[-1] == \
+            "kernel.perf_event_paranoid = 2"
+        now = units_state(node, ["owca-measure.service"])["owca-measure.service"]
+        assert now["MainPID"] != measure["MainPID"], "owca-measure was not restarted"
+        assert recap(result.stdout)[HOST]["changed"] >= 2   # the drop-in, the value
+        assert recap(playbook.run().stdout)[HOST]["changed"] == 0
+    finally:
+        sysctl.write_text(original)
+        subprocess.run(inside + ["mount", "-o", "remount,bind,ro", "/proc/sys"], check=False)
+        # The role keeps the drop-in it wrote; the node goes back to the value it had.
+        node.ssh(f"rm -f {dropin}", check=False)
+
+
 def test_a_stage_that_fails_after_starting_fails_the_play_naming_it(node, playbook, deployed):
     """A configuration that loads but cannot run (ship's port is taken by sshd)."""
     taken = node.port
@@ -446,6 +539,40 @@ def test_upgrade_as_documented_installs_the_new_version_and_restarts_every_stage
     assert arrived[restart:] == list(range(1, len(arrived) - restart + 1))
 
 
+def test_an_upgrade_with_a_refused_configuration_restarts_every_stage_onto_the_new_release(
+        node, playbook, deployed, tmp_path):
+    """The new release is installed before the configuration is refused: the failed
+    run still restarts every stage onto it (the files stay as they were), says what
+    it changed, and the check then finds every stage running what the node holds."""
+    release = playbook.home / "release"
+    (sdist,) = release.glob("owca-*.tar.gz")
+    version = sdist.name[len("owca-"):-len(".tar.gz")]
+    new = f"{re.sub(r'[.]post[0-9]+$', '', version)}.post99"   # one .post segment at most
+    checkout = bumped_checkout(sdist, tmp_path, new)
+    services = [f"owca-{s}.service" for s in STAGES]
+    before = units_state(node, services)
+    files_before = stage_files(node)
+
+    result = playbook.run("-e", f"owca_source_dir={checkout}",
+                          "-e", "owca_detect_config='detector: !NoSuchDetector {}'", check=False)
+    counts = recap(result.stdout)[HOST]
+    assert result.returncode != 0 and counts["failed"] == 1
+    assert counts["changed"] >= 2, result.stdout[-3000:]    # the release, the restarts
+    assert stage_files(node) == files_before
+    after = units_state(node, services)
+    for unit in services:
+        assert after[unit]["MainPID"] != before[unit]["MainPID"], f"{unit} kept running"
+        assert after[unit]["SubState"] == "running", (unit, after[unit])
+    for stage in STAGES:
+        shown = node.ssh(f"/opt/owca/bin/owca-{stage} --version").stdout.strip()
+        assert shown == new, f"owca-{stage} --version: {shown}"
+    playbook.run("-e", f"owca_source_dir={checkout}", "--tags", "owca_check")
+    again = playbook.run("-e", f"owca_source_dir={checkout}")
+    assert recap(again.stdout)[HOST]["failed"] == 0
+    now = units_state(node, services)
+    assert all(now[u]["MainPID"] == after[u]["MainPID"] for u in services), (after, now)
+
+
 def bumped_checkout(sdist, work, version):
     """A checkout made from the source distribution `sdist`, its version bumped."""
     with tarfile.open(sdist) as tar:
@@ -477,3 +604,71 @@ def test_absent_leaves_nothing_behind(node, playbook, deployed, pristine):
     for package in defaults["owca_apt_packages"]:
         status = node.ssh(f"dpkg-query -W -f='${{Status}}' {package}", check=False).stdout
         assert status == "install ok installed", package
+
+
+ALLOCATING_VARS = """\
+owca_allocate_dry_run: false
+owca_discover_config: |
+  source: !CgroupDiscovery
+    root: /system.slice
+    max_depth: 1
+    hierarchies: [unified]
+    be_cgroups: [/system.slice/{load}]
+owca_allocate_config: |
+  allocator: !StaticAllocator
+    rules:
+      - name: best-effort
+        labels: {{priority: be}}
+        allocations: {{cpu_quota: 0.1}}
+"""
+
+
+def test_removal_after_a_killed_owca_allocate_writes_the_original_values_back(
+        node, playbook, deployed):
+    """owca-allocate caps a task, then a stop ends in SIGKILL (as one that timed
+    out does); removal then leaves the task with its original quota and no journal.
+
+    The container's cgroup v1 hierarchies are read-only: the test makes a cgroup of
+    its own in the host's v1 cpu hierarchy, with the load unit's path below it, and
+    binds it, writable, over the container's /sys/fs/cgroup/cpu. It is a real cgroup
+    whose cpu.cfs_quota_us the kernel keeps; the load's processes are not in it (they
+    are in the container's cgroup v2 tree), so the cap throttles nothing here.
+    """
+    own = Path(Paths().cgroup_v1("cpu")) / f"{node.name}-allocate"
+    quota = own / "system.slice" / LOAD_UNIT / "cpu.cfs_quota_us"
+    inside = ["nsenter", f"--target={node.init_pid}", "--mount", "--"]
+    dropin = "/run/systemd/system/owca-allocate.service.d"
+    extra = playbook.home / "allocating.yml"
+    extra.write_text(ALLOCATING_VARS.format(load=LOAD_UNIT))
+    quota.parent.mkdir(parents=True)
+    try:
+        original = quota.read_text()
+        subprocess.run(inside + ["mount", "--bind", str(own), "/sys/fs/cgroup/cpu"], check=True)
+        subprocess.run(inside + ["mount", "-o", "remount,bind,rw", "/sys/fs/cgroup/cpu"],
+                       check=True)
+        # (the load unit runs still where this test runs without the removal test)
+        node.ssh(f"systemctl is-active --quiet {LOAD_UNIT}"
+                 f" || systemd-run --unit={LOAD_UNIT} sleep infinity")
+        playbook.run("-e", f"@{extra}")
+        journal = "journalctl --no-pager -n 20 -t owca-allocate"
+        wait_for(lambda: quota.read_text() != original, 30, "owca-allocate to cap the load",
+                 detail=lambda: node.ssh(journal, check=False).stdout)
+        assert node.ssh("test -s /var/lib/owca-allocate/allocations.journal",
+                        check=False).returncode == 0
+        # A stop that ends in SIGKILL: the stage writes nothing back itself.
+        node.ssh(f"mkdir -p {dropin} && printf '[Service]\\nKillSignal=SIGKILL\\n'"
+                 f" > {dropin}/kill.conf && systemctl daemon-reload"
+                 " && systemctl stop owca-allocate.service")
+        result = playbook.run("-e", f"@{extra}", "-e", "owca_state=absent")
+        assert recap(result.stdout)[HOST]["failed"] == 0
+        assert quota.read_text() == original
+        assert node.ssh("ls -A /var/lib/owca-allocate", check=False).returncode != 0
+        killed = node.ssh("journalctl --no-pager -o cat -u owca-allocate.service", check=False)
+        assert "status=9/KILL" in killed.stdout, killed.stdout[-2000:]
+    finally:
+        node.ssh(f"rm -rf {dropin}; systemctl daemon-reload; systemctl stop {LOAD_UNIT}",
+                 check=False)
+        subprocess.run(inside + ["umount", "/sys/fs/cgroup/cpu"], check=False)
+        for path in (quota.parent, quota.parent.parent, own):
+            if path.exists():
+                path.rmdir()

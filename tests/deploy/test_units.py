@@ -72,6 +72,17 @@ def test_min_ansible_version_is_the_tested_one():
         assert version("ansible-lint") == pins["ansible-lint"]
 
 
+def test_the_role_refuses_the_ansible_core_older_than_the_tested_one():
+    """The role's own check (tasks/ansible-version.yml) uses meta/main.yml's minimum."""
+    meta = yaml.safe_load((ROLE / "meta" / "main.yml").read_text())
+    role_vars = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    assert role_vars["owca_min_ansible_version"] == meta["galaxy_info"]["min_ansible_version"]
+    for tasks in ("preflight.yml", "release.yml"):
+        first = yaml.safe_load((ROLE / "tasks" / tasks).read_text())
+        assert {"ansible.builtin.import_tasks": "ansible-version.yml"}.items() <= \
+            first[0].items(), tasks
+
+
 def test_the_docs_name_the_packages_the_role_installs_and_removal_keeps():
     defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
     docs = (REPO / "docs" / "deploy.md").read_text()
@@ -121,6 +132,14 @@ def test_units_name_no_command_the_role_does_not_install():
     tools = {p.name for p in (REPO / "bin").glob("owca-*") if p.suffix != ".c"}
     for unit in sorted((REPO / "systemd").glob("*.service")):
         text = unit.read_text()
+        if unit.name == "owca-allocate-restore.service":
+            # No process of its own: at its stop, owca-allocate writes back what
+            # a killed one left (its empty stdin ends it at once).
+            (stop,) = re.findall(r"^ExecStop=(.*)$", text, re.M)
+            assert re.findall(r"^ExecStart=", text, re.M) == []
+            assert shlex.split(stop)[0] == "/opt/owca/bin/owca-allocate"
+            assert re.search(r"^StandardInput=null$", text, re.M)
+            continue
         starts = re.findall(r"^ExecStart=(.*)$", text, re.M)
         assert len(starts) == 1, unit.name
         argv = shlex.split(starts[0])
