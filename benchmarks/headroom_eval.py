@@ -142,8 +142,10 @@ def run(out, repeat, scenario, config):
     os.makedirs(out, exist_ok=True)
     for i in range(1, repeat + 1):
         directory = os.path.join(out, f"run-{i}")
-        lab = subprocess.Popen(["owca-scenario", "run", "-c", config, "-o", directory,
-                                scenario])
+        # The lab's runner beside this interpreter (a venv's bin/), else on PATH.
+        runner = os.path.join(os.path.dirname(sys.executable), "owca-scenario")
+        lab = subprocess.Popen([runner if os.path.exists(runner) else "owca-scenario", "run",
+                                "-c", config, "-o", directory, scenario])
         filler = subprocess.Popen([sys.executable, os.path.join(HERE, "headroom_filler.py"),
                                    "--recording", os.path.join(directory, "recording.jsonl"),
                                    "--cgroup-glob", "/owca-scenario-headroom-nginx-*/filler",
