@@ -6,12 +6,14 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
 from conftest import FIXTURES, ROOT, tool_command, tool_env
-from owca.core import frames
+from owca.core import config, frames
 from owca.core.paths import Paths
+from owca.allocate.stage import AllocateConfig
 
 WORKLOADS = os.path.join(ROOT, "workloads")
 sys.path.insert(0, WORKLOADS)
@@ -107,12 +109,16 @@ def test_each_configuration_is_an_allocate_section_and_the_be_cores(tmp_path):
     runs = {c: control_matrix.configured(s, c, paths) for c in control_matrix.CONFIGS}
     assert {c: r.be_cpus for c, r in runs.items()} == {
         "none": "0,1,2,3", "static": "1,2,3", "controller": "0,1,2,3",
-        "controller-floor": "0,1,2,3"}
+        "controller-floor": "0,1,2,3", "memory": "0,1,2,3"}
     assert runs["none"].allocate == runs["static"].allocate == "allocator: !NOPAllocator\n"
     assert runs["controller"].allocate == ("allocator: !SloController\n"
                                            "  hp_labels:\n    role: hp\n"
                                            "  be_labels:\n    role: be\n")
     assert runs["controller-floor"].allocate.endswith("  quota_floor: 0.75\n  lend_level: 1\n")
+    assert runs["memory"].allocate.startswith("allocator: !MemoryProtection\n")
+    memory = config.load_section(None, "allocate", AllocateConfig, text="allocate:\n" +
+                                 textwrap.indent(runs["memory"].allocate, "  "))
+    assert type(memory.allocator).__name__ == "MemoryProtection"
     with pytest.raises(ValueError, match="config: one of"):
         control_matrix.configured(s, "loose", paths)
     calibrated = control_matrix.with_slos(control_matrix.load(os.path.join(
