@@ -162,3 +162,19 @@ def test_the_exposition_is_parsed_in_either_text_format(openmetrics):
                    matchers='handler="/api"')
     snapshot = parse_histogram(text, kind, spec, 0.0, 0.0)
     assert snapshot.series == {frozenset({("handler", "/api")}): {0.001: 0, 0.005: 1, INF: 1}}
+
+
+def test_redis_bounds_above_32_us_count_as_the_powers_of_two_they_stand_for():
+    # LATENCY HISTOGRAM spells its bounds 1024 x 2^k ns in whole microseconds: 32, 65,
+    # 131, 262.  A slow command lands above 32 us; its bucket must count.
+    from owca.measure.sources.sli import bucket_quantile, interval_buckets, redis_histogram
+
+    def answer(calls, counts):
+        return [b"get", [b"calls", calls, b"histogram_usec",
+                         [x for pair in counts for x in pair]]]
+    before = redis_histogram(answer(10, [(8, 10)]), ["get"], 0.0, 0.0)
+    after = redis_histogram(answer(110, [(8, 20), (32, 30), (65, 60), (131, 110)]),
+                            ["get"], 1.0, 1.0)
+    buckets = interval_buckets(before, after)
+    p99 = bucket_quantile(0.99, buckets)
+    assert 64 <= p99 <= 128      # inside the 131 us bucket, not above every bound

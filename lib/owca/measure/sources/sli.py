@@ -335,8 +335,16 @@ def redis_histogram(answer, commands: List[str], now: float, wall: float) -> Sna
         calls, hist = fields_.get(b"calls"), fields_.get(b"histogram_usec")
         if not isinstance(calls, int) or not isinstance(hist, list):
             raise NoSli("down", "redis: LATENCY HISTOGRAM without calls and histogram_usec")
-        buckets = {float(b): float(c) for b, c in zip(hist[::2], hist[1::2], strict=False)}
-        buckets[math.inf] = float(calls)
+        # Redis's bounds are 1024 x 2^k ns in whole µs (1, 2, 4, ... 32, 65, 131, 262,
+        # ...): each is taken as the power of two it stands for, so that bounds above
+        # 32 µs are not lost between the powers the series are laid out on.
+        buckets: Dict[float, float] = {}
+        for bound, count in zip(hist[::2], hist[1::2], strict=False):
+            exp = max(0, round(math.log2(bound))) if isinstance(bound, int) and bound > 0 \
+                else 0
+            buckets[float(2 ** exp)] = max(buckets.get(float(2 ** exp), 0.0), float(count))
+        # The histogram's own total as +Inf: `calls` is counted apart from the buckets.
+        buckets[math.inf] = max(buckets.values(), default=0.0)
         found[name.decode() if isinstance(name, bytes) else str(name)] = buckets
     missing = [c for c in commands if c not in found]
     if len(missing) == len(commands):
